@@ -1,0 +1,85 @@
+//! Channels: where a session engine reads requests and writes replies.
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use nix::errno::Errno;
+
+use crate::reply::ReplySink;
+
+/// A FUSE-style message channel: each `receive` yields one whole request and
+/// each `send` takes one whole reply. The stock path's `/dev/fuse` fd and the
+/// kernel module's `/dev/fuse-blk` channel both behave this way.
+pub trait Channel: ReplySink + Send + Sync + 'static {
+    /// Blocks for the next request and returns its length, or `None` once
+    /// the channel has ended (the filesystem was unmounted or the device
+    /// destroyed).
+    fn receive(&self, buf: &mut [u8]) -> io::Result<Option<usize>>;
+
+    /// Sends one reply gathered from `parts`.
+    fn send(&self, parts: &[IoSlice<'_>]) -> io::Result<()>;
+}
+
+/// A channel over a character-device file descriptor with FUSE semantics.
+#[derive(Debug)]
+pub struct FdChannel {
+    fd: OwnedFd,
+}
+
+impl FdChannel {
+    pub fn new(fd: OwnedFd) -> FdChannel {
+        FdChannel { fd }
+    }
+}
+
+impl AsFd for FdChannel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Channel for FdChannel {
+    fn receive(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        loop {
+            match nix::unistd::read(&self.fd, buf) {
+                // EOF: the peer of a socket-backed channel has gone.
+                Ok(0) => return Ok(None),
+                Ok(n) => return Ok(Some(n)),
+                // ENOENT: the request was interrupted before it was read.
+                Err(Errno::EINTR | Errno::EAGAIN | Errno::ENOENT) => continue,
+                Err(Errno::ENODEV) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn send(&self, parts: &[IoSlice<'_>]) -> io::Result<()> {
+        let expected: usize = parts.iter().map(|p| p.len()).sum();
+        loop {
+            match nix::sys::uio::writev(&self.fd, parts) {
+                Ok(n) if n == expected => return Ok(()),
+                Ok(n) => {
+                    return Err(io::Error::other(format!(
+                        "short reply write: {n} of {expected} bytes"
+                    )))
+                }
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl ReplySink for FdChannel {
+    fn send_reply(&self, parts: &[IoSlice<'_>]) {
+        match self.send(parts) {
+            Ok(()) => {}
+            // The kernel forgot the request (interrupted, or the connection
+            // was aborted): nobody waits for this reply.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV)) => {
+                log::debug!("reply not delivered: {e}")
+            }
+            Err(e) => log::error!("failed to send reply: {e}"),
+        }
+    }
+}

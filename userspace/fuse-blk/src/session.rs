@@ -1,0 +1,308 @@
+//! The session engine: reads requests from channels, dispatches them to a
+//! [`BlockDevice`] (block I/O) or a [`Namespace`] (everything a filesystem
+//! view of the device needs), and sends the replies.
+//!
+//! One engine serves every transport. A transport supplies channels (one per
+//! queue or worker thread) and a [`SessionConfig`]; the engine owns the FUSE
+//! handshake and the mapping of FUSE operations to block operations:
+//!
+//! | FUSE                                   | block device                       |
+//! |----------------------------------------|------------------------------------|
+//! | READ                                   | `read`                             |
+//! | WRITE (`flags` has `O_DSYNC`: FUA)      | `write`                            |
+//! | FSYNC                                  | `flush`                            |
+//! | FALLOCATE ZERO_RANGE                   | `write_zeroes(may_unmap = false)`  |
+//! | FALLOCATE PUNCH_HOLE\|KEEP_SIZE         | `discard`, or `write_zeroes(may_unmap = true)` where a punched hole must read as zeros (stock path) |
+//! | DESTROY                                | `destroy`                          |
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use fuse_blk_proto::abi::{self, falloc, init_flags, InitOut};
+use fuse_blk_proto::request::{parse_request, Operation, ParseErrorKind, Request as WireRequest};
+use zerocopy::IntoBytes;
+
+use crate::channel::Channel;
+use crate::handler::{BlockDevice, Geometry, GeometryError, Request};
+use crate::reply::{ReplyData, ReplyEmpty, ReplySink, ReplyWrite, Responder};
+
+/// Answers the requests that are not block I/O: the stock path presents the
+/// device as one file in a directory and needs LOOKUP, GETATTR, OPEN, ...
+pub trait Namespace: Send + Sync + 'static {
+    fn handle(&self, request: &WireRequest<'_>, reply: Responder);
+}
+
+/// What a transport asks of the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// Largest READ or WRITE, in bytes (a multiple of 4096).
+    pub max_write: u32,
+    /// Requests the kernel may have in flight in the background (async
+    /// direct I/O counts here).
+    pub max_background: u16,
+    /// INIT flags the transport wants, granted where the kernel offers them.
+    pub init_flags: u32,
+    /// A punched hole must read back as zeros (FUSE file semantics), so
+    /// PUNCH_HOLE goes to `write_zeroes(may_unmap = true)` instead of
+    /// `discard`.
+    pub punch_hole_zeroes: bool,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            max_write: 1 << 20,
+            max_background: 128,
+            init_flags: init_flags::ASYNC_READ | init_flags::BIG_WRITES | init_flags::MAX_PAGES,
+            punch_hole_zeroes: false,
+        }
+    }
+}
+
+impl SessionConfig {
+    /// Bytes a receive buffer needs: the largest WRITE plus its headers.
+    pub fn buffer_size(&self) -> usize {
+        self.max_write as usize + 4096
+    }
+}
+
+/// One served block device: the handler, its geometry and the engine state
+/// shared by all worker threads.
+pub struct Session {
+    device: Arc<dyn BlockDevice>,
+    geometry: Geometry,
+    namespace: Option<Arc<dyn Namespace>>,
+    config: SessionConfig,
+    destroyed: AtomicBool,
+}
+
+impl Session {
+    /// Asks the handler for its geometry and checks it.
+    pub fn new(device: Arc<dyn BlockDevice>, config: SessionConfig) -> Result<Session, GeometryError> {
+        let geometry = device.geometry();
+        geometry.validate()?;
+        Ok(Session {
+            device,
+            geometry,
+            namespace: None,
+            config,
+            destroyed: AtomicBool::new(false),
+        })
+    }
+
+    pub fn with_namespace(mut self, namespace: Arc<dyn Namespace>) -> Session {
+        self.namespace = Some(namespace);
+        self
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    pub fn config(&self) -> &SessionConfig {
+        &self.config
+    }
+
+    /// Serves every channel on a thread of its own until all have ended,
+    /// then tells the handler the device is gone.
+    pub fn serve(self: &Arc<Self>, channels: Vec<Arc<dyn Channel>>) -> io::Result<()> {
+        let mut workers = Vec::with_capacity(channels.len());
+        for (queue, channel) in channels.into_iter().enumerate() {
+            let session = Arc::clone(self);
+            let queue = u16::try_from(queue).map_err(|_| io::Error::other("too many channels"))?;
+            workers.push(
+                thread::Builder::new()
+                    .name(format!("fuse-blk-q{queue}"))
+                    .spawn(move || session.run_worker(queue, channel))?,
+            );
+        }
+        let mut result = Ok(());
+        for worker in workers {
+            let outcome = worker
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("worker thread panicked")));
+            if let Err(e) = outcome {
+                log::error!("worker ended with an error: {e}");
+                result = result.and(Err(e));
+            }
+        }
+        self.destroy();
+        result
+    }
+
+    /// Receives and dispatches requests from one channel until it ends.
+    pub fn run_worker(&self, queue: u16, channel: Arc<dyn Channel>) -> io::Result<()> {
+        let mut buf = vec![0u8; self.config.buffer_size()];
+        while let Some(len) = channel.receive(&mut buf)? {
+            if !self.dispatch(queue, &buf[..len], &channel) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn destroy(&self) {
+        if !self.destroyed.swap(true, Ordering::AcqRel) {
+            self.device.destroy();
+        }
+    }
+
+    /// Handles one message; returns false once the session must end.
+    pub fn dispatch(&self, queue: u16, message: &[u8], channel: &Arc<dyn Channel>) -> bool {
+        let sink: Arc<dyn ReplySink> = channel.clone();
+        let request = match parse_request(message) {
+            Ok(request) => request,
+            Err(e) => {
+                log::error!("malformed request: {e}");
+                if let Some(header) = e.header {
+                    let errno = match e.kind {
+                        ParseErrorKind::UnknownOpcode(_) => libc::ENOSYS,
+                        _ => libc::EINVAL,
+                    };
+                    Responder::new(header.unique, sink).error(errno);
+                }
+                return true;
+            }
+        };
+        let responder = Responder::new(request.unique(), sink);
+        let req = Request::new(request.unique(), queue);
+        match request.operation {
+            Operation::Init(init) => self.init(&init, responder),
+            Operation::Destroy => {
+                self.destroy();
+                responder.ok(&[]);
+                return false;
+            }
+            // Block requests are short; an interrupted one is simply
+            // answered when it completes.
+            Operation::Interrupt(_) => responder.no_reply(),
+            Operation::Read(arg) => self.read(&req, &arg, responder),
+            Operation::Write { arg, data } => self.write(&req, &arg, data, responder),
+            Operation::Fsync(_) => {
+                if self.geometry.features.flush {
+                    self.device.flush(&req, ReplyEmpty::new(responder));
+                } else {
+                    responder.ok(&[]);
+                }
+            }
+            Operation::Fallocate(arg) => self.fallocate(&req, &arg, responder),
+            // FLUSH is sent on close(2) of the file, not a cache flush.
+            Operation::Flush(_) => responder.ok(&[]),
+            // FORGET and BATCH_FORGET are never answered.
+            _ if !request.expects_reply() => responder.no_reply(),
+            _ => match &self.namespace {
+                Some(namespace) => namespace.handle(&request, responder),
+                None => responder.error(libc::ENOSYS),
+            },
+        }
+        true
+    }
+
+    fn init(&self, init: &abi::InitIn, responder: Responder) {
+        if init.major < abi::KERNEL_VERSION {
+            log::error!("kernel speaks FUSE {}.{}, too old", init.major, init.minor);
+            return responder.error(libc::EPROTO);
+        }
+        if init.major > abi::KERNEL_VERSION {
+            // The kernel answers a lower major by sending INIT again with it.
+            let out = InitOut {
+                major: abi::KERNEL_VERSION,
+                minor: abi::KERNEL_MINOR_VERSION,
+                ..InitOut::default()
+            };
+            return responder.ok(&[&out.as_bytes()[..8]]);
+        }
+        if init.minor < abi::MIN_KERNEL_MINOR_VERSION {
+            log::error!("kernel speaks FUSE 7.{}, 7.{} needed", init.minor, abi::MIN_KERNEL_MINOR_VERSION);
+            return responder.error(libc::EPROTO);
+        }
+        let flags = init.flags & self.config.init_flags;
+        let max_pages = (self.config.max_write / 4096).clamp(1, u32::from(u16::MAX)) as u16;
+        let out = InitOut {
+            major: abi::KERNEL_VERSION,
+            minor: init.minor.min(abi::KERNEL_MINOR_VERSION),
+            max_readahead: init.max_readahead,
+            flags,
+            max_background: self.config.max_background,
+            congestion_threshold: self.config.max_background / 4 * 3,
+            max_write: self.config.max_write,
+            time_gran: 1,
+            max_pages: if flags & init_flags::MAX_PAGES != 0 { max_pages } else { 0 },
+            ..InitOut::default()
+        };
+        log::debug!("FUSE 7.{} session, flags {:#x}", out.minor, out.flags);
+        responder.ok(&[out.as_bytes()]);
+    }
+
+    /// Checks that `[offset, offset + len)` is block-aligned; the caller
+    /// clamps or refuses ranges past the end.
+    fn aligned(&self, offset: u64, len: u64) -> bool {
+        let block = u64::from(self.geometry.logical_block_size);
+        offset % block == 0 && len % block == 0
+    }
+
+    fn read(&self, req: &Request, arg: &abi::ReadIn, responder: Responder) {
+        // A read reaching past the end is a file read hitting EOF: it is
+        // shortened, as a file system would.
+        let available = self.geometry.size.saturating_sub(arg.offset);
+        let len = u64::from(arg.size).min(available) as u32;
+        if len == 0 {
+            return responder.ok(&[]);
+        }
+        if !self.aligned(arg.offset, u64::from(len)) {
+            return responder.error(libc::EINVAL);
+        }
+        self.device.read(req, arg.offset, len, ReplyData::new(responder, len));
+    }
+
+    fn write(&self, req: &Request, arg: &abi::WriteIn, data: &[u8], responder: Responder) {
+        if self.geometry.read_only {
+            return responder.error(libc::EROFS);
+        }
+        let len = data.len() as u64;
+        if arg.offset.checked_add(len).is_none_or(|end| end > self.geometry.size) {
+            return responder.error(libc::ENOSPC);
+        }
+        if !self.aligned(arg.offset, len) {
+            return responder.error(libc::EINVAL);
+        }
+        let fua = self.geometry.features.fua && arg.flags & (libc::O_DSYNC as u32) != 0;
+        self.device.write(req, arg.offset, data, fua, ReplyWrite::new(responder, arg.size));
+    }
+
+    fn fallocate(&self, req: &Request, arg: &abi::FallocateIn, responder: Responder) {
+        if self.geometry.read_only {
+            return responder.error(libc::EROFS);
+        }
+        if arg.offset.checked_add(arg.length).is_none_or(|end| end > self.geometry.size) {
+            return responder.error(libc::EINVAL);
+        }
+        if !self.aligned(arg.offset, arg.length) {
+            return responder.error(libc::EINVAL);
+        }
+        let features = self.geometry.features;
+        let reply = ReplyEmpty::new(responder);
+        let mode = arg.mode & !falloc::KEEP_SIZE;
+        match mode {
+            falloc::ZERO_RANGE if features.write_zeroes => {
+                self.device.write_zeroes(req, arg.offset, arg.length, false, reply)
+            }
+            falloc::PUNCH_HOLE if arg.mode & falloc::KEEP_SIZE != 0 => {
+                if self.config.punch_hole_zeroes {
+                    if features.write_zeroes {
+                        self.device.write_zeroes(req, arg.offset, arg.length, true, reply)
+                    } else {
+                        reply.error(libc::EOPNOTSUPP)
+                    }
+                } else if features.discard {
+                    self.device.discard(req, arg.offset, arg.length, reply)
+                } else {
+                    reply.error(libc::EOPNOTSUPP)
+                }
+            }
+            _ => reply.error(libc::EOPNOTSUPP),
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! Encoding daemon-to-kernel replies. A reply is an `OutHeader` followed by
+//! the operation's payload; callers hand both to one `writev`.
+
+use zerocopy::IntoBytes;
+
+use crate::abi::{DirentHeader, OutHeader};
+
+/// Largest errno the kernel accepts in `fuse_out_header.error`.
+pub const MAX_ERRNO: i32 = 511;
+
+/// Header of a successful reply carrying `payload_len` bytes.
+pub fn success_header(unique: u64, payload_len: usize) -> OutHeader {
+    OutHeader {
+        len: (std::mem::size_of::<OutHeader>() + payload_len) as u32,
+        error: 0,
+        unique,
+    }
+}
+
+/// Header of an error reply. The kernel refuses errors outside 1..=511
+/// with EINVAL and would leave the request hanging, so such a value is
+/// reported as EIO instead.
+pub fn error_header(unique: u64, errno: i32) -> OutHeader {
+    let errno = if (1..=MAX_ERRNO).contains(&errno) {
+        errno
+    } else {
+        libc_eio()
+    };
+    OutHeader {
+        len: std::mem::size_of::<OutHeader>() as u32,
+        error: -errno,
+        unique,
+    }
+}
+
+const fn libc_eio() -> i32 {
+    5
+}
+
+/// A whole reply as one buffer: for tests and for transports that cannot
+/// gather.
+pub fn encode_reply(unique: u64, payload: &[&[u8]]) -> Vec<u8> {
+    let len: usize = payload.iter().map(|p| p.len()).sum();
+    let mut out = success_header(unique, len).as_bytes().to_vec();
+    for part in payload {
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+/// Size of a directory entry with a name of `name_len` bytes, padded to 8.
+pub fn dirent_size(name_len: usize) -> usize {
+    (std::mem::size_of::<DirentHeader>() + name_len + 7) & !7
+}
+
+/// Appends one `fuse_dirent` to a READDIR reply unless it would grow the
+/// reply past `limit` bytes; returns whether it was appended.
+pub fn push_dirent(buf: &mut Vec<u8>, limit: usize, ino: u64, off: u64, typ: u32, name: &[u8]) -> bool {
+    let size = dirent_size(name.len());
+    if buf.len() + size > limit {
+        return false;
+    }
+    let header = DirentHeader {
+        ino,
+        off,
+        namelen: name.len() as u32,
+        typ,
+    };
+    let start = buf.len();
+    buf.extend_from_slice(header.as_bytes());
+    buf.extend_from_slice(name);
+    buf.resize(start + size, 0);
+    true
+}
