@@ -1,1 +1,303 @@
-//! stock path (in progress).
+//! fuse-blk on a stock kernel, without the fuse-blk module.
+//!
+//! The handler is mounted as a one-file FUSE filesystem (the
+//! [`OneFileNamespace`]) at a private mount point, and a loop device with
+//! direct I/O is bound to that file. Block requests then travel
+//! `loop -> FUSE file (O_DIRECT) -> /dev/fuse -> session engine -> handler`:
+//! reads and writes as FUSE_READ/FUSE_WRITE, flushes as FUSE_FSYNC, discard
+//! and write-zeroes as FUSE_FALLOCATE, exactly the messages the kernel
+//! module sends, so one handler serves both paths.
+//!
+//! Lifetimes: a [`StockDevice`] owns the mount, the loop binding and the
+//! worker threads. [`StockDevice::detach`] (from any thread, e.g. a signal
+//! or control-socket handler) unbinds the loop device, waits for the loop
+//! driver to close the file, and unmounts; the workers then read ENODEV and
+//! [`StockDevice::wait`] returns.
+
+pub mod loopdev;
+pub mod mount;
+pub mod namespace;
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use fuse_blk::proto::abi::init_flags;
+use fuse_blk::{BlockDevice, Channel, FdChannel, Session, SessionConfig};
+use parking_lot::Mutex;
+
+pub use loopdev::{LoopDevice, LoopOptions};
+pub use mount::FuseMount;
+pub use namespace::OneFileNamespace;
+
+/// How to attach a device on the stock path.
+#[derive(Debug, Clone)]
+pub struct StockOptions {
+    /// Private directory to mount the one-file filesystem on; created if
+    /// missing, removed on detach.
+    pub mountpoint: PathBuf,
+    /// Name of the device (shown by losetup as `fuse-blk:NAME`).
+    pub name: String,
+    /// Worker threads, each reading its own cloned /dev/fuse descriptor.
+    pub threads: usize,
+}
+
+/// The session configuration of the stock path: asynchronous direct I/O
+/// gives the daemon the loop driver's queue depth, and a punched hole must
+/// read back as zeros (file semantics).
+pub fn session_config() -> SessionConfig {
+    let defaults = SessionConfig::default();
+    SessionConfig {
+        init_flags: defaults.init_flags | init_flags::ASYNC_DIO,
+        punch_hole_zeroes: true,
+        ..defaults
+    }
+}
+
+/// Why a detach did not happen.
+#[derive(Debug)]
+pub enum DetachError {
+    /// The device is mounted or otherwise held exclusively.
+    Busy(PathBuf),
+    Io(io::Error),
+}
+
+impl std::fmt::Display for DetachError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DetachError::Busy(path) => write!(
+                f,
+                "{} is in use (mounted?); unmount it first",
+                path.display()
+            ),
+            DetachError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for DetachError {}
+
+struct Shared {
+    loop_device: Mutex<Option<LoopDevice>>,
+    mount: Mutex<Option<FuseMount>>,
+    namespace: Arc<OneFileNamespace>,
+}
+
+/// A block device served on the stock path.
+pub struct StockDevice {
+    shared: Arc<Shared>,
+    device_path: PathBuf,
+    mountpoint: PathBuf,
+    workers: Option<JoinHandle<io::Result<()>>>,
+}
+
+/// A handle that detaches a [`StockDevice`] from another thread.
+#[derive(Clone)]
+pub struct Detacher {
+    shared: Arc<Shared>,
+    device_path: PathBuf,
+}
+
+/// The file name of the device inside the mount.
+const FILE_NAME: &str = "device";
+
+impl StockDevice {
+    /// Mounts `device`, starts the workers and binds a loop device. On
+    /// error everything done so far is undone.
+    pub fn attach(device: Arc<dyn BlockDevice>, options: &StockOptions) -> io::Result<StockDevice> {
+        let session = Session::new(device, session_config())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let geometry = *session.geometry();
+        let namespace = Arc::new(OneFileNamespace::new(FILE_NAME, geometry));
+        let session = Arc::new(session.with_namespace(namespace.clone()));
+
+        let mountpoint = options.mountpoint.clone();
+        let created_dir = create_private_dir(&mountpoint)?;
+        let undo_dir = |e: io::Error| {
+            if created_dir {
+                let _ = std::fs::remove_dir(&mountpoint);
+            }
+            e
+        };
+        let (mount, fd) = FuseMount::mount(&mountpoint, &format!("fuse-blk:{}", options.name))
+            .map_err(undo_dir)?;
+        // From here on, dropping `mount` unmounts, which ends the workers.
+        let channels = match open_channels(fd, options.threads.max(1)) {
+            Ok(channels) => channels,
+            Err(e) => {
+                drop(mount);
+                return Err(undo_dir(e));
+            }
+        };
+        let workers = {
+            let session = session.clone();
+            std::thread::Builder::new()
+                .name("fuse-blk-session".into())
+                .spawn(move || session.serve(channels))?
+        };
+        let shared = Arc::new(Shared {
+            loop_device: Mutex::new(None),
+            mount: Mutex::new(Some(mount)),
+            namespace,
+        });
+        let mut stock = StockDevice {
+            shared,
+            device_path: PathBuf::new(),
+            mountpoint: mountpoint.clone(),
+            workers: Some(workers),
+        };
+        match bind_loop(&mountpoint.join(FILE_NAME), &options.name, &geometry) {
+            Ok(loop_device) => {
+                stock.device_path = loop_device.path().to_owned();
+                *stock.shared.loop_device.lock() = Some(loop_device);
+                Ok(stock)
+            }
+            Err(e) => {
+                // Dropping `stock` unmounts and joins the workers.
+                drop(stock);
+                Err(undo_dir(e))
+            }
+        }
+    }
+
+    /// The block device, e.g. `/dev/loop3`.
+    pub fn device_path(&self) -> &Path {
+        &self.device_path
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    pub fn detacher(&self) -> Detacher {
+        Detacher {
+            shared: self.shared.clone(),
+            device_path: self.device_path.clone(),
+        }
+    }
+
+    /// Blocks until the device has been detached (or its FUSE connection
+    /// aborted), then removes whatever is left of it.
+    pub fn wait(mut self) -> io::Result<()> {
+        let result = self.join_workers();
+        self.cleanup();
+        result
+    }
+
+    fn join_workers(&mut self) -> io::Result<()> {
+        match self.workers.take() {
+            Some(workers) => workers
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("session thread panicked"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Undoes whatever is still in place; idempotent.
+    fn cleanup(&mut self) {
+        if let Some(loop_device) = self.shared.loop_device.lock().take() {
+            if let Err(e) = loop_device.detach() {
+                log::warn!("{e}");
+            }
+        }
+        if let Some(mount) = self.shared.mount.lock().take() {
+            if let Err(e) = mount.unmount() {
+                log::warn!("{e}");
+            }
+        }
+        let _ = std::fs::remove_dir(&self.mountpoint);
+    }
+}
+
+impl Drop for StockDevice {
+    fn drop(&mut self) {
+        if self.workers.is_some() {
+            self.cleanup();
+            let _ = self.join_workers();
+        }
+    }
+}
+
+impl Detacher {
+    /// Flushes, unbinds the loop device and unmounts. Unless `even_if_busy`,
+    /// a device that is mounted or held exclusively is left alone with
+    /// [`DetachError::Busy`]; with it, the loop driver defers the unbinding
+    /// to the last close and the daemon serves until then, so nothing
+    /// written is lost.
+    pub fn detach(&self, even_if_busy: bool) -> Result<(), DetachError> {
+        let mut loop_slot = self.shared.loop_device.lock();
+        if let Some(loop_device) = loop_slot.as_ref() {
+            if !even_if_busy && loop_device.in_use() {
+                return Err(DetachError::Busy(self.device_path.clone()));
+            }
+            if let Err(e) = loop_device.flush() {
+                log::warn!("flushing {}: {e}", self.device_path.display());
+            }
+        }
+        if let Some(loop_device) = loop_slot.take() {
+            loop_device.detach().map_err(DetachError::Io)?;
+        }
+        drop(loop_slot);
+        // The loop driver closes the file when its last opener goes; only
+        // then may the filesystem be unmounted without failing its I/O.
+        while !self.shared.namespace.wait_closed(Duration::from_secs(10)) {
+            log::info!(
+                "{} is still open; waiting for its last user to close it",
+                self.device_path.display()
+            );
+        }
+        if let Some(mount) = self.shared.mount.lock().take() {
+            mount.unmount().map_err(DetachError::Io)?;
+        }
+        Ok(())
+    }
+}
+
+/// Creates `dir` (mode 0700) if it does not exist; returns whether it did.
+fn create_private_dir(dir: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
+    }
+}
+
+fn open_channels(fd: OwnedFd, threads: usize) -> io::Result<Vec<Arc<dyn Channel>>> {
+    let mut channels: Vec<Arc<dyn Channel>> = Vec::with_capacity(threads);
+    for _ in 1..threads {
+        channels.push(Arc::new(FdChannel::new(mount::clone_channel(&fd)?)));
+    }
+    channels.push(Arc::new(FdChannel::new(fd)));
+    Ok(channels)
+}
+
+fn bind_loop(file: &Path, name: &str, geometry: &fuse_blk::Geometry) -> io::Result<LoopDevice> {
+    let backing = OpenOptions::new()
+        .read(true)
+        .write(!geometry.read_only)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(file)
+        .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", file.display())))?;
+    let loop_device = LoopDevice::attach(
+        backing.as_fd(),
+        name,
+        LoopOptions {
+            block_size: geometry.logical_block_size,
+            read_only: geometry.read_only,
+            direct_io: true,
+        },
+    )?;
+    if !loop_device.direct_io_active() {
+        log::warn!(
+            "{}: the kernel refused direct I/O on the FUSE file; data is cached twice",
+            loop_device.path().display()
+        );
+    }
+    Ok(loop_device)
+}

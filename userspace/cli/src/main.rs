@@ -1,1 +1,291 @@
-fn main() {}
+//! `fuse-blk`: attach, detach and list block devices served from userspace.
+
+mod daemon;
+mod state;
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fuse_blk_backends::BackendSpec;
+
+use crate::state::DeviceState;
+
+/// Block devices served by a userspace daemon over the FUSE protocol.
+#[derive(Parser)]
+#[command(name = "fuse-blk", version, about, propagate_version = true)]
+struct Cli {
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, global = true, default_value = "warn")]
+    log_level: log::LevelFilter,
+
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Create a block device served by BACKEND and print its path.
+    Attach(AttachArgs),
+    /// Flush and remove a device; its daemon exits.
+    Detach {
+        /// The device path (/dev/loopN, /dev/fuseblkN) or its name.
+        device: String,
+    },
+    /// Show every attached device.
+    List {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    /// The kernel module when /dev/fuse-blk exists, else the stock path.
+    Auto,
+    /// The fuse-blk kernel module (/dev/fuseblkN).
+    Kmod,
+    /// Stock kernel: a one-file FUSE filesystem with a loop device on top.
+    Loop,
+}
+
+#[derive(Args)]
+pub struct AttachArgs {
+    /// How the device reaches the kernel.
+    #[arg(long, value_enum, default_value = "auto")]
+    transport: Transport,
+    /// Refuse writes.
+    #[arg(long)]
+    read_only: bool,
+    /// Logical block size in bytes.
+    #[arg(long, default_value = "512", value_parser = parse_block_size)]
+    block_size: u32,
+    /// Name of the device (default: fuseblkN); `detach` and `list` use it.
+    #[arg(long)]
+    name: Option<String>,
+    /// Stay in the foreground instead of running the daemon in the
+    /// background.
+    #[arg(long)]
+    foreground: bool,
+    /// Worker threads (default: one per CPU, at least 2).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Internal: the descriptor on which a background daemon reports
+    /// readiness to the `attach` that started it.
+    #[arg(long, hide = true)]
+    ready_fd: Option<i32>,
+    /// mem:SIZE (sparse memory), file:PATH (image file or block device),
+    /// null:SIZE (reads zeros, drops writes). SIZE takes K, M, G, T.
+    backend: String,
+}
+
+fn parse_block_size(text: &str) -> Result<u32, String> {
+    match text {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err(format!("{text} is not 512 or 4096")),
+    }
+}
+
+const KMOD_CONTROL: &str = "/dev/fuse-blk";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .filter_level(cli.log_level)
+        .parse_default_env()
+        .init();
+    let result = match cli.command {
+        Commands::Attach(args) => attach(args),
+        Commands::Detach { device } => detach(&device),
+        Commands::List { json } => list(json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("fuse-blk: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn attach(args: AttachArgs) -> Result<(), String> {
+    let backend: BackendSpec = args.backend.parse().map_err(|e| format!("{e}"))?;
+    if let Some(name) = &args.name {
+        state::validate_name(name)?;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Err("attach needs root: creating block devices takes CAP_SYS_ADMIN".into());
+    }
+    match args.transport {
+        Transport::Kmod => {
+            return Err(format!(
+                "the kmod transport needs the fuse-blk kernel module ({KMOD_CONTROL} is missing)"
+            ))
+        }
+        Transport::Auto if Path::new(KMOD_CONTROL).exists() => {
+            log::warn!(
+                "{KMOD_CONTROL} exists but this build serves only the stock path; using loop"
+            )
+        }
+        Transport::Auto | Transport::Loop => {}
+    }
+    if let Some(fd) = args.ready_fd {
+        // SAFETY: the parent `attach` passed this descriptor to us open and
+        // owns no copy of it; nothing else in this process uses it.
+        let pipe = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        return daemon::run(&args, &backend, daemon::Readiness::Pipe(pipe), true);
+    }
+    if args.foreground {
+        return daemon::run(&args, &backend, daemon::Readiness::Stdout, false);
+    }
+    spawn_daemon()
+}
+
+/// Starts this same command again as a detached daemon and waits for it to
+/// report the device ready (or why not).
+fn spawn_daemon() -> Result<(), String> {
+    let (read_end, write_end) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    const READY_FD: i32 = 3;
+    let exe = std::env::current_exe().map_err(|e| format!("finding myself: {e}"))?;
+    let mut command = Command::new(exe);
+    command
+        .args(std::env::args_os().skip(1))
+        .arg(format!("--ready-fd={READY_FD}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let pipe_fd = write_end.as_raw_fd();
+    // SAFETY: between fork and exec only async-signal-safe calls are made
+    // (setsid, dup2); the child gets its own session so that the terminal's
+    // signals do not reach the daemon.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setsid() < 0 || libc::dup2(pipe_fd, READY_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("starting the daemon: {e}"))?;
+    drop(write_end);
+    let mut line = String::new();
+    let _ = BufReader::new(File::from(read_end)).read_line(&mut line);
+    let line = line.trim_end();
+    if let Some(device) = line.strip_prefix("ok ") {
+        println!("{device}");
+        return Ok(());
+    }
+    // The daemon undoes its own work before it reports an error; reap it.
+    let status = child.wait().map_err(|e| e.to_string())?;
+    match line.strip_prefix("error ") {
+        Some(message) => Err(message.to_owned()),
+        None => Err(format!(
+            "the daemon exited ({status}) before the device was ready"
+        )),
+    }
+}
+
+fn detach(target: &str) -> Result<(), String> {
+    let Some((dir, record)) = state::find(target) else {
+        return Err(format!("no attached device named or at {target}"));
+    };
+    if !state::daemon_alive(record.pid) {
+        cleanup_dead(&dir, &record);
+        eprintln!(
+            "fuse-blk: the daemon of {} had died; removed what it left",
+            record.name
+        );
+        return Ok(());
+    }
+    daemon::request_detach(&dir)?;
+    // The daemon unmounts and removes its directory on its way out.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while state::daemon_alive(record.pid) {
+        if Instant::now() > deadline {
+            return Err(format!("daemon {} did not exit within 60 s", record.pid));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Removes what a killed daemon left: its loop device (unbound once unused),
+/// its dead FUSE mount and its directory.
+fn cleanup_dead(dir: &state::DeviceDir, record: &DeviceState) {
+    let mountpoint = Path::new(&record.mountpoint);
+    if let Some(loop_name) = Path::new(&record.device)
+        .file_name()
+        .and_then(|n| n.to_str())
+    {
+        let ours = fuse_blk_loop::loopdev::backing_file(loop_name)
+            .is_some_and(|backing| Path::new(&backing).starts_with(mountpoint));
+        if ours {
+            if let Err(e) = fuse_blk_loop::loopdev::detach_path(Path::new(&record.device)) {
+                log::warn!("{e}");
+            }
+        }
+    }
+    if fuse_blk_loop::mount::is_mountpoint(mountpoint) {
+        if let Err(e) = fuse_blk_loop::mount::unmount(mountpoint) {
+            log::warn!("{e}");
+        }
+    }
+    if let Err(e) = dir.remove() {
+        log::warn!("removing {}: {e}", dir.path.display());
+    }
+}
+
+fn list(json: bool) -> Result<(), String> {
+    let mut rows = Vec::new();
+    for dir in state::all() {
+        match dir.read() {
+            Ok(record) => {
+                let status = if !state::daemon_alive(record.pid) {
+                    "dead"
+                } else if record.device.is_empty() {
+                    "starting"
+                } else {
+                    "running"
+                };
+                rows.push((record, status));
+            }
+            Err(e) => log::warn!("{}: {e}", dir.path.display()),
+        }
+    }
+    if json {
+        let array: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(record, status)| {
+                let mut value = serde_json::to_value(record).expect("state serialises");
+                value["status"] = (*status).into();
+                value
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&array).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<14} {:<9} {:<28} {:>14} {:>8}  STATUS",
+        "NAME", "DEVICE", "TRANSPORT", "BACKEND", "SIZE", "PID"
+    );
+    for (record, status) in rows {
+        println!(
+            "{:<16} {:<14} {:<9} {:<28} {:>14} {:>8}  {status}",
+            record.name, record.device, record.transport, record.backend, record.size, record.pid
+        );
+    }
+    Ok(())
+}

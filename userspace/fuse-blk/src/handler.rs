@@ -26,8 +26,7 @@ pub struct Features {
 pub struct Geometry {
     /// Size in bytes; a multiple of `logical_block_size`.
     pub size: u64,
-    /// Smallest addressable unit: 512 or 4096 (any power of two from 512
-    /// to the page size is accepted).
+    /// Smallest addressable unit: a power of two from 512 to 4096.
     pub logical_block_size: u32,
     /// Preferred unit for writes, a multiple of `logical_block_size`.
     pub physical_block_size: u32,

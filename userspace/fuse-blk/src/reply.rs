@@ -63,7 +63,10 @@ impl Responder {
 impl Drop for Responder {
     fn drop(&mut self) {
         if let Some(sink) = self.sink.take() {
-            log::warn!("request {} dropped without a reply; answering EIO", self.unique);
+            log::warn!(
+                "request {} dropped without a reply; answering EIO",
+                self.unique
+            );
             let header = error_header(self.unique, libc::EIO);
             sink.send_reply(&[IoSlice::new(header.as_bytes())]);
         }

@@ -80,7 +80,10 @@ pub struct Session {
 
 impl Session {
     /// Asks the handler for its geometry and checks it.
-    pub fn new(device: Arc<dyn BlockDevice>, config: SessionConfig) -> Result<Session, GeometryError> {
+    pub fn new(
+        device: Arc<dyn BlockDevice>,
+        config: SessionConfig,
+    ) -> Result<Session, GeometryError> {
         let geometry = device.geometry();
         geometry.validate()?;
         Ok(Session {
@@ -215,7 +218,11 @@ impl Session {
             return responder.ok(&[&out.as_bytes()[..8]]);
         }
         if init.minor < abi::MIN_KERNEL_MINOR_VERSION {
-            log::error!("kernel speaks FUSE 7.{}, 7.{} needed", init.minor, abi::MIN_KERNEL_MINOR_VERSION);
+            log::error!(
+                "kernel speaks FUSE 7.{}, 7.{} needed",
+                init.minor,
+                abi::MIN_KERNEL_MINOR_VERSION
+            );
             return responder.error(libc::EPROTO);
         }
         let flags = init.flags & self.config.init_flags;
@@ -229,7 +236,11 @@ impl Session {
             congestion_threshold: self.config.max_background / 4 * 3,
             max_write: self.config.max_write,
             time_gran: 1,
-            max_pages: if flags & init_flags::MAX_PAGES != 0 { max_pages } else { 0 },
+            max_pages: if flags & init_flags::MAX_PAGES != 0 {
+                max_pages
+            } else {
+                0
+            },
             ..InitOut::default()
         };
         log::debug!("FUSE 7.{} session, flags {:#x}", out.minor, out.flags);
@@ -246,6 +257,9 @@ impl Session {
     fn read(&self, req: &Request, arg: &abi::ReadIn, responder: Responder) {
         // A read reaching past the end is a file read hitting EOF: it is
         // shortened, as a file system would.
+        if arg.size > self.config.max_write {
+            return responder.error(libc::EINVAL);
+        }
         let available = self.geometry.size.saturating_sub(arg.offset);
         let len = u64::from(arg.size).min(available) as u32;
         if len == 0 {
@@ -254,7 +268,8 @@ impl Session {
         if !self.aligned(arg.offset, u64::from(len)) {
             return responder.error(libc::EINVAL);
         }
-        self.device.read(req, arg.offset, len, ReplyData::new(responder, len));
+        self.device
+            .read(req, arg.offset, len, ReplyData::new(responder, len));
     }
 
     fn write(&self, req: &Request, arg: &abi::WriteIn, data: &[u8], responder: Responder) {
@@ -262,37 +277,55 @@ impl Session {
             return responder.error(libc::EROFS);
         }
         let len = data.len() as u64;
-        if arg.offset.checked_add(len).is_none_or(|end| end > self.geometry.size) {
+        if arg
+            .offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.geometry.size)
+        {
             return responder.error(libc::ENOSPC);
         }
         if !self.aligned(arg.offset, len) {
             return responder.error(libc::EINVAL);
         }
         let fua = self.geometry.features.fua && arg.flags & (libc::O_DSYNC as u32) != 0;
-        self.device.write(req, arg.offset, data, fua, ReplyWrite::new(responder, arg.size));
+        self.device.write(
+            req,
+            arg.offset,
+            data,
+            fua,
+            ReplyWrite::new(responder, arg.size),
+        );
     }
 
     fn fallocate(&self, req: &Request, arg: &abi::FallocateIn, responder: Responder) {
         if self.geometry.read_only {
             return responder.error(libc::EROFS);
         }
-        if arg.offset.checked_add(arg.length).is_none_or(|end| end > self.geometry.size) {
+        if arg
+            .offset
+            .checked_add(arg.length)
+            .is_none_or(|end| end > self.geometry.size)
+        {
             return responder.error(libc::EINVAL);
         }
         if !self.aligned(arg.offset, arg.length) {
             return responder.error(libc::EINVAL);
         }
+        if arg.length == 0 {
+            return responder.ok(&[]);
+        }
         let features = self.geometry.features;
         let reply = ReplyEmpty::new(responder);
         let mode = arg.mode & !falloc::KEEP_SIZE;
         match mode {
-            falloc::ZERO_RANGE if features.write_zeroes => {
-                self.device.write_zeroes(req, arg.offset, arg.length, false, reply)
-            }
+            falloc::ZERO_RANGE if features.write_zeroes => self
+                .device
+                .write_zeroes(req, arg.offset, arg.length, false, reply),
             falloc::PUNCH_HOLE if arg.mode & falloc::KEEP_SIZE != 0 => {
                 if self.config.punch_hole_zeroes {
                     if features.write_zeroes {
-                        self.device.write_zeroes(req, arg.offset, arg.length, true, reply)
+                        self.device
+                            .write_zeroes(req, arg.offset, arg.length, true, reply)
                     } else {
                         reply.error(libc::EOPNOTSUPP)
                     }

@@ -1,0 +1,52 @@
+//! Buffers shared by the backends: one of zeros, for answering reads of
+//! nothing and for writing zeros where a file system can neither punch nor
+//! zero a range, and a per-thread one that reads are assembled in.
+
+use std::cell::RefCell;
+use std::sync::LazyLock;
+
+/// Length of [`zeros`]: the engine's default largest request, so a read is
+/// usually answered from one slice of it.
+pub const ZEROS_LEN: usize = 1 << 20;
+
+/// Allocated on first use rather than a `static [u8; N]`: a constant of
+/// zeros would sit in the binary's read-only data, while a zeroed heap
+/// allocation is backed by the kernel's shared zero page until written,
+/// which it never is.
+static ZEROS: LazyLock<Box<[u8]>> = LazyLock::new(|| vec![0u8; ZEROS_LEN].into_boxed_slice());
+
+/// [`ZEROS_LEN`] bytes of zeros.
+pub fn zeros() -> &'static [u8] {
+    &ZEROS
+}
+
+/// `len` bytes of zeros as slices of the shared buffer, for
+/// `ReplyData::data_parts` and gathered writes.
+pub fn zero_parts(len: usize) -> Vec<&'static [u8]> {
+    let zeros = zeros();
+    let mut parts = Vec::with_capacity(len.div_ceil(ZEROS_LEN));
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(ZEROS_LEN);
+        parts.push(&zeros[..n]);
+        left -= n;
+    }
+    parts
+}
+
+thread_local! {
+    /// Reads are assembled here: a worker thread allocates once for the
+    /// largest read it has served rather than once per request. The typed
+    /// reply is answered synchronously from inside [`with_read_buf`], so the
+    /// buffer is free again when the next request arrives.
+    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's read buffer, `len` bytes long. Its contents
+/// are whatever the last read left there: `f` must fill all of it.
+pub fn with_read_buf<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    READ_BUF.with_borrow_mut(|buf| {
+        buf.resize(len, 0);
+        f(buf)
+    })
+}

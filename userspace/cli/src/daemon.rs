@@ -1,0 +1,255 @@
+//! The daemon behind one device: sets it up, reports readiness, serves
+//! until it is detached (control socket or SIGTERM), and removes every trace
+//! of itself on the way out.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+
+use fuse_blk_backends::BackendSpec;
+use fuse_blk_loop::{Detacher, StockDevice, StockOptions};
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::state::{self, DeviceDir, DeviceState};
+use crate::AttachArgs;
+
+/// Where the daemon says it is ready (or why it is not): stdout in the
+/// foreground, a pipe to the waiting `attach` otherwise.
+pub enum Readiness {
+    Stdout,
+    Pipe(File),
+}
+
+impl Readiness {
+    fn ready(self, device: &str) {
+        match self {
+            Readiness::Stdout => {
+                println!("{device}");
+                let _ = std::io::stdout().flush();
+            }
+            Readiness::Pipe(mut pipe) => {
+                let _ = writeln!(pipe, "ok {device}");
+            }
+        }
+    }
+
+    fn failed(self, message: &str) {
+        if let Readiness::Pipe(mut pipe) = self {
+            let _ = writeln!(pipe, "error {message}");
+        }
+    }
+}
+
+/// Runs the daemon; returns a one-line error if the device could not be
+/// attached (nothing is left behind then).
+pub fn run(
+    args: &AttachArgs,
+    backend: &BackendSpec,
+    readiness: Readiness,
+    detached: bool,
+) -> Result<(), String> {
+    match attach(args, backend, detached) {
+        Ok((stock, dir, state)) => serve(stock, dir, state, readiness),
+        Err(e) => {
+            readiness.failed(&e);
+            Err(e)
+        }
+    }
+}
+
+/// Signals that detach the device, blocked in every thread so that only the
+/// signal thread receives them.
+fn detach_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGHUP);
+    set
+}
+
+fn attach(
+    args: &AttachArgs,
+    backend: &BackendSpec,
+    detached: bool,
+) -> Result<(StockDevice, DeviceDir, DeviceState), String> {
+    // Before any thread exists, so that every thread inherits the mask.
+    detach_signals()
+        .thread_block()
+        .map_err(|e| format!("blocking signals: {e}"))?;
+
+    let (name, dir) = match &args.name {
+        Some(name) => {
+            state::validate_name(name)?;
+            match state::reserve(name)
+                .map_err(|e| format!("{}: {e}", state::runtime_dir().display()))?
+            {
+                Some(dir) => (name.clone(), dir),
+                None => return Err(format!("a device named {name} is already attached")),
+            }
+        }
+        None => state::reserve_default()
+            .map_err(|e| format!("{}: {e}", state::runtime_dir().display()))?,
+    };
+    let undo = |e: String| {
+        let _ = dir.remove();
+        e
+    };
+    if detached {
+        redirect_stderr(&dir).map_err(undo)?;
+    }
+
+    let device = backend
+        .open(args.read_only, args.block_size)
+        .map_err(|e| e.to_string())
+        .map_err(undo)?;
+    let geometry = device.geometry();
+    let mut record = DeviceState {
+        name: name.clone(),
+        device: String::new(),
+        transport: "loop".into(),
+        backend: backend.to_string(),
+        size: geometry.size,
+        block_size: geometry.logical_block_size,
+        read_only: geometry.read_only,
+        pid: std::process::id(),
+        mountpoint: dir.mountpoint().display().to_string(),
+    };
+    dir.write(&record)
+        .map_err(|e| format!("writing state: {e}"))
+        .map_err(undo)?;
+
+    let options = StockOptions {
+        mountpoint: dir.mountpoint(),
+        name: name.clone(),
+        threads: args.threads.unwrap_or_else(default_threads),
+    };
+    let stock = StockDevice::attach(device, &options)
+        .map_err(|e| e.to_string())
+        .map_err(undo)?;
+    record.device = stock.device_path().display().to_string();
+    if let Err(e) = dir.write(&record) {
+        drop(stock);
+        return Err(undo(format!("writing state: {e}")));
+    }
+    log::info!("{name}: {} serves {}", record.device, record.backend);
+    Ok((stock, dir, record))
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 16)
+}
+
+/// A daemon in the background logs to a file in its directory.
+fn redirect_stderr(dir: &DeviceDir) -> Result<(), String> {
+    let log =
+        File::create(dir.log_file()).map_err(|e| format!("{}: {e}", dir.log_file().display()))?;
+    // SAFETY: dup2 on two valid descriptors; replacing fd 2 affects only
+    // where this process's diagnostics go.
+    if unsafe { libc::dup2(log.as_raw_fd(), libc::STDERR_FILENO) } < 0 {
+        return Err(format!(
+            "redirecting the log: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn serve(
+    stock: StockDevice,
+    dir: DeviceDir,
+    record: DeviceState,
+    readiness: Readiness,
+) -> Result<(), String> {
+    let detacher = stock.detacher();
+    let listener = match UnixListener::bind(dir.control_socket()) {
+        Ok(listener) => listener,
+        Err(e) => {
+            let message = format!("{}: {e}", dir.control_socket().display());
+            // Nothing uses the device yet: unbinding cannot be refused.
+            let _ = detacher.detach(true);
+            let _ = stock.wait();
+            let _ = dir.remove();
+            readiness.failed(&message);
+            return Err(message);
+        }
+    };
+    spawn_control(listener, detacher.clone());
+    spawn_signal_thread(detacher);
+    readiness.ready(&record.device);
+
+    let result = stock.wait();
+    log::info!("{}: detached", record.name);
+    if let Err(e) = dir.remove() {
+        log::warn!("removing {}: {e}", dir.path.display());
+    }
+    result.map_err(|e| e.to_string())
+}
+
+fn spawn_signal_thread(detacher: Detacher) {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let Ok(signal) = detach_signals().wait() else {
+                continue;
+            };
+            log::info!("{signal}: detaching once the device is no longer in use");
+            match detacher.detach(true) {
+                Ok(()) => return,
+                Err(e) => log::error!("detach: {e}"),
+            }
+        })
+        .expect("spawning the signal thread");
+}
+
+/// The control socket takes one command per connection, a line of text, and
+/// answers `ok` or `error MESSAGE`.
+fn spawn_control(listener: UnixListener, detacher: Detacher) {
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Err(e) = handle_control(stream, &detacher) {
+                    log::warn!("control connection: {e}");
+                }
+            }
+        })
+        .expect("spawning the control thread");
+}
+
+fn handle_control(stream: UnixStream, detacher: &Detacher) -> std::io::Result<()> {
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    let mut stream = &stream;
+    match line.trim() {
+        "detach" => match detacher.detach(false) {
+            Ok(()) => writeln!(stream, "ok"),
+            Err(e) => writeln!(stream, "error {e}"),
+        },
+        other => writeln!(stream, "error unknown command {other:?}"),
+    }
+}
+
+/// Asks the daemon of a device to detach; returns its answer.
+pub fn request_detach(dir: &DeviceDir) -> Result<(), String> {
+    let stream = UnixStream::connect(dir.control_socket())
+        .map_err(|e| format!("{}: {e}", dir.control_socket().display()))?;
+    (&stream)
+        .write_all(b"detach\n")
+        .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .map_err(|e| e.to_string())?;
+    match answer.trim_end().split_once(' ') {
+        _ if answer.trim_end() == "ok" => Ok(()),
+        Some(("error", message)) => Err(message.to_owned()),
+        _ => Err(format!(
+            "unexpected answer from the daemon: {:?}",
+            answer.trim_end()
+        )),
+    }
+}

@@ -1,0 +1,193 @@
+//! What `list` and `detach` know about attached devices: one directory per
+//! device under the runtime directory (`/run/fuse-blk`), holding the
+//! daemon's `state.json`, its control socket, its log and the private
+//! mount point of the stock path. Any process can read it.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Overrides the runtime directory (tests run isolated instances).
+pub const RUNTIME_DIR_ENV: &str = "FUSE_BLK_RUNTIME_DIR";
+const DEFAULT_RUNTIME_DIR: &str = "/run/fuse-blk";
+
+pub fn runtime_dir() -> PathBuf {
+    std::env::var_os(RUNTIME_DIR_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR))
+}
+
+/// The record a daemon keeps of its device.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceState {
+    pub name: String,
+    /// Block device path; empty until the device is ready.
+    pub device: String,
+    pub transport: String,
+    pub backend: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub read_only: bool,
+    pub pid: u32,
+    /// The stock path's FUSE mount point.
+    pub mountpoint: String,
+}
+
+/// The files of one device's directory.
+#[derive(Debug, Clone)]
+pub struct DeviceDir {
+    pub path: PathBuf,
+}
+
+impl DeviceDir {
+    pub fn of(name: &str) -> DeviceDir {
+        DeviceDir {
+            path: runtime_dir().join(name),
+        }
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.path.join("state.json")
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.path.join("control.sock")
+    }
+
+    pub fn mountpoint(&self) -> PathBuf {
+        self.path.join("mnt")
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.path.join("daemon.log")
+    }
+
+    pub fn read(&self) -> io::Result<DeviceState> {
+        let text = fs::read_to_string(self.state_file())?;
+        serde_json::from_str(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// Replaces the state file atomically, so readers never see half of it.
+    pub fn write(&self, state: &DeviceState) -> io::Result<()> {
+        let tmp = self.path.join("state.json.tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
+        fs::rename(&tmp, self.state_file())
+    }
+
+    pub fn remove(&self) -> io::Result<()> {
+        match fs::remove_dir_all(&self.path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Checks a user-chosen device name: it names a directory and appears in
+/// losetup's output, so it is kept to a safe alphabet.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 48
+        && !name.starts_with(['.', '-'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid name {name:?}: use 1 to 48 letters, digits, '-', '_' or '.', not starting with '.' or '-'"
+        ))
+    }
+}
+
+/// Creates the runtime directory (mode 0700) and the device's directory;
+/// the directory's creation is what reserves the name.
+pub fn reserve(name: &str) -> io::Result<Option<DeviceDir>> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(runtime_dir())?;
+    let dir = DeviceDir::of(name);
+    match fs::DirBuilder::new().mode(0o700).create(&dir.path) {
+        Ok(()) => Ok(Some(dir)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reserves the first free default name: fuseblk0, fuseblk1, ...
+pub fn reserve_default() -> io::Result<(String, DeviceDir)> {
+    for n in 0..10_000 {
+        let name = format!("fuseblk{n}");
+        if let Some(dir) = reserve(&name)? {
+            return Ok((name, dir));
+        }
+    }
+    Err(io::Error::other("no free device name"))
+}
+
+/// Every device directory, sorted by name.
+pub fn all() -> Vec<DeviceDir> {
+    let mut dirs: Vec<DeviceDir> = fs::read_dir(runtime_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|entry| DeviceDir { path: entry.path() })
+        .collect();
+    dirs.sort_by(|a, b| a.path.cmp(&b.path));
+    dirs
+}
+
+/// Whether process `pid` is alive and is a fuse-blk daemon (not a reused
+/// pid).
+pub fn daemon_alive(pid: u32) -> bool {
+    let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) else {
+        return false;
+    };
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // A zombie has exited; it only waits for its parent to reap it.
+    let zombie = stat
+        .rsplit(')')
+        .next()
+        .is_some_and(|rest| rest.trim_start().starts_with('Z'));
+    // After an upgrade the link reads "fuse-blk (deleted)".
+    !zombie
+        && exe
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("fuse-blk"))
+}
+
+/// Finds a device by name or by device path.
+pub fn find(target: &str) -> Option<(DeviceDir, DeviceState)> {
+    let by_path = Path::new(target);
+    let canonical = fs::canonicalize(by_path).ok();
+    all().into_iter().find_map(|dir| {
+        let state = dir.read().ok()?;
+        let matches = state.name == target
+            || (!state.device.is_empty()
+                && (state.device == target
+                    || canonical.as_deref() == fs::canonicalize(&state.device).ok().as_deref()));
+        matches.then_some((dir, state))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("db0").is_ok());
+        assert!(validate_name("my-disk_1.img").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("../x").is_err());
+        assert!(validate_name(".hidden").is_err());
+        assert!(validate_name("-x").is_err());
+        assert!(validate_name("a b").is_err());
+        assert!(validate_name(&"x".repeat(49)).is_err());
+    }
+}
