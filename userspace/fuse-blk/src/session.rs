@@ -111,10 +111,12 @@ impl Session {
     /// Serves every channel on a thread of its own until all have ended,
     /// then tells the handler the device is gone.
     pub fn serve(self: &Arc<Self>, channels: Vec<Arc<dyn Channel>>) -> io::Result<()> {
+        if channels.len() > usize::from(u16::MAX) + 1 {
+            return Err(io::Error::other("too many channels"));
+        }
         let mut workers = Vec::with_capacity(channels.len());
-        for (queue, channel) in channels.into_iter().enumerate() {
+        for (queue, channel) in (0..=u16::MAX).zip(channels) {
             let session = Arc::clone(self);
-            let queue = u16::try_from(queue).map_err(|_| io::Error::other("too many channels"))?;
             workers.push(
                 thread::Builder::new()
                     .name(format!("fuse-blk-q{queue}"))
@@ -160,6 +162,13 @@ impl Session {
             Err(e) => {
                 log::error!("malformed request: {e}");
                 if let Some(header) = e.header {
+                    // The kernel expects no answer to these, even broken.
+                    if matches!(
+                        header.opcode,
+                        abi::opcode::FORGET | abi::opcode::BATCH_FORGET | abi::opcode::INTERRUPT
+                    ) {
+                        return true;
+                    }
                     let errno = match e.kind {
                         ParseErrorKind::UnknownOpcode(_) => libc::ENOSYS,
                         _ => libc::EINVAL,

@@ -124,7 +124,9 @@ pub mod falloc {
 }
 
 /// `struct fuse_in_header`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct InHeader {
     pub len: u32,
@@ -139,7 +141,9 @@ pub struct InHeader {
 }
 
 /// `struct fuse_out_header`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct OutHeader {
     pub len: u32,
@@ -149,7 +153,9 @@ pub struct OutHeader {
 
 /// `struct fuse_init_in`, the 7.36+ layout. Older kernels send only the
 /// first four fields; the parser zero-fills the rest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct InitIn {
     pub major: u32,
@@ -161,7 +167,9 @@ pub struct InitIn {
 }
 
 /// `struct fuse_init_out` (64 bytes since 7.23).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct InitOut {
     pub major: u32,
@@ -180,7 +188,9 @@ pub struct InitOut {
 }
 
 /// `struct fuse_attr`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct Attr {
     pub ino: u64,
@@ -202,7 +212,9 @@ pub struct Attr {
 }
 
 /// `struct fuse_entry_out`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct EntryOut {
     pub nodeid: u64,
@@ -215,7 +227,9 @@ pub struct EntryOut {
 }
 
 /// `struct fuse_attr_out`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct AttrOut {
     pub attr_valid: u64,
@@ -225,7 +239,9 @@ pub struct AttrOut {
 }
 
 /// `struct fuse_getattr_in`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct GetattrIn {
     pub getattr_flags: u32,
@@ -234,7 +250,9 @@ pub struct GetattrIn {
 }
 
 /// `struct fuse_setattr_in`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct SetattrIn {
     pub valid: u32,
@@ -256,7 +274,9 @@ pub struct SetattrIn {
 }
 
 /// `struct fuse_open_in` (also OPENDIR).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct OpenIn {
     pub flags: u32,
@@ -264,7 +284,9 @@ pub struct OpenIn {
 }
 
 /// `struct fuse_open_out`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct OpenOut {
     pub fh: u64,
@@ -273,7 +295,9 @@ pub struct OpenOut {
 }
 
 /// `struct fuse_release_in` (also RELEASEDIR).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct ReleaseIn {
     pub fh: u64,
@@ -283,7 +307,9 @@ pub struct ReleaseIn {
 }
 
 /// `struct fuse_flush_in`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct FlushIn {
     pub fh: u64,
@@ -293,7 +319,9 @@ pub struct FlushIn {
 }
 
 /// `struct fuse_read_in` (also READDIR).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct ReadIn {
     pub fh: u64,
@@ -306,7 +334,9 @@ pub struct ReadIn {
 }
 
 /// `struct fuse_write_in`; `size` bytes of data follow it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct WriteIn {
     pub fh: u64,
@@ -319,7 +349,9 @@ pub struct WriteIn {
 }
 
 /// `struct fuse_write_out`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct WriteOut {
     pub size: u32,
@@ -327,7 +359,9 @@ pub struct WriteOut {
 }
 
 /// `struct fuse_fsync_in` (also FSYNCDIR).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct FsyncIn {
     pub fh: u64,
@@ -336,7 +370,9 @@ pub struct FsyncIn {
 }
 
 /// `struct fuse_fallocate_in`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct FallocateIn {
     pub fh: u64,
@@ -347,21 +383,27 @@ pub struct FallocateIn {
 }
 
 /// `struct fuse_interrupt_in`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct InterruptIn {
     pub unique: u64,
 }
 
 /// `struct fuse_forget_in`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct ForgetIn {
     pub nlookup: u64,
 }
 
 /// `struct fuse_batch_forget_in`; `count` `fuse_forget_one` follow it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct BatchForgetIn {
     pub count: u32,
@@ -369,7 +411,9 @@ pub struct BatchForgetIn {
 }
 
 /// `struct fuse_forget_one`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct ForgetOne {
     pub nodeid: u64,
@@ -377,7 +421,9 @@ pub struct ForgetOne {
 }
 
 /// `struct fuse_access_in`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct AccessIn {
     pub mask: u32,
@@ -385,7 +431,9 @@ pub struct AccessIn {
 }
 
 /// `struct fuse_kstatfs` wrapped in `struct fuse_statfs_out`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct StatfsOut {
     pub blocks: u64,
@@ -401,7 +449,9 @@ pub struct StatfsOut {
 }
 
 /// `struct fuse_dirent` without its name; the name follows, padded to 8.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct DirentHeader {
     pub ino: u64,

@@ -30,7 +30,10 @@ pub fn encode_request(opcode: u32, unique: u64, nodeid: u64, args: &[&[u8]]) -> 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyError {
     ShortHeader,
-    LengthMismatch { header_len: u32, received: usize },
+    LengthMismatch {
+        header_len: u32,
+        received: usize,
+    },
     /// An error outside -511..=0, or an error reply that carries data.
     BadError(i32),
 }
@@ -62,7 +65,8 @@ pub struct Reply<'a> {
 
 /// Parses one whole reply as written by a daemon.
 pub fn parse_reply(buf: &[u8]) -> Result<Reply<'_>, ReplyError> {
-    let (header, payload) = OutHeader::read_from_prefix(buf).map_err(|_| ReplyError::ShortHeader)?;
+    let (header, payload) =
+        OutHeader::read_from_prefix(buf).map_err(|_| ReplyError::ShortHeader)?;
     if header.len as usize != buf.len() {
         return Err(ReplyError::LengthMismatch {
             header_len: header.len,
@@ -83,4 +87,68 @@ pub fn parse_reply(buf: &[u8]) -> Result<Reply<'_>, ReplyError> {
 /// Reads a fixed-size structure from the front of a reply payload.
 pub fn read_struct<T: FromBytes>(payload: &[u8]) -> Option<T> {
     T::read_from_prefix(payload).ok().map(|(value, _)| value)
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::abi::WriteOut;
+
+    #[test]
+    fn encode_request_fills_the_length() {
+        let bytes = encode_request(15, 9, 2, &[&[1, 2], &[3]]);
+        let header = InHeader::read_from_prefix(&bytes).unwrap().0;
+        assert_eq!(header.len, 43);
+        assert_eq!((header.opcode, header.unique, header.nodeid), (15, 9, 2));
+        assert_eq!(&bytes[40..], &[1, 2, 3]);
+    }
+
+    #[test]
+    fn read_struct_needs_enough_bytes() {
+        assert_eq!(read_struct::<WriteOut>(&[0; 7]), None);
+        assert_eq!(
+            read_struct::<WriteOut>(&[8, 0, 0, 0, 0, 0, 0, 0, 0xff]),
+            Some(WriteOut {
+                size: 8,
+                padding: 0
+            })
+        );
+    }
+
+    #[test]
+    fn parse_reply_error_bounds() {
+        let reply = |error: i32| {
+            OutHeader {
+                len: 16,
+                error,
+                unique: 1,
+            }
+            .as_bytes()
+            .to_vec()
+        };
+        assert_eq!(parse_reply(&reply(-1)).unwrap().result, Err(1));
+        assert_eq!(
+            parse_reply(&reply(-MAX_ERRNO)).unwrap().result,
+            Err(MAX_ERRNO)
+        );
+        assert_eq!(
+            parse_reply(&reply(-MAX_ERRNO - 1)),
+            Err(ReplyError::BadError(-MAX_ERRNO - 1))
+        );
+        assert_eq!(parse_reply(&reply(1)), Err(ReplyError::BadError(1)));
+    }
+
+    #[test]
+    fn reply_errors_display() {
+        for e in [
+            ReplyError::ShortHeader,
+            ReplyError::LengthMismatch {
+                header_len: 1,
+                received: 2,
+            },
+            ReplyError::BadError(7),
+        ] {
+            let e: Box<dyn std::error::Error> = Box::new(e);
+            assert!(!e.to_string().is_empty());
+        }
+    }
 }

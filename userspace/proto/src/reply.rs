@@ -55,7 +55,14 @@ pub fn dirent_size(name_len: usize) -> usize {
 
 /// Appends one `fuse_dirent` to a READDIR reply unless it would grow the
 /// reply past `limit` bytes; returns whether it was appended.
-pub fn push_dirent(buf: &mut Vec<u8>, limit: usize, ino: u64, off: u64, typ: u32, name: &[u8]) -> bool {
+pub fn push_dirent(
+    buf: &mut Vec<u8>,
+    limit: usize,
+    ino: u64,
+    off: u64,
+    typ: u32,
+    name: &[u8],
+) -> bool {
     let size = dirent_size(name.len());
     if buf.len() + size > limit {
         return false;
@@ -71,4 +78,49 @@ pub fn push_dirent(buf: &mut Vec<u8>, limit: usize, ino: u64, off: u64, typ: u32
     buf.extend_from_slice(name);
     buf.resize(start + size, 0);
     true
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eio_is_linux_eio() {
+        assert_eq!(libc_eio(), 5);
+    }
+
+    #[test]
+    fn success_header_counts_the_header() {
+        let h = success_header(1, 0);
+        assert_eq!((h.len, h.error, h.unique), (16, 0, 1));
+        assert_eq!(success_header(1, 4096).len, 4112);
+    }
+
+    #[test]
+    fn error_header_range() {
+        assert_eq!(error_header(1, 1).error, -1);
+        assert_eq!(error_header(1, MAX_ERRNO).error, -MAX_ERRNO);
+        for bad in [0, -1, MAX_ERRNO + 1, i32::MIN, i32::MAX] {
+            assert_eq!(error_header(1, bad).error, -5, "{bad}");
+        }
+        assert_eq!(error_header(1, 2).len, 16);
+    }
+
+    #[test]
+    fn dirent_size_is_padded() {
+        for len in 0..64 {
+            let size = dirent_size(len);
+            assert_eq!(size % 8, 0);
+            assert!(size >= 24 + len && size < 24 + len + 8);
+        }
+    }
+
+    #[test]
+    fn push_dirent_appends_after_existing_entries() {
+        let mut buf = vec![0xaa; 8];
+        assert!(push_dirent(&mut buf, 100, 1, 2, 3, b"n"));
+        assert_eq!(buf.len(), 8 + 32);
+        assert_eq!(&buf[..8], &[0xaa; 8]);
+        assert_eq!(buf[8 + 24], b'n');
+        assert!(buf[8 + 25..].iter().all(|&b| b == 0));
+    }
 }

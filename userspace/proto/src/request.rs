@@ -15,7 +15,11 @@ pub enum ParseErrorKind {
     /// `fuse_in_header.len` disagrees with the bytes received.
     LengthMismatch { header_len: u32, received: usize },
     /// The body is shorter than the opcode's argument structure.
-    ShortBody { opcode: u32, needed: usize, got: usize },
+    ShortBody {
+        opcode: u32,
+        needed: usize,
+        got: usize,
+    },
     /// A WRITE whose `size` disagrees with the data that follows.
     WriteSizeMismatch { size: u32, data: usize },
     /// A name that is empty, lacks its NUL terminator or contains '/'.
@@ -68,9 +72,13 @@ pub enum Operation<'a> {
     Init(abi::InitIn),
     Destroy,
     Interrupt(abi::InterruptIn),
-    Lookup { name: &'a [u8] },
+    Lookup {
+        name: &'a [u8],
+    },
     Forget(abi::ForgetIn),
-    BatchForget { count: u32 },
+    BatchForget {
+        count: u32,
+    },
     Getattr(abi::GetattrIn),
     Setattr(abi::SetattrIn),
     Open(abi::OpenIn),
@@ -78,7 +86,10 @@ pub enum Operation<'a> {
     Read(abi::ReadIn),
     Readdir(abi::ReadIn),
     Readdirplus(abi::ReadIn),
-    Write { arg: abi::WriteIn, data: &'a [u8] },
+    Write {
+        arg: abi::WriteIn,
+        data: &'a [u8],
+    },
     Statfs,
     Release(abi::ReleaseIn),
     Releasedir(abi::ReleaseIn),
@@ -187,13 +198,15 @@ pub fn parse_request(buf: &[u8]) -> Result<Request<'_>, ParseError> {
         opcode::FORGET => Operation::Forget(full(h, body)?),
         opcode::BATCH_FORGET => {
             let arg: abi::BatchForgetIn = full(h, body)?;
-            let entries = body.len() - std::mem::size_of::<abi::BatchForgetIn>();
-            let needed = arg.count as usize * std::mem::size_of::<abi::ForgetOne>();
+            let entries = (body.len() - std::mem::size_of::<abi::BatchForgetIn>()) as u64;
+            // In u64: count * 16 cannot overflow it, while it can a 32-bit usize.
+            let needed = u64::from(arg.count) * std::mem::size_of::<abi::ForgetOne>() as u64;
             if entries < needed {
+                let header_and_entries = needed + std::mem::size_of::<abi::BatchForgetIn>() as u64;
                 return Err(ParseError {
                     kind: ParseErrorKind::ShortBody {
                         opcode: header.opcode,
-                        needed: needed + 8,
+                        needed: usize::try_from(header_and_entries).unwrap_or(usize::MAX),
                         got: body.len(),
                     },
                     header: Some(header),
@@ -263,4 +276,105 @@ pub fn parse_request(buf: &[u8]) -> Result<Request<'_>, ParseError> {
         }
     };
     Ok(Request { header, operation })
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zerocopy::IntoBytes;
+
+    fn header(opcode: u32) -> InHeader {
+        InHeader {
+            opcode,
+            unique: 3,
+            ..InHeader::default()
+        }
+    }
+
+    #[test]
+    fn argument_zero_fills_a_short_body_above_the_minimum() {
+        let h = header(opcode::INIT);
+        let body = [7, 0, 0, 0, 31, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 9];
+        let (init, took): (abi::InitIn, usize) = argument(&h, &body, 16).unwrap();
+        assert_eq!(took, 17);
+        assert_eq!(&init.as_bytes()[..17], &body[..]);
+        assert!(init.as_bytes()[17..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn argument_takes_only_the_structure_from_a_long_body() {
+        let h = header(opcode::ACCESS);
+        let (arg, took): (abi::AccessIn, usize) =
+            argument(&h, &[1, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff], 8).unwrap();
+        assert_eq!(took, 8);
+        assert_eq!(arg.mask, 1);
+    }
+
+    #[test]
+    fn full_requires_the_whole_structure() {
+        let h = header(opcode::READ);
+        let e = full::<abi::ReadIn>(&h, &[0; 39]).unwrap_err();
+        assert_eq!(
+            e.kind,
+            ParseErrorKind::ShortBody {
+                opcode: opcode::READ,
+                needed: 40,
+                got: 39
+            }
+        );
+        assert_eq!(e.header, Some(h));
+    }
+
+    #[test]
+    fn name_rules() {
+        let h = header(opcode::LOOKUP);
+        assert_eq!(name(&h, b"a\0").unwrap(), b"a");
+        assert_eq!(name(&h, b"..\0").unwrap(), b"..");
+        assert_eq!(name(&h, b"x\0y").unwrap(), b"x");
+        for bad in [&b""[..], b"\0", b"abc", b"a/\0"] {
+            assert_eq!(name(&h, bad).unwrap_err().kind, ParseErrorKind::BadName);
+        }
+    }
+
+    #[test]
+    fn every_error_kind_displays() {
+        for kind in [
+            ParseErrorKind::ShortHeader,
+            ParseErrorKind::LengthMismatch {
+                header_len: 1,
+                received: 2,
+            },
+            ParseErrorKind::ShortBody {
+                opcode: 15,
+                needed: 40,
+                got: 3,
+            },
+            ParseErrorKind::WriteSizeMismatch { size: 1, data: 2 },
+            ParseErrorKind::BadName,
+            ParseErrorKind::UnknownOpcode(9999),
+        ] {
+            let e: Box<dyn std::error::Error> = Box::new(ParseError { kind, header: None });
+            assert!(!e.to_string().is_empty());
+        }
+        let e = ParseError {
+            kind: ParseErrorKind::UnknownOpcode(9999),
+            header: None,
+        };
+        assert!(e.to_string().contains("9999"));
+    }
+
+    #[test]
+    fn request_accessors() {
+        let request = Request {
+            header: header(opcode::FORGET),
+            operation: Operation::Forget(abi::ForgetIn { nlookup: 1 }),
+        };
+        assert_eq!(request.unique(), 3);
+        assert!(!request.expects_reply());
+        let request = Request {
+            header: header(opcode::INTERRUPT),
+            operation: Operation::Interrupt(abi::InterruptIn { unique: 1 }),
+        };
+        // INTERRUPT is left to the engine; it is not a forget.
+        assert!(request.expects_reply());
+    }
 }

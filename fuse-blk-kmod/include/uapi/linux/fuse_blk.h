@@ -1,0 +1,119 @@
+/* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
+/*
+ * fuse-blk: block devices served from userspace over the FUSE protocol.
+ *
+ * This header is the one ABI between the fuse_blk module and its daemons.
+ *
+ * Changelog
+ *  ABI 1 (2026-11)
+ *   - Control ioctls on /dev/fuse-blk: GET_FEATURES, CREATE, DESTROY,
+ *     GET_INFO, ATTACH.
+ *   - A channel (an fd of /dev/fuse-blk after ATTACH) speaks FUSE 7.31
+ *     messages: FUSE_INIT first, then FUSE_READ, FUSE_WRITE, FUSE_FSYNC,
+ *     FUSE_FALLOCATE and FUSE_INTERRUPT; FUSE_DESTROY at teardown.
+ *
+ * Objects
+ *  A device (/dev/fuseblkN) is created from struct fuse_blk_params and
+ *  lives until FUSE_BLK_IOC_DESTROY, whether or not a daemon serves it.
+ *  Each of its queues is served by at most one channel. A daemon opens
+ *  /dev/fuse-blk once per queue and turns each fd into that queue's channel
+ *  with FUSE_BLK_IOC_ATTACH; read(2) then returns one whole FUSE request,
+ *  write(2) takes one whole reply, poll(2) reports a readable request.
+ *
+ * Mapping of block requests to FUSE messages (fuse_in_header.nodeid is
+ * FUSE_BLK_NODE_ID, every fh is 0):
+ *  REQ_OP_READ          FUSE_READ       fuse_read_in.offset/size
+ *  REQ_OP_WRITE         FUSE_WRITE      fuse_write_in + data; REQ_FUA sets
+ *                                       O_DSYNC in fuse_write_in.flags
+ *  REQ_OP_FLUSH         FUSE_FSYNC      fsync_flags = FUSE_FSYNC_FDATASYNC
+ *  REQ_OP_DISCARD       FUSE_FALLOCATE  FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE
+ *  REQ_OP_WRITE_ZEROES  FUSE_FALLOCATE  FALLOC_FL_ZERO_RANGE|FALLOC_FL_KEEP_SIZE
+ *  request timed out    FUSE_INTERRUPT  once; the request fails with EIO if
+ *                                       still unanswered one timeout later
+ *  device destroyed     FUSE_DESTROY    then read(2) fails with ENODEV
+ *
+ * Replies are checked: a reply whose length disagrees with its header or
+ * with what the request needs, whose unique is unknown or already answered,
+ * or whose error is not 0 or a negated errno in 1..511, is refused with
+ * EINVAL or ENOENT to the writer and the request stays outstanding.
+ */
+#ifndef _UAPI_LINUX_FUSE_BLK_H
+#define _UAPI_LINUX_FUSE_BLK_H
+
+#include <linux/types.h>
+#include <linux/ioctl.h>
+
+#define FUSE_BLK_ABI_VERSION	1
+
+/* fuse_in_header.nodeid of every request on a channel */
+#define FUSE_BLK_NODE_ID	2
+
+#define FUSE_BLK_NAME_LEN	32
+#define FUSE_BLK_MAX_QUEUES	64
+#define FUSE_BLK_MAX_QUEUE_DEPTH	1024
+
+/*
+ * Feature flags: what a device may do. CREATE masks the requested set with
+ * what the driver supports and echoes the result back in params.features.
+ */
+#define FUSE_BLK_F_FLUSH	(1ULL << 0)	/* volatile write cache */
+#define FUSE_BLK_F_FUA		(1ULL << 1)	/* force unit access writes */
+#define FUSE_BLK_F_DISCARD	(1ULL << 2)
+#define FUSE_BLK_F_WRITE_ZEROES	(1ULL << 3)
+#define FUSE_BLK_F_ROTATIONAL	(1ULL << 4)
+#define FUSE_BLK_F_READ_ONLY	(1ULL << 5)
+
+#define FUSE_BLK_F_ALL		((1ULL << 6) - 1)
+
+struct fuse_blk_features {
+	__u32	abi_version;		/* out: FUSE_BLK_ABI_VERSION */
+	__u32	reserved0;
+	__u64	features;		/* out: FUSE_BLK_F_* the driver knows */
+	__u64	reserved[6];
+};
+
+struct fuse_blk_params {
+	__u64	size;			/* bytes; multiple of logical_block_size */
+	__u32	logical_block_size;	/* 512..PAGE_SIZE, power of two */
+	__u32	physical_block_size;	/* 0: logical_block_size */
+	__u32	max_io_bytes;		/* largest request; 0: 1 MiB */
+	__u16	nr_queues;		/* 1..FUSE_BLK_MAX_QUEUES */
+	__u16	queue_depth;		/* 1..FUSE_BLK_MAX_QUEUE_DEPTH */
+	__u64	features;		/* in: wanted; out: granted FUSE_BLK_F_* */
+	__u32	io_timeout_ms;		/* per-request timeout; 0: 30 s */
+	__u32	dev_id;			/* out: N of /dev/fuseblkN */
+	char	name[FUSE_BLK_NAME_LEN];	/* NUL-terminated, for sysfs */
+	__u64	reserved[8];		/* must be zero */
+};
+
+/* States in fuse_blk_info.state and /sys/block/fuseblkN/fuse_blk/state */
+#define FUSE_BLK_STATE_WAITING	0	/* no queue has a channel yet/any more */
+#define FUSE_BLK_STATE_LIVE	1	/* every queue has an initialised channel */
+#define FUSE_BLK_STATE_PARTIAL	2	/* some queues are served */
+#define FUSE_BLK_STATE_DEAD	3	/* being destroyed */
+
+struct fuse_blk_info {
+	__u32	dev_id;			/* in */
+	__u32	state;			/* out: FUSE_BLK_STATE_* */
+	__u32	nr_channels;		/* out: queues with a channel */
+	__u32	inflight;		/* out: requests not yet completed */
+	struct fuse_blk_params params;	/* out */
+	__u64	reserved[4];
+};
+
+struct fuse_blk_attach {
+	__u32	dev_id;
+	__u16	queue;
+	__u16	flags;			/* must be zero */
+	__u64	reserved[3];		/* must be zero */
+};
+
+#define FUSE_BLK_IOC_MAGIC	0xFB
+
+#define FUSE_BLK_IOC_GET_FEATURES	_IOR(FUSE_BLK_IOC_MAGIC, 0, struct fuse_blk_features)
+#define FUSE_BLK_IOC_CREATE		_IOWR(FUSE_BLK_IOC_MAGIC, 1, struct fuse_blk_params)
+#define FUSE_BLK_IOC_DESTROY		_IOW(FUSE_BLK_IOC_MAGIC, 2, __u32)
+#define FUSE_BLK_IOC_GET_INFO		_IOWR(FUSE_BLK_IOC_MAGIC, 3, struct fuse_blk_info)
+#define FUSE_BLK_IOC_ATTACH		_IOW(FUSE_BLK_IOC_MAGIC, 4, struct fuse_blk_attach)
+
+#endif /* _UAPI_LINUX_FUSE_BLK_H */
