@@ -4,6 +4,8 @@
 //! Each test gets a runtime directory of its own (`FUSE_BLK_RUNTIME_DIR`),
 //! so that `list` and the leftover checks see only that test's devices.
 
+pub mod image_fs;
+
 use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -67,12 +67,17 @@ const NODEID: u64 = 2;
 
 impl Harness {
     pub fn new(device: Arc<dyn BlockDevice>) -> Harness {
-        let session = Session::new(device.clone(), SessionConfig::default()).expect("geometry");
+        // Large requests, to test requests bigger than the backends' buffers.
+        let config = SessionConfig {
+            max_write: 16 << 20,
+            ..SessionConfig::default()
+        };
+        let session = Session::new(device.clone(), config).expect("geometry");
         let zeroing_session = Session::new(
             device,
             SessionConfig {
                 punch_hole_zeroes: true,
-                ..SessionConfig::default()
+                ..config
             },
         )
         .expect("geometry");

@@ -1,0 +1,1219 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * fuse_blk: block devices served from userspace over the FUSE protocol.
+ *
+ * A device's block requests reach a daemon as the FUSE messages a file
+ * already has (READ, WRITE, FSYNC, FALLOCATE), so a FUSE file handler
+ * serves a block device. The ABI is include/uapi/linux/fuse_blk.h.
+ *
+ * Objects and lifetimes
+ *
+ *  struct fblk_dev	one block device (/dev/fuseblkN). Created by
+ *			FUSE_BLK_IOC_CREATE and found by id in fblk_idr until
+ *			FUSE_BLK_IOC_DESTROY, which tears down the gendisk and
+ *			tag set. Reference counted: the idr entry holds one
+ *			reference, every channel another; the struct is freed
+ *			with the last. Each device also pins the module, so
+ *			the module cannot be unloaded while devices exist.
+ *  struct fblk_queue	one per hardware queue, inside fblk_dev.
+ *  struct fblk_chan	an attached channel: the private_data of a
+ *			/dev/fuse-blk file after FUSE_BLK_IOC_ATTACH. Lives
+ *			until the file is released.
+ *  struct fblk_cmd	the blk-mq payload of each request.
+ *
+ * A command moves through these states; whoever moves it to DONE
+ * completes the request, exactly once:
+ *
+ *	queue_rq -> PENDING (on queue->pending)
+ *	read()   -> SENDING (owned by that read) -> SENT (on queue->sent)
+ *	write()  -> RECEIVING (owned by that write) -> DONE
+ *	timeout, channel release, destroy: PENDING/SENT -> DONE (EIO)
+ *
+ * SENDING and RECEIVING belong to one read()/write() call, which finishes
+ * the command itself if the device died meanwhile; the timeout handler
+ * re-arms their timer.
+ *
+ * Timeouts: a request unanswered after io_timeout_ms is sent a
+ * FUSE_INTERRUPT and fails with EIO one timeout later. A request that no
+ * daemon ever read (none attached, or it died) fails after one timeout.
+ * Requests the daemon had read when its channel closed fail at once.
+ *
+ * Lock order: fblk_mutex -> fblk_dev.mutex -> fblk_queue.lock.
+ * fblk_queue.lock is taken with interrupts disabled: blk-mq may run a
+ * queue from completion context.
+ */
+
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/blk-mq.h>
+#include <linux/blkdev.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <linux/fuse.h>
+#include <linux/idr.h>
+#include <linux/miscdevice.h>
+#include <linux/module.h>
+#include <linux/poll.h>
+#include <linux/slab.h>
+#include <linux/uio.h>
+
+#include "compat.h"
+#include "uapi/linux/fuse_blk.h"
+
+#define FBLK_MINORS		16
+#define FBLK_MAX_DEVICES	(1 << (MINORBITS - 4))
+#define FBLK_DEFAULT_MAX_IO	(1U << 20)
+#define FBLK_LIMIT_MAX_IO	(8U << 20)
+#define FBLK_DEFAULT_TIMEOUT_MS	30000U
+#define FBLK_LIMIT_TIMEOUT_MS	(3600U * 1000)
+#define FBLK_FUSE_MINOR		31
+#define FBLK_MIN_FUSE_MINOR	23
+#define FBLK_MAX_ERRNO		511
+
+/* The tag bits of a unique that no request can have: INIT and DESTROY. */
+#define FBLK_CONTROL_TAG	0x7fffffffU
+
+/* FUSE marks the unique of an interrupt with the low bit. */
+#define FBLK_INTERRUPT_BIT	1ULL
+
+/* A message's header and argument, everything but WRITE data. */
+#define FBLK_MAX_ARG		sizeof(struct fuse_write_in)
+
+enum fblk_cmd_state {
+	FBLK_CMD_PENDING,
+	FBLK_CMD_SENDING,
+	FBLK_CMD_SENT,
+	FBLK_CMD_RECEIVING,
+	FBLK_CMD_DONE,
+};
+
+struct fblk_cmd {
+	struct list_head entry;		/* on queue->pending or queue->sent */
+	struct list_head int_entry;	/* on queue->interrupts */
+	u64 unique;
+	enum fblk_cmd_state state;
+	bool interrupted;
+	blk_status_t status;
+};
+
+struct fblk_chan;
+
+struct fblk_queue {
+	struct fblk_dev *dev;
+	unsigned int index;
+	spinlock_t lock;
+	struct list_head pending;	/* not yet read by the daemon */
+	struct list_head sent;		/* read, not yet answered */
+	struct list_head interrupts;	/* FUSE_INTERRUPTs to send */
+	struct fblk_chan *chan;
+	u32 seq;			/* upper half of uniques */
+	wait_queue_head_t waitq;	/* the channel's readers and pollers */
+};
+
+struct fblk_chan {
+	struct fblk_dev *dev;
+	struct fblk_queue *queue;
+	u64 init_unique;
+	bool init_sent;
+	bool ready;		/* FUSE_INIT answered and accepted */
+	bool failed;		/* FUSE_INIT refused by the daemon */
+	bool destroy_sent;
+};
+
+struct fblk_dev {
+	struct kref ref;
+	struct mutex mutex;	/* serialises attach against destroy */
+	int id;
+	bool dead;		/* set once, read under any queue lock */
+	struct fuse_blk_params params;
+	size_t min_read;	/* smallest read buffer a channel may use */
+	atomic_t active;	/* requests started and not completed */
+	wait_queue_head_t idle;
+	struct blk_mq_tag_set tag_set;
+	struct gendisk *disk;
+	struct fblk_queue queues[] __counted_by(nr_queues);
+	/* nr_queues lives in params; see fblk_nr_queues() */
+};
+
+static DEFINE_MUTEX(fblk_mutex);
+static DEFINE_IDR(fblk_idr);
+static int fblk_major;
+
+static unsigned int fblk_nr_queues(const struct fblk_dev *dev)
+{
+	return dev->params.nr_queues;
+}
+
+static void fblk_dev_release(struct kref *ref)
+{
+	struct fblk_dev *dev = container_of(ref, struct fblk_dev, ref);
+
+	kfree(dev);
+	module_put(THIS_MODULE);
+}
+
+static void fblk_dev_put(struct fblk_dev *dev)
+{
+	kref_put(&dev->ref, fblk_dev_release);
+}
+
+static u64 fblk_next_unique(struct fblk_queue *queue, u32 tag)
+{
+	/* Uniques are even: FUSE marks interrupts with the low bit. */
+	return ((u64)++queue->seq << 32) | ((u64)tag << 1);
+}
+
+/* Finishes a command that has been moved to DONE. */
+static void fblk_finish(struct request *rq, blk_status_t status)
+{
+	struct fblk_cmd *cmd = blk_mq_rq_to_pdu(rq);
+
+	cmd->status = status;
+	blk_mq_complete_request(rq);
+}
+
+static void fblk_complete_rq(struct request *rq)
+{
+	struct fblk_cmd *cmd = blk_mq_rq_to_pdu(rq);
+	struct fblk_dev *dev = rq->q->queuedata;
+
+	blk_mq_end_request(rq, cmd->status);
+	if (atomic_dec_and_test(&dev->active))
+		wake_up_all(&dev->idle);
+}
+
+static blk_status_t fblk_queue_rq(struct blk_mq_hw_ctx *hctx,
+				  const struct blk_mq_queue_data *bd)
+{
+	struct fblk_queue *queue = hctx->driver_data;
+	struct request *rq = bd->rq;
+	struct fblk_cmd *cmd = blk_mq_rq_to_pdu(rq);
+	unsigned long flags;
+
+	switch (req_op(rq)) {
+	case REQ_OP_READ:
+	case REQ_OP_WRITE:
+	case REQ_OP_FLUSH:
+	case REQ_OP_DISCARD:
+	case REQ_OP_WRITE_ZEROES:
+		break;
+	default:
+		return BLK_STS_NOTSUPP;
+	}
+
+	spin_lock_irqsave(&queue->lock, flags);
+	if (queue->dev->dead) {
+		spin_unlock_irqrestore(&queue->lock, flags);
+		return BLK_STS_IOERR;
+	}
+	blk_mq_start_request(rq);
+	atomic_inc(&queue->dev->active);
+	cmd->unique = fblk_next_unique(queue, rq->tag);
+	cmd->interrupted = false;
+	cmd->status = BLK_STS_OK;
+	cmd->state = FBLK_CMD_PENDING;
+	INIT_LIST_HEAD(&cmd->int_entry);
+	list_add_tail(&cmd->entry, &queue->pending);
+	spin_unlock_irqrestore(&queue->lock, flags);
+
+	wake_up(&queue->waitq);
+	return BLK_STS_OK;
+}
+
+static enum blk_eh_timer_return fblk_timeout(struct request *rq)
+{
+	struct fblk_queue *queue = rq->mq_hctx->driver_data;
+	struct fblk_cmd *cmd = blk_mq_rq_to_pdu(rq);
+	unsigned long flags;
+
+	spin_lock_irqsave(&queue->lock, flags);
+	switch (cmd->state) {
+	case FBLK_CMD_SENT:
+		if (!cmd->interrupted && queue->chan) {
+			/* Ask the daemon to give up; fail one timeout later. */
+			cmd->interrupted = true;
+			list_add_tail(&cmd->int_entry, &queue->interrupts);
+			spin_unlock_irqrestore(&queue->lock, flags);
+			wake_up(&queue->waitq);
+			return BLK_EH_RESET_TIMER;
+		}
+		fallthrough;
+	case FBLK_CMD_PENDING:
+		list_del_init(&cmd->entry);
+		list_del_init(&cmd->int_entry);
+		cmd->state = FBLK_CMD_DONE;
+		spin_unlock_irqrestore(&queue->lock, flags);
+		pr_warn_ratelimited("fuseblk%d: request %llu timed out\n",
+				    queue->dev->id, cmd->unique);
+		fblk_finish(rq, BLK_STS_IOERR);
+		return BLK_EH_DONE;
+	case FBLK_CMD_SENDING:
+	case FBLK_CMD_RECEIVING:
+		/* A read()/write() in progress owns it and will finish it. */
+		spin_unlock_irqrestore(&queue->lock, flags);
+		return BLK_EH_RESET_TIMER;
+	case FBLK_CMD_DONE:
+	default:
+		spin_unlock_irqrestore(&queue->lock, flags);
+		return BLK_EH_DONE;
+	}
+}
+
+static int fblk_init_hctx(struct blk_mq_hw_ctx *hctx, void *data,
+			  unsigned int index)
+{
+	struct fblk_dev *dev = data;
+
+	hctx->driver_data = &dev->queues[index];
+	return 0;
+}
+
+static const struct blk_mq_ops fblk_mq_ops = {
+	.queue_rq	= fblk_queue_rq,
+	.complete	= fblk_complete_rq,
+	.timeout	= fblk_timeout,
+	.init_hctx	= fblk_init_hctx,
+};
+
+static const struct block_device_operations fblk_fops = {
+	.owner		= THIS_MODULE,
+};
+
+/* Moves every PENDING and SENT command of @queue on @list to DONE. */
+static void fblk_take_all(struct fblk_queue *queue, struct list_head *from,
+			  struct list_head *to)
+{
+	struct fblk_cmd *cmd, *next;
+
+	lockdep_assert_held(&queue->lock);
+	list_for_each_entry_safe(cmd, next, from, entry) {
+		list_del_init(&cmd->int_entry);
+		cmd->state = FBLK_CMD_DONE;
+		list_move_tail(&cmd->entry, to);
+	}
+}
+
+static void fblk_finish_all(struct list_head *list, blk_status_t status)
+{
+	struct fblk_cmd *cmd, *next;
+
+	list_for_each_entry_safe(cmd, next, list, entry) {
+		list_del_init(&cmd->entry);
+		fblk_finish(blk_mq_rq_from_pdu(cmd), status);
+	}
+}
+
+/* ---- sysfs: /sys/block/fuseblkN/fuse_blk/ ---- */
+
+static struct fblk_dev *fblk_dev_of(struct device *d)
+{
+	return dev_to_disk(d)->private_data;
+}
+
+static u32 fblk_state(struct fblk_dev *dev, u32 *nr_channels)
+{
+	unsigned int i, served = 0, attached = 0;
+	unsigned long flags;
+
+	for (i = 0; i < fblk_nr_queues(dev); i++) {
+		struct fblk_queue *queue = &dev->queues[i];
+
+		spin_lock_irqsave(&queue->lock, flags);
+		if (queue->chan) {
+			attached++;
+			if (queue->chan->ready)
+				served++;
+		}
+		spin_unlock_irqrestore(&queue->lock, flags);
+	}
+	if (nr_channels)
+		*nr_channels = attached;
+	if (READ_ONCE(dev->dead))
+		return FUSE_BLK_STATE_DEAD;
+	if (served == fblk_nr_queues(dev))
+		return FUSE_BLK_STATE_LIVE;
+	return served ? FUSE_BLK_STATE_PARTIAL : FUSE_BLK_STATE_WAITING;
+}
+
+static ssize_t dev_id_show(struct device *d, struct device_attribute *attr,
+			   char *buf)
+{
+	return sysfs_emit(buf, "%d\n", fblk_dev_of(d)->id);
+}
+static DEVICE_ATTR_RO(dev_id);
+
+static ssize_t name_show(struct device *d, struct device_attribute *attr,
+			 char *buf)
+{
+	return sysfs_emit(buf, "%s\n", fblk_dev_of(d)->params.name);
+}
+static DEVICE_ATTR_RO(name);
+
+static ssize_t state_show(struct device *d, struct device_attribute *attr,
+			  char *buf)
+{
+	static const char * const names[] = {
+		[FUSE_BLK_STATE_WAITING] = "waiting",
+		[FUSE_BLK_STATE_LIVE] = "live",
+		[FUSE_BLK_STATE_PARTIAL] = "partial",
+		[FUSE_BLK_STATE_DEAD] = "dead",
+	};
+
+	return sysfs_emit(buf, "%s\n", names[fblk_state(fblk_dev_of(d), NULL)]);
+}
+static DEVICE_ATTR_RO(state);
+
+static ssize_t inflight_show(struct device *d, struct device_attribute *attr,
+			     char *buf)
+{
+	return sysfs_emit(buf, "%d\n", atomic_read(&fblk_dev_of(d)->active));
+}
+static DEVICE_ATTR_RO(inflight);
+
+static struct attribute *fblk_attrs[] = {
+	&dev_attr_dev_id.attr,
+	&dev_attr_name.attr,
+	&dev_attr_state.attr,
+	&dev_attr_inflight.attr,
+	NULL,
+};
+
+static const struct attribute_group fblk_attr_group = {
+	.name = "fuse_blk",
+	.attrs = fblk_attrs,
+};
+
+static const struct attribute_group *fblk_attr_groups[] = {
+	&fblk_attr_group,
+	NULL,
+};
+
+/* ---- control: create, destroy, info ---- */
+
+static int fblk_check_params(struct fuse_blk_params *p)
+{
+	unsigned int i;
+
+	for (i = 0; i < ARRAY_SIZE(p->reserved); i++)
+		if (p->reserved[i])
+			return -EINVAL;
+	if (!memchr(p->name, '\0', sizeof(p->name)))
+		return -EINVAL;
+	if (p->logical_block_size < SECTOR_SIZE ||
+	    p->logical_block_size > PAGE_SIZE ||
+	    !is_power_of_2(p->logical_block_size))
+		return -EINVAL;
+	if (!p->physical_block_size)
+		p->physical_block_size = p->logical_block_size;
+	if (p->physical_block_size < p->logical_block_size ||
+	    !is_power_of_2(p->physical_block_size))
+		return -EINVAL;
+	if (!p->size || p->size & (p->logical_block_size - 1) ||
+	    p->size >> SECTOR_SHIFT > (u64)LLONG_MAX >> SECTOR_SHIFT)
+		return -EINVAL;
+	if (!p->max_io_bytes)
+		p->max_io_bytes = FBLK_DEFAULT_MAX_IO;
+	if (p->max_io_bytes < PAGE_SIZE || p->max_io_bytes > FBLK_LIMIT_MAX_IO ||
+	    p->max_io_bytes & (PAGE_SIZE - 1))
+		return -EINVAL;
+	if (!p->nr_queues || p->nr_queues > FUSE_BLK_MAX_QUEUES)
+		return -EINVAL;
+	if (!p->queue_depth || p->queue_depth > FUSE_BLK_MAX_QUEUE_DEPTH)
+		return -EINVAL;
+	if (!p->io_timeout_ms)
+		p->io_timeout_ms = FBLK_DEFAULT_TIMEOUT_MS;
+	if (p->io_timeout_ms > FBLK_LIMIT_TIMEOUT_MS)
+		return -EINVAL;
+	p->features &= FUSE_BLK_F_ALL;
+	return 0;
+}
+
+static void fblk_init_limits(const struct fuse_blk_params *p,
+			     struct queue_limits *lim)
+{
+	lim->logical_block_size = p->logical_block_size;
+	lim->physical_block_size = p->physical_block_size;
+	lim->io_min = p->physical_block_size;
+	lim->max_hw_sectors = p->max_io_bytes >> SECTOR_SHIFT;
+	if (p->features & FUSE_BLK_F_DISCARD) {
+		lim->max_hw_discard_sectors = UINT_MAX >> SECTOR_SHIFT;
+		lim->discard_granularity = p->physical_block_size;
+	}
+	if (p->features & FUSE_BLK_F_WRITE_ZEROES)
+		lim->max_write_zeroes_sectors = UINT_MAX >> SECTOR_SHIFT;
+	if (p->features & FUSE_BLK_F_FLUSH) {
+		lim->features |= BLK_FEAT_WRITE_CACHE;
+		if (p->features & FUSE_BLK_F_FUA)
+			lim->features |= BLK_FEAT_FUA;
+	}
+	if (p->features & FUSE_BLK_F_ROTATIONAL)
+		lim->features |= BLK_FEAT_ROTATIONAL;
+	else
+		lim->features &= ~BLK_FEAT_ROTATIONAL;
+}
+
+static int fblk_create(struct fuse_blk_params __user *uparams)
+{
+	struct queue_limits lim = { };
+	struct fuse_blk_params p;
+	struct fblk_dev *dev;
+	struct gendisk *disk;
+	unsigned int i;
+	int ret;
+
+	if (copy_from_user(&p, uparams, sizeof(p)))
+		return -EFAULT;
+	ret = fblk_check_params(&p);
+	if (ret)
+		return ret;
+	/* Without a write cache there is nothing for FUA to bypass. */
+	if (!(p.features & FUSE_BLK_F_FLUSH))
+		p.features &= ~FUSE_BLK_F_FUA;
+
+	if (!try_module_get(THIS_MODULE))
+		return -ENODEV;
+	dev = kzalloc(struct_size(dev, queues, p.nr_queues), GFP_KERNEL);
+	if (!dev) {
+		ret = -ENOMEM;
+		goto out_module;
+	}
+	kref_init(&dev->ref);
+	mutex_init(&dev->mutex);
+	atomic_set(&dev->active, 0);
+	init_waitqueue_head(&dev->idle);
+	dev->params = p;
+	dev->min_read = sizeof(struct fuse_in_header) + FBLK_MAX_ARG +
+			p.max_io_bytes;
+	for (i = 0; i < p.nr_queues; i++) {
+		struct fblk_queue *queue = &dev->queues[i];
+
+		queue->dev = dev;
+		queue->index = i;
+		spin_lock_init(&queue->lock);
+		INIT_LIST_HEAD(&queue->pending);
+		INIT_LIST_HEAD(&queue->sent);
+		INIT_LIST_HEAD(&queue->interrupts);
+		init_waitqueue_head(&queue->waitq);
+	}
+
+	mutex_lock(&fblk_mutex);
+	ret = idr_alloc(&fblk_idr, NULL, 0, FBLK_MAX_DEVICES, GFP_KERNEL);
+	mutex_unlock(&fblk_mutex);
+	if (ret < 0)
+		goto out_free;
+	dev->id = ret;
+	dev->params.dev_id = ret;
+
+	dev->tag_set.ops = &fblk_mq_ops;
+	dev->tag_set.nr_hw_queues = p.nr_queues;
+	dev->tag_set.queue_depth = p.queue_depth;
+	dev->tag_set.numa_node = NUMA_NO_NODE;
+	dev->tag_set.cmd_size = sizeof(struct fblk_cmd);
+	dev->tag_set.flags = FBLK_TAG_SET_FLAGS;
+	dev->tag_set.timeout = msecs_to_jiffies(p.io_timeout_ms);
+	dev->tag_set.driver_data = dev;
+	ret = blk_mq_alloc_tag_set(&dev->tag_set);
+	if (ret)
+		goto out_id;
+
+	fblk_init_limits(&dev->params, &lim);
+	disk = blk_mq_alloc_disk(&dev->tag_set, &lim, dev);
+	if (IS_ERR(disk)) {
+		ret = PTR_ERR(disk);
+		goto out_tag_set;
+	}
+	dev->disk = disk;
+	disk->major = fblk_major;
+	disk->first_minor = dev->id * FBLK_MINORS;
+	disk->minors = FBLK_MINORS;
+	disk->fops = &fblk_fops;
+	disk->private_data = dev;
+	snprintf(disk->disk_name, sizeof(disk->disk_name), "fuseblk%d", dev->id);
+	set_capacity(disk, p.size >> SECTOR_SHIFT);
+	set_disk_ro(disk, !!(p.features & FUSE_BLK_F_READ_ONLY));
+
+	/* Publish the params (with dev_id) before the disk is visible. */
+	if (copy_to_user(uparams, &dev->params, sizeof(dev->params))) {
+		ret = -EFAULT;
+		goto out_disk;
+	}
+	ret = device_add_disk(NULL, disk, fblk_attr_groups);
+	if (ret)
+		goto out_disk;
+
+	mutex_lock(&fblk_mutex);
+	idr_replace(&fblk_idr, dev, dev->id);
+	mutex_unlock(&fblk_mutex);
+	return 0;
+
+out_disk:
+	put_disk(disk);
+out_tag_set:
+	blk_mq_free_tag_set(&dev->tag_set);
+out_id:
+	mutex_lock(&fblk_mutex);
+	idr_remove(&fblk_idr, dev->id);
+	mutex_unlock(&fblk_mutex);
+out_free:
+	kfree(dev);
+out_module:
+	module_put(THIS_MODULE);
+	return ret;
+}
+
+/* Takes a reference to device @id, or returns NULL. */
+static struct fblk_dev *fblk_get(u32 id)
+{
+	struct fblk_dev *dev;
+
+	mutex_lock(&fblk_mutex);
+	dev = idr_find(&fblk_idr, id);
+	if (dev)
+		kref_get(&dev->ref);
+	mutex_unlock(&fblk_mutex);
+	return dev;
+}
+
+static int fblk_destroy(u32 id)
+{
+	struct fblk_dev *dev;
+	unsigned int i;
+
+	/* The id stays allocated (mapped to NULL) until the disk is gone. */
+	mutex_lock(&fblk_mutex);
+	dev = idr_find(&fblk_idr, id);
+	if (dev)
+		idr_replace(&fblk_idr, NULL, id);
+	mutex_unlock(&fblk_mutex);
+	if (!dev)
+		return -ENODEV;
+
+	mutex_lock(&dev->mutex);
+	WRITE_ONCE(dev->dead, true);
+	for (i = 0; i < fblk_nr_queues(dev); i++) {
+		struct fblk_queue *queue = &dev->queues[i];
+		unsigned long flags;
+		LIST_HEAD(failed);
+
+		spin_lock_irqsave(&queue->lock, flags);
+		fblk_take_all(queue, &queue->pending, &failed);
+		fblk_take_all(queue, &queue->sent, &failed);
+		spin_unlock_irqrestore(&queue->lock, flags);
+		fblk_finish_all(&failed, BLK_STS_IOERR);
+		/* Readers get FUSE_DESTROY, then ENODEV. */
+		wake_up_all(&queue->waitq);
+	}
+	mutex_unlock(&dev->mutex);
+
+	del_gendisk(dev->disk);
+	/* Commands owned by a read()/write() in progress finish on their own. */
+	wait_event(dev->idle, !atomic_read(&dev->active));
+	put_disk(dev->disk);
+	blk_mq_free_tag_set(&dev->tag_set);
+
+	mutex_lock(&fblk_mutex);
+	idr_remove(&fblk_idr, id);
+	mutex_unlock(&fblk_mutex);
+	fblk_dev_put(dev);
+	return 0;
+}
+
+static int fblk_get_info(struct fuse_blk_info __user *uinfo)
+{
+	struct fuse_blk_info info;
+	struct fblk_dev *dev;
+	u32 dev_id;
+
+	if (get_user(dev_id, &uinfo->dev_id))
+		return -EFAULT;
+	dev = fblk_get(dev_id);
+	if (!dev)
+		return -ENODEV;
+	memset(&info, 0, sizeof(info));
+	info.dev_id = dev_id;
+	info.state = fblk_state(dev, &info.nr_channels);
+	info.inflight = atomic_read(&dev->active);
+	info.params = dev->params;
+	fblk_dev_put(dev);
+	return copy_to_user(uinfo, &info, sizeof(info)) ? -EFAULT : 0;
+}
+
+static int fblk_attach(struct file *file, struct fuse_blk_attach __user *uarg)
+{
+	struct fuse_blk_attach arg;
+	struct fblk_queue *queue;
+	struct fblk_chan *chan;
+	struct fblk_dev *dev;
+	unsigned long flags;
+	unsigned int i;
+	int ret;
+
+	if (copy_from_user(&arg, uarg, sizeof(arg)))
+		return -EFAULT;
+	if (arg.flags)
+		return -EINVAL;
+	for (i = 0; i < ARRAY_SIZE(arg.reserved); i++)
+		if (arg.reserved[i])
+			return -EINVAL;
+	dev = fblk_get(arg.dev_id);
+	if (!dev)
+		return -ENODEV;
+	ret = -EINVAL;
+	if (arg.queue >= fblk_nr_queues(dev))
+		goto out_put;
+	ret = -ENOMEM;
+	chan = kzalloc(sizeof(*chan), GFP_KERNEL);
+	if (!chan)
+		goto out_put;
+	queue = &dev->queues[arg.queue];
+	chan->dev = dev;
+	chan->queue = queue;
+
+	mutex_lock(&dev->mutex);
+	spin_lock_irqsave(&queue->lock, flags);
+	if (dev->dead)
+		ret = -ENODEV;
+	else if (queue->chan)
+		ret = -EBUSY;
+	else if (cmpxchg(&file->private_data, NULL, chan))
+		ret = -EBUSY;	/* this file is a channel already */
+	else {
+		queue->chan = chan;
+		chan->init_unique = fblk_next_unique(queue, FBLK_CONTROL_TAG);
+		ret = 0;
+	}
+	spin_unlock_irqrestore(&queue->lock, flags);
+	mutex_unlock(&dev->mutex);
+	if (ret)
+		goto out_free;
+	wake_up(&queue->waitq);
+	/* The channel keeps the device reference. */
+	return 0;
+
+out_free:
+	kfree(chan);
+out_put:
+	fblk_dev_put(dev);
+	return ret;
+}
+
+static long fblk_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	void __user *argp = (void __user *)arg;
+
+	if (!capable(CAP_SYS_ADMIN))
+		return -EPERM;
+
+	switch (cmd) {
+	case FUSE_BLK_IOC_GET_FEATURES: {
+		struct fuse_blk_features features = {
+			.abi_version = FUSE_BLK_ABI_VERSION,
+			.features = FUSE_BLK_F_ALL,
+		};
+
+		return copy_to_user(argp, &features, sizeof(features)) ?
+			-EFAULT : 0;
+	}
+	case FUSE_BLK_IOC_CREATE:
+		return fblk_create(argp);
+	case FUSE_BLK_IOC_DESTROY: {
+		u32 id;
+
+		if (get_user(id, (u32 __user *)argp))
+			return -EFAULT;
+		return fblk_destroy(id);
+	}
+	case FUSE_BLK_IOC_GET_INFO:
+		return fblk_get_info(argp);
+	case FUSE_BLK_IOC_ATTACH:
+		return fblk_attach(file, argp);
+	default:
+		return -ENOTTY;
+	}
+}
+
+/* ---- channel: read requests, write replies ---- */
+
+static bool fblk_chan_has_work(struct fblk_chan *chan)
+{
+	struct fblk_queue *queue = chan->queue;
+
+	if (READ_ONCE(chan->dev->dead) || chan->failed || !chan->init_sent)
+		return true;
+	return chan->ready && (!list_empty(&queue->interrupts) ||
+			       !list_empty(&queue->pending));
+}
+
+static void fblk_header(struct fuse_in_header *h, u32 opcode, u64 unique,
+			size_t len)
+{
+	h->len = len;
+	h->opcode = opcode;
+	h->unique = unique;
+	h->nodeid = FUSE_BLK_NODE_ID;
+}
+
+/* Builds the header and argument of @rq's message; returns their size. */
+static size_t fblk_build_io(struct request *rq, u64 unique, void *buf,
+			    u32 *data_len)
+{
+	struct fuse_in_header *h = buf;
+	void *arg = h + 1;
+	u64 offset = (u64)blk_rq_pos(rq) << SECTOR_SHIFT;
+	u32 bytes = blk_rq_bytes(rq);
+	size_t arg_len;
+	u32 opcode;
+
+	*data_len = 0;
+	switch (req_op(rq)) {
+	case REQ_OP_READ: {
+		struct fuse_read_in *in = arg;
+
+		in->offset = offset;
+		in->size = bytes;
+		opcode = FUSE_READ;
+		arg_len = sizeof(*in);
+		break;
+	}
+	case REQ_OP_WRITE: {
+		struct fuse_write_in *in = arg;
+
+		in->offset = offset;
+		in->size = bytes;
+		if (rq->cmd_flags & REQ_FUA)
+			in->flags = O_DSYNC;
+		opcode = FUSE_WRITE;
+		arg_len = sizeof(*in);
+		*data_len = bytes;
+		break;
+	}
+	case REQ_OP_FLUSH: {
+		struct fuse_fsync_in *in = arg;
+
+		in->fsync_flags = FUSE_FSYNC_FDATASYNC;
+		opcode = FUSE_FSYNC;
+		arg_len = sizeof(*in);
+		break;
+	}
+	default: {	/* REQ_OP_DISCARD, REQ_OP_WRITE_ZEROES */
+		struct fuse_fallocate_in *in = arg;
+
+		in->offset = offset;
+		in->length = bytes;
+		in->mode = FALLOC_FL_KEEP_SIZE |
+			   (req_op(rq) == REQ_OP_DISCARD ?
+			    FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE);
+		opcode = FUSE_FALLOCATE;
+		arg_len = sizeof(*in);
+		break;
+	}
+	}
+	fblk_header(h, opcode, unique, sizeof(*h) + arg_len + *data_len);
+	return sizeof(*h) + arg_len;
+}
+
+static int fblk_copy_data_out(struct request *rq, struct iov_iter *to)
+{
+	struct req_iterator iter;
+	struct bio_vec bv;
+
+	rq_for_each_segment(bv, rq, iter) {
+		if (copy_page_to_iter(bv.bv_page, bv.bv_offset, bv.bv_len,
+				      to) != bv.bv_len)
+			return -EFAULT;
+	}
+	return 0;
+}
+
+static int fblk_copy_data_in(struct request *rq, struct iov_iter *from)
+{
+	struct req_iterator iter;
+	struct bio_vec bv;
+
+	rq_for_each_segment(bv, rq, iter) {
+		if (copy_page_from_iter(bv.bv_page, bv.bv_offset, bv.bv_len,
+					from) != bv.bv_len)
+			return -EFAULT;
+		flush_dcache_page(bv.bv_page);
+	}
+	return 0;
+}
+
+/* Sends one request; called with the queue lock held, returns unlocked. */
+static ssize_t fblk_send_request(struct fblk_chan *chan, struct iov_iter *to,
+				 unsigned long flags)
+	__releases(&chan->queue->lock)
+{
+	struct fblk_queue *queue = chan->queue;
+	u8 buf[sizeof(struct fuse_in_header) + FBLK_MAX_ARG] = { };
+	struct fblk_cmd *cmd;
+	struct request *rq;
+	size_t head_len;
+	u32 data_len;
+	int ret = 0;
+
+	cmd = list_first_entry(&queue->pending, struct fblk_cmd, entry);
+	list_del_init(&cmd->entry);
+	cmd->state = FBLK_CMD_SENDING;
+	rq = blk_mq_rq_from_pdu(cmd);
+	head_len = fblk_build_io(rq, cmd->unique, buf, &data_len);
+	spin_unlock_irqrestore(&queue->lock, flags);
+
+	if (copy_to_iter(buf, head_len, to) != head_len)
+		ret = -EFAULT;
+	else if (data_len)
+		ret = fblk_copy_data_out(rq, to);
+
+	spin_lock_irqsave(&queue->lock, flags);
+	if (chan->dev->dead) {
+		cmd->state = FBLK_CMD_DONE;
+		spin_unlock_irqrestore(&queue->lock, flags);
+		fblk_finish(rq, BLK_STS_IOERR);
+		return ret ? ret : -ENODEV;
+	}
+	if (ret) {
+		/* Not delivered: the next read gets it again. */
+		cmd->state = FBLK_CMD_PENDING;
+		list_add(&cmd->entry, &queue->pending);
+	} else {
+		cmd->state = FBLK_CMD_SENT;
+		list_add_tail(&cmd->entry, &queue->sent);
+	}
+	spin_unlock_irqrestore(&queue->lock, flags);
+	return ret ? ret : head_len + data_len;
+}
+
+static ssize_t fblk_send_small(struct iov_iter *to, const void *msg, size_t len)
+{
+	return copy_to_iter(msg, len, to) == len ? len : -EFAULT;
+}
+
+static ssize_t fblk_read_iter(struct kiocb *iocb, struct iov_iter *to)
+{
+	struct fblk_chan *chan = iocb->ki_filp->private_data;
+	struct fblk_queue *queue;
+	unsigned long flags;
+	int ret;
+
+	if (!chan)
+		return -EINVAL;	/* not attached: a control fd */
+	queue = chan->queue;
+	if (iov_iter_count(to) < chan->dev->min_read)
+		return -EINVAL;
+
+	for (;;) {
+		spin_lock_irqsave(&queue->lock, flags);
+		if (chan->dev->dead) {
+			struct fuse_in_header msg = { };
+
+			if (chan->destroy_sent) {
+				spin_unlock_irqrestore(&queue->lock, flags);
+				return -ENODEV;
+			}
+			chan->destroy_sent = true;
+			fblk_header(&msg, FUSE_DESTROY,
+				    fblk_next_unique(queue, FBLK_CONTROL_TAG),
+				    sizeof(msg));
+			spin_unlock_irqrestore(&queue->lock, flags);
+			return fblk_send_small(to, &msg, sizeof(msg));
+		}
+		if (chan->failed) {
+			spin_unlock_irqrestore(&queue->lock, flags);
+			return -EPROTO;
+		}
+		if (!chan->init_sent) {
+			struct {
+				struct fuse_in_header h;
+				struct fuse_init_in in;
+			} msg = { };
+
+			chan->init_sent = true;
+			fblk_header(&msg.h, FUSE_INIT, chan->init_unique,
+				    sizeof(msg));
+			msg.in.major = FUSE_KERNEL_VERSION;
+			msg.in.minor = FBLK_FUSE_MINOR;
+			msg.in.flags = FUSE_ASYNC_READ | FUSE_BIG_WRITES |
+				       FUSE_MAX_PAGES;
+			spin_unlock_irqrestore(&queue->lock, flags);
+			ret = fblk_send_small(to, &msg, sizeof(msg));
+			if (ret < 0) {
+				spin_lock_irqsave(&queue->lock, flags);
+				chan->init_sent = false;
+				spin_unlock_irqrestore(&queue->lock, flags);
+			}
+			return ret;
+		}
+		if (chan->ready && !list_empty(&queue->interrupts)) {
+			struct {
+				struct fuse_in_header h;
+				struct fuse_interrupt_in in;
+			} msg = { };
+			struct fblk_cmd *cmd;
+
+			cmd = list_first_entry(&queue->interrupts,
+					       struct fblk_cmd, int_entry);
+			list_del_init(&cmd->int_entry);
+			fblk_header(&msg.h, FUSE_INTERRUPT,
+				    cmd->unique | FBLK_INTERRUPT_BIT,
+				    sizeof(msg));
+			msg.in.unique = cmd->unique;
+			spin_unlock_irqrestore(&queue->lock, flags);
+			return fblk_send_small(to, &msg, sizeof(msg));
+		}
+		if (chan->ready && !list_empty(&queue->pending))
+			return fblk_send_request(chan, to, flags);
+		spin_unlock_irqrestore(&queue->lock, flags);
+
+		if (iocb->ki_filp->f_flags & O_NONBLOCK)
+			return -EAGAIN;
+		ret = wait_event_interruptible(queue->waitq,
+					       fblk_chan_has_work(chan));
+		if (ret)
+			return ret;
+	}
+}
+
+static ssize_t fblk_init_reply(struct fblk_chan *chan,
+			       const struct fuse_out_header *oh,
+			       struct iov_iter *from, size_t payload)
+{
+	struct fblk_queue *queue = chan->queue;
+	struct fuse_init_out out = { };
+	unsigned long flags;
+	bool refused = false;
+
+	if (payload) {
+		if (oh->error || payload < FUSE_COMPAT_22_INIT_OUT_SIZE ||
+		    payload > sizeof(out))
+			return -EINVAL;
+		if (copy_from_iter(&out, payload, from) != payload)
+			return -EFAULT;
+		if (out.major != FUSE_KERNEL_VERSION ||
+		    out.minor < FBLK_MIN_FUSE_MINOR ||
+		    out.max_write < chan->dev->params.max_io_bytes)
+			return -EINVAL;
+	} else if (oh->error) {
+		refused = true;
+	} else {
+		return -EINVAL;
+	}
+
+	spin_lock_irqsave(&queue->lock, flags);
+	if (!chan->init_sent || chan->ready || chan->failed) {
+		spin_unlock_irqrestore(&queue->lock, flags);
+		return -ENOENT;
+	}
+	if (refused)
+		chan->failed = true;
+	else
+		chan->ready = true;
+	spin_unlock_irqrestore(&queue->lock, flags);
+	wake_up(&queue->waitq);
+	return 0;
+}
+
+/* Checks that a successful reply carries what @rq needs. */
+static bool fblk_reply_fits(struct request *rq, size_t payload)
+{
+	switch (req_op(rq)) {
+	case REQ_OP_READ:
+		return payload == blk_rq_bytes(rq);
+	case REQ_OP_WRITE:
+		return payload == sizeof(struct fuse_write_out);
+	default:
+		return payload == 0;
+	}
+}
+
+static ssize_t fblk_write_iter(struct kiocb *iocb, struct iov_iter *from)
+{
+	struct fblk_chan *chan = iocb->ki_filp->private_data;
+	size_t count = iov_iter_count(from);
+	struct fuse_out_header oh;
+	struct fblk_queue *queue;
+	struct fblk_dev *dev;
+	struct fblk_cmd *cmd;
+	struct request *rq;
+	unsigned long flags;
+	size_t payload;
+	u32 tag;
+	int ret;
+
+	if (!chan)
+		return -EINVAL;
+	queue = chan->queue;
+	dev = chan->dev;
+	if (count < sizeof(oh))
+		return -EINVAL;
+	if (copy_from_iter(&oh, sizeof(oh), from) != sizeof(oh))
+		return -EFAULT;
+	if (oh.len != count)
+		return -EINVAL;
+	if (oh.error > 0 || oh.error < -FBLK_MAX_ERRNO)
+		return -EINVAL;
+	payload = count - sizeof(oh);
+
+	/* Answers to FUSE_INTERRUPT carry nothing we act on. */
+	if (oh.unique & FBLK_INTERRUPT_BIT)
+		return count;
+	if (READ_ONCE(dev->dead))
+		return -ENODEV;
+	if (oh.unique == chan->init_unique) {
+		ret = fblk_init_reply(chan, &oh, from, payload);
+		return ret ? ret : count;
+	}
+
+	tag = (u32)oh.unique >> 1;
+	if (tag >= dev->params.queue_depth)
+		return -ENOENT;
+
+	spin_lock_irqsave(&queue->lock, flags);
+	if (dev->dead) {
+		spin_unlock_irqrestore(&queue->lock, flags);
+		return -ENODEV;
+	}
+	rq = blk_mq_tag_to_rq(dev->tag_set.tags[queue->index], tag);
+	cmd = rq ? blk_mq_rq_to_pdu(rq) : NULL;
+	if (!cmd || cmd->state != FBLK_CMD_SENT || cmd->unique != oh.unique) {
+		spin_unlock_irqrestore(&queue->lock, flags);
+		return -ENOENT;
+	}
+	if (!oh.error && !fblk_reply_fits(rq, payload)) {
+		spin_unlock_irqrestore(&queue->lock, flags);
+		return -EINVAL;
+	}
+	if (oh.error && payload) {
+		spin_unlock_irqrestore(&queue->lock, flags);
+		return -EINVAL;
+	}
+	cmd->state = FBLK_CMD_RECEIVING;
+	list_del_init(&cmd->entry);
+	list_del_init(&cmd->int_entry);
+	spin_unlock_irqrestore(&queue->lock, flags);
+
+	ret = 0;
+	if (!oh.error && req_op(rq) == REQ_OP_READ) {
+		ret = fblk_copy_data_in(rq, from);
+	} else if (!oh.error && req_op(rq) == REQ_OP_WRITE) {
+		struct fuse_write_out out;
+
+		if (copy_from_iter(&out, sizeof(out), from) != sizeof(out))
+			ret = -EFAULT;
+		else if (out.size != blk_rq_bytes(rq))
+			ret = -EINVAL;
+	}
+
+	spin_lock_irqsave(&queue->lock, flags);
+	if (ret && !dev->dead) {
+		/* Refused: the request stays with the daemon. */
+		cmd->state = FBLK_CMD_SENT;
+		list_add_tail(&cmd->entry, &queue->sent);
+		spin_unlock_irqrestore(&queue->lock, flags);
+		return ret;
+	}
+	cmd->state = FBLK_CMD_DONE;
+	spin_unlock_irqrestore(&queue->lock, flags);
+
+	if (ret)
+		fblk_finish(rq, BLK_STS_IOERR);
+	else
+		fblk_finish(rq, oh.error ? errno_to_blk_status(oh.error) :
+					   BLK_STS_OK);
+	return ret ? ret : count;
+}
+
+static __poll_t fblk_poll(struct file *file, poll_table *wait)
+{
+	struct fblk_chan *chan = file->private_data;
+	struct fblk_queue *queue;
+	unsigned long flags;
+	__poll_t mask = EPOLLOUT | EPOLLWRNORM;
+
+	if (!chan)
+		return EPOLLERR;
+	queue = chan->queue;
+	poll_wait(file, &queue->waitq, wait);
+	spin_lock_irqsave(&queue->lock, flags);
+	if (chan->dev->dead && chan->destroy_sent)
+		mask |= EPOLLERR | EPOLLHUP;
+	else if (fblk_chan_has_work(chan))
+		mask |= EPOLLIN | EPOLLRDNORM;
+	spin_unlock_irqrestore(&queue->lock, flags);
+	return mask;
+}
+
+static int fblk_release(struct inode *inode, struct file *file)
+{
+	struct fblk_chan *chan = file->private_data;
+	struct fblk_queue *queue;
+	unsigned long flags;
+	LIST_HEAD(failed);
+
+	if (!chan)
+		return 0;
+	queue = chan->queue;
+	spin_lock_irqsave(&queue->lock, flags);
+	if (queue->chan == chan) {
+		struct fblk_cmd *cmd, *next;
+
+		queue->chan = NULL;
+		/* What the daemon held is lost with it; the rest waits. */
+		fblk_take_all(queue, &queue->sent, &failed);
+		list_for_each_entry_safe(cmd, next, &queue->interrupts, int_entry)
+			list_del_init(&cmd->int_entry);
+	}
+	spin_unlock_irqrestore(&queue->lock, flags);
+	fblk_finish_all(&failed, BLK_STS_IOERR);
+	fblk_dev_put(chan->dev);
+	kfree(chan);
+	return 0;
+}
+
+static const struct file_operations fblk_ctl_fops = {
+	.owner		= THIS_MODULE,
+	.open		= nonseekable_open,
+	.read_iter	= fblk_read_iter,
+	.write_iter	= fblk_write_iter,
+	.poll		= fblk_poll,
+	.release	= fblk_release,
+	.unlocked_ioctl	= fblk_ioctl,
+	.compat_ioctl	= compat_ptr_ioctl,
+};
+
+static struct miscdevice fblk_misc = {
+	.minor		= MISC_DYNAMIC_MINOR,
+	.name		= "fuse-blk",
+	.fops		= &fblk_ctl_fops,
+	.mode		= 0600,
+};
+
+static int __init fblk_init(void)
+{
+	int ret;
+
+	ret = register_blkdev(0, "fuseblk");
+	if (ret < 0)
+		return ret;
+	fblk_major = ret;
+	ret = misc_register(&fblk_misc);
+	if (ret) {
+		unregister_blkdev(fblk_major, "fuseblk");
+		return ret;
+	}
+	return 0;
+}
+
+static void __exit fblk_exit(void)
+{
+	/* Every device pins the module: none exist by now. */
+	misc_deregister(&fblk_misc);
+	unregister_blkdev(fblk_major, "fuseblk");
+	idr_destroy(&fblk_idr);
+}
+
+module_init(fblk_init);
+module_exit(fblk_exit);
+
+MODULE_DESCRIPTION("Block devices served from userspace over the FUSE protocol");
+MODULE_AUTHOR("The fuse-blk developers");
+MODULE_LICENSE("GPL");
