@@ -125,6 +125,7 @@ struct fblk_dev {
 	struct mutex mutex;	/* serialises attach against destroy */
 	int id;
 	bool dead;		/* set once, read under any queue lock */
+	bool sized;		/* capacity published (under mutex) */
 	struct fuse_blk_params params;
 	size_t min_read;	/* smallest read buffer a channel may use */
 	atomic_t active;	/* requests started and not completed */
@@ -529,7 +530,12 @@ static int fblk_create(struct fuse_blk_params __user *uparams)
 	disk->fops = &fblk_fops;
 	disk->private_data = dev;
 	snprintf(disk->disk_name, sizeof(disk->disk_name), "fuseblk%d", dev->id);
-	set_capacity(disk, p.size >> SECTOR_SHIFT);
+	/*
+	 * The capacity stays 0 until every queue is served: the partition
+	 * scan of add_disk() would otherwise wait for a daemon that cannot
+	 * attach before this ioctl returns.
+	 */
+	set_capacity(disk, 0);
 	set_disk_ro(disk, !!(p.features & FUSE_BLK_F_READ_ONLY));
 
 	/* Publish the params (with dev_id) before the disk is visible. */
@@ -973,6 +979,21 @@ static ssize_t fblk_read_iter(struct kiocb *iocb, struct iov_iter *to)
 	}
 }
 
+/* Publishes the capacity once every queue has an initialised channel. */
+static void fblk_maybe_go_live(struct fblk_dev *dev)
+{
+	mutex_lock(&dev->mutex);
+	if (!dev->dead && !dev->sized &&
+	    fblk_state(dev, NULL) == FUSE_BLK_STATE_LIVE) {
+		dev->sized = true;
+		set_capacity_and_notify(dev->disk,
+					dev->params.size >> SECTOR_SHIFT);
+		/* Partitions are read on the next open. */
+		set_bit(GD_NEED_PART_SCAN, &dev->disk->state);
+	}
+	mutex_unlock(&dev->mutex);
+}
+
 static ssize_t fblk_init_reply(struct fblk_chan *chan,
 			       const struct fuse_out_header *oh,
 			       struct iov_iter *from, size_t payload)
@@ -1009,6 +1030,8 @@ static ssize_t fblk_init_reply(struct fblk_chan *chan,
 		chan->ready = true;
 	spin_unlock_irqrestore(&queue->lock, flags);
 	wake_up(&queue->waitq);
+	if (!refused)
+		fblk_maybe_go_live(chan->dev);
 	return 0;
 }
 
@@ -1169,9 +1192,16 @@ static int fblk_release(struct inode *inode, struct file *file)
 	return 0;
 }
 
+static int fblk_open(struct inode *inode, struct file *file)
+{
+	/* misc_open() left the miscdevice here; NULL marks a control fd. */
+	file->private_data = NULL;
+	return nonseekable_open(inode, file);
+}
+
 static const struct file_operations fblk_ctl_fops = {
 	.owner		= THIS_MODULE,
-	.open		= nonseekable_open,
+	.open		= fblk_open,
 	.read_iter	= fblk_read_iter,
 	.write_iter	= fblk_write_iter,
 	.poll		= fblk_poll,

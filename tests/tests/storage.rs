@@ -92,6 +92,7 @@ fn fio_verify(device: &str, block_size: &str, rw: &str) {
             "--verify_fatal=1",
             "--do_verify=1",
             "--randrepeat=0",
+            "--verify_state_save=0",
         ],
     );
 }

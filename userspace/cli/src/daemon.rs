@@ -7,12 +7,94 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use fuse_blk_backends::BackendSpec;
+use fuse_blk_kmod::{Destroyer, KmodDevice, KmodOptions};
 use fuse_blk_loop::{Detacher, StockDevice, StockOptions};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::state::{self, DeviceDir, DeviceState};
 use crate::AttachArgs;
+
+/// The device as one of the two transports serves it.
+enum Served {
+    Stock(StockDevice),
+    Kmod(KmodDevice),
+}
+
+impl Served {
+    fn device_path(&self) -> PathBuf {
+        match self {
+            Served::Stock(stock) => stock.device_path().to_owned(),
+            Served::Kmod(kmod) => kmod.device_path(),
+        }
+    }
+
+    fn detach_handle(&self) -> Result<DetachHandle, String> {
+        Ok(match self {
+            Served::Stock(stock) => DetachHandle::Stock(stock.detacher()),
+            Served::Kmod(kmod) => DetachHandle::Kmod {
+                destroyer: kmod.destroyer().map_err(|e| e.to_string())?,
+                path: kmod.device_path(),
+            },
+        })
+    }
+
+    /// Serves until the device is detached.
+    fn wait(self) -> std::io::Result<()> {
+        match self {
+            Served::Stock(stock) => stock.wait(),
+            Served::Kmod(kmod) => kmod.wait(),
+        }
+    }
+}
+
+/// Detaches a device from any thread.
+#[derive(Clone)]
+enum DetachHandle {
+    Stock(Detacher),
+    Kmod { destroyer: Destroyer, path: PathBuf },
+}
+
+impl DetachHandle {
+    /// Unless `even_if_busy`, a device that is mounted or held exclusively
+    /// is left alone. With it, the device goes once it is no longer in use;
+    /// nothing written to it is lost either way.
+    fn detach(&self, even_if_busy: bool) -> Result<(), String> {
+        match self {
+            DetachHandle::Stock(detacher) => {
+                detacher.detach(even_if_busy).map_err(|e| e.to_string())
+            }
+            DetachHandle::Kmod { destroyer, path } => {
+                if fuse_blk_loop::loopdev::in_use(path) {
+                    if !even_if_busy {
+                        return Err(format!(
+                            "{} is in use (mounted?); unmount it first",
+                            path.display()
+                        ));
+                    }
+                    log::info!("{} is in use; detaching once it is not", path.display());
+                    while fuse_blk_loop::loopdev::in_use(path) {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+                flush(path);
+                destroyer.destroy().map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// Writes back what the kernel caches for `device` and flushes the handler.
+fn flush(device: &Path) {
+    match File::open(device).and_then(|f| f.sync_all()) {
+        Ok(()) => {}
+        Err(e) => log::warn!("flushing {}: {e}", device.display()),
+    }
+}
 
 /// Where the daemon says it is ready (or why it is not): stdout in the
 /// foreground, a pipe to the waiting `attach` otherwise.
@@ -72,7 +154,7 @@ fn attach(
     args: &AttachArgs,
     backend: &BackendSpec,
     detached: bool,
-) -> Result<(StockDevice, DeviceDir, DeviceState), String> {
+) -> Result<(Served, DeviceDir, DeviceState), String> {
     // Before any thread exists, so that every thread inherits the mask.
     detach_signals()
         .thread_block()
@@ -104,36 +186,60 @@ fn attach(
         .map_err(|e| e.to_string())
         .map_err(undo)?;
     let geometry = device.geometry();
+    let kmod = args.use_kmod();
     let mut record = DeviceState {
         name: name.clone(),
         device: String::new(),
-        transport: "loop".into(),
+        transport: if kmod { "kmod" } else { "loop" }.into(),
         backend: backend.to_string(),
         size: geometry.size,
         block_size: geometry.logical_block_size,
         read_only: geometry.read_only,
         pid: std::process::id(),
-        mountpoint: dir.mountpoint().display().to_string(),
+        mountpoint: if kmod {
+            String::new()
+        } else {
+            dir.mountpoint().display().to_string()
+        },
+        dev_id: None,
     };
     dir.write(&record)
         .map_err(|e| format!("writing state: {e}"))
         .map_err(undo)?;
 
-    let options = StockOptions {
-        mountpoint: dir.mountpoint(),
-        name: name.clone(),
-        threads: args.threads.unwrap_or_else(default_threads),
+    let served = if kmod {
+        let defaults = KmodOptions::default();
+        let options = KmodOptions {
+            name: name.clone(),
+            queues: args.queues.unwrap_or(defaults.queues),
+            queue_depth: args.queue_depth.unwrap_or(defaults.queue_depth),
+            io_timeout_ms: args.io_timeout_ms.unwrap_or(defaults.io_timeout_ms),
+            ..defaults
+        };
+        let device = KmodDevice::create(device, &options)
+            .map_err(|e| e.to_string())
+            .map_err(undo)?;
+        record.dev_id = Some(device.dev_id());
+        Served::Kmod(device)
+    } else {
+        let options = StockOptions {
+            mountpoint: dir.mountpoint(),
+            name: name.clone(),
+            threads: args.threads.unwrap_or_else(default_threads),
+        };
+        Served::Stock(
+            StockDevice::attach(device, &options)
+                .map_err(|e| e.to_string())
+                .map_err(undo)?,
+        )
     };
-    let stock = StockDevice::attach(device, &options)
-        .map_err(|e| e.to_string())
-        .map_err(undo)?;
-    record.device = stock.device_path().display().to_string();
+    record.device = served.device_path().display().to_string();
     if let Err(e) = dir.write(&record) {
-        drop(stock);
+        drop(served);
         return Err(undo(format!("writing state: {e}")));
     }
     log::info!("{name}: {} serves {}", record.device, record.backend);
-    Ok((stock, dir, record))
+    Ok((served, dir, record))
 }
 
 fn default_threads() -> usize {
@@ -159,29 +265,35 @@ fn redirect_stderr(dir: &DeviceDir) -> Result<(), String> {
 }
 
 fn serve(
-    stock: StockDevice,
+    served: Served,
     dir: DeviceDir,
     record: DeviceState,
     readiness: Readiness,
 ) -> Result<(), String> {
-    let detacher = stock.detacher();
-    let listener = match UnixListener::bind(dir.control_socket()) {
-        Ok(listener) => listener,
-        Err(e) => {
-            let message = format!("{}: {e}", dir.control_socket().display());
-            // Nothing uses the device yet: unbinding cannot be refused.
-            let _ = detacher.detach(true);
-            let _ = stock.wait();
+    let handles = served.detach_handle().and_then(|detacher| {
+        UnixListener::bind(dir.control_socket())
+            .map(|listener| (detacher, listener))
+            .map_err(|e| format!("{}: {e}", dir.control_socket().display()))
+    });
+    let (detacher, listener) = match handles {
+        Ok(both) => both,
+        Err(message) => {
+            // Nothing uses the device yet; dropping it removes it.
+            drop(served);
             let _ = dir.remove();
             readiness.failed(&message);
             return Err(message);
         }
     };
-    spawn_control(listener, detacher.clone());
+    // Held while a control command runs, so that the daemon does not exit
+    // between detaching and telling the client so.
+    let answering = Arc::new(Mutex::new(()));
+    spawn_control(listener, detacher.clone(), answering.clone());
     spawn_signal_thread(detacher);
     readiness.ready(&record.device);
 
-    let result = stock.wait();
+    let result = served.wait();
+    drop(answering.lock());
     log::info!("{}: detached", record.name);
     if let Err(e) = dir.remove() {
         log::warn!("removing {}: {e}", dir.path.display());
@@ -189,7 +301,7 @@ fn serve(
     result.map_err(|e| e.to_string())
 }
 
-fn spawn_signal_thread(detacher: Detacher) {
+fn spawn_signal_thread(detacher: DetachHandle) {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
@@ -207,11 +319,12 @@ fn spawn_signal_thread(detacher: Detacher) {
 
 /// The control socket takes one command per connection, a line of text, and
 /// answers `ok` or `error MESSAGE`.
-fn spawn_control(listener: UnixListener, detacher: Detacher) {
+fn spawn_control(listener: UnixListener, detacher: DetachHandle, answering: Arc<Mutex<()>>) {
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
+                let _answering = answering.lock();
                 if let Err(e) = handle_control(stream, &detacher) {
                     log::warn!("control connection: {e}");
                 }
@@ -220,7 +333,7 @@ fn spawn_control(listener: UnixListener, detacher: Detacher) {
         .expect("spawning the control thread");
 }
 
-fn handle_control(stream: UnixStream, detacher: &Detacher) -> std::io::Result<()> {
+fn handle_control(stream: UnixStream, detacher: &DetachHandle) -> std::io::Result<()> {
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
     let mut stream = &stream;

@@ -73,9 +73,21 @@ pub struct AttachArgs {
     /// background.
     #[arg(long)]
     foreground: bool,
-    /// Worker threads (default: one per CPU, at least 2).
+    /// Stock path: worker threads (default: one per CPU, at least 2).
     #[arg(long)]
     threads: Option<usize>,
+    /// Kernel module: hardware queues, each served by a thread of its own
+    /// (default: one per CPU).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    queues: Option<u16>,
+    /// Kernel module: requests in flight per queue (default 128).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    queue_depth: Option<u16>,
+    /// Kernel module: milliseconds before an unanswered request is
+    /// interrupted, and as long again before it fails; also how long I/O
+    /// waits for a daemon that is gone (default 30000).
+    #[arg(long)]
+    io_timeout_ms: Option<u32>,
     /// Internal: the descriptor on which a background daemon reports
     /// readiness to the `attach` that started it.
     #[arg(long, hide = true)]
@@ -85,6 +97,18 @@ pub struct AttachArgs {
     backend: String,
 }
 
+impl AttachArgs {
+    /// Whether this attach goes through the kernel module; `attach` has
+    /// already refused `kmod` without the module.
+    pub fn use_kmod(&self) -> bool {
+        match self.transport {
+            Transport::Kmod => true,
+            Transport::Auto => fuse_blk_kmod::available(),
+            Transport::Loop => false,
+        }
+    }
+}
+
 fn parse_block_size(text: &str) -> Result<u32, String> {
     match text {
         "512" => Ok(512),
@@ -92,8 +116,6 @@ fn parse_block_size(text: &str) -> Result<u32, String> {
         _ => Err(format!("{text} is not 512 or 4096")),
     }
 }
-
-const KMOD_CONTROL: &str = "/dev/fuse-blk";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -123,18 +145,11 @@ fn attach(args: AttachArgs) -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("attach needs root: creating block devices takes CAP_SYS_ADMIN".into());
     }
-    match args.transport {
-        Transport::Kmod => {
-            return Err(format!(
-                "the kmod transport needs the fuse-blk kernel module ({KMOD_CONTROL} is missing)"
-            ))
-        }
-        Transport::Auto if Path::new(KMOD_CONTROL).exists() => {
-            log::warn!(
-                "{KMOD_CONTROL} exists but this build serves only the stock path; using loop"
-            )
-        }
-        Transport::Auto | Transport::Loop => {}
+    if args.transport == Transport::Kmod && !fuse_blk_kmod::available() {
+        return Err(format!(
+            "the kmod transport needs the fuse_blk kernel module ({} is missing)",
+            fuse_blk_kmod::CONTROL_PATH
+        ));
     }
     if let Some(fd) = args.ready_fd {
         // SAFETY: the parent `attach` passed this descriptor to us open and
@@ -222,6 +237,13 @@ fn detach(target: &str) -> Result<(), String> {
 /// Removes what a killed daemon left: its loop device (unbound once unused),
 /// its dead FUSE mount and its directory.
 fn cleanup_dead(dir: &state::DeviceDir, record: &DeviceState) {
+    if let Some(dev_id) = record.dev_id {
+        match fuse_blk_kmod::Control::open().and_then(|control| control.destroy(dev_id)) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
+            Err(e) => log::warn!("{e}"),
+        }
+    }
     let mountpoint = Path::new(&record.mountpoint);
     if let Some(loop_name) = Path::new(&record.device)
         .file_name()
@@ -235,7 +257,7 @@ fn cleanup_dead(dir: &state::DeviceDir, record: &DeviceState) {
             }
         }
     }
-    if fuse_blk_loop::mount::is_mountpoint(mountpoint) {
+    if !record.mountpoint.is_empty() && fuse_blk_loop::mount::is_mountpoint(mountpoint) {
         if let Err(e) = fuse_blk_loop::mount::unmount(mountpoint) {
             log::warn!("{e}");
         }

@@ -31,8 +31,11 @@ pub struct DeviceState {
     pub block_size: u32,
     pub read_only: bool,
     pub pid: u32,
-    /// The stock path's FUSE mount point.
+    /// The stock path's FUSE mount point (empty on the kmod path).
     pub mountpoint: String,
+    /// The kernel module's device id (kmod path only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_id: Option<u32>,
 }
 
 /// The files of one device's directory.

@@ -32,6 +32,12 @@ impl FdChannel {
     }
 }
 
+impl From<FdChannel> for OwnedFd {
+    fn from(channel: FdChannel) -> OwnedFd {
+        channel.fd
+    }
+}
+
 impl AsFd for FdChannel {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

@@ -1,0 +1,285 @@
+//! The kernel-module transport of fuse-blk.
+//!
+//! With the `fuse_blk` module loaded, `/dev/fuse-blk` creates blk-mq devices
+//! (`/dev/fuseblkN`). Every hardware queue gets a channel of its own (an fd
+//! of `/dev/fuse-blk` attached to that queue), served by one worker thread
+//! of the session engine: the same engine, handler and FUSE messages as the
+//! stock path, without the loop device and FUSE file in between.
+
+pub mod uapi;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use fuse_blk::{BlockDevice, Channel, FdChannel, Geometry, Session, SessionConfig};
+
+/// The module's control device.
+pub const CONTROL_PATH: &str = "/dev/fuse-blk";
+
+/// Whether the module is loaded.
+pub fn available() -> bool {
+    std::path::Path::new(CONTROL_PATH).exists()
+}
+
+fn errno_context(what: &str, e: nix::errno::Errno) -> io::Error {
+    io::Error::new(io::Error::from(e).kind(), format!("{what}: {}", e.desc()))
+}
+
+/// An open `/dev/fuse-blk`: the control interface.
+#[derive(Debug)]
+pub struct Control {
+    file: File,
+}
+
+impl Control {
+    pub fn open() -> io::Result<Control> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(CONTROL_PATH)
+            .map_err(|e| io::Error::new(e.kind(), format!("{CONTROL_PATH}: {e}")))?;
+        Ok(Control { file })
+    }
+
+    pub fn features(&self) -> io::Result<uapi::Features> {
+        let mut features = uapi::Features::default();
+        // SAFETY: the ioctl writes one `struct fuse_blk_features`, which
+        // `uapi::Features` mirrors, into a live local.
+        unsafe { uapi::get_features(self.file.as_raw_fd(), &mut features) }
+            .map_err(|e| errno_context("FUSE_BLK_IOC_GET_FEATURES", e))?;
+        Ok(features)
+    }
+
+    /// Creates a device; returns the params as the driver granted them
+    /// (with `dev_id` filled in).
+    pub fn create(&self, params: &uapi::Params) -> io::Result<uapi::Params> {
+        let mut params = *params;
+        // SAFETY: the ioctl reads and writes one `struct fuse_blk_params`,
+        // which `uapi::Params` mirrors, in a live local.
+        unsafe { uapi::create(self.file.as_raw_fd(), &mut params) }
+            .map_err(|e| errno_context("FUSE_BLK_IOC_CREATE", e))?;
+        Ok(params)
+    }
+
+    pub fn destroy(&self, dev_id: u32) -> io::Result<()> {
+        // SAFETY: the ioctl reads one u32 from a live local.
+        unsafe { uapi::destroy(self.file.as_raw_fd(), &dev_id) }
+            .map_err(|e| errno_context(&format!("destroying fuseblk{dev_id}"), e))?;
+        Ok(())
+    }
+
+    pub fn info(&self, dev_id: u32) -> io::Result<uapi::Info> {
+        let mut info = uapi::Info {
+            dev_id,
+            ..uapi::Info::default()
+        };
+        // SAFETY: the ioctl reads and writes one `struct fuse_blk_info`,
+        // which `uapi::Info` mirrors, in a live local.
+        unsafe { uapi::get_info(self.file.as_raw_fd(), &mut info) }
+            .map_err(|e| errno_context(&format!("fuseblk{dev_id}"), e))?;
+        Ok(info)
+    }
+}
+
+/// Opens a channel to queue `queue` of device `dev_id`.
+pub fn attach_channel(dev_id: u32, queue: u16) -> io::Result<FdChannel> {
+    let control = Control::open()?;
+    let arg = uapi::Attach {
+        dev_id,
+        queue,
+        ..uapi::Attach::default()
+    };
+    // SAFETY: the ioctl reads one `struct fuse_blk_attach`, which
+    // `uapi::Attach` mirrors, from a live local.
+    unsafe { uapi::attach(control.file.as_raw_fd(), &arg) }
+        .map_err(|e| errno_context(&format!("attaching to queue {queue} of fuseblk{dev_id}"), e))?;
+    Ok(FdChannel::new(OwnedFd::from(control.file)))
+}
+
+/// How to create a device beyond what its geometry says.
+#[derive(Debug, Clone)]
+pub struct KmodOptions {
+    pub name: String,
+    /// Hardware queues, each served by one channel and thread.
+    pub queues: u16,
+    pub queue_depth: u16,
+    /// Largest request in bytes.
+    pub max_io_bytes: u32,
+    /// Per-request timeout; also how long I/O waits for an absent daemon.
+    pub io_timeout_ms: u32,
+}
+
+impl Default for KmodOptions {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        KmodOptions {
+            name: String::new(),
+            queues: cpus.clamp(1, usize::from(uapi::MAX_QUEUES)) as u16,
+            queue_depth: 128,
+            max_io_bytes: 1 << 20,
+            io_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// The driver's params for a handler's geometry.
+pub fn params_for(geometry: &Geometry, options: &KmodOptions) -> uapi::Params {
+    let features = &geometry.features;
+    let flag = |on: bool, bit: u64| if on { bit } else { 0 };
+    let mut params = uapi::Params {
+        size: geometry.size,
+        logical_block_size: geometry.logical_block_size,
+        physical_block_size: geometry.physical_block_size,
+        max_io_bytes: options.max_io_bytes,
+        nr_queues: options.queues,
+        queue_depth: options.queue_depth,
+        features: flag(features.flush, uapi::F_FLUSH)
+            | flag(features.fua, uapi::F_FUA)
+            | flag(features.discard, uapi::F_DISCARD)
+            | flag(features.write_zeroes, uapi::F_WRITE_ZEROES)
+            | flag(geometry.read_only, uapi::F_READ_ONLY),
+        io_timeout_ms: options.io_timeout_ms,
+        ..uapi::Params::default()
+    };
+    let name = options.name.as_bytes();
+    let n = name.len().min(uapi::NAME_LEN - 1);
+    params.name[..n].copy_from_slice(&name[..n]);
+    params
+}
+
+/// The session configuration of the kernel-module path: requests as large
+/// as the device allows; a punched hole is a discard.
+pub fn session_config(max_io_bytes: u32) -> SessionConfig {
+    SessionConfig {
+        max_write: max_io_bytes,
+        ..SessionConfig::default()
+    }
+}
+
+/// A device of the kernel module served by this process.
+pub struct KmodDevice {
+    dev_id: u32,
+    control: Control,
+    workers: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl KmodDevice {
+    /// Creates `/dev/fuseblkN` for `device` and starts serving its queues.
+    /// On error the device is destroyed again.
+    pub fn create(device: Arc<dyn BlockDevice>, options: &KmodOptions) -> io::Result<KmodDevice> {
+        let session = Session::new(device, session_config(options.max_io_bytes))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let control = Control::open()?;
+        let params = control.create(&params_for(session.geometry(), options))?;
+        let mut kmod = KmodDevice {
+            dev_id: params.dev_id,
+            control,
+            workers: None,
+        };
+        let mut channels: Vec<Arc<dyn Channel>> = Vec::with_capacity(usize::from(params.nr_queues));
+        for queue in 0..params.nr_queues {
+            channels.push(Arc::new(attach_channel(params.dev_id, queue)?));
+        }
+        let session = Arc::new(session);
+        kmod.workers = Some(
+            std::thread::Builder::new()
+                .name(format!("fuseblk{}", params.dev_id))
+                .spawn(move || session.serve(channels))?,
+        );
+        kmod.wait_live()?;
+        Ok(kmod)
+    }
+
+    /// Waits until every queue's worker has answered FUSE_INIT (the driver
+    /// then publishes the capacity), and opens the device once so that the
+    /// kernel reads its partition table.
+    fn wait_live(&self) -> io::Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let info = self.control.info(self.dev_id)?;
+            if info.state == uapi::STATE_LIVE {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "fuseblk{}: the queues did not come up within 30 s",
+                        self.dev_id
+                    ),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let path = self.device_path();
+        File::open(&path)
+            .map(drop)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    }
+
+    pub fn dev_id(&self) -> u32 {
+        self.dev_id
+    }
+
+    pub fn device_path(&self) -> PathBuf {
+        PathBuf::from(format!("/dev/fuseblk{}", self.dev_id))
+    }
+
+    /// A handle that destroys the device from another thread.
+    pub fn destroyer(&self) -> io::Result<Destroyer> {
+        Ok(Destroyer {
+            control: Arc::new(Control::open()?),
+            dev_id: self.dev_id,
+        })
+    }
+
+    /// Blocks until the device has been destroyed and every queue's worker
+    /// has ended.
+    pub fn wait(mut self) -> io::Result<()> {
+        match self.workers.take() {
+            Some(workers) => workers
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("session thread panicked"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for KmodDevice {
+    fn drop(&mut self) {
+        if let Some(workers) = self.workers.take() {
+            if let Err(e) = self.control.destroy(self.dev_id) {
+                if e.raw_os_error() != Some(libc::ENODEV) {
+                    log::warn!("{e}");
+                }
+            }
+            let _ = workers.join();
+        } else {
+            // Creation failed half way: no worker ever ran.
+            let _ = self.control.destroy(self.dev_id);
+        }
+    }
+}
+
+/// Destroys a device: its queues' channels read FUSE_DESTROY, the workers
+/// end, and [`KmodDevice::wait`] returns.
+#[derive(Clone)]
+pub struct Destroyer {
+    control: Arc<Control>,
+    dev_id: u32,
+}
+
+impl Destroyer {
+    pub fn destroy(&self) -> io::Result<()> {
+        match self.control.destroy(self.dev_id) {
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
+            other => other,
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Rust mirror of `fuse-blk-kmod/include/uapi/linux/fuse_blk.h`, the one
+//! ABI between the module and daemons. Field for field; the sizes are
+//! checked in the tests below.
+
+pub const ABI_VERSION: u32 = 1;
+pub const NAME_LEN: usize = 32;
+pub const MAX_QUEUES: u16 = 64;
+pub const MAX_QUEUE_DEPTH: u16 = 1024;
+
+pub const F_FLUSH: u64 = 1 << 0;
+pub const F_FUA: u64 = 1 << 1;
+pub const F_DISCARD: u64 = 1 << 2;
+pub const F_WRITE_ZEROES: u64 = 1 << 3;
+pub const F_ROTATIONAL: u64 = 1 << 4;
+pub const F_READ_ONLY: u64 = 1 << 5;
+
+pub const STATE_WAITING: u32 = 0;
+pub const STATE_LIVE: u32 = 1;
+pub const STATE_PARTIAL: u32 = 2;
+pub const STATE_DEAD: u32 = 3;
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Features {
+    pub abi_version: u32,
+    pub reserved0: u32,
+    pub features: u64,
+    pub reserved: [u64; 6],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Params {
+    pub size: u64,
+    pub logical_block_size: u32,
+    pub physical_block_size: u32,
+    pub max_io_bytes: u32,
+    pub nr_queues: u16,
+    pub queue_depth: u16,
+    pub features: u64,
+    pub io_timeout_ms: u32,
+    pub dev_id: u32,
+    pub name: [u8; NAME_LEN],
+    pub reserved: [u64; 8],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Info {
+    pub dev_id: u32,
+    pub state: u32,
+    pub nr_channels: u32,
+    pub inflight: u32,
+    pub params: Params,
+    pub reserved: [u64; 4],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Attach {
+    pub dev_id: u32,
+    pub queue: u16,
+    pub flags: u16,
+    pub reserved: [u64; 3],
+}
+
+const MAGIC: u8 = 0xFB;
+
+nix::ioctl_read!(get_features, MAGIC, 0, Features);
+nix::ioctl_readwrite!(create, MAGIC, 1, Params);
+nix::ioctl_write_ptr!(destroy, MAGIC, 2, u32);
+nix::ioctl_readwrite!(get_info, MAGIC, 3, Info);
+nix::ioctl_write_ptr!(attach, MAGIC, 4, Attach);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::size_of;
+
+    #[test]
+    fn structures_match_the_header() {
+        assert_eq!(size_of::<Features>(), 64);
+        assert_eq!(size_of::<Params>(), 32 + 4 + 4 + NAME_LEN + 64);
+        assert_eq!(size_of::<Info>(), 16 + size_of::<Params>() + 32);
+        assert_eq!(size_of::<Attach>(), 32);
+    }
+}
