@@ -11,6 +11,9 @@
  *   - A channel (an fd of /dev/fuse-blk after ATTACH) speaks FUSE 7.31
  *     messages: FUSE_INIT first, then FUSE_READ, FUSE_WRITE, FUSE_FSYNC,
  *     FUSE_FALLOCATE and FUSE_INTERRUPT; FUSE_DESTROY at teardown.
+ *   - The capacity is 0 until every queue's channel has answered
+ *     FUSE_INIT; then it is published and partitions are read on the
+ *     next open.
  *
  * Objects
  *  A device (/dev/fuseblkN) is created from struct fuse_blk_params and
