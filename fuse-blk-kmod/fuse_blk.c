@@ -17,8 +17,12 @@
  *			the module cannot be unloaded while devices exist.
  *  struct fblk_queue	one per hardware queue, inside fblk_dev.
  *  struct fblk_chan	an attached channel: the private_data of a
- *			/dev/fuse-blk file after FUSE_BLK_IOC_ATTACH. Lives
- *			until the file is released.
+ *			/dev/fuse-blk file after FUSE_BLK_IOC_ATTACH, on its
+ *			queue's list of channels until the file is released.
+ *			Of a queue's channels, the newest that has answered
+ *			FUSE_INIT is the active one and takes new requests;
+ *			older ones are retired: they read FUSE_DESTROY and may
+ *			still answer what they took (daemon handoff).
  *  struct fblk_cmd	the blk-mq payload of each request.
  *
  * A command moves through these states; whoever moves it to DONE
@@ -28,6 +32,7 @@
  *	read()   -> SENDING (owned by that read) -> SENT (on queue->sent)
  *	write()  -> RECEIVING (owned by that write) -> DONE
  *	timeout, channel release, destroy: PENDING/SENT -> DONE (EIO)
+ *	release of the channel that read it: SENT -> PENDING (requeued)
  *
  * SENDING and RECEIVING belong to one read()/write() call, which finishes
  * the command itself if the device died meanwhile; the timeout handler
@@ -35,8 +40,11 @@
  *
  * Timeouts: a request unanswered after io_timeout_ms is sent a
  * FUSE_INTERRUPT and fails with EIO one timeout later. A request that no
- * daemon ever read (none attached, or it died) fails after one timeout.
- * Requests the daemon had read when its channel closed fail at once.
+ * daemon ever read fails after one timeout, or, with FUSE_BLK_F_RECOVERY,
+ * once its queue has been without a channel for recovery_timeout_ms.
+ * Requests a channel had read when it closed are requeued for the queue's
+ * other channels or for the next daemon, unless FUSE_BLK_F_FAIL_INFLIGHT
+ * (or, without FUSE_BLK_F_RECOVERY, when no channel is left) fails them.
  *
  * Lock order: fblk_mutex -> fblk_dev.mutex -> fblk_queue.lock.
  * fblk_queue.lock is taken with interrupts disabled: blk-mq may run a
@@ -89,7 +97,8 @@ enum fblk_cmd_state {
 
 struct fblk_cmd {
 	struct list_head entry;		/* on queue->pending or queue->sent */
-	struct list_head int_entry;	/* on queue->interrupts */
+	struct list_head int_entry;	/* on owner->interrupts */
+	struct fblk_chan *owner;	/* the channel that read it (SENT) */
 	u64 unique;
 	enum fblk_cmd_state state;
 	bool interrupted;
@@ -104,19 +113,24 @@ struct fblk_queue {
 	spinlock_t lock;
 	struct list_head pending;	/* not yet read by the daemon */
 	struct list_head sent;		/* read, not yet answered */
-	struct list_head interrupts;	/* FUSE_INTERRUPTs to send */
-	struct fblk_chan *chan;
+	struct list_head chans;		/* attached channels, oldest first */
+	struct fblk_chan *active;	/* takes new requests; may be NULL */
+	bool orphaned;			/* had channels, has none now */
+	unsigned long orphaned_at;	/* jiffies */
 	u32 seq;			/* upper half of uniques */
 	wait_queue_head_t waitq;	/* the channel's readers and pollers */
 };
 
 struct fblk_chan {
+	struct list_head entry;		/* on queue->chans */
 	struct fblk_dev *dev;
 	struct fblk_queue *queue;
+	struct list_head interrupts;	/* FUSE_INTERRUPTs to send */
 	u64 init_unique;
 	bool init_sent;
 	bool ready;		/* FUSE_INIT answered and accepted */
 	bool failed;		/* FUSE_INIT refused by the daemon */
+	bool retired;		/* a newer channel took over */
 	bool destroy_sent;
 };
 
@@ -129,11 +143,11 @@ struct fblk_dev {
 	struct fuse_blk_params params;
 	size_t min_read;	/* smallest read buffer a channel may use */
 	atomic_t active;	/* requests started and not completed */
+	struct delayed_work recovery_work;	/* fails what waited too long */
 	wait_queue_head_t idle;
 	struct blk_mq_tag_set tag_set;
 	struct gendisk *disk;
-	struct fblk_queue queues[] __counted_by(nr_queues);
-	/* nr_queues lives in params; see fblk_nr_queues() */
+	struct fblk_queue queues[];	/* params.nr_queues of them */
 };
 
 static DEFINE_MUTEX(fblk_mutex);
@@ -156,6 +170,22 @@ static void fblk_dev_release(struct kref *ref)
 static void fblk_dev_put(struct fblk_dev *dev)
 {
 	kref_put(&dev->ref, fblk_dev_release);
+}
+
+static bool fblk_has(const struct fblk_dev *dev, u64 feature)
+{
+	return dev->params.features & feature;
+}
+
+/* Whether requests of an orphaned @queue must fail now (queue lock held). */
+static bool fblk_recovery_over(struct fblk_queue *queue)
+{
+	struct fblk_dev *dev = queue->dev;
+
+	if (!queue->orphaned || !fblk_has(dev, FUSE_BLK_F_RECOVERY))
+		return false;
+	return time_after_eq(jiffies, queue->orphaned_at +
+			     msecs_to_jiffies(dev->params.recovery_timeout_ms));
 }
 
 static u64 fblk_next_unique(struct fblk_queue *queue, u32 tag)
@@ -203,7 +233,7 @@ static blk_status_t fblk_queue_rq(struct blk_mq_hw_ctx *hctx,
 	}
 
 	spin_lock_irqsave(&queue->lock, flags);
-	if (queue->dev->dead) {
+	if (queue->dev->dead || fblk_recovery_over(queue)) {
 		spin_unlock_irqrestore(&queue->lock, flags);
 		return BLK_STS_IOERR;
 	}
@@ -213,6 +243,7 @@ static blk_status_t fblk_queue_rq(struct blk_mq_hw_ctx *hctx,
 	cmd->interrupted = false;
 	cmd->status = BLK_STS_OK;
 	cmd->state = FBLK_CMD_PENDING;
+	cmd->owner = NULL;
 	INIT_LIST_HEAD(&cmd->int_entry);
 	list_add_tail(&cmd->entry, &queue->pending);
 	spin_unlock_irqrestore(&queue->lock, flags);
@@ -230,16 +261,24 @@ static enum blk_eh_timer_return fblk_timeout(struct request *rq)
 	spin_lock_irqsave(&queue->lock, flags);
 	switch (cmd->state) {
 	case FBLK_CMD_SENT:
-		if (!cmd->interrupted && queue->chan) {
+		if (!cmd->interrupted) {
 			/* Ask the daemon to give up; fail one timeout later. */
 			cmd->interrupted = true;
-			list_add_tail(&cmd->int_entry, &queue->interrupts);
+			list_add_tail(&cmd->int_entry, &cmd->owner->interrupts);
 			spin_unlock_irqrestore(&queue->lock, flags);
 			wake_up(&queue->waitq);
 			return BLK_EH_RESET_TIMER;
 		}
-		fallthrough;
+		goto fail;
 	case FBLK_CMD_PENDING:
+		/* Waiting for a daemon to come back is not a timeout. */
+		if (!queue->active && queue->orphaned &&
+		    fblk_has(queue->dev, FUSE_BLK_F_RECOVERY) &&
+		    !fblk_recovery_over(queue)) {
+			spin_unlock_irqrestore(&queue->lock, flags);
+			return BLK_EH_RESET_TIMER;
+		}
+fail:
 		list_del_init(&cmd->entry);
 		list_del_init(&cmd->int_entry);
 		cmd->state = FBLK_CMD_DONE;
@@ -304,6 +343,39 @@ static void fblk_finish_all(struct list_head *list, blk_status_t status)
 	}
 }
 
+/*
+ * Fails the requests of queues that have been without a channel for the
+ * recovery timeout, and re-arms itself for queues still within it.
+ */
+static void fblk_recovery_work(struct work_struct *work)
+{
+	struct fblk_dev *dev = container_of(to_delayed_work(work),
+					    struct fblk_dev, recovery_work);
+	unsigned long rearm = 0;
+	unsigned int i;
+
+	for (i = 0; i < fblk_nr_queues(dev); i++) {
+		struct fblk_queue *queue = &dev->queues[i];
+		unsigned long flags, deadline;
+		LIST_HEAD(failed);
+
+		spin_lock_irqsave(&queue->lock, flags);
+		if (!dev->dead && fblk_recovery_over(queue)) {
+			fblk_take_all(queue, &queue->pending, &failed);
+		} else if (!dev->dead && queue->orphaned) {
+			deadline = queue->orphaned_at +
+				msecs_to_jiffies(dev->params.recovery_timeout_ms);
+			if (!rearm || time_before(deadline, rearm))
+				rearm = deadline;
+		}
+		spin_unlock_irqrestore(&queue->lock, flags);
+		fblk_finish_all(&failed, BLK_STS_IOERR);
+	}
+	if (rearm)
+		mod_delayed_work(system_wq, &dev->recovery_work,
+				 max_t(long, rearm - jiffies, 1));
+}
+
 /* ---- sysfs: /sys/block/fuseblkN/fuse_blk/ ---- */
 
 static struct fblk_dev *fblk_dev_of(struct device *d)
@@ -319,12 +391,13 @@ static u32 fblk_state(struct fblk_dev *dev, u32 *nr_channels)
 	for (i = 0; i < fblk_nr_queues(dev); i++) {
 		struct fblk_queue *queue = &dev->queues[i];
 
+		struct fblk_chan *chan;
+
 		spin_lock_irqsave(&queue->lock, flags);
-		if (queue->chan) {
+		list_for_each_entry(chan, &queue->chans, entry)
 			attached++;
-			if (queue->chan->ready)
-				served++;
-		}
+		if (queue->active)
+			served++;
 		spin_unlock_irqrestore(&queue->lock, flags);
 	}
 	if (nr_channels)
@@ -398,6 +471,8 @@ static int fblk_check_params(struct fuse_blk_params *p)
 	for (i = 0; i < ARRAY_SIZE(p->reserved); i++)
 		if (p->reserved[i])
 			return -EINVAL;
+	if (p->reserved0)
+		return -EINVAL;
 	if (!memchr(p->name, '\0', sizeof(p->name)))
 		return -EINVAL;
 	if (p->logical_block_size < SECTOR_SIZE ||
@@ -426,6 +501,12 @@ static int fblk_check_params(struct fuse_blk_params *p)
 	if (p->io_timeout_ms > FBLK_LIMIT_TIMEOUT_MS)
 		return -EINVAL;
 	p->features &= FUSE_BLK_F_ALL;
+	if (!(p->features & FUSE_BLK_F_RECOVERY)) {
+		p->features &= ~FUSE_BLK_F_FAIL_INFLIGHT;
+		p->recovery_timeout_ms = 0;
+	}
+	if (p->recovery_timeout_ms > FBLK_LIMIT_TIMEOUT_MS)
+		return -EINVAL;
 	return 0;
 }
 
@@ -482,6 +563,7 @@ static int fblk_create(struct fuse_blk_params __user *uparams)
 	mutex_init(&dev->mutex);
 	atomic_set(&dev->active, 0);
 	init_waitqueue_head(&dev->idle);
+	INIT_DELAYED_WORK(&dev->recovery_work, fblk_recovery_work);
 	dev->params = p;
 	dev->min_read = sizeof(struct fuse_in_header) + FBLK_MAX_ARG +
 			p.max_io_bytes;
@@ -493,7 +575,7 @@ static int fblk_create(struct fuse_blk_params __user *uparams)
 		spin_lock_init(&queue->lock);
 		INIT_LIST_HEAD(&queue->pending);
 		INIT_LIST_HEAD(&queue->sent);
-		INIT_LIST_HEAD(&queue->interrupts);
+		INIT_LIST_HEAD(&queue->chans);
 		init_waitqueue_head(&queue->waitq);
 	}
 
@@ -610,6 +692,8 @@ static int fblk_destroy(u32 id)
 		wake_up_all(&queue->waitq);
 	}
 	mutex_unlock(&dev->mutex);
+	/* dead is set: nothing queues the work again. */
+	cancel_delayed_work_sync(&dev->recovery_work);
 
 	del_gendisk(dev->disk);
 	/* Commands owned by a read()/write() in progress finish on their own. */
@@ -628,6 +712,7 @@ static int fblk_get_info(struct fuse_blk_info __user *uinfo)
 {
 	struct fuse_blk_info info;
 	struct fblk_dev *dev;
+	unsigned int i;
 	u32 dev_id;
 
 	if (get_user(dev_id, &uinfo->dev_id))
@@ -640,6 +725,16 @@ static int fblk_get_info(struct fuse_blk_info __user *uinfo)
 	info.state = fblk_state(dev, &info.nr_channels);
 	info.inflight = atomic_read(&dev->active);
 	info.params = dev->params;
+	for (i = 0; i < fblk_nr_queues(dev); i++) {
+		struct fblk_queue *queue = &dev->queues[i];
+		struct fblk_cmd *cmd;
+		unsigned long flags;
+
+		spin_lock_irqsave(&queue->lock, flags);
+		list_for_each_entry(cmd, &queue->pending, entry)
+			info.waiting++;
+		spin_unlock_irqrestore(&queue->lock, flags);
+	}
 	fblk_dev_put(dev);
 	return copy_to_user(uinfo, &info, sizeof(info)) ? -EFAULT : 0;
 }
@@ -656,7 +751,7 @@ static int fblk_attach(struct file *file, struct fuse_blk_attach __user *uarg)
 
 	if (copy_from_user(&arg, uarg, sizeof(arg)))
 		return -EFAULT;
-	if (arg.flags)
+	if (arg.flags & ~FUSE_BLK_ATTACH_TAKEOVER)
 		return -EINVAL;
 	for (i = 0; i < ARRAY_SIZE(arg.reserved); i++)
 		if (arg.reserved[i])
@@ -674,17 +769,21 @@ static int fblk_attach(struct file *file, struct fuse_blk_attach __user *uarg)
 	queue = &dev->queues[arg.queue];
 	chan->dev = dev;
 	chan->queue = queue;
+	INIT_LIST_HEAD(&chan->interrupts);
 
 	mutex_lock(&dev->mutex);
 	spin_lock_irqsave(&queue->lock, flags);
 	if (dev->dead)
 		ret = -ENODEV;
-	else if (queue->chan)
+	else if (!list_empty(&queue->chans) &&
+		 !(arg.flags & FUSE_BLK_ATTACH_TAKEOVER))
 		ret = -EBUSY;
 	else if (cmpxchg(&file->private_data, NULL, chan))
 		ret = -EBUSY;	/* this file is a channel already */
 	else {
-		queue->chan = chan;
+		list_add_tail(&chan->entry, &queue->chans);
+		/* A daemon is coming back: requests wait for its INIT. */
+		queue->orphaned = false;
 		chan->init_unique = fblk_next_unique(queue, FBLK_CONTROL_TAG);
 		ret = 0;
 	}
@@ -744,10 +843,10 @@ static bool fblk_chan_has_work(struct fblk_chan *chan)
 {
 	struct fblk_queue *queue = chan->queue;
 
-	if (READ_ONCE(chan->dev->dead) || chan->failed || !chan->init_sent)
+	if (READ_ONCE(chan->dev->dead) || chan->failed || !chan->init_sent ||
+	    chan->retired || !list_empty(&chan->interrupts))
 		return true;
-	return chan->ready && (!list_empty(&queue->interrupts) ||
-			       !list_empty(&queue->pending));
+	return chan == queue->active && !list_empty(&queue->pending);
 }
 
 static void fblk_header(struct fuse_in_header *h, u32 opcode, u64 unique,
@@ -883,6 +982,7 @@ static ssize_t fblk_send_request(struct fblk_chan *chan, struct iov_iter *to,
 		list_add(&cmd->entry, &queue->pending);
 	} else {
 		cmd->state = FBLK_CMD_SENT;
+		cmd->owner = chan;
 		list_add_tail(&cmd->entry, &queue->sent);
 	}
 	spin_unlock_irqrestore(&queue->lock, flags);
@@ -909,7 +1009,7 @@ static ssize_t fblk_read_iter(struct kiocb *iocb, struct iov_iter *to)
 
 	for (;;) {
 		spin_lock_irqsave(&queue->lock, flags);
-		if (chan->dev->dead) {
+		if (chan->dev->dead || chan->retired) {
 			struct fuse_in_header msg = { };
 
 			if (chan->destroy_sent) {
@@ -949,14 +1049,14 @@ static ssize_t fblk_read_iter(struct kiocb *iocb, struct iov_iter *to)
 			}
 			return ret;
 		}
-		if (chan->ready && !list_empty(&queue->interrupts)) {
+		if (!list_empty(&chan->interrupts)) {
 			struct {
 				struct fuse_in_header h;
 				struct fuse_interrupt_in in;
 			} msg = { };
 			struct fblk_cmd *cmd;
 
-			cmd = list_first_entry(&queue->interrupts,
+			cmd = list_first_entry(&chan->interrupts,
 					       struct fblk_cmd, int_entry);
 			list_del_init(&cmd->int_entry);
 			fblk_header(&msg.h, FUSE_INTERRUPT,
@@ -966,7 +1066,7 @@ static ssize_t fblk_read_iter(struct kiocb *iocb, struct iov_iter *to)
 			spin_unlock_irqrestore(&queue->lock, flags);
 			return fblk_send_small(to, &msg, sizeof(msg));
 		}
-		if (chan->ready && !list_empty(&queue->pending))
+		if (chan == queue->active && !list_empty(&queue->pending))
 			return fblk_send_request(chan, to, flags);
 		spin_unlock_irqrestore(&queue->lock, flags);
 
@@ -1024,12 +1124,21 @@ static ssize_t fblk_init_reply(struct fblk_chan *chan,
 		spin_unlock_irqrestore(&queue->lock, flags);
 		return -ENOENT;
 	}
-	if (refused)
+	if (refused) {
 		chan->failed = true;
-	else
+	} else {
+		struct fblk_chan *older;
+
 		chan->ready = true;
+		/* The newest initialised channel takes over the queue. */
+		list_for_each_entry(older, &queue->chans, entry)
+			if (older != chan)
+				older->retired = true;
+		queue->active = chan;
+		queue->orphaned = false;
+	}
 	spin_unlock_irqrestore(&queue->lock, flags);
-	wake_up(&queue->waitq);
+	wake_up_all(&queue->waitq);
 	if (!refused)
 		fblk_maybe_go_live(chan->dev);
 	return 0;
@@ -1097,7 +1206,8 @@ static ssize_t fblk_write_iter(struct kiocb *iocb, struct iov_iter *from)
 	}
 	rq = blk_mq_tag_to_rq(dev->tag_set.tags[queue->index], tag);
 	cmd = rq ? blk_mq_rq_to_pdu(rq) : NULL;
-	if (!cmd || cmd->state != FBLK_CMD_SENT || cmd->unique != oh.unique) {
+	if (!cmd || cmd->state != FBLK_CMD_SENT || cmd->unique != oh.unique ||
+	    cmd->owner != chan) {
 		spin_unlock_irqrestore(&queue->lock, flags);
 		return -ENOENT;
 	}
@@ -1157,7 +1267,7 @@ static __poll_t fblk_poll(struct file *file, poll_table *wait)
 	queue = chan->queue;
 	poll_wait(file, &queue->waitq, wait);
 	spin_lock_irqsave(&queue->lock, flags);
-	if (chan->dev->dead && chan->destroy_sent)
+	if ((chan->dev->dead || chan->retired) && chan->destroy_sent)
 		mask |= EPOLLERR | EPOLLHUP;
 	else if (fblk_chan_has_work(chan))
 		mask |= EPOLLIN | EPOLLRDNORM;
@@ -1168,26 +1278,52 @@ static __poll_t fblk_poll(struct file *file, poll_table *wait)
 static int fblk_release(struct inode *inode, struct file *file)
 {
 	struct fblk_chan *chan = file->private_data;
+	struct fblk_cmd *cmd, *next;
 	struct fblk_queue *queue;
+	struct fblk_dev *dev;
 	unsigned long flags;
 	LIST_HEAD(failed);
+	bool requeue;
 
 	if (!chan)
 		return 0;
 	queue = chan->queue;
+	dev = chan->dev;
 	spin_lock_irqsave(&queue->lock, flags);
-	if (queue->chan == chan) {
-		struct fblk_cmd *cmd, *next;
-
-		queue->chan = NULL;
-		/* What the daemon held is lost with it; the rest waits. */
-		fblk_take_all(queue, &queue->sent, &failed);
-		list_for_each_entry_safe(cmd, next, &queue->interrupts, int_entry)
-			list_del_init(&cmd->int_entry);
+	list_del(&chan->entry);
+	if (queue->active == chan)
+		queue->active = NULL;
+	if (list_empty(&queue->chans) && !dev->dead) {
+		queue->orphaned = true;
+		queue->orphaned_at = jiffies;
+		if (fblk_has(dev, FUSE_BLK_F_RECOVERY))
+			mod_delayed_work(system_wq, &dev->recovery_work,
+				msecs_to_jiffies(dev->params.recovery_timeout_ms) + 1);
 	}
+	requeue = !dev->dead && !fblk_has(dev, FUSE_BLK_F_FAIL_INFLIGHT) &&
+		  (!list_empty(&queue->chans) || fblk_has(dev, FUSE_BLK_F_RECOVERY));
+	list_for_each_entry_safe(cmd, next, &queue->sent, entry) {
+		if (cmd->owner != chan)
+			continue;
+		list_del_init(&cmd->int_entry);
+		cmd->owner = NULL;
+		if (requeue) {
+			/* Reissued, first in line, to the next channel. */
+			cmd->state = FBLK_CMD_PENDING;
+			cmd->interrupted = false;
+			list_move(&cmd->entry, &queue->pending);
+		} else {
+			cmd->state = FBLK_CMD_DONE;
+			list_move_tail(&cmd->entry, &failed);
+		}
+	}
+	/* Without recovery, or with a zero timeout, nothing waits. */
+	if (fblk_recovery_over(queue))
+		fblk_take_all(queue, &queue->pending, &failed);
 	spin_unlock_irqrestore(&queue->lock, flags);
 	fblk_finish_all(&failed, BLK_STS_IOERR);
-	fblk_dev_put(chan->dev);
+	wake_up_all(&queue->waitq);
+	fblk_dev_put(dev);
 	kfree(chan);
 	return 0;
 }

@@ -6,6 +6,11 @@
 //!   fuse-blk-vmtest recorder SIZE LOG     serve a recording memory device
 //!   fuse-blk-vmtest fuser SIZE            serve ImageFs through the adapter
 //!   fuse-blk-vmtest garbage               misbehave on a device; check the refusals
+//!   fuse-blk-vmtest hold SIZE [fail-inflight]
+//!                                         serve a memory device with recovery on
+//!                                         that never answers reads at 1 MiB
+//!   fuse-blk-vmtest resume ID SIZE        serve device ID (after its daemon died)
+//!                                         with a fresh memory device
 //!   fuse-blk-vmtest destroy ID            FUSE_BLK_IOC_DESTROY, whatever the device's state
 //!   fuse-blk-vmtest info ID               print FUSE_BLK_IOC_GET_INFO
 //!
@@ -32,6 +37,16 @@ fn main() -> ExitCode {
         ["recorder", size, log] => recorder(parse(size), log),
         ["fuser", size] => serve_fuser(parse(size)),
         ["garbage"] => garbage(),
+        ["hold", size] => hold(parse(size), false),
+        ["hold", size, "fail-inflight"] => hold(parse(size), true),
+        ["resume", id, size] => {
+            let device = Arc::new(MemDevice::new(parse(size), 512));
+            KmodDevice::resume(device, parse(id) as u32).and_then(|kmod| {
+                println!("{}", kmod.device_path().display());
+                io::stdout().flush()?;
+                kmod.wait().map(drop)
+            })
+        }
         ["destroy", id] => Control::open().and_then(|c| c.destroy(parse(id) as u32)),
         ["info", id] => Control::open()
             .and_then(|c| c.info(parse(id) as u32))
@@ -66,7 +81,7 @@ fn serve(device: Arc<dyn BlockDevice>, options: KmodOptions) -> io::Result<()> {
     let kmod = KmodDevice::create(device, &options)?;
     println!("{}", kmod.device_path().display());
     io::stdout().flush()?;
-    kmod.wait()
+    kmod.wait().map(drop)
 }
 
 /// A memory device that appends one line per flush and per FUA write to
@@ -128,6 +143,51 @@ impl BlockDevice for Recorder {
         self.note(&format!("write_zeroes {offset} {len}"));
         self.inner.write_zeroes(req, offset, len, may_unmap, reply)
     }
+}
+
+/// A memory device that never answers reads at [`HELD_OFFSET`]: they stay
+/// with the daemon (in flight) until it dies.
+const HELD_OFFSET: u64 = 1 << 20;
+
+struct Hold {
+    inner: MemDevice,
+    held: Mutex<Vec<ReplyData>>,
+}
+
+impl BlockDevice for Hold {
+    fn geometry(&self) -> Geometry {
+        self.inner.geometry()
+    }
+
+    fn read(&self, req: &Request, offset: u64, len: u32, reply: ReplyData) {
+        if offset == HELD_OFFSET {
+            self.held.lock().unwrap().push(reply);
+        } else {
+            self.inner.read(req, offset, len, reply)
+        }
+    }
+
+    fn write(&self, req: &Request, offset: u64, data: &[u8], fua: bool, reply: ReplyWrite) {
+        self.inner.write(req, offset, data, fua, reply)
+    }
+}
+
+fn hold(size: u64, fail_inflight: bool) -> io::Result<()> {
+    let device = Hold {
+        inner: MemDevice::new(size, 512),
+        held: Mutex::new(Vec::new()),
+    };
+    serve(
+        Arc::new(device),
+        KmodOptions {
+            name: "hold".into(),
+            queues: 1,
+            io_timeout_ms: 600_000,
+            recovery_timeout_ms: Some(600_000),
+            fail_inflight,
+            ..KmodOptions::default()
+        },
+    )
 }
 
 fn recorder(size: u64, log: &str) -> io::Result<()> {
@@ -225,7 +285,7 @@ fn garbage() -> io::Result<()> {
     let id = params.dev_id;
     let result = (|| -> io::Result<()> {
         let channel: std::fs::File =
-            std::fs::File::from(std::os::fd::OwnedFd::from(attach_channel(id, 0)?));
+            std::fs::File::from(std::os::fd::OwnedFd::from(attach_channel(id, 0, false)?));
         let mut buf = vec![0u8; (2 << 20) + 4096];
         // A buffer smaller than the largest message is refused.
         match nix::unistd::read(&channel, &mut buf[..4096]) {

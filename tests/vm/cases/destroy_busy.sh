@@ -9,7 +9,7 @@ fio --name=load --directory=/tmp/mnt --ioengine=libaio --direct=1 --iodepth=16 \
     --rw=randwrite --bs=4k --size=32M --time_based --runtime=60 --output=/tmp/fio.out &
 fio=$!
 sleep 3
-pid=$("$FUSE_BLK" list --json | sed -n 's/.*"pid": \([0-9]*\).*/\1/p')
+pid=$(daemon_pid busy)
 timeout 60 "$VMTEST" destroy 0 || fail "destroy failed or hung"
 [ ! -e "$dev" ] || fail "device still there"
 timeout 60 tail --pid="$pid" -f /dev/null || fail "daemon did not exit"

@@ -5,3 +5,26 @@ detach() { "$FUSE_BLK" detach "$@"; }
 # Random data file of $2 MiB with seed-independent content.
 random_file() { head -c "$(( $2 << 20 ))" /dev/urandom > "$1"; }
 sum() { sha256sum "$1" | cut -d' ' -f1; }
+daemon_pid() { "$FUSE_BLK" list --json | tr -d '\n ' | sed 's/},{/}\n{/g' | grep "\"name\":\"$1\"" | sed -n 's/.*"pid":\([0-9]*\).*/\1/p'; }
+# A verifying fio load in a loop on directory $1 until stop_load; any fio
+# failure is recorded in /tmp/load.failed.
+start_load() {
+    rm -f /tmp/load.stop /tmp/load.failed
+    ( n=0
+      while [ ! -e /tmp/load.stop ]; do
+          n=$((n + 1))
+          fio --name=verify --directory="$1" --ioengine=libaio --direct=1 --iodepth=16 \
+              --rw=randwrite --bs=4k --size=32M --verify=crc32c --verify_fatal=1 \
+              --do_verify=1 --randrepeat=0 --verify_state_save=0 --output=/tmp/load.out \
+              || { cp /tmp/load.out /tmp/load.failed; echo "fio run $n failed" >> /tmp/load.failed; }
+      done ) &
+    load=$!
+}
+stop_load() {
+    touch /tmp/load.stop
+    wait "$load"
+    if [ -e /tmp/load.failed ]; then cat /tmp/load.failed; fail "fio failed under the load"; fi
+}
+no_io_errors() {
+    if dmesg | grep -Ei 'I/O error|timed out|EXT4-fs error|Buffer I/O'; then fail "I/O errors in the kernel log"; fi
+}

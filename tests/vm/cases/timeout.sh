@@ -2,7 +2,7 @@
 # with EIO; once the daemon runs again the device works.
 . "$CASES/lib.bash"
 dev=$(attach --name slow --io-timeout-ms 1000 mem:16M)
-pid=$("$FUSE_BLK" list --json | sed -n 's/.*"pid": \([0-9]*\).*/\1/p')
+pid=$(daemon_pid slow)
 kill -STOP "$pid"
 start=$(date +%s)
 if dd if="$dev" of=/dev/null bs=4096 count=1 iflag=direct status=none 2>/dev/null; then

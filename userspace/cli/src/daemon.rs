@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fuse_blk_backends::BackendSpec;
-use fuse_blk_kmod::{Destroyer, KmodDevice, KmodOptions};
+use fuse_blk_kmod::{Destroyer, Ended, KmodDevice, KmodOptions};
 use fuse_blk_loop::{Detacher, StockDevice, StockOptions};
 use nix::sys::signal::{SigSet, Signal};
 
@@ -43,11 +43,12 @@ impl Served {
         })
     }
 
-    /// Serves until the device is detached.
-    fn wait(self) -> std::io::Result<()> {
+    /// Serves until the device is detached (false) or handed over to
+    /// another daemon (true).
+    fn wait(self) -> std::io::Result<bool> {
         match self {
-            Served::Stock(stock) => stock.wait(),
-            Served::Kmod(kmod) => kmod.wait(),
+            Served::Stock(stock) => stock.wait().map(|()| false),
+            Served::Kmod(kmod) => kmod.wait().map(|ended| ended == Ended::HandedOver),
         }
     }
 }
@@ -131,8 +132,12 @@ pub fn run(
     readiness: Readiness,
     detached: bool,
 ) -> Result<(), String> {
-    match attach(args, backend, detached) {
-        Ok((stock, dir, state)) => serve(stock, dir, state, readiness),
+    let attached = match &args.recover {
+        Some(target) => recover(backend, target, detached).map(|a| (a, true)),
+        None => attach(args, backend, detached).map(|a| (a, false)),
+    };
+    match attached {
+        Ok(((served, dir, state), recovered)) => serve(served, dir, state, readiness, recovered),
         Err(e) => {
             readiness.failed(&e);
             Err(e)
@@ -214,6 +219,8 @@ fn attach(
             queues: args.queues.unwrap_or(defaults.queues),
             queue_depth: args.queue_depth.unwrap_or(defaults.queue_depth),
             io_timeout_ms: args.io_timeout_ms.unwrap_or(defaults.io_timeout_ms),
+            recovery_timeout_ms: Some(args.recovery_timeout_ms.unwrap_or(30_000)),
+            fail_inflight: args.fail_inflight,
             ..defaults
         };
         let device = KmodDevice::create(device, &options)
@@ -242,6 +249,47 @@ fn attach(
     Ok((served, dir, record))
 }
 
+/// Serves an existing kernel-module device: one whose daemon died, or one
+/// `handoff` moves to this process. Its directory and name stay; the state
+/// gets this process's pid. Errors leave the device and its state as they
+/// were.
+fn recover(
+    backend: &BackendSpec,
+    target: &str,
+    detached: bool,
+) -> Result<(Served, DeviceDir, DeviceState), String> {
+    detach_signals()
+        .thread_block()
+        .map_err(|e| format!("blocking signals: {e}"))?;
+    let Some((dir, mut record)) = state::find(target) else {
+        return Err(format!("no attached device named or at {target}"));
+    };
+    let Some(dev_id) = record.dev_id else {
+        return Err(format!(
+            "{}: only kernel-module devices can be recovered; this one is on the stock path",
+            record.name
+        ));
+    };
+    if detached {
+        redirect_stderr(&dir)?;
+    }
+    let device = backend
+        .open(record.read_only, record.block_size)
+        .map_err(|e| e.to_string())?;
+    let kmod = KmodDevice::resume(device, dev_id).map_err(|e| e.to_string())?;
+    record.pid = std::process::id();
+    record.backend = backend.to_string();
+    dir.write(&record)
+        .map_err(|e| format!("writing state: {e}"))?;
+    log::info!(
+        "{}: {} recovered by pid {}",
+        record.name,
+        record.device,
+        record.pid
+    );
+    Ok((Served::Kmod(kmod), dir, record))
+}
+
 fn default_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
@@ -251,8 +299,11 @@ fn default_threads() -> usize {
 
 /// A daemon in the background logs to a file in its directory.
 fn redirect_stderr(dir: &DeviceDir) -> Result<(), String> {
-    let log =
-        File::create(dir.log_file()).map_err(|e| format!("{}: {e}", dir.log_file().display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.log_file())
+        .map_err(|e| format!("{}: {e}", dir.log_file().display()))?;
     // SAFETY: dup2 on two valid descriptors; replacing fd 2 affects only
     // where this process's diagnostics go.
     if unsafe { libc::dup2(log.as_raw_fd(), libc::STDERR_FILENO) } < 0 {
@@ -269,7 +320,12 @@ fn serve(
     dir: DeviceDir,
     record: DeviceState,
     readiness: Readiness,
+    recovered: bool,
 ) -> Result<(), String> {
+    // A daemon taking over replaces its predecessor's socket.
+    if recovered {
+        let _ = std::fs::remove_file(dir.control_socket());
+    }
     let handles = served.detach_handle().and_then(|detacher| {
         UnixListener::bind(dir.control_socket())
             .map(|listener| (detacher, listener))
@@ -278,9 +334,12 @@ fn serve(
     let (detacher, listener) = match handles {
         Ok(both) => both,
         Err(message) => {
-            // Nothing uses the device yet; dropping it removes it.
+            // A device this process created is not in use yet: dropping it
+            // removes it. A recovered one stays for the next daemon.
             drop(served);
-            let _ = dir.remove();
+            if !recovered {
+                let _ = dir.remove();
+            }
             readiness.failed(&message);
             return Err(message);
         }
@@ -294,11 +353,16 @@ fn serve(
 
     let result = served.wait();
     drop(answering.lock());
-    log::info!("{}: detached", record.name);
-    if let Err(e) = dir.remove() {
-        log::warn!("removing {}: {e}", dir.path.display());
+    match result {
+        Ok(true) => log::info!("{}: handed over to another daemon", record.name),
+        _ => {
+            log::info!("{}: detached", record.name);
+            if let Err(e) = dir.remove() {
+                log::warn!("removing {}: {e}", dir.path.display());
+            }
+        }
     }
-    result.map_err(|e| e.to_string())
+    result.map(drop).map_err(|e| e.to_string())
 }
 
 fn spawn_signal_thread(detacher: DetachHandle) {

@@ -37,6 +37,21 @@ enum Commands {
         /// The device path (/dev/loopN, /dev/fuseblkN) or its name.
         device: String,
     },
+    /// Replace the daemon of a kernel-module device with a new one serving
+    /// the same backend, without an I/O error: the new daemon attaches to
+    /// every queue, takes all new requests, and the old one answers what it
+    /// had taken and exits.
+    ///
+    /// Needs the fuse_blk kernel module. A stock-path device (loop + FUSE
+    /// file) cannot be handed over yet: its FUSE connection would have to be
+    /// passed to the new process, which is not implemented, and if its
+    /// daemon dies the stock kernel fails the I/O; nothing can recover it.
+    /// A mem: backend cannot be handed over either: its contents live in the
+    /// old daemon's memory.
+    Handoff {
+        /// The device path (/dev/fuseblkN) or its name.
+        device: String,
+    },
     /// Show every attached device.
     List {
         /// One JSON array instead of a table.
@@ -83,6 +98,20 @@ pub struct AttachArgs {
     /// Kernel module: requests in flight per queue (default 128).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     queue_depth: Option<u16>,
+    /// Kernel module: how long requests wait for a new daemon (`attach
+    /// --recover`) when the daemon dies; 0 fails them at once (default
+    /// 30000).
+    #[arg(long)]
+    recovery_timeout_ms: Option<u32>,
+    /// Kernel module: when the daemon dies, fail the requests it had taken
+    /// instead of reissuing them to the next daemon (for backends that must
+    /// not see a write twice).
+    #[arg(long)]
+    fail_inflight: bool,
+    /// Serve the existing kernel-module device DEVICE|NAME, whose daemon
+    /// died (or which `handoff` moves here), with BACKEND.
+    #[arg(long, value_name = "DEVICE|NAME", conflicts_with_all = ["name", "read_only"])]
+    recover: Option<String>,
     /// Kernel module: milliseconds before an unanswered request is
     /// interrupted, and as long again before it fails; also how long I/O
     /// waits for a daemon that is gone (default 30000).
@@ -126,6 +155,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Commands::Attach(args) => attach(args),
         Commands::Detach { device } => detach(&device),
+        Commands::Handoff { device } => handoff(&device),
         Commands::List { json } => list(json),
     };
     match result {
@@ -145,7 +175,8 @@ fn attach(args: AttachArgs) -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("attach needs root: creating block devices takes CAP_SYS_ADMIN".into());
     }
-    if args.transport == Transport::Kmod && !fuse_blk_kmod::available() {
+    if (args.transport == Transport::Kmod || args.recover.is_some()) && !fuse_blk_kmod::available()
+    {
         return Err(format!(
             "the kmod transport needs the fuse_blk kernel module ({} is missing)",
             fuse_blk_kmod::CONTROL_PATH
@@ -160,19 +191,19 @@ fn attach(args: AttachArgs) -> Result<(), String> {
     if args.foreground {
         return daemon::run(&args, &backend, daemon::Readiness::Stdout, false);
     }
-    spawn_daemon()
+    spawn_daemon(std::env::args_os().skip(1).collect())
 }
 
 /// Starts this same command again as a detached daemon and waits for it to
 /// report the device ready (or why not).
-fn spawn_daemon() -> Result<(), String> {
+fn spawn_daemon(args: Vec<std::ffi::OsString>) -> Result<(), String> {
     let (read_end, write_end) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     const READY_FD: i32 = 3;
     let exe = std::env::current_exe().map_err(|e| format!("finding myself: {e}"))?;
     let mut command = Command::new(exe);
     command
-        .args(std::env::args_os().skip(1))
+        .args(args)
         .arg(format!("--ready-fd={READY_FD}"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -210,6 +241,47 @@ fn spawn_daemon() -> Result<(), String> {
     }
 }
 
+fn handoff(target: &str) -> Result<(), String> {
+    let Some((_, record)) = state::find(target) else {
+        return Err(format!("no attached device named or at {target}"));
+    };
+    if record.dev_id.is_none() {
+        return Err(format!(
+            "{}: handoff needs the fuse_blk kernel module; a stock-path device cannot be handed over",
+            record.name
+        ));
+    }
+    if record.backend.starts_with("mem:") {
+        return Err(format!(
+            "{}: a mem: device's contents live in its daemon and cannot be handed over",
+            record.name
+        ));
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Err("handoff needs root".into());
+    }
+    let old = record.pid;
+    spawn_daemon(
+        ["attach", "--recover", &record.name, &record.backend]
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    )?;
+    wait_for_exit(old, "the old daemon")
+}
+
+/// Waits up to 60 s for daemon `pid` to exit.
+fn wait_for_exit(pid: u32, what: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while state::daemon_alive(pid) {
+        if Instant::now() > deadline {
+            return Err(format!("{what} (pid {pid}) did not exit within 60 s"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 fn detach(target: &str) -> Result<(), String> {
     let Some((dir, record)) = state::find(target) else {
         return Err(format!("no attached device named or at {target}"));
@@ -224,14 +296,7 @@ fn detach(target: &str) -> Result<(), String> {
     }
     daemon::request_detach(&dir)?;
     // The daemon unmounts and removes its directory on its way out.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while state::daemon_alive(record.pid) {
-        if Instant::now() > deadline {
-            return Err(format!("daemon {} did not exit within 60 s", record.pid));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
+    wait_for_exit(record.pid, "the daemon")
 }
 
 /// Removes what a killed daemon left: its loop device (unbound once unused),
@@ -267,17 +332,31 @@ fn cleanup_dead(dir: &state::DeviceDir, record: &DeviceState) {
     }
 }
 
+/// The status of a device whose daemon is gone: a kernel-module device
+/// lives on, its requests waiting for `attach --recover`.
+fn orphan_status(record: &DeviceState) -> String {
+    let info = record
+        .dev_id
+        .and_then(|id| fuse_blk_kmod::Control::open().and_then(|c| c.info(id)).ok());
+    match info {
+        Some(info) if info.state != fuse_blk_kmod::uapi::STATE_DEAD => {
+            format!("orphaned ({} waiting)", info.waiting)
+        }
+        _ => "dead".into(),
+    }
+}
+
 fn list(json: bool) -> Result<(), String> {
     let mut rows = Vec::new();
     for dir in state::all() {
         match dir.read() {
             Ok(record) => {
                 let status = if !state::daemon_alive(record.pid) {
-                    "dead"
+                    orphan_status(&record)
                 } else if record.device.is_empty() {
-                    "starting"
+                    "starting".to_string()
                 } else {
-                    "running"
+                    "running".to_string()
                 };
                 rows.push((record, status));
             }
@@ -289,7 +368,7 @@ fn list(json: bool) -> Result<(), String> {
             .iter()
             .map(|(record, status)| {
                 let mut value = serde_json::to_value(record).expect("state serialises");
-                value["status"] = (*status).into();
+                value["status"] = status.as_str().into();
                 value
             })
             .collect();

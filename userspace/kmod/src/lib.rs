@@ -87,12 +87,15 @@ impl Control {
     }
 }
 
-/// Opens a channel to queue `queue` of device `dev_id`.
-pub fn attach_channel(dev_id: u32, queue: u16) -> io::Result<FdChannel> {
+/// Opens a channel to queue `queue` of device `dev_id`. With `takeover`,
+/// the queue may already have a channel: once this one has answered
+/// FUSE_INIT it takes every new request and the older one is retired.
+pub fn attach_channel(dev_id: u32, queue: u16, takeover: bool) -> io::Result<FdChannel> {
     let control = Control::open()?;
     let arg = uapi::Attach {
         dev_id,
         queue,
+        flags: if takeover { uapi::ATTACH_TAKEOVER } else { 0 },
         ..uapi::Attach::default()
     };
     // SAFETY: the ioctl reads one `struct fuse_blk_attach`, which
@@ -111,8 +114,14 @@ pub struct KmodOptions {
     pub queue_depth: u16,
     /// Largest request in bytes.
     pub max_io_bytes: u32,
-    /// Per-request timeout; also how long I/O waits for an absent daemon.
+    /// Per-request timeout.
     pub io_timeout_ms: u32,
+    /// With `Some`, requests wait this long for a new daemon when the
+    /// serving one is gone (0: they fail at once); with `None`, one I/O
+    /// timeout.
+    pub recovery_timeout_ms: Option<u32>,
+    /// Requests the dead daemon had taken fail instead of being reissued.
+    pub fail_inflight: bool,
 }
 
 impl Default for KmodOptions {
@@ -124,6 +133,8 @@ impl Default for KmodOptions {
             queue_depth: 128,
             max_io_bytes: 1 << 20,
             io_timeout_ms: 30_000,
+            recovery_timeout_ms: Some(30_000),
+            fail_inflight: false,
         }
     }
 }
@@ -143,8 +154,11 @@ pub fn params_for(geometry: &Geometry, options: &KmodOptions) -> uapi::Params {
             | flag(features.fua, uapi::F_FUA)
             | flag(features.discard, uapi::F_DISCARD)
             | flag(features.write_zeroes, uapi::F_WRITE_ZEROES)
-            | flag(geometry.read_only, uapi::F_READ_ONLY),
+            | flag(geometry.read_only, uapi::F_READ_ONLY)
+            | flag(options.recovery_timeout_ms.is_some(), uapi::F_RECOVERY)
+            | flag(options.fail_inflight, uapi::F_FAIL_INFLIGHT),
         io_timeout_ms: options.io_timeout_ms,
+        recovery_timeout_ms: options.recovery_timeout_ms.unwrap_or(0),
         ..uapi::Params::default()
     };
     let name = options.name.as_bytes();
@@ -167,6 +181,18 @@ pub struct KmodDevice {
     dev_id: u32,
     control: Control,
     workers: Option<JoinHandle<io::Result<()>>>,
+    /// Created by this process: destroyed if dropped before serving ends.
+    owned: bool,
+    /// `wait` saw the serving end.
+    waited: bool,
+}
+
+/// Why a [`KmodDevice`] stopped serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Destroyed,
+    /// Another daemon took the device over; it lives on.
+    HandedOver,
 }
 
 impl KmodDevice {
@@ -181,19 +207,92 @@ impl KmodDevice {
             dev_id: params.dev_id,
             control,
             workers: None,
+            owned: true,
+            waited: false,
         };
-        let mut channels: Vec<Arc<dyn Channel>> = Vec::with_capacity(usize::from(params.nr_queues));
-        for queue in 0..params.nr_queues {
-            channels.push(Arc::new(attach_channel(params.dev_id, queue)?));
-        }
-        let session = Arc::new(session);
-        kmod.workers = Some(
-            std::thread::Builder::new()
-                .name(format!("fuseblk{}", params.dev_id))
-                .spawn(move || session.serve(channels))?,
-        );
+        kmod.start(session, params.nr_queues, false)?;
         kmod.wait_live()?;
         Ok(kmod)
+    }
+
+    /// Serves an existing device: after its daemon crashed (its requests
+    /// waited and are reissued here), or to take it over from a running
+    /// daemon, whose channels then read FUSE_DESTROY once this one's are
+    /// up. The handler's geometry must match the device's. On error the
+    /// device is left as it was.
+    pub fn resume(device: Arc<dyn BlockDevice>, dev_id: u32) -> io::Result<KmodDevice> {
+        let control = Control::open()?;
+        let params = control.info(dev_id)?.params;
+        let session = Session::new(device, session_config(params.max_io_bytes))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let geometry = session.geometry();
+        if geometry.size != params.size || geometry.logical_block_size != params.logical_block_size
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "fuseblk{dev_id} has {} bytes in blocks of {}; the backend has {} bytes in blocks of {}",
+                    params.size, params.logical_block_size, geometry.size, geometry.logical_block_size
+                ),
+            ));
+        }
+        let mut kmod = KmodDevice {
+            dev_id,
+            control,
+            workers: None,
+            owned: false,
+            waited: false,
+        };
+        kmod.start(session, params.nr_queues, true)?;
+        kmod.wait_live()?;
+        Ok(kmod)
+    }
+
+    fn start(&mut self, session: Session, queues: u16, takeover: bool) -> io::Result<()> {
+        let mut channels: Vec<Arc<dyn Channel>> = Vec::with_capacity(usize::from(queues));
+        for queue in 0..queues {
+            channels.push(Arc::new(attach_channel(self.dev_id, queue, takeover)?));
+        }
+        let session = Arc::new(session);
+        self.workers = Some(
+            std::thread::Builder::new()
+                .name(format!("fuseblk{}", self.dev_id))
+                .spawn(move || session.serve(channels))?,
+        );
+        Ok(())
+    }
+
+    pub fn dev_id(&self) -> u32 {
+        self.dev_id
+    }
+
+    pub fn device_path(&self) -> PathBuf {
+        PathBuf::from(format!("/dev/fuseblk{}", self.dev_id))
+    }
+
+    /// A handle that destroys the device from another thread.
+    pub fn destroyer(&self) -> io::Result<Destroyer> {
+        Ok(Destroyer {
+            control: Arc::new(Control::open()?),
+            dev_id: self.dev_id,
+        })
+    }
+
+    /// Blocks until this process no longer serves the device: it was
+    /// destroyed, or another daemon took it over. Returns which.
+    pub fn wait(mut self) -> io::Result<Ended> {
+        let result = match self.workers.take() {
+            Some(workers) => workers
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("session thread panicked"))),
+            None => Ok(()),
+        };
+        self.waited = true;
+        let ended = match self.control.info(self.dev_id) {
+            Ok(info) if info.state != uapi::STATE_DEAD => Ended::HandedOver,
+            _ => Ended::Destroyed,
+        };
+        result.map(|()| ended)
     }
 
     /// Waits until every queue's worker has answered FUSE_INIT (the driver
@@ -222,47 +321,24 @@ impl KmodDevice {
             .map(drop)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
     }
-
-    pub fn dev_id(&self) -> u32 {
-        self.dev_id
-    }
-
-    pub fn device_path(&self) -> PathBuf {
-        PathBuf::from(format!("/dev/fuseblk{}", self.dev_id))
-    }
-
-    /// A handle that destroys the device from another thread.
-    pub fn destroyer(&self) -> io::Result<Destroyer> {
-        Ok(Destroyer {
-            control: Arc::new(Control::open()?),
-            dev_id: self.dev_id,
-        })
-    }
-
-    /// Blocks until the device has been destroyed and every queue's worker
-    /// has ended.
-    pub fn wait(mut self) -> io::Result<()> {
-        match self.workers.take() {
-            Some(workers) => workers
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("session thread panicked"))),
-            None => Ok(()),
-        }
-    }
 }
 
 impl Drop for KmodDevice {
+    /// A device this process created and did not see to its end (setup
+    /// failed half way, or it is dropped while served) is destroyed; its
+    /// workers then read FUSE_DESTROY and end. A resumed device is left
+    /// alone: when this process exits, its channels close and the requests
+    /// they held are requeued for the next daemon.
     fn drop(&mut self) {
-        if let Some(workers) = self.workers.take() {
+        if self.owned && !self.waited {
             if let Err(e) = self.control.destroy(self.dev_id) {
                 if e.raw_os_error() != Some(libc::ENODEV) {
                     log::warn!("{e}");
                 }
             }
-            let _ = workers.join();
-        } else {
-            // Creation failed half way: no worker ever ran.
-            let _ = self.control.destroy(self.dev_id);
+            if let Some(workers) = self.workers.take() {
+                let _ = workers.join();
+            }
         }
     }
 }

@@ -13,6 +13,10 @@ pub const F_DISCARD: u64 = 1 << 2;
 pub const F_WRITE_ZEROES: u64 = 1 << 3;
 pub const F_ROTATIONAL: u64 = 1 << 4;
 pub const F_READ_ONLY: u64 = 1 << 5;
+pub const F_RECOVERY: u64 = 1 << 6;
+pub const F_FAIL_INFLIGHT: u64 = 1 << 7;
+
+pub const ATTACH_TAKEOVER: u16 = 1 << 0;
 
 pub const STATE_WAITING: u32 = 0;
 pub const STATE_LIVE: u32 = 1;
@@ -41,7 +45,9 @@ pub struct Params {
     pub io_timeout_ms: u32,
     pub dev_id: u32,
     pub name: [u8; NAME_LEN],
-    pub reserved: [u64; 8],
+    pub recovery_timeout_ms: u32,
+    pub reserved0: u32,
+    pub reserved: [u64; 7],
 }
 
 #[repr(C)]
@@ -52,7 +58,9 @@ pub struct Info {
     pub nr_channels: u32,
     pub inflight: u32,
     pub params: Params,
-    pub reserved: [u64; 4],
+    pub waiting: u32,
+    pub reserved0: u32,
+    pub reserved: [u64; 3],
 }
 
 #[repr(C)]

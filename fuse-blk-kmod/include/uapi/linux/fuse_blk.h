@@ -14,6 +14,14 @@
  *   - The capacity is 0 until every queue's channel has answered
  *     FUSE_INIT; then it is published and partitions are read on the
  *     next open.
+ *   - Handoff and crash recovery: FUSE_BLK_ATTACH_TAKEOVER attaches a
+ *     channel to a queue that has one; once it answers FUSE_INIT it takes
+ *     every new request and the older channels read FUSE_DESTROY. Requests
+ *     a closing channel read but did not answer are requeued (unless
+ *     FUSE_BLK_F_FAIL_INFLIGHT). FUSE_BLK_F_RECOVERY with
+ *     params.recovery_timeout_ms keeps requests waiting for a new daemon
+ *     when every channel of a queue is gone. fuse_blk_info.waiting counts
+ *     requests no daemon has read.
  *
  * Objects
  *  A device (/dev/fuseblkN) is created from struct fuse_blk_params and
@@ -65,8 +73,14 @@
 #define FUSE_BLK_F_WRITE_ZEROES	(1ULL << 3)
 #define FUSE_BLK_F_ROTATIONAL	(1ULL << 4)
 #define FUSE_BLK_F_READ_ONLY	(1ULL << 5)
+/* When every channel of a queue is gone, requests wait recovery_timeout_ms
+ * for a new daemon (0: fail at once) instead of one I/O timeout. */
+#define FUSE_BLK_F_RECOVERY	(1ULL << 6)
+/* Requests a closing channel had read but not answered fail with EIO
+ * instead of being reissued: for handlers that cannot take a write twice. */
+#define FUSE_BLK_F_FAIL_INFLIGHT	(1ULL << 7)
 
-#define FUSE_BLK_F_ALL		((1ULL << 6) - 1)
+#define FUSE_BLK_F_ALL		((1ULL << 8) - 1)
 
 struct fuse_blk_features {
 	__u32	abi_version;		/* out: FUSE_BLK_ABI_VERSION */
@@ -86,7 +100,9 @@ struct fuse_blk_params {
 	__u32	io_timeout_ms;		/* per-request timeout; 0: 30 s */
 	__u32	dev_id;			/* out: N of /dev/fuseblkN */
 	char	name[FUSE_BLK_NAME_LEN];	/* NUL-terminated, for sysfs */
-	__u64	reserved[8];		/* must be zero */
+	__u32	recovery_timeout_ms;	/* with FUSE_BLK_F_RECOVERY */
+	__u32	reserved0;		/* must be zero */
+	__u64	reserved[7];		/* must be zero */
 };
 
 /* States in fuse_blk_info.state and /sys/block/fuseblkN/fuse_blk/state */
@@ -101,13 +117,18 @@ struct fuse_blk_info {
 	__u32	nr_channels;		/* out: queues with a channel */
 	__u32	inflight;		/* out: requests not yet completed */
 	struct fuse_blk_params params;	/* out */
-	__u64	reserved[4];
+	__u32	waiting;		/* out: requests no daemon has read */
+	__u32	reserved0;
+	__u64	reserved[3];
 };
+
+/* fuse_blk_attach.flags */
+#define FUSE_BLK_ATTACH_TAKEOVER	(1 << 0)	/* the queue may have a channel */
 
 struct fuse_blk_attach {
 	__u32	dev_id;
 	__u16	queue;
-	__u16	flags;			/* must be zero */
+	__u16	flags;			/* FUSE_BLK_ATTACH_* */
 	__u64	reserved[3];		/* must be zero */
 };
 

@@ -1,0 +1,21 @@
+# 20 handoffs in a row under a verifying fio load on mounted ext4: zero I/O
+# errors, verification clean, fsck clean.
+. "$CASES/lib.bash"
+image=/tmp/handoff.img
+rm -f "$image"; truncate -s 384M "$image"
+dev=$(attach --name ho --queues 2 --block-size 4096 "file:$image")
+mkfs.ext4 -q "$dev"
+mkdir -p /tmp/mnt
+mount "$dev" /tmp/mnt
+dmesg -C
+start_load /tmp/mnt
+for i in $(seq 20); do
+    "$FUSE_BLK" handoff ho > /dev/null || fail "handoff $i"
+    sleep 0.3
+done
+stop_load
+"$FUSE_BLK" list | grep -q "^ho .*running" || fail "not running after the handoffs"
+umount /tmp/mnt
+e2fsck -fn "$dev" || fail "fsck"
+no_io_errors
+detach ho

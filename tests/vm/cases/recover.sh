@@ -1,0 +1,25 @@
+# 20 cycles of kill -9 of the daemon and a restart within a second, under
+# a verifying fio load on mounted ext4: zero I/O errors, fsck clean.
+. "$CASES/lib.bash"
+image=/tmp/recover.img
+rm -f "$image"; truncate -s 384M "$image"
+dev=$(attach --name rc --queues 2 --block-size 4096 "file:$image")
+mkfs.ext4 -q "$dev"
+mkdir -p /tmp/mnt
+mount "$dev" /tmp/mnt
+dmesg -C
+start_load /tmp/mnt
+for i in $(seq 20); do
+    pid=$(daemon_pid rc)
+    kill -9 "$pid"
+    while [ -e "/proc/$pid" ]; do sleep 0.05; done
+    sleep 0.5
+    "$FUSE_BLK" list | grep -q "^rc .*orphaned" || fail "cycle $i: not orphaned"
+    attach --recover rc "file:$image" > /dev/null || fail "recover $i"
+    sleep 0.3
+done
+stop_load
+umount /tmp/mnt
+e2fsck -fn "$dev" || fail "fsck"
+no_io_errors
+detach rc
