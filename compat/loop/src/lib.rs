@@ -23,6 +23,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -86,6 +87,28 @@ struct Shared {
     loop_device: Mutex<Option<LoopDevice>>,
     mount: Mutex<Option<FuseMount>>,
     namespace: Arc<OneFileNamespace>,
+    session: Arc<Session>,
+    /// The connection's first descriptor, handed to a successor daemon.
+    primary: Arc<FdChannel>,
+    /// Another daemon serves the connection now: leave mount and loop be.
+    handed_over: AtomicBool,
+}
+
+/// Why a [`StockDevice`] stopped serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Detached,
+    /// Another daemon took the FUSE connection over.
+    HandedOver,
+}
+
+/// What a daemon passes its successor: the FUSE connection (sent with
+/// SCM_RIGHTS) and the number of open handles of the device file (the
+/// loop driver's), which detaching waits for.
+#[derive(Debug)]
+pub struct Handover {
+    pub fuse_fd: OwnedFd,
+    pub open_files: u64,
 }
 
 /// A block device served on the stock path.
@@ -127,23 +150,21 @@ impl StockDevice {
         let (mount, fd) = FuseMount::mount(&mountpoint, &format!("fuse-blk:{}", options.name))
             .map_err(undo_dir)?;
         // From here on, dropping `mount` unmounts, which ends the workers.
-        let channels = match open_channels(fd, options.threads.max(1)) {
+        let (primary, channels) = match open_channels(fd, options.threads.max(1)) {
             Ok(channels) => channels,
             Err(e) => {
                 drop(mount);
                 return Err(undo_dir(e));
             }
         };
-        let workers = {
-            let session = session.clone();
-            std::thread::Builder::new()
-                .name("fuse-blk-session".into())
-                .spawn(move || session.serve(channels))?
-        };
+        let workers = spawn_session(&session, channels)?;
         let shared = Arc::new(Shared {
             loop_device: Mutex::new(None),
             mount: Mutex::new(Some(mount)),
             namespace,
+            session,
+            primary,
+            handed_over: AtomicBool::new(false),
         });
         let mut stock = StockDevice {
             shared,
@@ -181,12 +202,51 @@ impl StockDevice {
         }
     }
 
+    /// Serves a device whose previous daemon handed its FUSE connection
+    /// over (see [`Detacher::hand_over`]): the loop device and the mount
+    /// stay as they are; this process serves the connection from now on.
+    pub fn resume(
+        device: Arc<dyn BlockDevice>,
+        handover: Handover,
+        device_path: &Path,
+        mountpoint: &Path,
+        threads: usize,
+    ) -> io::Result<StockDevice> {
+        let session = Session::new(device, session_config())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let namespace = Arc::new(OneFileNamespace::new(FILE_NAME, *session.geometry()));
+        namespace.set_open_files(handover.open_files);
+        let session = Arc::new(session.with_namespace(namespace.clone()));
+        let loop_device = LoopDevice::open(device_path)?;
+        let (primary, channels) = open_channels(handover.fuse_fd, threads.max(1))?;
+        let workers = spawn_session(&session, channels)?;
+        Ok(StockDevice {
+            shared: Arc::new(Shared {
+                loop_device: Mutex::new(Some(loop_device)),
+                mount: Mutex::new(Some(FuseMount::adopt(mountpoint))),
+                namespace,
+                session,
+                primary,
+                handed_over: AtomicBool::new(false),
+            }),
+            device_path: device_path.to_owned(),
+            mountpoint: mountpoint.to_owned(),
+            workers: Some(workers),
+        })
+    }
+
     /// Blocks until the device has been detached (or its FUSE connection
-    /// aborted), then removes whatever is left of it.
-    pub fn wait(mut self) -> io::Result<()> {
+    /// aborted), then removes whatever is left of it; or until it was
+    /// handed over to another daemon, which then owns all of it.
+    pub fn wait(mut self) -> io::Result<Ended> {
         let result = self.join_workers();
         self.cleanup();
-        result
+        let ended = if self.shared.handed_over.load(Ordering::Acquire) {
+            Ended::HandedOver
+        } else {
+            Ended::Detached
+        };
+        result.map(|()| ended)
     }
 
     fn join_workers(&mut self) -> io::Result<()> {
@@ -198,8 +258,16 @@ impl StockDevice {
         }
     }
 
-    /// Undoes whatever is still in place; idempotent.
+    /// Undoes whatever is still in place, unless another daemon serves the
+    /// device now; idempotent.
     fn cleanup(&mut self) {
+        if self.shared.handed_over.load(Ordering::Acquire) {
+            if let Some(mount) = self.shared.mount.lock().take() {
+                mount.forget();
+            }
+            self.shared.loop_device.lock().take();
+            return;
+        }
         if let Some(loop_device) = self.shared.loop_device.lock().take() {
             if let Err(e) = loop_device.detach() {
                 log::warn!("{e}");
@@ -224,6 +292,29 @@ impl Drop for StockDevice {
 }
 
 impl Detacher {
+    /// The FUSE connection for a successor daemon. Until [`retire`] this
+    /// process keeps serving too.
+    ///
+    /// [`retire`]: Detacher::retire
+    pub fn hand_over(&self) -> io::Result<Handover> {
+        Ok(Handover {
+            fuse_fd: self.shared.primary.as_fd().try_clone_to_owned()?,
+            open_files: self.shared.namespace.open_files(),
+        })
+    }
+
+    /// Stops serving after [`hand_over`](Detacher::hand_over): each worker
+    /// answers the request it holds and leaves; requests not yet read wait
+    /// in the kernel for the successor. [`StockDevice::wait`] then returns
+    /// [`Ended::HandedOver`] and leaves the mount and the loop device alone.
+    pub fn retire(&self) {
+        self.shared.handed_over.store(true, Ordering::Release);
+        while self.shared.session.workers_waiting() > 0 {
+            self.shared.session.stop();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Flushes, unbinds the loop device and unmounts. Unless `even_if_busy`,
     /// a device that is mounted or held exclusively is left alone with
     /// [`DetachError::Busy`]; with it, the loop driver defers the unbinding
@@ -268,13 +359,29 @@ fn create_private_dir(dir: &Path) -> io::Result<bool> {
     }
 }
 
-fn open_channels(fd: OwnedFd, threads: usize) -> io::Result<Vec<Arc<dyn Channel>>> {
+/// The connection's first channel (kept to hand over) and all of them.
+type Channels = (Arc<FdChannel>, Vec<Arc<dyn Channel>>);
+
+/// Channels for `threads` workers: the connection's descriptor and clones
+/// of it.
+fn open_channels(fd: OwnedFd, threads: usize) -> io::Result<Channels> {
     let mut channels: Vec<Arc<dyn Channel>> = Vec::with_capacity(threads);
     for _ in 1..threads {
         channels.push(Arc::new(FdChannel::new(mount::clone_channel(&fd)?)));
     }
-    channels.push(Arc::new(FdChannel::new(fd)));
-    Ok(channels)
+    let primary = Arc::new(FdChannel::new(fd));
+    channels.push(primary.clone());
+    Ok((primary, channels))
+}
+
+fn spawn_session(
+    session: &Arc<Session>,
+    channels: Vec<Arc<dyn Channel>>,
+) -> io::Result<JoinHandle<io::Result<()>>> {
+    let session = session.clone();
+    std::thread::Builder::new()
+        .name("fuse-blk-session".into())
+        .spawn(move || session.serve(channels))
 }
 
 fn bind_loop(file: &Path, name: &str, geometry: &fuse_blk::Geometry) -> io::Result<LoopDevice> {

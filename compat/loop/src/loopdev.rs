@@ -153,6 +153,19 @@ impl LoopDevice {
         Err(io::Error::other("no free loop device could be bound"))
     }
 
+    /// A loop device bound earlier (by a predecessor daemon).
+    pub fn open(path: &Path) -> io::Result<LoopDevice> {
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        Ok(LoopDevice {
+            path: path.to_owned(),
+            file,
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

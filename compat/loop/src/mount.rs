@@ -57,6 +57,19 @@ impl FuseMount {
         ))
     }
 
+    /// A mount made by a predecessor daemon, now ours to unmount.
+    pub fn adopt(mountpoint: &Path) -> FuseMount {
+        FuseMount {
+            mountpoint: mountpoint.to_owned(),
+            mounted: true,
+        }
+    }
+
+    /// Leaves the filesystem mounted: another process serves it now.
+    pub fn forget(mut self) {
+        self.mounted = false;
+    }
+
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
     }

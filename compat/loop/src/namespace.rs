@@ -55,6 +55,11 @@ impl OneFileNamespace {
         *self.open_files.lock()
     }
 
+    /// Takes over the count of a predecessor daemon's namespace.
+    pub fn set_open_files(&self, open: u64) {
+        *self.open_files.lock() = open;
+    }
+
     /// Waits until no handle of the device file is open; false on timeout.
     pub fn wait_closed(&self, timeout: Duration) -> bool {
         let mut open = self.open_files.lock();

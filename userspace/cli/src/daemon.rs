@@ -47,7 +47,9 @@ impl Served {
     /// another daemon (true).
     fn wait(self) -> std::io::Result<bool> {
         match self {
-            Served::Stock(stock) => stock.wait().map(|()| false),
+            Served::Stock(stock) => stock
+                .wait()
+                .map(|ended| ended == fuse_blk_loop::Ended::HandedOver),
             Served::Kmod(kmod) => kmod.wait().map(|ended| ended == Ended::HandedOver),
         }
     }
@@ -264,19 +266,37 @@ fn recover(
     let Some((dir, mut record)) = state::find(target) else {
         return Err(format!("no attached device named or at {target}"));
     };
-    let Some(dev_id) = record.dev_id else {
-        return Err(format!(
-            "{}: only kernel-module devices can be recovered; this one is on the stock path",
-            record.name
-        ));
-    };
     if detached {
         redirect_stderr(&dir)?;
     }
     let device = backend
         .open(record.read_only, record.block_size)
         .map_err(|e| e.to_string())?;
-    let kmod = KmodDevice::resume(device, dev_id).map_err(|e| e.to_string())?;
+    let served = match record.dev_id {
+        Some(dev_id) => {
+            Served::Kmod(KmodDevice::resume(device, dev_id).map_err(|e| e.to_string())?)
+        }
+        None => {
+            // The stock kernel ends a FUSE connection with its last
+            // descriptor: only a live daemon can pass it on.
+            if !state::daemon_alive(record.pid) {
+                return Err(format!(
+                    "{}: the daemon is gone, and on the stock path its FUSE connection went with it",
+                    record.name
+                ));
+            }
+            let handover = receive_handover(&dir)?;
+            let stock = StockDevice::resume(
+                device,
+                handover,
+                Path::new(&record.device),
+                Path::new(&record.mountpoint),
+                default_threads(),
+            )
+            .map_err(|e| e.to_string())?;
+            Served::Stock(stock)
+        }
+    };
     record.pid = std::process::id();
     record.backend = backend.to_string();
     dir.write(&record)
@@ -287,7 +307,7 @@ fn recover(
         record.device,
         record.pid
     );
-    Ok((Served::Kmod(kmod), dir, record))
+    Ok((served, dir, record))
 }
 
 fn default_threads() -> usize {
@@ -406,8 +426,85 @@ fn handle_control(stream: UnixStream, detacher: &DetachHandle) -> std::io::Resul
             Ok(()) => writeln!(stream, "ok"),
             Err(e) => writeln!(stream, "error {e}"),
         },
+        "handoff" => match detacher {
+            DetachHandle::Stock(stock) => {
+                let handover = stock.hand_over()?;
+                let text = format!("ok {}\n", handover.open_files);
+                send_with_fd(stream, text.as_bytes(), &handover.fuse_fd)?;
+                // The successor serves from now on; this daemon drains.
+                stock.retire();
+                Ok(())
+            }
+            DetachHandle::Kmod { .. } => writeln!(
+                stream,
+                "error kernel-module devices are taken over through the module"
+            ),
+        },
         other => writeln!(stream, "error unknown command {other:?}"),
     }
+}
+
+/// Sends `bytes` with a descriptor attached (SCM_RIGHTS).
+fn send_with_fd(
+    stream: &UnixStream,
+    bytes: &[u8],
+    fd: &std::os::fd::OwnedFd,
+) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let fds = [fd.as_raw_fd()];
+    let iov = [std::io::IoSlice::new(bytes)];
+    sendmsg::<()>(
+        stream.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )?;
+    Ok(())
+}
+
+/// Asks the running daemon of a stock-path device for its FUSE connection.
+fn receive_handover(dir: &DeviceDir) -> Result<fuse_blk_loop::Handover, String> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let stream = UnixStream::connect(dir.control_socket())
+        .map_err(|e| format!("{}: {e}", dir.control_socket().display()))?;
+    (&stream)
+        .write_all(b"handoff\n")
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 256];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| format!("receiving the FUSE connection: {e}"))?;
+    let mut fuse_fd = None;
+    for cmsg in msg.cmsgs().map_err(|e| e.to_string())? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            for fd in fds {
+                // SAFETY: the kernel just installed this descriptor for us.
+                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                fuse_fd.get_or_insert(owned);
+            }
+        }
+    }
+    let len = msg.bytes;
+    let text = String::from_utf8_lossy(&buf[..len]).trim_end().to_owned();
+    let Some(count) = text.strip_prefix("ok ") else {
+        return Err(text.strip_prefix("error ").unwrap_or(&text).to_owned());
+    };
+    let open_files = count
+        .parse()
+        .map_err(|_| format!("unexpected answer from the daemon: {text:?}"))?;
+    let fuse_fd = fuse_fd.ok_or("the daemon sent no FUSE connection")?;
+    Ok(fuse_blk_loop::Handover {
+        fuse_fd,
+        open_files,
+    })
 }
 
 /// Asks the daemon of a device to detach; returns its answer.

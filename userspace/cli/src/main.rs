@@ -42,12 +42,12 @@ enum Commands {
     /// every queue, takes all new requests, and the old one answers what it
     /// had taken and exits.
     ///
-    /// Needs the fuse_blk kernel module. A stock-path device (loop + FUSE
-    /// file) cannot be handed over yet: its FUSE connection would have to be
-    /// passed to the new process, which is not implemented, and if its
-    /// daemon dies the stock kernel fails the I/O; nothing can recover it.
-    /// A mem: backend cannot be handed over either: its contents live in the
-    /// old daemon's memory.
+    /// On the stock path (loop + FUSE file) the old daemon passes its FUSE
+    /// connection to the new one and stops reading; requests wait in the
+    /// kernel meanwhile. This needs the old daemon alive: when a stock-path
+    /// daemon dies, the stock kernel fails the device's I/O and nothing can
+    /// recover it (the kernel module can: see `attach --recover`). A mem:
+    /// backend cannot be handed over: its contents live in the old daemon.
     Handoff {
         /// The device path (/dev/fuseblkN) or its name.
         device: String,
@@ -175,8 +175,7 @@ fn attach(args: AttachArgs) -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("attach needs root: creating block devices takes CAP_SYS_ADMIN".into());
     }
-    if (args.transport == Transport::Kmod || args.recover.is_some()) && !fuse_blk_kmod::available()
-    {
+    if args.transport == Transport::Kmod && !fuse_blk_kmod::available() {
         return Err(format!(
             "the kmod transport needs the fuse_blk kernel module ({} is missing)",
             fuse_blk_kmod::CONTROL_PATH
@@ -245,12 +244,6 @@ fn handoff(target: &str) -> Result<(), String> {
     let Some((_, record)) = state::find(target) else {
         return Err(format!("no attached device named or at {target}"));
     };
-    if record.dev_id.is_none() {
-        return Err(format!(
-            "{}: handoff needs the fuse_blk kernel module; a stock-path device cannot be handed over",
-            record.name
-        ));
-    }
     if record.backend.starts_with("mem:") {
         return Err(format!(
             "{}: a mem: device's contents live in its daemon and cannot be handed over",

@@ -13,7 +13,7 @@ use crate::reply::ReplySink;
 pub trait Channel: ReplySink + Send + Sync + 'static {
     /// Blocks for the next request and returns its length, or `None` once
     /// the channel has ended (the filesystem was unmounted or the device
-    /// destroyed).
+    /// destroyed). A signal may end the wait with `ErrorKind::Interrupted`.
     fn receive(&self, buf: &mut [u8]) -> io::Result<Option<usize>>;
 
     /// Sends one reply gathered from `parts`.
@@ -52,7 +52,10 @@ impl Channel for FdChannel {
                 Ok(0) => return Ok(None),
                 Ok(n) => return Ok(Some(n)),
                 // ENOENT: the request was interrupted before it was read.
-                Err(Errno::EINTR | Errno::EAGAIN | Errno::ENOENT) => continue,
+                Err(Errno::EAGAIN | Errno::ENOENT) => continue,
+                // A signal: the caller decides whether to go on (see
+                // `Session::stop`).
+                Err(Errno::EINTR) => return Err(io::ErrorKind::Interrupted.into()),
                 Err(Errno::ENODEV) => return Ok(None),
                 Err(e) => return Err(e.into()),
             }

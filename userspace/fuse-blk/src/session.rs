@@ -76,6 +76,11 @@ pub struct Session {
     namespace: Option<Arc<dyn Namespace>>,
     config: SessionConfig,
     destroyed: AtomicBool,
+    /// Set by `stop`: workers leave at their next wait for a request.
+    stopping: AtomicBool,
+    /// Worker threads blocked or about to block in `receive`, by queue;
+    /// a worker removes itself before it ends, so each entry is live.
+    waiting_workers: parking_lot::Mutex<std::collections::HashMap<u16, libc::pthread_t>>,
 }
 
 impl Session {
@@ -92,6 +97,8 @@ impl Session {
             namespace: None,
             config,
             destroyed: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            waiting_workers: parking_lot::Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -140,12 +147,65 @@ impl Session {
     /// Receives and dispatches requests from one channel until it ends.
     pub fn run_worker(&self, queue: u16, channel: Arc<dyn Channel>) -> io::Result<()> {
         let mut buf = vec![0u8; self.config.buffer_size()];
-        while let Some(len) = channel.receive(&mut buf)? {
-            if !self.dispatch(queue, &buf[..len], &channel) {
-                break;
+        // SAFETY: pthread_self has no preconditions.
+        self.waiting_workers
+            .lock()
+            .insert(queue, unsafe { libc::pthread_self() });
+        let result = self.worker_loop(queue, &channel, &mut buf);
+        self.waiting_workers.lock().remove(&queue);
+        result
+    }
+
+    fn worker_loop(
+        &self,
+        queue: u16,
+        channel: &Arc<dyn Channel>,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
+        while !self.stopping.load(Ordering::Acquire) {
+            match channel.receive(buf) {
+                Ok(Some(len)) => {
+                    if !self.dispatch(queue, &buf[..len], channel) {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             }
         }
         Ok(())
+    }
+
+    /// Workers currently in their receive loop.
+    pub fn workers_waiting(&self) -> usize {
+        self.waiting_workers.lock().len()
+    }
+
+    /// Makes every worker leave once it has answered the request it is
+    /// handling, without ending the channels: another process can go on
+    /// serving them (handoff). Requests not yet read stay queued in the
+    /// kernel. Call repeatedly until `serve` returns: a worker that was not
+    /// yet waiting when signalled notices at its next wait.
+    pub fn stop(&self) {
+        static HANDLER: std::sync::Once = std::sync::Once::new();
+        HANDLER.call_once(|| {
+            use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+            extern "C" fn wake(_: libc::c_int) {}
+            // No SA_RESTART: a blocked read(2) returns EINTR.
+            let action =
+                SigAction::new(SigHandler::Handler(wake), SaFlags::empty(), SigSet::empty());
+            // SAFETY: the handler does nothing, which is async-signal-safe.
+            if let Err(e) = unsafe { sigaction(Signal::SIGUSR1, &action) } {
+                log::error!("installing the SIGUSR1 handler: {e}");
+            }
+        });
+        self.stopping.store(true, Ordering::Release);
+        for thread in self.waiting_workers.lock().values() {
+            // SAFETY: the thread is alive: it removes itself from the map,
+            // under this lock, before it ends.
+            unsafe { libc::pthread_kill(*thread, libc::SIGUSR1) };
+        }
     }
 
     fn destroy(&self) {
