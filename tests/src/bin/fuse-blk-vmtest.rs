@@ -101,12 +101,7 @@ impl Recorder {
 impl BlockDevice for Recorder {
     fn geometry(&self) -> Geometry {
         Geometry {
-            features: Features {
-                flush: true,
-                fua: true,
-                discard: true,
-                write_zeroes: true,
-            },
+            features: Features::ALL,
             ..self.inner.geometry()
         }
     }

@@ -2,12 +2,7 @@
 # errors, verification clean, fsck clean.
 . "$CASES/lib.bash"
 image=/tmp/handoff.img
-rm -f "$image"; truncate -s 384M "$image"
-dev=$(attach --name ho --queues 2 --block-size 4096 "file:$image")
-mkfs.ext4 -q "$dev"
-mkdir -p /tmp/mnt
-mount "$dev" /tmp/mnt
-dmesg -C
+mount_image_device ho "$image"
 start_load /tmp/mnt
 for i in $(seq 20); do
     "$FUSE_BLK" handoff ho > /dev/null || fail "handoff $i"

@@ -26,5 +26,18 @@ stop_load() {
     if [ -e /tmp/load.failed ]; then cat /tmp/load.failed; fail "fio failed under the load"; fi
 }
 no_io_errors() {
-    if dmesg | grep -Ei 'I/O error|timed out|EXT4-fs error|Buffer I/O'; then fail "I/O errors in the kernel log"; fi
+    if dmesg | tail -n +$(( ${dmesg_mark:-0} + 1 )) | grep -Ei 'I/O error|timed out|EXT4-fs error|Buffer I/O'; then
+        fail "I/O errors in the kernel log"
+    fi
+}
+# Attaches a fresh 384 MiB image file as device $1 (4 KiB blocks, two
+# queues), makes ext4 on it and mounts it on /tmp/mnt; sets $dev.
+mount_image_device() {
+    rm -f "$2"; truncate -s 384M "$2"
+    dev=$(attach --name "$1" --queues 2 --block-size 4096 "file:$2")
+    mkfs.ext4 -q "$dev"
+    mkdir -p /tmp/mnt
+    mount "$dev" /tmp/mnt
+    # Kernel messages from here on are this case's.
+    dmesg_mark=$(dmesg | wc -l)
 }

@@ -2,12 +2,7 @@
 # a verifying fio load on mounted ext4: zero I/O errors, fsck clean.
 . "$CASES/lib.bash"
 image=/tmp/recover.img
-rm -f "$image"; truncate -s 384M "$image"
-dev=$(attach --name rc --queues 2 --block-size 4096 "file:$image")
-mkfs.ext4 -q "$dev"
-mkdir -p /tmp/mnt
-mount "$dev" /tmp/mnt
-dmesg -C
+mount_image_device rc "$image"
 start_load /tmp/mnt
 for i in $(seq 20); do
     pid=$(daemon_pid rc)

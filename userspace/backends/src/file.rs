@@ -200,12 +200,7 @@ impl FileDevice {
             logical_block_size,
             physical_block_size,
             read_only,
-            features: Features {
-                flush: true,
-                fua: true,
-                discard: true,
-                write_zeroes: true,
-            },
+            features: Features::ALL,
         };
         // Its messages ("size 1000 is not a multiple of the block size
         // 512", "size is zero", ...) read well after the path.

@@ -37,12 +37,7 @@ impl BlockDevice for NullDevice {
     fn geometry(&self) -> Geometry {
         Geometry {
             read_only: self.read_only,
-            features: Features {
-                flush: true,
-                fua: true,
-                discard: true,
-                write_zeroes: true,
-            },
+            features: Features::ALL,
             ..Geometry::new(self.size, self.logical_block_size)
         }
     }

@@ -21,6 +21,16 @@ pub struct Features {
     pub write_zeroes: bool,
 }
 
+impl Features {
+    /// Every optional operation.
+    pub const ALL: Features = Features {
+        flush: true,
+        fua: true,
+        discard: true,
+        write_zeroes: true,
+    };
+}
+
 /// The shape of a block device, fixed for its lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {

@@ -664,12 +664,7 @@ impl Setup {
             logical_block_size: options.logical_block_size,
             physical_block_size: options.logical_block_size,
             read_only: options.read_only,
-            features: Features {
-                flush: true,
-                fua: true,
-                discard: true,
-                write_zeroes: true,
-            },
+            features: Features::ALL,
         };
         geometry
             .validate()
