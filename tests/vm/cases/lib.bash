@@ -41,3 +41,17 @@ mount_image_device() {
     # Kernel messages from here on are this case's.
     dmesg_mark=$(dmesg | wc -l)
 }
+# ext4 on $1: write $2 MiB of random data, check it through a fresh
+# mount, fsck clean.
+ext4_roundtrip() {
+    mkfs.ext4 -q "$1"
+    mkdir -p /tmp/mnt
+    mount "$1" /tmp/mnt
+    random_file /tmp/mnt/data "$2"
+    local want; want=$(sum /tmp/mnt/data)
+    umount /tmp/mnt
+    mount "$1" /tmp/mnt
+    [ "$(sum /tmp/mnt/data)" = "$want" ] || fail "checksum on $1"
+    umount /tmp/mnt
+    e2fsck -fn "$1" || fail "fsck of $1"
+}

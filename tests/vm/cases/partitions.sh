@@ -5,14 +5,5 @@ printf 'label: gpt\nsize=32M\nsize=64M\n' | sfdisk -q "$dev"
 for _ in $(seq 50); do [ -b "${dev}p2" ] && break; sleep 0.1; done
 [ -b "${dev}p1" ] && [ -b "${dev}p2" ] || fail "partitions not created"
 [ "$(blockdev --getsize64 "${dev}p2")" = $((64 << 20)) ] || fail "p2 size"
-mkfs.ext4 -q "${dev}p2"
-mkdir -p /tmp/mnt
-mount "${dev}p2" /tmp/mnt
-random_file /tmp/mnt/data 8
-want=$(sum /tmp/mnt/data)
-umount /tmp/mnt
-mount "${dev}p2" /tmp/mnt
-[ "$(sum /tmp/mnt/data)" = "$want" ] || fail "checksum"
-umount /tmp/mnt
-e2fsck -fn "${dev}p2"
+ext4_roundtrip "${dev}p2" 8
 detach parts
