@@ -37,10 +37,10 @@ enum Commands {
         /// The device path (/dev/loopN, /dev/fuseblkN) or its name.
         device: String,
     },
-    /// Replace the daemon of a kernel-module device with a new one serving
-    /// the same backend, without an I/O error: the new daemon attaches to
-    /// every queue, takes all new requests, and the old one answers what it
-    /// had taken and exits.
+    /// Replace the daemon of a device with a new one serving the same
+    /// backend, without an I/O error. With the kernel module, the new daemon
+    /// attaches to every queue and takes all new requests; the old one
+    /// answers what it had taken and exits.
     ///
     /// On the stock path (loop + FUSE file) the old daemon passes its FUSE
     /// connection to the new one and stops reading; requests wait in the
@@ -49,7 +49,7 @@ enum Commands {
     /// recover it (the kernel module can: see `attach --recover`). A mem:
     /// backend cannot be handed over: its contents live in the old daemon.
     Handoff {
-        /// The device path (/dev/fuseblkN) or its name.
+        /// The device path or its name.
         device: String,
     },
     /// Show every attached device.
