@@ -8,6 +8,8 @@ import sys
 from collections import defaultdict
 
 REFERENCES = [
+    ("fuse-blk-null", "ublk-null"),
+    ("fuse-blk-file-tmpfs", "ublk-loop-tmpfs"),
     ("fuse-blk-file-tmpfs", "loop-tmpfs"),
     ("fuse-blk-mem", "nbd-nbdkit-memory-1conn"),
     ("fuse-blk-mem", "nbd-nbdkit-memory-4conn"),
