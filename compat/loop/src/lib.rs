@@ -133,8 +133,7 @@ impl StockDevice {
     /// Mounts `device`, starts the workers and binds a loop device. On
     /// error everything done so far is undone.
     pub fn attach(device: Arc<dyn BlockDevice>, options: &StockOptions) -> io::Result<StockDevice> {
-        let session = Session::new(device, session_config())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let session = Session::new(device, session_config())?;
         let geometry = *session.geometry();
         let namespace = Arc::new(OneFileNamespace::new(FILE_NAME, geometry));
         let session = Arc::new(session.with_namespace(namespace.clone()));
@@ -212,8 +211,7 @@ impl StockDevice {
         mountpoint: &Path,
         threads: usize,
     ) -> io::Result<StockDevice> {
-        let session = Session::new(device, session_config())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let session = Session::new(device, session_config())?;
         let namespace = Arc::new(OneFileNamespace::new(FILE_NAME, *session.geometry()));
         namespace.set_open_files(handover.open_files);
         let session = Arc::new(session.with_namespace(namespace.clone()));

@@ -263,9 +263,7 @@ fn recover(
     detach_signals()
         .thread_block()
         .map_err(|e| format!("blocking signals: {e}"))?;
-    let Some((dir, mut record)) = state::find(target) else {
-        return Err(format!("no attached device named or at {target}"));
-    };
+    let (dir, mut record) = state::find(target)?;
     if detached {
         redirect_stderr(&dir)?;
     }

@@ -241,9 +241,7 @@ fn spawn_daemon(args: Vec<std::ffi::OsString>) -> Result<(), String> {
 }
 
 fn handoff(target: &str) -> Result<(), String> {
-    let Some((_, record)) = state::find(target) else {
-        return Err(format!("no attached device named or at {target}"));
-    };
+    let (_, record) = state::find(target)?;
     if record.backend.starts_with("mem:") {
         return Err(format!(
             "{}: a mem: device's contents live in its daemon and cannot be handed over",
@@ -276,9 +274,7 @@ fn wait_for_exit(pid: u32, what: &str) -> Result<(), String> {
 }
 
 fn detach(target: &str) -> Result<(), String> {
-    let Some((dir, record)) = state::find(target) else {
-        return Err(format!("no attached device named or at {target}"));
-    };
+    let (dir, record) = state::find(target)?;
     if !state::daemon_alive(record.pid) {
         cleanup_dead(&dir, &record);
         eprintln!(

@@ -165,17 +165,21 @@ pub fn daemon_alive(pid: u32) -> bool {
 }
 
 /// Finds a device by name or by device path.
-pub fn find(target: &str) -> Option<(DeviceDir, DeviceState)> {
+pub fn find(target: &str) -> Result<(DeviceDir, DeviceState), String> {
     let by_path = Path::new(target);
     let canonical = fs::canonicalize(by_path).ok();
-    all().into_iter().find_map(|dir| {
-        let state = dir.read().ok()?;
-        let matches = state.name == target
-            || (!state.device.is_empty()
-                && (state.device == target
-                    || canonical.as_deref() == fs::canonicalize(&state.device).ok().as_deref()));
-        matches.then_some((dir, state))
-    })
+    all()
+        .into_iter()
+        .find_map(|dir| {
+            let state = dir.read().ok()?;
+            let matches = state.name == target
+                || (!state.device.is_empty()
+                    && (state.device == target
+                        || canonical.as_deref()
+                            == fs::canonicalize(&state.device).ok().as_deref()));
+            matches.then_some((dir, state))
+        })
+        .ok_or_else(|| format!("no attached device named or at {target}"))
 }
 
 #[cfg(test)]

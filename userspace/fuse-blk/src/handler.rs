@@ -73,6 +73,12 @@ impl fmt::Display for GeometryError {
 
 impl std::error::Error for GeometryError {}
 
+impl From<GeometryError> for std::io::Error {
+    fn from(e: GeometryError) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+    }
+}
+
 impl Geometry {
     /// A writable device with no optional features, physical block size
     /// equal to the logical one.

@@ -199,8 +199,7 @@ impl KmodDevice {
     /// Creates `/dev/fuseblkN` for `device` and starts serving its queues.
     /// On error the device is destroyed again.
     pub fn create(device: Arc<dyn BlockDevice>, options: &KmodOptions) -> io::Result<KmodDevice> {
-        let session = Session::new(device, session_config(options.max_io_bytes))
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let session = Session::new(device, session_config(options.max_io_bytes))?;
         let control = Control::open()?;
         let params = control.create(&params_for(session.geometry(), options))?;
         let mut kmod = KmodDevice {
@@ -223,8 +222,7 @@ impl KmodDevice {
     pub fn resume(device: Arc<dyn BlockDevice>, dev_id: u32) -> io::Result<KmodDevice> {
         let control = Control::open()?;
         let params = control.info(dev_id)?.params;
-        let session = Session::new(device, session_config(params.max_io_bytes))
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let session = Session::new(device, session_config(params.max_io_bytes))?;
         let geometry = session.geometry();
         if geometry.size != params.size || geometry.logical_block_size != params.logical_block_size
         {
