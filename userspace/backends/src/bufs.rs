@@ -1,8 +1,7 @@
-//! Buffers shared by the backends: one of zeros, for answering reads of
-//! nothing and for writing zeros where a file system can neither punch nor
-//! zero a range, and a per-thread one that reads are assembled in.
+//! The buffer of zeros the backends share, for answering reads of nothing
+//! and for writing zeros where a file system can neither punch nor zero a
+//! range.
 
-use std::cell::RefCell;
 use std::sync::LazyLock;
 
 /// Length of [`zeros`]: the engine's default largest request, so a read is
@@ -32,21 +31,4 @@ pub fn zero_parts(len: usize) -> Vec<&'static [u8]> {
         left -= n;
     }
     parts
-}
-
-thread_local! {
-    /// Reads are assembled here: a worker thread allocates once for the
-    /// largest read it has served rather than once per request. The typed
-    /// reply is answered synchronously from inside [`with_read_buf`], so the
-    /// buffer is free again when the next request arrives.
-    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with this thread's read buffer, `len` bytes long. Its contents
-/// are whatever the last read left there: `f` must fill all of it.
-pub fn with_read_buf<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-    READ_BUF.with_borrow_mut(|buf| {
-        buf.resize(len, 0);
-        f(buf)
-    })
 }

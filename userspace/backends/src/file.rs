@@ -14,7 +14,7 @@ use fuse_blk::{BlockDevice, Features, Geometry, ReplyData, ReplyEmpty, ReplyWrit
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
 
-use crate::bufs::{with_read_buf, zeros};
+use crate::bufs::zeros;
 
 /// The block-device ioctls of `<linux/fs.h>`. Several are declared with
 /// `_IO` although they pass a pointer (hence the `_bad` variants).
@@ -121,12 +121,6 @@ fn classify(path: &Path, file_type: std::fs::FileType) -> io::Result<Kind> {
             path.display()
         ),
     ))
-}
-
-/// The errno of an `io::Error`, EIO when it carries none (a short read of
-/// a file that shrank under us).
-fn errno_of(e: &io::Error) -> i32 {
-    e.raw_os_error().unwrap_or(libc::EIO)
 }
 
 /// Whether an errno means "this kind of request is not supported here",
@@ -354,14 +348,10 @@ impl BlockDevice for FileDevice {
         if !self.in_bounds(offset, u64::from(len)) {
             return reply.error(libc::EINVAL);
         }
-        with_read_buf(len as usize, |buf| {
-            match self.file.read_exact_at(buf, offset) {
-                Ok(()) => reply.data(buf),
-                Err(e) => {
-                    log::warn!("{}: read of {len} at {offset}: {e}", self.path.display());
-                    reply.error(errno_of(&e));
-                }
-            }
+        reply.fill(|buf| {
+            self.file.read_exact_at(buf, offset).inspect_err(|e| {
+                log::warn!("{}: read of {len} at {offset}: {e}", self.path.display())
+            })
         });
     }
 

@@ -6,8 +6,6 @@ use std::collections::HashMap;
 use fuse_blk::{BlockDevice, Features, Geometry, ReplyData, ReplyEmpty, ReplyWrite, Request};
 use parking_lot::RwLock;
 
-use crate::bufs::with_read_buf;
-
 /// Storage is allocated in chunks of this size. Small enough that scattered
 /// small writes (file system metadata) do not pin much memory, large enough
 /// that the per-chunk map entry and lock round trip stay cheap next to the
@@ -173,13 +171,13 @@ impl BlockDevice for MemDevice {
         if !self.in_bounds(offset, u64::from(len)) {
             return reply.error(libc::EINVAL);
         }
-        // Copied out rather than answered from the chunks in place: that
-        // would mean holding several shard locks while the reply is sent,
-        // and readers queued behind a waiting writer on two shards could
-        // deadlock.
-        with_read_buf(len as usize, |buf| {
+        // Copied into the reply rather than answered from the chunks in
+        // place: that would mean holding several shard locks while the reply
+        // is sent, and readers queued behind a waiting writer on two shards
+        // could deadlock.
+        reply.fill(|buf| {
             self.read_into(offset, buf);
-            reply.data(buf);
+            Ok(())
         });
     }
 

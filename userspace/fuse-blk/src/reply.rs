@@ -1,6 +1,7 @@
 //! Reply objects. Each request owns exactly one; answering consumes it and
 //! dropping it unanswered answers EIO, so no request can be left hanging.
 
+use std::cell::RefCell;
 use std::io::IoSlice;
 use std::sync::Arc;
 
@@ -12,6 +13,40 @@ use zerocopy::IntoBytes;
 pub trait ReplySink: Send + Sync {
     /// Sends one whole reply (header included) as a single message.
     fn send_reply(&self, parts: &[IoSlice<'_>]);
+
+    /// Answers request `unique` with `len` bytes that `fill` writes in
+    /// place, or with the errno `fill` returns. A transport whose replies
+    /// live in a buffer the kernel reads (an io_uring entry) lets `fill`
+    /// write there, so the data is copied once; the default assembles the
+    /// reply in a per-thread buffer and sends it with `send_reply`.
+    fn send_filled(
+        &self,
+        unique: u64,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<(), i32>,
+    ) {
+        FILL_BUF.with_borrow_mut(|buf| {
+            buf.resize(len, 0);
+            match fill(buf) {
+                Ok(()) => {
+                    let header = success_header(unique, len);
+                    self.send_reply(&[IoSlice::new(header.as_bytes()), IoSlice::new(buf)]);
+                }
+                Err(errno) => {
+                    let header = error_header(unique, errno);
+                    self.send_reply(&[IoSlice::new(header.as_bytes())]);
+                }
+            }
+        })
+    }
+}
+
+thread_local! {
+    /// Where [`ReplySink::send_filled`] assembles replies by default: a
+    /// thread allocates once for the largest read it has answered, not once
+    /// per request. A reply is sent before `send_filled` returns, so the
+    /// buffer is free again for the next.
+    static FILL_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The untyped answer to one request: a payload or an errno. Transports and
@@ -48,6 +83,14 @@ impl Responder {
             parts.push(IoSlice::new(header.as_bytes()));
             parts.extend(payload.iter().map(|p| IoSlice::new(p)));
             sink.send_reply(&parts);
+        }
+    }
+
+    /// Answers with `len` bytes written in place by `fill`, or with the
+    /// errno it returns.
+    pub fn fill(mut self, len: usize, fill: &mut dyn FnMut(&mut [u8]) -> Result<(), i32>) {
+        if let Some(sink) = self.sink.take() {
+            sink.send_filled(self.unique, len, fill);
         }
     }
 
@@ -113,6 +156,18 @@ impl ReplyData {
         } else {
             self.responder.ok(parts);
         }
+    }
+
+    /// Answers with data written in place: `fill` gets a buffer of exactly
+    /// [`len`](Self::len) bytes and must fill all of it, or return an errno.
+    /// Where the transport allows, the buffer is the one the kernel copies
+    /// from, which saves a copy over [`data`](Self::data):
+    /// `reply.fill(|buf| file.read_exact_at(buf, offset))`.
+    pub fn fill(self, mut fill: impl FnMut(&mut [u8]) -> std::io::Result<()>) {
+        let len = self.len as usize;
+        self.responder.fill(len, &mut |buf| {
+            fill(buf).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+        });
     }
 
     pub fn error(self, errno: i32) {
@@ -190,5 +245,56 @@ impl ReplyWrite {
             None => self.ok(),
             Some(errno) => self.error(errno),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fuse_blk_proto::abi::OutHeader;
+    use zerocopy::FromBytes;
+
+    /// Keeps every reply it is sent, as one byte string each.
+    #[derive(Default)]
+    struct Recorder(parking_lot::Mutex<Vec<Vec<u8>>>);
+
+    impl ReplySink for Recorder {
+        fn send_reply(&self, parts: &[IoSlice<'_>]) {
+            self.0
+                .lock()
+                .push(parts.iter().flat_map(|p| p.iter().copied()).collect());
+        }
+    }
+
+    fn reply_with(fill: impl FnMut(&mut [u8]) -> std::io::Result<()>) -> Vec<u8> {
+        let sink = Arc::new(Recorder::default());
+        ReplyData::new(Responder::new(9, sink.clone()), 6).fill(fill);
+        let mut replies = sink.0.lock();
+        assert_eq!(replies.len(), 1);
+        replies.pop().unwrap()
+    }
+
+    #[test]
+    fn fill_answers_what_was_written_in_place() {
+        let reply = reply_with(|buf| {
+            assert_eq!(buf.len(), 6);
+            buf.copy_from_slice(b"abcdef");
+            Ok(())
+        });
+        let (header, payload) = OutHeader::read_from_prefix(&reply).unwrap();
+        assert_eq!((header.len, header.error, header.unique), (22, 0, 9));
+        assert_eq!(payload, b"abcdef");
+    }
+
+    #[test]
+    fn fill_answers_the_errno_of_a_failure() {
+        let reply = reply_with(|_| Err(std::io::Error::from_raw_os_error(libc::ENOSPC)));
+        let (header, payload) = OutHeader::read_from_prefix(&reply).unwrap();
+        assert_eq!((header.error, payload.len()), (-libc::ENOSPC, 0));
+        let reply = reply_with(|_| Err(std::io::ErrorKind::UnexpectedEof.into()));
+        assert_eq!(
+            OutHeader::read_from_prefix(&reply).unwrap().0.error,
+            -libc::EIO
+        );
     }
 }

@@ -21,7 +21,10 @@ use std::sync::Arc;
 use std::thread;
 
 use fuse_blk_proto::abi::{self, falloc, init_flags, InitOut};
-use fuse_blk_proto::request::{parse_request, Operation, ParseErrorKind, Request as WireRequest};
+use fuse_blk_proto::request::{
+    parse_request, parse_request_split, Operation, ParseError, ParseErrorKind,
+    Request as WireRequest,
+};
 use zerocopy::IntoBytes;
 
 use crate::channel::Channel;
@@ -216,8 +219,29 @@ impl Session {
 
     /// Handles one message; returns false once the session must end.
     pub fn dispatch(&self, queue: u16, message: &[u8], channel: &Arc<dyn Channel>) -> bool {
-        let sink: Arc<dyn ReplySink> = channel.clone();
-        let request = match parse_request(message) {
+        self.handle(queue, parse_request(message), channel.clone())
+    }
+
+    /// Handles one message delivered in a header and a payload buffer (see
+    /// [`parse_request_split`]), answering through `sink`; returns false once
+    /// the session must end.
+    pub fn dispatch_split(
+        &self,
+        queue: u16,
+        head: &[u8],
+        payload: &[u8],
+        sink: Arc<dyn ReplySink>,
+    ) -> bool {
+        self.handle(queue, parse_request_split(head, payload), sink)
+    }
+
+    fn handle(
+        &self,
+        queue: u16,
+        parsed: Result<WireRequest<'_>, ParseError>,
+        sink: Arc<dyn ReplySink>,
+    ) -> bool {
+        let request = match parsed {
             Ok(request) => request,
             Err(e) => {
                 log::error!("malformed request: {e}");

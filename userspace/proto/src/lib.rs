@@ -15,4 +15,6 @@ pub mod client;
 pub mod reply;
 pub mod request;
 
-pub use request::{parse_request, Operation, ParseError, ParseErrorKind, Request};
+pub use request::{
+    parse_request, parse_request_split, Operation, ParseError, ParseErrorKind, Request,
+};

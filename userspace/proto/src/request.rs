@@ -277,6 +277,68 @@ pub fn parse_request(buf: &[u8]) -> Result<Request<'_>, ParseError> {
     };
     Ok(Request { header, operation })
 }
+
+/// Parses a request delivered in two buffers, as io_uring transports do:
+/// `head` starts with the header and the argument, `payload` starts with a
+/// WRITE's data. Both may be longer than what they hold; `fuse_in_header.len`
+/// says how much of them is the message. Only WRITE carries data in
+/// `payload`; every other message lies whole in `head`.
+pub fn parse_request_split<'a>(
+    head: &'a [u8],
+    payload: &'a [u8],
+) -> Result<Request<'a>, ParseError> {
+    let Ok((header, _)) = InHeader::read_from_prefix(head) else {
+        return Err(ParseError {
+            kind: ParseErrorKind::ShortHeader,
+            header: None,
+        });
+    };
+    let len = header.len as usize;
+    if header.opcode != opcode::WRITE {
+        let Some(message) = head.get(..len) else {
+            return Err(ParseError {
+                kind: ParseErrorKind::LengthMismatch {
+                    header_len: header.len,
+                    received: head.len(),
+                },
+                header: None,
+            });
+        };
+        return parse_request(message);
+    }
+    let fixed = std::mem::size_of::<InHeader>() + std::mem::size_of::<abi::WriteIn>();
+    let arg: abi::WriteIn = full(
+        &header,
+        head.get(std::mem::size_of::<InHeader>()..).unwrap_or(&[]),
+    )?;
+    let data_len = len.checked_sub(fixed).filter(|&n| n <= payload.len());
+    let Some(data_len) = data_len else {
+        return Err(ParseError {
+            kind: ParseErrorKind::LengthMismatch {
+                header_len: header.len,
+                received: fixed + payload.len(),
+            },
+            header: None,
+        });
+    };
+    if data_len != arg.size as usize {
+        return Err(ParseError {
+            kind: ParseErrorKind::WriteSizeMismatch {
+                size: arg.size,
+                data: data_len,
+            },
+            header: Some(header),
+        });
+    }
+    Ok(Request {
+        header,
+        operation: Operation::Write {
+            arg,
+            data: &payload[..data_len],
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

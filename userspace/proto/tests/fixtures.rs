@@ -8,7 +8,7 @@
 use fuse_blk_proto::abi::{self, opcode, EntryOut, InHeader, InitOut, WriteOut};
 use fuse_blk_proto::client::{encode_request, parse_reply, read_struct, Reply, ReplyError};
 use fuse_blk_proto::reply::{dirent_size, encode_reply, error_header, push_dirent, success_header};
-use fuse_blk_proto::{parse_request, Operation, Request};
+use fuse_blk_proto::{parse_request, parse_request_split, Operation, ParseErrorKind, Request};
 use zerocopy::IntoBytes;
 
 /// `ENOENT` and `EIO` on Linux (the proto crate has no libc dependency).
@@ -472,6 +472,49 @@ fn write_with_data() {
     assert_eq!(data, &[0xde, 0xad, 0xbe, 0xef, 0x01, 0x02, 0x03, 0x04]);
     // The data is borrowed from the message, not copied.
     assert_eq!(data.as_ptr(), WRITE[80..].as_ptr());
+}
+
+/// The WRITE fixture as an io_uring entry holds it: header and argument in
+/// a header buffer, data at the start of a payload buffer, both with room
+/// to spare that is not part of the message.
+#[test]
+fn write_split_across_header_and_payload_buffers() {
+    let mut head = [0xaau8; 128];
+    head[..80].copy_from_slice(&WRITE[..80]);
+    let mut payload = [0x55u8; 4096];
+    payload[..8].copy_from_slice(&WRITE[80..]);
+    let split = parse_request_split(&head, &payload).unwrap();
+    let whole = parse(WRITE);
+    assert_eq!(split.header, whole.header);
+    let (Operation::Write { arg, data }, Operation::Write { arg: want, .. }) =
+        (split.operation, whole.operation)
+    else {
+        panic!("not WRITE: {split:?}");
+    };
+    assert_eq!(arg, want);
+    assert_eq!(data, &WRITE[80..]);
+    assert_eq!(data.as_ptr(), payload.as_ptr());
+
+    // A payload buffer shorter than the data the header announces.
+    let err = parse_request_split(&head, &payload[..7]).unwrap_err();
+    assert!(
+        matches!(err.kind, ParseErrorKind::LengthMismatch { .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn split_messages_without_data_lie_in_the_header_buffer() {
+    let mut head = [0u8; 128];
+    head[..READ.len()].copy_from_slice(READ);
+    let request = parse_request_split(&head, &[0xff; 64]).unwrap();
+    assert_eq!(request, parse(READ));
+    // A header buffer too short for the length the header announces.
+    let err = parse_request_split(&READ[..READ.len() - 1], &[]).unwrap_err();
+    assert!(
+        matches!(err.kind, ParseErrorKind::LengthMismatch { .. }),
+        "{err:?}"
+    );
 }
 
 #[test]
