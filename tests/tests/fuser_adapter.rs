@@ -22,6 +22,7 @@ fn a_fuser_filesystem_serves_a_block_device() {
             mountpoint: run.join("mnt"),
             name: "fuser-test".into(),
             threads: 2,
+            io: Default::default(),
         },
     )
     .expect("attach");

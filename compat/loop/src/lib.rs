@@ -29,7 +29,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fuse_blk::proto::abi::init_flags;
-use fuse_blk::{BlockDevice, Channel, FdChannel, Session, SessionConfig};
+use fuse_blk::{BlockDevice, Channel, FdChannel, IoMode, Session, SessionConfig};
 use parking_lot::Mutex;
 
 pub use loopdev::{LoopDevice, LoopOptions};
@@ -46,6 +46,8 @@ pub struct StockOptions {
     pub name: String,
     /// Worker threads, each reading its own cloned /dev/fuse descriptor.
     pub threads: usize,
+    /// How requests reach the workers.
+    pub io: IoMode,
 }
 
 /// The session configuration of the stock path: asynchronous direct I/O

@@ -223,6 +223,7 @@ fn attach(
             io_timeout_ms: args.io_timeout_ms.unwrap_or(defaults.io_timeout_ms),
             recovery_timeout_ms: Some(args.recovery_timeout_ms.unwrap_or(30_000)),
             fail_inflight: args.fail_inflight,
+            io: args.io.into(),
             ..defaults
         };
         let device = KmodDevice::create(device, &options)
@@ -235,6 +236,7 @@ fn attach(
             mountpoint: dir.mountpoint(),
             name: name.clone(),
             threads: args.threads.unwrap_or_else(default_threads),
+            io: args.io.into(),
         };
         Served::Stock(
             StockDevice::attach(device, &options)

@@ -70,6 +70,27 @@ enum Transport {
     Loop,
 }
 
+/// How requests and replies cross between the kernel and the daemon.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Io {
+    /// io_uring where the kernel offers it, else read/write.
+    Auto,
+    /// io_uring only: fail where the kernel does not offer it.
+    Uring,
+    /// One read(2) per request and one write(2) per reply.
+    Rw,
+}
+
+impl From<Io> for fuse_blk::IoMode {
+    fn from(io: Io) -> fuse_blk::IoMode {
+        match io {
+            Io::Auto => fuse_blk::IoMode::Auto,
+            Io::Uring => fuse_blk::IoMode::Uring,
+            Io::Rw => fuse_blk::IoMode::ReadWrite,
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct AttachArgs {
     /// How the device reaches the kernel.
@@ -84,6 +105,10 @@ pub struct AttachArgs {
     /// Name of the device (default: fuseblkN); `detach` and `list` use it.
     #[arg(long)]
     name: Option<String>,
+    /// How requests reach the daemon: io_uring or read/write on the
+    /// channel.
+    #[arg(long, value_enum, default_value = "auto")]
+    io: Io,
     /// Stay in the foreground instead of running the daemon in the
     /// background.
     #[arg(long)]

@@ -37,6 +37,19 @@ pub trait Namespace: Send + Sync + 'static {
     fn handle(&self, request: &WireRequest<'_>, reply: Responder);
 }
 
+/// How a transport moves requests and replies between the kernel and the
+/// engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoMode {
+    /// io_uring where the kernel offers it, read(2)/write(2) elsewhere.
+    #[default]
+    Auto,
+    /// io_uring, or an error where the kernel does not offer it.
+    Uring,
+    /// One read(2) per request and one write(2) per reply.
+    ReadWrite,
+}
+
 /// What a transport asks of the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionConfig {

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use fuse_blk::{BlockDevice, Channel, FdChannel, Geometry, Session, SessionConfig};
+use fuse_blk::{BlockDevice, Channel, FdChannel, Geometry, IoMode, Session, SessionConfig};
 
 /// The module's control device.
 pub const CONTROL_PATH: &str = "/dev/fuse-blk";
@@ -122,6 +122,8 @@ pub struct KmodOptions {
     pub recovery_timeout_ms: Option<u32>,
     /// Requests the dead daemon had taken fail instead of being reissued.
     pub fail_inflight: bool,
+    /// How each queue's channel moves requests.
+    pub io: IoMode,
 }
 
 impl Default for KmodOptions {
@@ -135,6 +137,7 @@ impl Default for KmodOptions {
             io_timeout_ms: 30_000,
             recovery_timeout_ms: Some(30_000),
             fail_inflight: false,
+            io: IoMode::Auto,
         }
     }
 }
