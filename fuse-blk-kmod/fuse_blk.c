@@ -24,6 +24,12 @@
  *			older ones are retired: they read FUSE_DESTROY and may
  *			still answer what they took (daemon handoff).
  *  struct fblk_cmd	the blk-mq payload of each request.
+ *  struct fblk_ring_ent	an io_uring entry of a channel: the daemon's header
+ *			and payload buffers and, while it waits for a request,
+ *			the held IORING_OP_URING_CMD. In chan->ents (one per
+ *			tag), allocated at the first command and freed with
+ *			the channel, which cannot be released before every
+ *			held command has completed (each pins the file).
  *
  * A command moves through these states; whoever moves it to DONE
  * completes the request, exactly once:
@@ -34,9 +40,22 @@
  *	timeout, channel release, destroy: PENDING/SENT -> DONE (EIO)
  *	release of the channel that read it: SENT -> PENDING (requeued)
  *
- * SENDING and RECEIVING belong to one read()/write() call, which finishes
- * the command itself if the device died meanwhile; the timeout handler
- * re-arms their timer.
+ * SENDING and RECEIVING belong to one read()/write() call (or io_uring
+ * delivery or commit), which finishes the command itself if the device
+ * died meanwhile; the timeout handler re-arms their timer.
+ *
+ * io_uring entries move through these states, all under the queue lock:
+ *
+ *	FETCH            FREE -> KICKED
+ *	nothing to do    KICKED -> IDLE (on chan->idle_ents, command held)
+ *	work arrives     IDLE -> KICKED (task work queued by whoever added it)
+ *	request copied   KICKED -> USER (command completed with 0)
+ *	COMMIT_AND_FETCH USER -> KICKED (the reply is taken first)
+ *	channel over, ring cancelled, fault: IDLE/KICKED -> FREE
+ *
+ * A KICKED entry belongs to the one context that moved it there, and every
+ * copy to or from an entry's buffers runs in the task of its ring (issue
+ * path or task work): commands issued from io-wq are bounced there first.
  *
  * Timeouts: a request unanswered after io_timeout_ms is sent a
  * FUSE_INTERRUPT and fails with EIO one timeout later. A request that no
@@ -59,6 +78,7 @@
 #include <linux/fs.h>
 #include <linux/fuse.h>
 #include <linux/idr.h>
+#include <linux/io_uring/cmd.h>
 #include <linux/miscdevice.h>
 #include <linux/module.h>
 #include <linux/poll.h>
@@ -107,6 +127,31 @@ struct fblk_cmd {
 
 struct fblk_chan;
 
+enum fblk_ent_state {
+	FBLK_ENT_FREE,
+	FBLK_ENT_IDLE,
+	FBLK_ENT_KICKED,
+	FBLK_ENT_USER,
+};
+
+struct fblk_ring_ent {
+	struct list_head entry;		/* on chan->idle_ents (IDLE) */
+	struct fblk_chan *chan;
+	struct io_uring_cmd *ucmd;	/* the held command (IDLE, KICKED) */
+	void __user *header;		/* FUSE_BLK_URING_HEADER_SIZE bytes */
+	void __user *payload;		/* params.max_io_bytes */
+	u64 unique;			/* of the request it holds (USER) */
+	enum fblk_ent_state state;
+};
+
+/* What an io_uring command carries from its SQE to its task work. */
+struct fblk_ring_pdu {
+	struct fblk_ring_ent *ent;
+	u64 iov_addr;
+	u32 iov_len;
+	u32 op;
+};
+
 struct fblk_queue {
 	struct fblk_dev *dev;
 	unsigned int index;
@@ -132,6 +177,8 @@ struct fblk_chan {
 	bool failed;		/* FUSE_INIT refused by the daemon */
 	bool retired;		/* a newer channel took over */
 	bool destroy_sent;
+	struct fblk_ring_ent *ents;	/* io_uring entries, or NULL */
+	struct list_head idle_ents;	/* entries waiting for a request */
 };
 
 struct fblk_dev {
@@ -213,6 +260,37 @@ static void fblk_complete_rq(struct request *rq)
 		wake_up_all(&dev->idle);
 }
 
+static void fblk_ring_tw(struct io_uring_cmd *ucmd, unsigned int issue_flags);
+
+/*
+ * Takes up to @max idle io_uring entries of @chan onto @kick, for
+ * fblk_ring_kick() to wake once the queue lock is dropped.
+ */
+static void fblk_ring_take_idle(struct fblk_chan *chan, struct list_head *kick,
+				unsigned int max)
+{
+	struct fblk_ring_ent *ent, *next;
+
+	lockdep_assert_held(&chan->queue->lock);
+	list_for_each_entry_safe(ent, next, &chan->idle_ents, entry) {
+		if (!max--)
+			break;
+		ent->state = FBLK_ENT_KICKED;
+		list_move_tail(&ent->entry, kick);
+	}
+}
+
+/* Has the ring's task look at each entry on @kick (see fblk_ring_tw()). */
+static void fblk_ring_kick(struct list_head *kick)
+{
+	struct fblk_ring_ent *ent, *next;
+
+	list_for_each_entry_safe(ent, next, kick, entry) {
+		list_del_init(&ent->entry);
+		io_uring_cmd_complete_in_task(ent->ucmd, fblk_ring_tw);
+	}
+}
+
 static blk_status_t fblk_queue_rq(struct blk_mq_hw_ctx *hctx,
 				  const struct blk_mq_queue_data *bd)
 {
@@ -220,6 +298,7 @@ static blk_status_t fblk_queue_rq(struct blk_mq_hw_ctx *hctx,
 	struct request *rq = bd->rq;
 	struct fblk_cmd *cmd = blk_mq_rq_to_pdu(rq);
 	unsigned long flags;
+	LIST_HEAD(kick);
 
 	switch (req_op(rq)) {
 	case REQ_OP_READ:
@@ -246,8 +325,11 @@ static blk_status_t fblk_queue_rq(struct blk_mq_hw_ctx *hctx,
 	cmd->owner = NULL;
 	INIT_LIST_HEAD(&cmd->int_entry);
 	list_add_tail(&cmd->entry, &queue->pending);
+	if (queue->active)
+		fblk_ring_take_idle(queue->active, &kick, 1);
 	spin_unlock_irqrestore(&queue->lock, flags);
 
+	fblk_ring_kick(&kick);
 	wake_up(&queue->waitq);
 	return BLK_STS_OK;
 }
@@ -683,12 +765,18 @@ static int fblk_destroy(u32 id)
 		unsigned long flags;
 		LIST_HEAD(failed);
 
+		struct fblk_chan *chan;
+		LIST_HEAD(kick);
+
 		spin_lock_irqsave(&queue->lock, flags);
 		fblk_take_all(queue, &queue->pending, &failed);
 		fblk_take_all(queue, &queue->sent, &failed);
+		list_for_each_entry(chan, &queue->chans, entry)
+			fblk_ring_take_idle(chan, &kick, UINT_MAX);
 		spin_unlock_irqrestore(&queue->lock, flags);
 		fblk_finish_all(&failed, BLK_STS_IOERR);
-		/* Readers get FUSE_DESTROY, then ENODEV. */
+		/* Readers get FUSE_DESTROY, then ENODEV; entries ENODEV. */
+		fblk_ring_kick(&kick);
 		wake_up_all(&queue->waitq);
 	}
 	mutex_unlock(&dev->mutex);
@@ -770,6 +858,7 @@ static int fblk_attach(struct file *file, struct fuse_blk_attach __user *uarg)
 	chan->dev = dev;
 	chan->queue = queue;
 	INIT_LIST_HEAD(&chan->interrupts);
+	INIT_LIST_HEAD(&chan->idle_ents);
 
 	mutex_lock(&dev->mutex);
 	spin_lock_irqsave(&queue->lock, flags);
@@ -944,8 +1033,14 @@ static int fblk_copy_data_in(struct request *rq, struct iov_iter *from)
 	return 0;
 }
 
-/* Sends one request; called with the queue lock held, returns unlocked. */
-static ssize_t fblk_send_request(struct fblk_chan *chan, struct iov_iter *to,
+/*
+ * Sends the first pending request: its header and argument to @head, WRITE
+ * data to @data (the same iterator for read(2)). For an io_uring entry
+ * @ent, the entry holds the request once it is sent. Called with the queue
+ * lock held, returns unlocked.
+ */
+static ssize_t fblk_send_request(struct fblk_chan *chan, struct iov_iter *head,
+				 struct iov_iter *data, struct fblk_ring_ent *ent,
 				 unsigned long flags)
 	__releases(&chan->queue->lock)
 {
@@ -964,10 +1059,10 @@ static ssize_t fblk_send_request(struct fblk_chan *chan, struct iov_iter *to,
 	head_len = fblk_build_io(rq, cmd->unique, buf, &data_len);
 	spin_unlock_irqrestore(&queue->lock, flags);
 
-	if (copy_to_iter(buf, head_len, to) != head_len)
+	if (copy_to_iter(buf, head_len, head) != head_len)
 		ret = -EFAULT;
 	else if (data_len)
-		ret = fblk_copy_data_out(rq, to);
+		ret = fblk_copy_data_out(rq, data);
 
 	spin_lock_irqsave(&queue->lock, flags);
 	if (chan->dev->dead) {
@@ -984,6 +1079,10 @@ static ssize_t fblk_send_request(struct fblk_chan *chan, struct iov_iter *to,
 		cmd->state = FBLK_CMD_SENT;
 		cmd->owner = chan;
 		list_add_tail(&cmd->entry, &queue->sent);
+		if (ent) {
+			ent->unique = cmd->unique;
+			ent->state = FBLK_ENT_USER;
+		}
 	}
 	spin_unlock_irqrestore(&queue->lock, flags);
 	return ret ? ret : head_len + data_len;
@@ -1067,7 +1166,7 @@ static ssize_t fblk_read_iter(struct kiocb *iocb, struct iov_iter *to)
 			return fblk_send_small(to, &msg, sizeof(msg));
 		}
 		if (chan == queue->active && !list_empty(&queue->pending))
-			return fblk_send_request(chan, to, flags);
+			return fblk_send_request(chan, to, to, NULL, flags);
 		spin_unlock_irqrestore(&queue->lock, flags);
 
 		if (iocb->ki_filp->f_flags & O_NONBLOCK)
@@ -1102,6 +1201,7 @@ static ssize_t fblk_init_reply(struct fblk_chan *chan,
 	struct fuse_init_out out = { };
 	unsigned long flags;
 	bool refused = false;
+	LIST_HEAD(kick);
 
 	if (payload) {
 		if (oh->error || payload < FUSE_COMPAT_22_INIT_OUT_SIZE ||
@@ -1131,13 +1231,17 @@ static ssize_t fblk_init_reply(struct fblk_chan *chan,
 
 		chan->ready = true;
 		/* The newest initialised channel takes over the queue. */
-		list_for_each_entry(older, &queue->chans, entry)
-			if (older != chan)
-				older->retired = true;
+		list_for_each_entry(older, &queue->chans, entry) {
+			if (older == chan)
+				continue;
+			older->retired = true;
+			fblk_ring_take_idle(older, &kick, UINT_MAX);
+		}
 		queue->active = chan;
 		queue->orphaned = false;
 	}
 	spin_unlock_irqrestore(&queue->lock, flags);
+	fblk_ring_kick(&kick);
 	wake_up_all(&queue->waitq);
 	if (!refused)
 		fblk_maybe_go_live(chan->dev);
@@ -1157,45 +1261,24 @@ static bool fblk_reply_fits(struct request *rq, size_t payload)
 	}
 }
 
-static ssize_t fblk_write_iter(struct kiocb *iocb, struct iov_iter *from)
+/*
+ * Takes the reply @oh (with @payload bytes after it) to a request of @chan:
+ * checks it against the request, copies what it carries (fuse_write_out
+ * from @args, READ data from @data) and completes the request. On an error
+ * the request stays with the daemon, except for ENOENT: no such request.
+ */
+static int fblk_take_reply(struct fblk_chan *chan,
+			   const struct fuse_out_header *oh, size_t payload,
+			   struct iov_iter *args, struct iov_iter *data)
 {
-	struct fblk_chan *chan = iocb->ki_filp->private_data;
-	size_t count = iov_iter_count(from);
-	struct fuse_out_header oh;
-	struct fblk_queue *queue;
-	struct fblk_dev *dev;
+	struct fblk_queue *queue = chan->queue;
+	struct fblk_dev *dev = chan->dev;
 	struct fblk_cmd *cmd;
 	struct request *rq;
 	unsigned long flags;
-	size_t payload;
-	u32 tag;
-	int ret;
+	u32 tag = (u32)oh->unique >> 1;
+	int ret = 0;
 
-	if (!chan)
-		return -EINVAL;
-	queue = chan->queue;
-	dev = chan->dev;
-	if (count < sizeof(oh))
-		return -EINVAL;
-	if (copy_from_iter(&oh, sizeof(oh), from) != sizeof(oh))
-		return -EFAULT;
-	if (oh.len != count)
-		return -EINVAL;
-	if (oh.error > 0 || oh.error < -FBLK_MAX_ERRNO)
-		return -EINVAL;
-	payload = count - sizeof(oh);
-
-	/* Answers to FUSE_INTERRUPT carry nothing we act on. */
-	if (oh.unique & FBLK_INTERRUPT_BIT)
-		return count;
-	if (READ_ONCE(dev->dead))
-		return -ENODEV;
-	if (oh.unique == chan->init_unique) {
-		ret = fblk_init_reply(chan, &oh, from, payload);
-		return ret ? ret : count;
-	}
-
-	tag = (u32)oh.unique >> 1;
 	if (tag >= dev->params.queue_depth)
 		return -ENOENT;
 
@@ -1206,16 +1289,13 @@ static ssize_t fblk_write_iter(struct kiocb *iocb, struct iov_iter *from)
 	}
 	rq = blk_mq_tag_to_rq(dev->tag_set.tags[queue->index], tag);
 	cmd = rq ? blk_mq_rq_to_pdu(rq) : NULL;
-	if (!cmd || cmd->state != FBLK_CMD_SENT || cmd->unique != oh.unique ||
+	if (!cmd || cmd->state != FBLK_CMD_SENT || cmd->unique != oh->unique ||
 	    cmd->owner != chan) {
 		spin_unlock_irqrestore(&queue->lock, flags);
 		return -ENOENT;
 	}
-	if (!oh.error && !fblk_reply_fits(rq, payload)) {
-		spin_unlock_irqrestore(&queue->lock, flags);
-		return -EINVAL;
-	}
-	if (oh.error && payload) {
+	if ((!oh->error && !fblk_reply_fits(rq, payload)) ||
+	    (oh->error && payload)) {
 		spin_unlock_irqrestore(&queue->lock, flags);
 		return -EINVAL;
 	}
@@ -1224,13 +1304,12 @@ static ssize_t fblk_write_iter(struct kiocb *iocb, struct iov_iter *from)
 	list_del_init(&cmd->int_entry);
 	spin_unlock_irqrestore(&queue->lock, flags);
 
-	ret = 0;
-	if (!oh.error && req_op(rq) == REQ_OP_READ) {
-		ret = fblk_copy_data_in(rq, from);
-	} else if (!oh.error && req_op(rq) == REQ_OP_WRITE) {
+	if (!oh->error && req_op(rq) == REQ_OP_READ) {
+		ret = fblk_copy_data_in(rq, data);
+	} else if (!oh->error && req_op(rq) == REQ_OP_WRITE) {
 		struct fuse_write_out out;
 
-		if (copy_from_iter(&out, sizeof(out), from) != sizeof(out))
+		if (copy_from_iter(&out, sizeof(out), args) != sizeof(out))
 			ret = -EFAULT;
 		else if (out.size != blk_rq_bytes(rq))
 			ret = -EINVAL;
@@ -1250,9 +1329,373 @@ static ssize_t fblk_write_iter(struct kiocb *iocb, struct iov_iter *from)
 	if (ret)
 		fblk_finish(rq, BLK_STS_IOERR);
 	else
-		fblk_finish(rq, oh.error ? errno_to_blk_status(oh.error) :
-					   BLK_STS_OK);
+		fblk_finish(rq, oh->error ? errno_to_blk_status(oh->error) :
+					    BLK_STS_OK);
+	return ret;
+}
+
+static bool fblk_errno_ok(s32 error)
+{
+	return error <= 0 && error >= -FBLK_MAX_ERRNO;
+}
+
+static ssize_t fblk_write_iter(struct kiocb *iocb, struct iov_iter *from)
+{
+	struct fblk_chan *chan = iocb->ki_filp->private_data;
+	size_t count = iov_iter_count(from);
+	struct fuse_out_header oh;
+	int ret;
+
+	if (!chan)
+		return -EINVAL;
+	if (count < sizeof(oh))
+		return -EINVAL;
+	if (copy_from_iter(&oh, sizeof(oh), from) != sizeof(oh))
+		return -EFAULT;
+	if (oh.len != count || !fblk_errno_ok(oh.error))
+		return -EINVAL;
+
+	/* Answers to FUSE_INTERRUPT carry nothing we act on. */
+	if (oh.unique & FBLK_INTERRUPT_BIT)
+		return count;
+	if (READ_ONCE(chan->dev->dead))
+		return -ENODEV;
+	if (oh.unique == chan->init_unique)
+		ret = fblk_init_reply(chan, &oh, from, count - sizeof(oh));
+	else
+		ret = fblk_take_reply(chan, &oh, count - sizeof(oh), from, from);
 	return ret ? ret : count;
+}
+
+/* ---- io_uring channels ---- */
+
+static struct fblk_ring_pdu *fblk_ring_pdu(struct io_uring_cmd *ucmd)
+{
+	return io_uring_cmd_to_pdu(ucmd, struct fblk_ring_pdu);
+}
+
+/* Whether an entry of @chan has something to complete with (lock held). */
+static bool fblk_ring_has_work(struct fblk_chan *chan)
+{
+	struct fblk_queue *queue = chan->queue;
+
+	lockdep_assert_held(&queue->lock);
+	return chan->dev->dead || chan->retired ||
+	       (chan == queue->active && !list_empty(&queue->pending));
+}
+
+/* Unregisters a KICKED entry whose command ends now. */
+static void fblk_ring_free_ent(struct fblk_ring_ent *ent)
+{
+	struct fblk_queue *queue = ent->chan->queue;
+	unsigned long flags;
+
+	spin_lock_irqsave(&queue->lock, flags);
+	ent->state = FBLK_ENT_FREE;
+	ent->ucmd = NULL;
+	spin_unlock_irqrestore(&queue->lock, flags);
+}
+
+/*
+ * Copies the next request into a KICKED entry (ring task context).
+ * Returns 0 (the entry is USER now), -ENOMSG if there is none, or the
+ * error that ends the entry's command.
+ */
+static int fblk_ring_deliver(struct fblk_ring_ent *ent)
+{
+	struct fblk_chan *chan = ent->chan;
+	struct fblk_queue *queue = chan->queue;
+	struct iov_iter head, data;
+	unsigned long flags;
+	ssize_t ret;
+
+	if (import_ubuf(ITER_DEST, ent->header, FUSE_BLK_URING_HEADER_SIZE,
+			&head) ||
+	    import_ubuf(ITER_DEST, ent->payload, chan->dev->params.max_io_bytes,
+			&data))
+		return -EFAULT;
+	spin_lock_irqsave(&queue->lock, flags);
+	if (chan->dev->dead || chan->retired) {
+		spin_unlock_irqrestore(&queue->lock, flags);
+		return -ENODEV;
+	}
+	if (chan != queue->active || list_empty(&queue->pending)) {
+		spin_unlock_irqrestore(&queue->lock, flags);
+		return -ENOMSG;
+	}
+	ret = fblk_send_request(chan, &head, &data, ent, flags);
+	return ret < 0 ? ret : 0;
+}
+
+/*
+ * Delivers to a KICKED entry, or makes it IDLE when there is nothing;
+ * returns -EIOCBQUEUED then, else what to complete its command with.
+ */
+static int fblk_ring_next(struct fblk_ring_ent *ent)
+{
+	struct fblk_queue *queue = ent->chan->queue;
+	unsigned long flags;
+	int ret;
+
+	for (;;) {
+		ret = fblk_ring_deliver(ent);
+		if (ret != -ENOMSG)
+			return ret;
+		spin_lock_irqsave(&queue->lock, flags);
+		/* Work added since was not kicked to us: we were KICKED. */
+		if (!fblk_ring_has_work(ent->chan)) {
+			ent->state = FBLK_ENT_IDLE;
+			list_add_tail(&ent->entry, &ent->chan->idle_ents);
+			spin_unlock_irqrestore(&queue->lock, flags);
+			return -EIOCBQUEUED;
+		}
+		spin_unlock_irqrestore(&queue->lock, flags);
+	}
+}
+
+/* Task work of a KICKED entry: deliver, end, or go back to waiting. */
+static void fblk_ring_tw(struct io_uring_cmd *ucmd, unsigned int issue_flags)
+{
+	struct fblk_ring_ent *ent = fblk_ring_pdu(ucmd)->ent;
+	int ret;
+
+	if (issue_flags & IO_URING_F_TASK_DEAD)
+		ret = -ECANCELED;
+	else
+		ret = fblk_ring_next(ent);
+	if (ret == -EIOCBQUEUED)
+		return;
+	if (ret)
+		fblk_ring_free_ent(ent);
+	io_uring_cmd_done(ucmd, ret, 0, issue_flags);
+}
+
+/* The ring is going away: completes the command if its entry waits. */
+static void fblk_ring_cancel(struct io_uring_cmd *ucmd, unsigned int issue_flags)
+{
+	struct fblk_ring_ent *ent = fblk_ring_pdu(ucmd)->ent;
+	struct fblk_queue *queue = ent->chan->queue;
+	unsigned long flags;
+	bool idle;
+
+	spin_lock_irqsave(&queue->lock, flags);
+	idle = ent->state == FBLK_ENT_IDLE && ent->ucmd == ucmd;
+	if (idle) {
+		list_del_init(&ent->entry);
+		ent->state = FBLK_ENT_FREE;
+		ent->ucmd = NULL;
+	}
+	spin_unlock_irqrestore(&queue->lock, flags);
+	/* A KICKED one completes from its task work. */
+	if (idle)
+		io_uring_cmd_done(ucmd, -ECANCELED, 0, issue_flags);
+}
+
+/* FETCH: registers a FREE entry's buffers; the entry is KICKED after. */
+static int fblk_ring_register(struct fblk_ring_ent *ent,
+			      const struct fblk_ring_pdu *pdu)
+{
+	struct fblk_chan *chan = ent->chan;
+	size_t max_io = chan->dev->params.max_io_bytes;
+	struct iovec iov[2];
+	unsigned long flags;
+	int ret;
+
+	if (pdu->iov_len)	/* sqe->len: reserved */
+		return -EINVAL;
+	if (copy_from_user(iov, u64_to_user_ptr(pdu->iov_addr), sizeof(iov)))
+		return -EFAULT;
+	if (iov[0].iov_len < FUSE_BLK_URING_HEADER_SIZE ||
+	    iov[1].iov_len < max_io)
+		return -EINVAL;
+	if (!access_ok(iov[0].iov_base, FUSE_BLK_URING_HEADER_SIZE) ||
+	    !access_ok(iov[1].iov_base, max_io))
+		return -EFAULT;
+
+	spin_lock_irqsave(&chan->queue->lock, flags);
+	if (ent->state != FBLK_ENT_FREE) {
+		ret = -EBUSY;
+	} else if (!chan->ready) {
+		ret = -EPROTO;
+	} else {
+		ent->state = FBLK_ENT_KICKED;
+		ent->header = iov[0].iov_base;
+		ent->payload = iov[1].iov_base;
+		ret = 0;
+	}
+	spin_unlock_irqrestore(&chan->queue->lock, flags);
+	return ret;
+}
+
+/* Copies in and takes the reply held in a KICKED entry's buffers. */
+static int fblk_ring_take_reply(struct fblk_ring_ent *ent)
+{
+	size_t max_io = ent->chan->dev->params.max_io_bytes;
+	struct fuse_out_header oh;
+	struct iov_iter args, data;
+
+	if (copy_from_user(&oh, ent->header, sizeof(oh)))
+		return -EFAULT;
+	if (oh.unique != ent->unique || oh.len < sizeof(oh) ||
+	    !fblk_errno_ok(oh.error))
+		return -EINVAL;
+	if (import_ubuf(ITER_SOURCE, ent->header + sizeof(oh),
+			FUSE_BLK_URING_HEADER_SIZE - sizeof(oh), &args) ||
+	    import_ubuf(ITER_SOURCE, ent->payload, max_io, &data))
+		return -EFAULT;
+	return fblk_take_reply(ent->chan, &oh, oh.len - sizeof(oh), &args,
+			       &data);
+}
+
+/* COMMIT_AND_FETCH: takes the reply of a USER entry, which is KICKED after. */
+static int fblk_ring_commit(struct fblk_ring_ent *ent)
+{
+	struct fblk_queue *queue = ent->chan->queue;
+	unsigned long flags;
+	int ret;
+
+	spin_lock_irqsave(&queue->lock, flags);
+	ret = ent->state == FBLK_ENT_USER ? 0 : -EINVAL;
+	if (!ret)
+		ent->state = FBLK_ENT_KICKED;
+	spin_unlock_irqrestore(&queue->lock, flags);
+	if (ret)
+		return ret;
+
+	ret = fblk_ring_take_reply(ent);
+	if (ret == -ENOENT)	/* the request is gone: fetch all the same */
+		ret = 0;
+	if (ret == -EINVAL || ret == -EFAULT) {
+		/* Refused: the entry keeps its request. */
+		spin_lock_irqsave(&queue->lock, flags);
+		ent->state = FBLK_ENT_USER;
+		spin_unlock_irqrestore(&queue->lock, flags);
+	} else if (ret) {
+		fblk_ring_free_ent(ent);
+	}
+	return ret;
+}
+
+/* Runs a FETCH or COMMIT_AND_FETCH in the task of its ring. */
+static int fblk_ring_issue(struct io_uring_cmd *ucmd, unsigned int issue_flags)
+{
+	struct fblk_ring_pdu *pdu = fblk_ring_pdu(ucmd);
+	struct fblk_ring_ent *ent = pdu->ent;
+	struct fblk_queue *queue = ent->chan->queue;
+	unsigned long flags;
+	bool kick;
+	int ret;
+
+	if (pdu->op == FUSE_BLK_URING_FETCH)
+		ret = fblk_ring_register(ent, pdu);
+	else
+		ret = fblk_ring_commit(ent);
+	if (ret)
+		return ret;
+
+	/* The entry is KICKED and ours: a request waiting goes straight in. */
+	ret = fblk_ring_deliver(ent);
+	if (ret != -ENOMSG) {
+		if (ret)
+			fblk_ring_free_ent(ent);
+		return ret;
+	}
+
+	/* Hold the command until there is work for it. */
+	ent->ucmd = ucmd;
+	io_uring_cmd_mark_cancelable(ucmd, issue_flags);
+	spin_lock_irqsave(&queue->lock, flags);
+	kick = fblk_ring_has_work(ent->chan);
+	if (!kick) {
+		ent->state = FBLK_ENT_IDLE;
+		list_add_tail(&ent->entry, &ent->chan->idle_ents);
+	}
+	spin_unlock_irqrestore(&queue->lock, flags);
+	if (kick)
+		io_uring_cmd_complete_in_task(ucmd, fblk_ring_tw);
+	return -EIOCBQUEUED;
+}
+
+static void fblk_ring_issue_tw(struct io_uring_cmd *ucmd,
+			       unsigned int issue_flags)
+{
+	int ret = -ECANCELED;
+
+	if (!(issue_flags & IO_URING_F_TASK_DEAD))
+		ret = fblk_ring_issue(ucmd, issue_flags);
+	if (ret != -EIOCBQUEUED)
+		io_uring_cmd_done(ucmd, ret, 0, issue_flags);
+}
+
+/* The channel's entries, allocated at its first io_uring command. */
+static struct fblk_ring_ent *fblk_ring_ents(struct fblk_chan *chan)
+{
+	unsigned int depth = chan->dev->params.queue_depth;
+	struct fblk_ring_ent *ents;
+	unsigned long flags;
+	unsigned int i;
+
+	ents = READ_ONCE(chan->ents);
+	if (ents)
+		return ents;
+	ents = kcalloc(depth, sizeof(*ents), GFP_KERNEL);
+	if (!ents)
+		return NULL;
+	for (i = 0; i < depth; i++) {
+		INIT_LIST_HEAD(&ents[i].entry);
+		ents[i].chan = chan;
+	}
+	spin_lock_irqsave(&chan->queue->lock, flags);
+	if (chan->ents) {
+		kfree(ents);
+		ents = chan->ents;
+	} else {
+		WRITE_ONCE(chan->ents, ents);
+	}
+	spin_unlock_irqrestore(&chan->queue->lock, flags);
+	return ents;
+}
+
+static int fblk_uring_cmd(struct io_uring_cmd *ucmd, unsigned int issue_flags)
+{
+	struct fblk_chan *chan = ucmd->file->private_data;
+	struct fblk_ring_pdu *pdu = fblk_ring_pdu(ucmd);
+	const struct fuse_blk_uring_cmd *arg;
+	struct fblk_ring_ent *ents;
+	u16 entry;
+
+	if (issue_flags & IO_URING_F_CANCEL) {
+		fblk_ring_cancel(ucmd, issue_flags);
+		return 0;
+	}
+	if (!chan)
+		return -EINVAL;	/* not attached: a control fd */
+	/* The iovec layout of 32-bit tasks is not supported. */
+	if (issue_flags & IO_URING_F_COMPAT)
+		return -EOPNOTSUPP;
+	if (ucmd->cmd_op != FUSE_BLK_URING_FETCH &&
+	    ucmd->cmd_op != FUSE_BLK_URING_COMMIT_AND_FETCH)
+		return -EINVAL;
+	arg = io_uring_sqe_cmd(ucmd->sqe);
+	entry = READ_ONCE(arg->entry);
+	if (READ_ONCE(arg->flags) || READ_ONCE(arg->reserved0) ||
+	    READ_ONCE(arg->reserved1) ||
+	    entry >= chan->dev->params.queue_depth)
+		return -EINVAL;
+	ents = fblk_ring_ents(chan);
+	if (!ents)
+		return -ENOMEM;
+	pdu->ent = &ents[entry];
+	pdu->op = ucmd->cmd_op;
+	pdu->iov_addr = READ_ONCE(ucmd->sqe->addr);
+	pdu->iov_len = READ_ONCE(ucmd->sqe->len);
+
+	/* From io-wq: go to the ring's task, where entries are handled. */
+	if (issue_flags & IO_URING_F_UNLOCKED) {
+		io_uring_cmd_complete_in_task(ucmd, fblk_ring_issue_tw);
+		return -EIOCBQUEUED;
+	}
+	return fblk_ring_issue(ucmd, issue_flags);
 }
 
 static __poll_t fblk_poll(struct file *file, poll_table *wait)
@@ -1283,6 +1726,7 @@ static int fblk_release(struct inode *inode, struct file *file)
 	struct fblk_dev *dev;
 	unsigned long flags;
 	LIST_HEAD(failed);
+	LIST_HEAD(kick);
 	bool requeue;
 
 	if (!chan)
@@ -1320,10 +1764,15 @@ static int fblk_release(struct inode *inode, struct file *file)
 	/* Without recovery, or with a zero timeout, nothing waits. */
 	if (fblk_recovery_over(queue))
 		fblk_take_all(queue, &queue->pending, &failed);
+	else if (queue->active)
+		fblk_ring_take_idle(queue->active, &kick, UINT_MAX);
 	spin_unlock_irqrestore(&queue->lock, flags);
 	fblk_finish_all(&failed, BLK_STS_IOERR);
+	fblk_ring_kick(&kick);
 	wake_up_all(&queue->waitq);
 	fblk_dev_put(dev);
+	/* Every io_uring command pinned the file: none is held now. */
+	kfree(chan->ents);
 	kfree(chan);
 	return 0;
 }
@@ -1341,6 +1790,7 @@ static const struct file_operations fblk_ctl_fops = {
 	.read_iter	= fblk_read_iter,
 	.write_iter	= fblk_write_iter,
 	.poll		= fblk_poll,
+	.uring_cmd	= fblk_uring_cmd,
 	.release	= fblk_release,
 	.unlocked_ioctl	= fblk_ioctl,
 	.compat_ioctl	= compat_ptr_ioctl,

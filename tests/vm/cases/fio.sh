@@ -1,16 +1,37 @@
 # fio with verification on the raw device: 512- and 4096-byte blocks,
-# more than one queue.
+# more than one queue, over io_uring channels and over read/write ones.
 . "$CASES/lib.bash"
-for lbs in 512 4096; do
-    dev=$(attach --name fio --queues 2 --block-size "$lbs" mem:128M)
-    [ "$(blockdev --getss "$dev")" = "$lbs" ] || fail "logical block size"
-    [ "$(ls /sys/block/fuseblk0/mq | wc -l)" = 2 ] || fail "two hardware queues"
-    for job in "randwrite 4k" "randwrite 64k" "randrw 16k"; do
-        set -- $job
-        fio --name=verify --filename="$dev" --ioengine=libaio --direct=1 \
-            --iodepth=16 --numjobs=1 --rw="$1" --bs="$2" --size=64M \
-            --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0 \
-            --verify_state_save=0 --output=/tmp/fio.out || { cat /tmp/fio.out; fail "fio $job bs $lbs"; }
+# Completions the daemon's io_uring instances have reaped (fdinfo CqHead).
+ring_completions() {
+    local pid=$1 total=0 fd head
+    for fd in /proc/"$pid"/fd/*; do
+        [ "$(readlink "$fd")" = "anon_inode:[io_uring]" ] || continue
+        head=$(sed -n 's/^CqHead:[[:space:]]*//p' "/proc/$pid/fdinfo/${fd##*/}")
+        total=$((total + head))
     done
-    detach fio
+    echo "$total"
+}
+for io in uring rw; do
+    for lbs in 512 4096; do
+        dev=$(attach --name fio --queues 2 --io "$io" --block-size "$lbs" mem:128M)
+        [ "$(blockdev --getss "$dev")" = "$lbs" ] || fail "logical block size"
+        [ "$(ls /sys/block/fuseblk0/mq | wc -l)" = 2 ] || fail "two hardware queues"
+        for job in "randwrite 4k" "randwrite 64k" "randrw 16k"; do
+            set -- $job
+            fio --name=verify --filename="$dev" --ioengine=libaio --direct=1 \
+                --iodepth=16 --numjobs=1 --rw="$1" --bs="$2" --size=64M \
+                --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0 \
+                --verify_state_save=0 --output=/tmp/fio.out || { cat /tmp/fio.out; fail "fio $job $io bs $lbs"; }
+        done
+        # 64 MiB written and read back in blocks of at most 64 KiB: at
+        # least 2048 requests, which must have come through the rings.
+        reaped=$(ring_completions "$(daemon_pid fio)")
+        echo "$io lbs $lbs: $reaped io_uring completions"
+        if [ "$io" = uring ]; then
+            [ "$reaped" -ge 2048 ] || fail "io_uring served only $reaped requests"
+        else
+            [ "$reaped" = 0 ] || fail "read/write channels used io_uring ($reaped)"
+        fi
+        detach fio
+    done
 done

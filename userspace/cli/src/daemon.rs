@@ -135,7 +135,7 @@ pub fn run(
     detached: bool,
 ) -> Result<(), String> {
     let attached = match &args.recover {
-        Some(target) => recover(backend, target, detached).map(|a| (a, true)),
+        Some(target) => recover(backend, target, detached, args.io.into()).map(|a| (a, true)),
         None => attach(args, backend, detached).map(|a| (a, false)),
     };
     match attached {
@@ -261,6 +261,7 @@ fn recover(
     backend: &BackendSpec,
     target: &str,
     detached: bool,
+    io: fuse_blk::IoMode,
 ) -> Result<(Served, DeviceDir, DeviceState), String> {
     detach_signals()
         .thread_block()
@@ -274,7 +275,7 @@ fn recover(
         .map_err(|e| e.to_string())?;
     let served = match record.dev_id {
         Some(dev_id) => {
-            Served::Kmod(KmodDevice::resume(device, dev_id).map_err(|e| e.to_string())?)
+            Served::Kmod(KmodDevice::resume(device, dev_id, io).map_err(|e| e.to_string())?)
         }
         None => {
             // The stock kernel ends a FUSE connection with its last

@@ -134,16 +134,34 @@ impl Session {
     /// Serves every channel on a thread of its own until all have ended,
     /// then tells the handler the device is gone.
     pub fn serve(self: &Arc<Self>, channels: Vec<Arc<dyn Channel>>) -> io::Result<()> {
-        if channels.len() > usize::from(u16::MAX) + 1 {
-            return Err(io::Error::other("too many channels"));
-        }
-        let mut workers = Vec::with_capacity(channels.len());
-        for (queue, channel) in (0..=u16::MAX).zip(channels) {
+        let queues =
+            u16::try_from(channels.len()).map_err(|_| io::Error::other("too many channels"))?;
+        let channels = parking_lot::Mutex::new(channels.into_iter().map(Some).collect::<Vec<_>>());
+        self.serve_with(queues, move |session, queue| {
+            let channel = channels.lock()[usize::from(queue)]
+                .take()
+                .expect("each queue's channel is taken once");
+            session.run_worker(queue, channel)
+        })
+    }
+
+    /// Runs `worker(session, queue)` for queues `0..queues`, each on a thread
+    /// of its own, until all have returned, then tells the handler the
+    /// device is gone. Transports with their own receive loop (io_uring)
+    /// serve through this.
+    pub fn serve_with<W>(self: &Arc<Self>, queues: u16, worker: W) -> io::Result<()>
+    where
+        W: Fn(&Session, u16) -> io::Result<()> + Send + Sync + 'static,
+    {
+        let worker = Arc::new(worker);
+        let mut workers = Vec::with_capacity(usize::from(queues));
+        for queue in 0..queues {
             let session = Arc::clone(self);
+            let worker = Arc::clone(&worker);
             workers.push(
                 thread::Builder::new()
                     .name(format!("fuse-blk-q{queue}"))
-                    .spawn(move || session.run_worker(queue, channel))?,
+                    .spawn(move || worker(&session, queue))?,
             );
         }
         let mut result = Ok(());

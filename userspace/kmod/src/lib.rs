@@ -6,6 +6,7 @@
 //! of the session engine: the same engine, handler and FUSE messages as the
 //! stock path, without the loop device and FUSE file in between.
 
+pub mod ring;
 pub mod uapi;
 
 use std::fs::{File, OpenOptions};
@@ -212,7 +213,7 @@ impl KmodDevice {
             owned: true,
             waited: false,
         };
-        kmod.start(session, params.nr_queues, false)?;
+        kmod.start(session, &params, false, options.io)?;
         kmod.wait_live()?;
         Ok(kmod)
     }
@@ -222,7 +223,7 @@ impl KmodDevice {
     /// daemon, whose channels then read FUSE_DESTROY once this one's are
     /// up. The handler's geometry must match the device's. On error the
     /// device is left as it was.
-    pub fn resume(device: Arc<dyn BlockDevice>, dev_id: u32) -> io::Result<KmodDevice> {
+    pub fn resume(device: Arc<dyn BlockDevice>, dev_id: u32, io: IoMode) -> io::Result<KmodDevice> {
         let control = Control::open()?;
         let params = control.info(dev_id)?.params;
         let session = Session::new(device, session_config(params.max_io_bytes))?;
@@ -244,21 +245,55 @@ impl KmodDevice {
             owned: false,
             waited: false,
         };
-        kmod.start(session, params.nr_queues, true)?;
+        kmod.start(session, &params, true, io)?;
         kmod.wait_live()?;
         Ok(kmod)
     }
 
-    fn start(&mut self, session: Session, queues: u16, takeover: bool) -> io::Result<()> {
-        let mut channels: Vec<Arc<dyn Channel>> = Vec::with_capacity(usize::from(queues));
-        for queue in 0..queues {
+    fn start(
+        &mut self,
+        session: Session,
+        params: &uapi::Params,
+        takeover: bool,
+        io: IoMode,
+    ) -> io::Result<()> {
+        let uring = match io {
+            IoMode::ReadWrite => false,
+            IoMode::Auto => ring::supported(&self.control.features()?),
+            IoMode::Uring => {
+                if !ring::supported(&self.control.features()?) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        "io_uring channels need the fuse_blk module of ABI 2 and a kernel with io_uring",
+                    ));
+                }
+                true
+            }
+        };
+        let mut channels = Vec::with_capacity(usize::from(params.nr_queues));
+        for queue in 0..params.nr_queues {
             channels.push(Arc::new(attach_channel(self.dev_id, queue, takeover)?));
         }
         let session = Arc::new(session);
+        let depth = params.queue_depth;
+        let serve = move || {
+            if uring {
+                session.serve_with(channels.len() as u16, move |session, queue| {
+                    ring::serve_queue(session, queue, channels[usize::from(queue)].clone(), depth)
+                })
+            } else {
+                session.serve(
+                    channels
+                        .into_iter()
+                        .map(|c| c as Arc<dyn Channel>)
+                        .collect(),
+                )
+            }
+        };
         self.workers = Some(
             std::thread::Builder::new()
                 .name(format!("fuseblk{}", self.dev_id))
-                .spawn(move || session.serve(channels))?,
+                .spawn(serve)?,
         );
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! ABI between the module and daemons. Field for field; the sizes are
 //! checked in the tests below.
 
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 pub const NAME_LEN: usize = 32;
 pub const MAX_QUEUES: u16 = 64;
 pub const MAX_QUEUE_DEPTH: u16 = 1024;
@@ -15,6 +15,7 @@ pub const F_ROTATIONAL: u64 = 1 << 4;
 pub const F_READ_ONLY: u64 = 1 << 5;
 pub const F_RECOVERY: u64 = 1 << 6;
 pub const F_FAIL_INFLIGHT: u64 = 1 << 7;
+pub const F_URING: u64 = 1 << 8;
 
 pub const ATTACH_TAKEOVER: u16 = 1 << 0;
 
@@ -72,7 +73,39 @@ pub struct Attach {
     pub reserved: [u64; 3],
 }
 
+/// The io_uring command area of an SQE (`struct fuse_blk_uring_cmd`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UringCmd {
+    pub entry: u16,
+    pub flags: u16,
+    pub reserved0: u32,
+    pub reserved1: u64,
+}
+
+impl UringCmd {
+    /// The command as the 16 bytes of a 64-byte SQE's command area.
+    pub fn to_bytes(self) -> [u8; 16] {
+        let mut bytes = [0u8; 16];
+        bytes[..2].copy_from_slice(&self.entry.to_ne_bytes());
+        bytes[2..4].copy_from_slice(&self.flags.to_ne_bytes());
+        bytes[4..8].copy_from_slice(&self.reserved0.to_ne_bytes());
+        bytes[8..].copy_from_slice(&self.reserved1.to_ne_bytes());
+        bytes
+    }
+}
+
+/// Bytes of an io_uring entry's header buffer.
+pub const URING_HEADER_SIZE: usize = 128;
+
 const MAGIC: u8 = 0xFB;
+
+/// `sqe->cmd_op` of FUSE_BLK_URING_FETCH: `_IOW(0xFB, 0x20, struct fuse_blk_uring_cmd)`.
+pub const URING_FETCH: u32 =
+    nix::request_code_write!(MAGIC, 0x20, std::mem::size_of::<UringCmd>()) as u32;
+/// `sqe->cmd_op` of FUSE_BLK_URING_COMMIT_AND_FETCH.
+pub const URING_COMMIT_AND_FETCH: u32 =
+    nix::request_code_write!(MAGIC, 0x21, std::mem::size_of::<UringCmd>()) as u32;
 
 nix::ioctl_read!(get_features, MAGIC, 0, Features);
 nix::ioctl_readwrite!(create, MAGIC, 1, Params);
@@ -91,5 +124,18 @@ mod tests {
         assert_eq!(size_of::<Params>(), 32 + 4 + 4 + NAME_LEN + 64);
         assert_eq!(size_of::<Info>(), 16 + size_of::<Params>() + 32);
         assert_eq!(size_of::<Attach>(), 32);
+        assert_eq!(size_of::<UringCmd>(), 16);
+    }
+
+    #[test]
+    fn uring_command_codes_match_the_header() {
+        // _IOW(0xFB, 0x20, 16 bytes): direction write (1) << 30, size << 16.
+        assert_eq!(URING_FETCH, 0x4010_fb20);
+        assert_eq!(URING_COMMIT_AND_FETCH, 0x4010_fb21);
+        let cmd = UringCmd {
+            entry: 0x0102,
+            ..UringCmd::default()
+        };
+        assert_eq!(&cmd.to_bytes()[..4], &[0x02, 0x01, 0, 0][..]);
     }
 }

@@ -5,6 +5,10 @@
  * This header is the one ABI between the fuse_blk module and its daemons.
  *
  * Changelog
+ *  ABI 2 (2026-11)
+ *   - io_uring channels: FUSE_BLK_F_URING; FUSE_BLK_URING_FETCH and
+ *     FUSE_BLK_URING_COMMIT_AND_FETCH (IORING_OP_URING_CMD on a channel)
+ *     with struct fuse_blk_uring_cmd. The read/write channel is unchanged.
  *  ABI 1 (2026-11)
  *   - Control ioctls on /dev/fuse-blk: GET_FEATURES, CREATE, DESTROY,
  *     GET_INFO, ATTACH.
@@ -43,6 +47,40 @@
  *                                       still unanswered one timeout later
  *  device destroyed     FUSE_DESTROY    then read(2) fails with ENODEV
  *
+ * io_uring channels (FUSE_BLK_F_URING)
+ *  After FUSE_INIT has been answered over read(2)/write(2), a daemon may
+ *  serve the channel's requests through an io_uring instead, with
+ *  IORING_OP_URING_CMD commands on the channel fd (64-byte SQEs suffice):
+ *  sqe->cmd_op is one of the FUSE_BLK_URING_* below and the command area
+ *  holds struct fuse_blk_uring_cmd. The daemon sets up ring entries
+ *  0..queue_depth-1, each with two buffers of its own memory:
+ *   header   FUSE_BLK_URING_HEADER_SIZE bytes. A request arrives here as
+ *            struct fuse_in_header followed by the opcode's argument; the
+ *            reply goes here as struct fuse_out_header, followed for
+ *            FUSE_WRITE by struct fuse_write_out.
+ *   payload  at least params.max_io_bytes. FUSE_WRITE data arrives here,
+ *            FUSE_READ data is replied here. fuse_in_header.len and
+ *            fuse_out_header.len count these bytes too.
+ *  FUSE_BLK_URING_FETCH   registers an entry: sqe->addr points to a struct
+ *                         iovec[2] (header, payload); sqe->len must be 0.
+ *  FUSE_BLK_URING_COMMIT_AND_FETCH
+ *                         takes the reply in the entry's buffers and waits
+ *                         for the next request in the same entry.
+ *  Either completes (CQE res) when a request is in the entry: 0. A commit
+ *  whose request is gone (timed out, or taken back) fetches as if it had
+ *  been answered. Other results end the command and leave the entry
+ *  unregistered, except a refused reply (EINVAL, EFAULT), after which the
+ *  entry still holds its request and may be committed again:
+ *   -ENODEV     the device is destroyed or a newer channel took over (where
+ *               read(2) returns FUSE_DESTROY); committing what the entry
+ *               holds is still possible
+ *   -ECANCELED  the ring is going away
+ *   -EBUSY      FETCH of an entry that is registered
+ *   -EPROTO     FETCH before FUSE_INIT was answered
+ *   -EINVAL     a malformed command or reply
+ *  FUSE_INTERRUPT and FUSE_DESTROY are still read with read(2), and
+ *  read(2) may still take requests, so a daemon can mix the two.
+ *
  * Replies are checked: a reply whose length disagrees with its header or
  * with what the request needs, whose unique is unknown or already answered,
  * or whose error is not 0 or a negated errno in 1..511, is refused with
@@ -54,7 +92,7 @@
 #include <linux/types.h>
 #include <linux/ioctl.h>
 
-#define FUSE_BLK_ABI_VERSION	1
+#define FUSE_BLK_ABI_VERSION	2
 
 /* fuse_in_header.nodeid of every request on a channel */
 #define FUSE_BLK_NODE_ID	2
@@ -80,7 +118,11 @@
  * instead of being reissued: for handlers that cannot take a write twice. */
 #define FUSE_BLK_F_FAIL_INFLIGHT	(1ULL << 7)
 
-#define FUSE_BLK_F_ALL		((1ULL << 8) - 1)
+/* Channels take io_uring commands (GET_FEATURES reports it; CREATE echoes
+ * it and it asks nothing of the device). */
+#define FUSE_BLK_F_URING	(1ULL << 8)
+
+#define FUSE_BLK_F_ALL		((1ULL << 9) - 1)
 
 struct fuse_blk_features {
 	__u32	abi_version;		/* out: FUSE_BLK_ABI_VERSION */
@@ -139,5 +181,18 @@ struct fuse_blk_attach {
 #define FUSE_BLK_IOC_DESTROY		_IOW(FUSE_BLK_IOC_MAGIC, 2, __u32)
 #define FUSE_BLK_IOC_GET_INFO		_IOWR(FUSE_BLK_IOC_MAGIC, 3, struct fuse_blk_info)
 #define FUSE_BLK_IOC_ATTACH		_IOW(FUSE_BLK_IOC_MAGIC, 4, struct fuse_blk_attach)
+
+/* io_uring channels: sqe->cmd_op values and the SQE's command area */
+#define FUSE_BLK_URING_HEADER_SIZE	128
+
+struct fuse_blk_uring_cmd {
+	__u16	entry;			/* 0..queue_depth-1 */
+	__u16	flags;			/* must be zero */
+	__u32	reserved0;		/* must be zero */
+	__u64	reserved1;		/* must be zero */
+};
+
+#define FUSE_BLK_URING_FETCH		_IOW(FUSE_BLK_IOC_MAGIC, 0x20, struct fuse_blk_uring_cmd)
+#define FUSE_BLK_URING_COMMIT_AND_FETCH	_IOW(FUSE_BLK_IOC_MAGIC, 0x21, struct fuse_blk_uring_cmd)
 
 #endif /* _UAPI_LINUX_FUSE_BLK_H */
