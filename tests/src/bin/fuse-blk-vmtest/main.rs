@@ -6,6 +6,8 @@
 //!   fuse-blk-vmtest recorder SIZE LOG     serve a recording memory device
 //!   fuse-blk-vmtest fuser SIZE            serve ImageFs through the adapter
 //!   fuse-blk-vmtest garbage               misbehave on a device; check the refusals
+//!   fuse-blk-vmtest ring-garbage          the same through io_uring commands, and
+//!                                         rings that go away at every stage
 //!   fuse-blk-vmtest hold SIZE [fail-inflight]
 //!                                         serve a memory device with recovery on
 //!                                         that never answers reads at 1 MiB
@@ -16,6 +18,8 @@
 //!
 //! Serving commands print the device path on stdout once it is ready and
 //! serve until the device is destroyed.
+
+mod ring_garbage;
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
@@ -37,6 +41,7 @@ fn main() -> ExitCode {
         ["recorder", size, log] => recorder(parse(size), log),
         ["fuser", size] => serve_fuser(parse(size)),
         ["garbage"] => garbage(),
+        ["ring-garbage"] => ring_garbage::run(),
         ["hold", size] => hold(parse(size), false),
         ["hold", size, "fail-inflight"] => hold(parse(size), true),
         ["resume", id, size] => {

@@ -1,0 +1,535 @@
+//! `ring-garbage`: io_uring commands (FUSE_BLK_URING_*) the driver must
+//! refuse, rings that go away while the driver holds their commands or
+//! while a request sits in an entry, and a device destroyed under waiting
+//! entries. After each, the device must still serve requests correctly.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fuse_blk::proto::abi::{opcode, InHeader, InitOut, OutHeader};
+use fuse_blk::Geometry;
+use fuse_blk_kmod::uapi::{self, UringCmd, URING_COMMIT_AND_FETCH, URING_FETCH, URING_HEADER_SIZE};
+use fuse_blk_kmod::{attach_channel, Control, KmodOptions};
+use io_uring::{opcode as op, squeue, types, IoUring};
+use zerocopy::{FromBytes, IntoBytes};
+
+use super::{expect_refused, read_message, reply_bytes, write_reply};
+
+const DEPTH: u16 = 4;
+const MAX_IO: usize = 1 << 20;
+
+/// A ring on one channel with `DEPTH` entries' buffers.
+struct Probe {
+    ring: IoUring,
+    channel: File,
+    headers: Vec<u8>,
+    payloads: Vec<u8>,
+    iovecs: Vec<[libc::iovec; 2]>,
+}
+
+impl Probe {
+    fn new(channel: File) -> io::Result<Probe> {
+        let mut headers = vec![0u8; usize::from(DEPTH) * URING_HEADER_SIZE];
+        let mut payloads = vec![0u8; usize::from(DEPTH) * MAX_IO];
+        let iovecs = (0..usize::from(DEPTH))
+            .map(|i| {
+                [
+                    libc::iovec {
+                        iov_base: headers[i * URING_HEADER_SIZE..].as_mut_ptr().cast(),
+                        iov_len: URING_HEADER_SIZE,
+                    },
+                    libc::iovec {
+                        iov_base: payloads[i * MAX_IO..].as_mut_ptr().cast(),
+                        iov_len: MAX_IO,
+                    },
+                ]
+            })
+            .collect();
+        Ok(Probe {
+            ring: IoUring::new(16)?,
+            channel,
+            headers,
+            payloads,
+            iovecs,
+        })
+    }
+
+    fn sqe(&self, cmd_op: u32, cmd: UringCmd, addr: Option<u64>) -> squeue::Entry {
+        op::UringCmd16::new(types::Fd(self.channel.as_raw_fd()), cmd_op)
+            .cmd(cmd.to_bytes())
+            .addr(addr)
+            .build()
+            .user_data(u64::from(cmd.entry))
+    }
+
+    fn fetch(&self, entry: u16) -> squeue::Entry {
+        let iov = self.iovecs[usize::from(entry)].as_ptr() as u64;
+        self.sqe(
+            URING_FETCH,
+            UringCmd {
+                entry,
+                ..UringCmd::default()
+            },
+            Some(iov),
+        )
+    }
+
+    fn commit(&self, entry: u16) -> squeue::Entry {
+        self.sqe(
+            URING_COMMIT_AND_FETCH,
+            UringCmd {
+                entry,
+                ..UringCmd::default()
+            },
+            None,
+        )
+    }
+
+    fn submit(&mut self, sqe: squeue::Entry) -> io::Result<()> {
+        // SAFETY: the SQE points at this probe's iovecs and buffers, which
+        // outlive the ring (fields drop in declaration order: ring first).
+        unsafe { self.ring.submission().push(&sqe) }
+            .map_err(|_| io::Error::other("submission queue full"))?;
+        self.ring.submit()?;
+        Ok(())
+    }
+
+    /// The next completion, within `timeout`.
+    fn complete(&mut self, timeout: Duration) -> io::Result<Option<(u64, i32)>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(cqe) = self.ring.completion().next() {
+                return Ok(Some((cqe.user_data(), cqe.result())));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            let ts = types::Timespec::from(Duration::from_millis(50));
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Err(e)
+                    if e.raw_os_error() != Some(libc::ETIME)
+                        && e.raw_os_error() != Some(libc::EINTR) =>
+                {
+                    return Err(e)
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Submits `sqe` and checks that it completes at once with `-errno`.
+    fn expect_result(&mut self, what: &str, sqe: squeue::Entry, errno: i32) -> io::Result<()> {
+        self.submit(sqe)?;
+        match self.complete(Duration::from_secs(5))? {
+            Some((_, result)) if result == -errno => {
+                println!("refused as expected: {what} (errno {errno})");
+                Ok(())
+            }
+            other => Err(io::Error::other(format!(
+                "{what}: expected -{errno}, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Submits `sqe` and checks that the driver holds it.
+    fn expect_held(&mut self, what: &str, sqe: squeue::Entry) -> io::Result<()> {
+        self.submit(sqe)?;
+        match self.complete(Duration::from_millis(300))? {
+            None => Ok(()),
+            Some(cqe) => Err(io::Error::other(format!(
+                "{what}: completed at once: {cqe:?}"
+            ))),
+        }
+    }
+
+    /// Waits for a request in some entry; returns the entry and its header.
+    fn request(&mut self) -> io::Result<(u16, InHeader)> {
+        match self.complete(Duration::from_secs(20))? {
+            Some((entry, 0)) => {
+                let at = entry as usize * URING_HEADER_SIZE;
+                let header = InHeader::read_from_prefix(&self.headers[at..]).unwrap().0;
+                Ok((entry as u16, header))
+            }
+            other => Err(io::Error::other(format!(
+                "expected a request, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Writes a reply into `entry`'s buffers: header (with `len` claimed),
+    /// then `payload` into the payload buffer.
+    fn write_reply(
+        &mut self,
+        entry: u16,
+        unique: u64,
+        error: i32,
+        payload: &[u8],
+        len: Option<u32>,
+    ) {
+        let header = OutHeader {
+            len: len.unwrap_or((16 + payload.len()) as u32),
+            error,
+            unique,
+        };
+        let at = usize::from(entry) * URING_HEADER_SIZE;
+        self.headers[at..at + 16].copy_from_slice(header.as_bytes());
+        let at = usize::from(entry) * MAX_IO;
+        self.payloads[at..at + payload.len()].copy_from_slice(payload);
+    }
+
+    /// Answers READs with zeros (through their entries) until `reader` is
+    /// done; fails on anything else.
+    fn serve_zeros_until(&mut self, reader: &mut Child) -> io::Result<()> {
+        loop {
+            if let Some(status) = reader.try_wait()? {
+                return if status.success() {
+                    Ok(())
+                } else {
+                    Err(io::Error::other(format!("reader failed: {status}")))
+                };
+            }
+            let Some((entry, result)) = self.complete(Duration::from_millis(100))? else {
+                continue;
+            };
+            if result != 0 {
+                return Err(io::Error::other(format!(
+                    "entry {entry} ended with {result}"
+                )));
+            }
+            let at = entry as usize * URING_HEADER_SIZE;
+            let (header, body) = InHeader::read_from_prefix(&self.headers[at..]).unwrap();
+            if header.opcode != opcode::READ {
+                return Err(io::Error::other(format!(
+                    "unexpected opcode {}",
+                    header.opcode
+                )));
+            }
+            let size = u32::from_ne_bytes(body[16..20].try_into().unwrap()) as usize;
+            self.write_reply(entry as u16, header.unique, 0, &vec![0; size], None);
+            let commit = self.commit(entry as u16);
+            self.submit(commit)?;
+        }
+    }
+}
+
+fn reader(device: &str, skip_blocks: u64) -> io::Result<Child> {
+    Command::new("dd")
+        .args([
+            format!("if={device}"),
+            "of=/dev/null".into(),
+            "bs=4096".into(),
+            "count=1".into(),
+            format!("skip={skip_blocks}"),
+            "iflag=direct".into(),
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+}
+
+fn channel(id: u32, takeover: bool) -> io::Result<File> {
+    Ok(File::from(OwnedFd::from(attach_channel(id, 0, takeover)?)))
+}
+
+/// Answers FUSE_INIT on a fresh channel over read/write.
+fn answer_init(channel: &File) -> io::Result<()> {
+    let mut buf = vec![0u8; MAX_IO + 4096];
+    let (init, _) = read_message(channel, &mut buf)?;
+    if init.opcode != opcode::INIT {
+        return Err(io::Error::other(format!(
+            "first message is opcode {}",
+            init.opcode
+        )));
+    }
+    let out = InitOut {
+        major: 7,
+        minor: 31,
+        max_write: MAX_IO as u32,
+        ..InitOut::default()
+    };
+    match write_reply(channel, &reply_bytes(init.unique, 0, out.as_bytes(), None)) {
+        None => Ok(()),
+        Some(errno) => Err(io::Error::other(format!("INIT refused: {errno}"))),
+    }
+}
+
+pub fn run() -> io::Result<()> {
+    let control = Control::open()?;
+    if control.features()?.features & uapi::F_URING == 0 {
+        return Err(io::Error::other(
+            "the module does not offer io_uring channels",
+        ));
+    }
+    let params = control.create(&fuse_blk_kmod::params_for(
+        &Geometry::new(8 << 20, 512),
+        &KmodOptions {
+            name: "ring-garbage".into(),
+            queues: 1,
+            queue_depth: DEPTH,
+            io_timeout_ms: 60_000,
+            recovery_timeout_ms: Some(60_000),
+            ..KmodOptions::default()
+        },
+    ))?;
+    let id = params.dev_id;
+    let result = misbehave(id);
+    control.destroy(id).ok();
+    result
+}
+
+fn misbehave(id: u32) -> io::Result<()> {
+    let device = format!("/dev/fuseblk{id}");
+
+    // A control fd (not attached) is no channel.
+    let mut control_probe = Probe::new(
+        File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse-blk")?,
+    )?;
+    let fetch = control_probe.fetch(0);
+    control_probe.expect_result("command on a control fd", fetch, libc::EINVAL)?;
+
+    let mut probe = Probe::new(channel(id, false)?)?;
+    let fetch = probe.fetch(0);
+    probe.expect_result("FETCH before FUSE_INIT", fetch, libc::EPROTO)?;
+    answer_init(&probe.channel)?;
+
+    let bad = [
+        (
+            "entry past the queue depth",
+            UringCmd {
+                entry: DEPTH,
+                ..UringCmd::default()
+            },
+        ),
+        (
+            "flags",
+            UringCmd {
+                flags: 1,
+                ..UringCmd::default()
+            },
+        ),
+        (
+            "reserved0",
+            UringCmd {
+                reserved0: 1,
+                ..UringCmd::default()
+            },
+        ),
+        (
+            "reserved1",
+            UringCmd {
+                reserved1: 1 << 40,
+                ..UringCmd::default()
+            },
+        ),
+    ];
+    for (what, cmd) in bad {
+        let sqe = probe.sqe(URING_FETCH, cmd, Some(probe.iovecs[0].as_ptr() as u64));
+        probe.expect_result(what, sqe, libc::EINVAL)?;
+    }
+    let sqe = probe.sqe(URING_FETCH + 7, UringCmd::default(), None);
+    probe.expect_result("unknown command", sqe, libc::EINVAL)?;
+    let sqe = probe.sqe(URING_FETCH, UringCmd::default(), Some(8));
+    probe.expect_result("iovec at a bad address", sqe, libc::EFAULT)?;
+    let mut small = probe.iovecs[0];
+    small[0].iov_len = URING_HEADER_SIZE - 1;
+    let sqe = probe.sqe(
+        URING_FETCH,
+        UringCmd::default(),
+        Some(small.as_ptr() as u64),
+    );
+    probe.expect_result("header buffer too small", sqe, libc::EINVAL)?;
+    let mut small = probe.iovecs[0];
+    small[1].iov_len = MAX_IO - 4096;
+    let sqe = probe.sqe(
+        URING_FETCH,
+        UringCmd::default(),
+        Some(small.as_ptr() as u64),
+    );
+    probe.expect_result("payload buffer too small", sqe, libc::EINVAL)?;
+    let bad_buffers = [
+        libc::iovec {
+            iov_base: usize::MAX as *mut _,
+            iov_len: URING_HEADER_SIZE,
+        },
+        probe.iovecs[0][1],
+    ];
+    let sqe = probe.sqe(
+        URING_FETCH,
+        UringCmd::default(),
+        Some(bad_buffers.as_ptr() as u64),
+    );
+    probe.expect_result("header buffer outside user memory", sqe, libc::EFAULT)?;
+    let commit = probe.commit(1);
+    probe.expect_result("COMMIT of an entry never fetched", commit, libc::EINVAL)?;
+
+    let fetch = probe.fetch(0);
+    probe.expect_held("FETCH", fetch)?;
+    let fetch = probe.fetch(0);
+    probe.expect_result("FETCH of a registered entry", fetch, libc::EBUSY)?;
+
+    // A request in entry 0: bad replies are refused, the entry keeps it.
+    // (The first reads may be the partition scan's; any READ will do.)
+    let mut dd = reader(&device, 0)?;
+    let (entry, read) = probe.request()?;
+    if entry != 0 || read.opcode != opcode::READ {
+        return Err(io::Error::other(format!(
+            "expected a READ in entry 0, got {read:?} in {entry}"
+        )));
+    }
+    let at = usize::from(entry) * URING_HEADER_SIZE + 40;
+    let size = u32::from_ne_bytes(probe.headers[at + 16..at + 20].try_into().unwrap()) as usize;
+    let replies: [(&str, u64, i32, usize, Option<u32>); 6] = [
+        (
+            "reply naming another request",
+            read.unique ^ (1 << 40),
+            0,
+            size,
+            None,
+        ),
+        ("short read data", read.unique, 0, size - 512, None),
+        (
+            "read data past max_io",
+            read.unique,
+            0,
+            size,
+            Some((16 + MAX_IO + 4096) as u32),
+        ),
+        ("error with data", read.unique, -libc::EIO, 4, None),
+        ("positive error", read.unique, 5, 0, None),
+        ("length below the header", read.unique, 0, 0, Some(8)),
+    ];
+    for (what, unique, error, len, claimed) in replies {
+        probe.write_reply(entry, unique, error, &vec![0; len], claimed);
+        let commit = probe.commit(entry);
+        probe.expect_result(what, commit, libc::EINVAL)?;
+    }
+    // Now properly: the reader and the partition scan get zeros.
+    probe.write_reply(entry, read.unique, 0, &vec![0; size], None);
+    let commit = probe.commit(entry);
+    probe.submit(commit)?;
+    probe.serve_zeros_until(&mut dd)?;
+    println!("device usable after bad commands");
+
+    // The ring goes away while the driver holds a command: the command is
+    // cancelled and the entry can be fetched again, on a ring that lives on
+    // a thread of its own, whose exit cancels its commands before join
+    // returns. Then read(2) on the same channel still serves.
+    drop(std::mem::replace(&mut probe.ring, IoUring::new(16)?));
+    let clone = probe.channel.try_clone()?;
+    std::thread::spawn(move || -> io::Result<()> {
+        let mut short_lived = Probe::new(clone)?;
+        let mut tries = 0;
+        loop {
+            let fetch = short_lived.fetch(0);
+            short_lived.submit(fetch)?;
+            match short_lived.complete(Duration::from_millis(300))? {
+                None => break,
+                Some((_, result)) if result == -libc::EBUSY && tries < 100 => tries += 1,
+                other => {
+                    return Err(io::Error::other(format!(
+                        "entry not freed with its ring: {other:?}"
+                    )))
+                }
+            }
+        }
+        // The buffers must outlive the command, which ends with the thread;
+        // the descriptor must not outlive it (it would keep the channel).
+        let Probe {
+            ring,
+            channel,
+            headers,
+            payloads,
+            iovecs,
+        } = short_lived;
+        std::mem::forget((headers, payloads, iovecs));
+        drop(channel);
+        drop(ring);
+        Ok(())
+    })
+    .join()
+    .map_err(|_| io::Error::other("ring thread panicked"))??;
+    println!("ring entries freed when their ring goes away");
+    let mut dd = reader(&device, 1)?;
+    let mut buf = vec![0u8; MAX_IO + 4096];
+    loop {
+        let (header, _) = read_message(&probe.channel, &mut buf)?;
+        if header.opcode != opcode::READ {
+            return Err(io::Error::other(format!(
+                "after the ring: opcode {}",
+                header.opcode
+            )));
+        }
+        if let Some(errno) = write_reply(
+            &probe.channel,
+            &reply_bytes(header.unique, 0, &vec![0; 4096], None),
+        ) {
+            return Err(io::Error::other(format!(
+                "read/write reply refused: {errno}"
+            )));
+        }
+        if dd.try_wait()?.is_some() || {
+            std::thread::sleep(Duration::from_millis(50));
+            dd.try_wait()?.is_some()
+        } {
+            break;
+        }
+    }
+    if !dd.wait()?.success() {
+        return Err(io::Error::other("reader failed after the ring went away"));
+    }
+    println!("channel usable after its ring went away");
+
+    // A request sits in an entry when the daemon (ring and channel) goes:
+    // it is reissued to the next daemon.
+    let fetch = probe.fetch(0);
+    probe.expect_held("FETCH on a new ring", fetch)?;
+    let mut dd = reader(&device, 2)?;
+    let (_, held) = probe.request()?;
+    drop(probe);
+    // The old channel is released once its ring has wound down: take over.
+    let mut probe = Probe::new(channel(id, true)?)?;
+    answer_init(&probe.channel)?;
+    for entry in 0..DEPTH {
+        let fetch = probe.fetch(entry);
+        probe.submit(fetch)?;
+    }
+    let (entry, again) = probe.request()?;
+    if again.unique & 0xffff_ffff != held.unique & 0xffff_ffff || again.opcode != opcode::READ {
+        return Err(io::Error::other(format!(
+            "expected the held READ again, got {again:?}"
+        )));
+    }
+    let at = usize::from(entry) * URING_HEADER_SIZE + 40;
+    let size = u32::from_ne_bytes(probe.headers[at + 16..at + 20].try_into().unwrap()) as usize;
+    probe.write_reply(entry, again.unique, 0, &vec![0; size], None);
+    let commit = probe.commit(entry);
+    probe.submit(commit)?;
+    probe.serve_zeros_until(&mut dd)?;
+    println!("request held in a ring entry reissued to the next daemon");
+
+    // Destroyed under waiting entries: each ends with ENODEV.
+    Control::open()?.destroy(id)?;
+    for _ in 0..DEPTH {
+        match probe.complete(Duration::from_secs(5))? {
+            Some((_, result)) if result == -libc::ENODEV => {}
+            other => return Err(io::Error::other(format!("after destroy: {other:?}"))),
+        }
+    }
+    println!("waiting entries end with ENODEV on destroy");
+    // Committing after the end is refused; reads say FUSE_DESTROY.
+    let fetch = probe.fetch(0);
+    probe.expect_result("FETCH after destroy", fetch, libc::ENODEV)?;
+    expect_refused(
+        "reply after destroy",
+        &probe.channel,
+        &reply_bytes(2, 0, &[], None),
+        &[libc::ENODEV, libc::ENOENT],
+    )?;
+    Ok(())
+}
