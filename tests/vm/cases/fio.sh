@@ -16,6 +16,9 @@ for io in uring rw; do
         dev=$(attach --name fio --queues 2 --io "$io" --block-size "$lbs" mem:128M)
         [ "$(blockdev --getss "$dev")" = "$lbs" ] || fail "logical block size"
         [ "$(ls /sys/block/fuseblk0/mq | wc -l)" = 2 ] || fail "two hardware queues"
+        # Never written: the backend answers "zeros" (no data over io_uring)
+        # and the kernel must zero the page-cache pages itself.
+        cmp -n $((128 << 20)) "$dev" /dev/zero || fail "unwritten device does not read as zeros ($io)"
         for job in "randwrite 4k" "randwrite 64k" "randrw 16k"; do
             set -- $job
             fio --name=verify --filename="$dev" --ioengine=libaio --direct=1 \

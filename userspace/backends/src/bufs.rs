@@ -18,17 +18,3 @@ static ZEROS: LazyLock<Box<[u8]>> = LazyLock::new(|| vec![0u8; ZEROS_LEN].into_b
 pub fn zeros() -> &'static [u8] {
     &ZEROS
 }
-
-/// `len` bytes of zeros as slices of the shared buffer, for
-/// `ReplyData::data_parts` and gathered writes.
-pub fn zero_parts(len: usize) -> Vec<&'static [u8]> {
-    let zeros = zeros();
-    let mut parts = Vec::with_capacity(len.div_ceil(ZEROS_LEN));
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(ZEROS_LEN);
-        parts.push(&zeros[..n]);
-        left -= n;
-    }
-    parts
-}

@@ -3,8 +3,6 @@
 
 use fuse_blk::{BlockDevice, Features, Geometry, ReplyData, ReplyEmpty, ReplyWrite, Request};
 
-use crate::bufs::{zero_parts, zeros, ZEROS_LEN};
-
 /// Reads return zeros, writes are dropped, everything else succeeds at
 /// once. All optional operations are advertised, so a benchmark exercises
 /// flushes, FUA writes, discards and zeroing through the whole path rather
@@ -44,13 +42,8 @@ impl BlockDevice for NullDevice {
 
     /// Answered from one shared buffer of zeros: a benchmark should measure
     /// the transport, not an allocation and memset per request.
-    fn read(&self, _req: &Request, _offset: u64, len: u32, reply: ReplyData) {
-        let len = len as usize;
-        if len <= ZEROS_LEN {
-            reply.data(&zeros()[..len]);
-        } else {
-            reply.data_parts(&zero_parts(len));
-        }
+    fn read(&self, _req: &Request, _offset: u64, _len: u32, reply: ReplyData) {
+        reply.zeros();
     }
 
     fn write(&self, _req: &Request, _offset: u64, _data: &[u8], _fua: bool, reply: ReplyWrite) {
@@ -84,6 +77,7 @@ mod tests {
     use fuse_blk::{Session, SessionConfig};
 
     use super::*;
+    use crate::bufs::ZEROS_LEN;
     use crate::testutil::{pattern, Harness};
 
     #[test]

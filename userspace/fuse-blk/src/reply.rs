@@ -14,6 +14,13 @@ pub trait ReplySink: Send + Sync {
     /// Sends one whole reply (header included) as a single message.
     fn send_reply(&self, parts: &[IoSlice<'_>]);
 
+    /// Answers a READ with "the range reads as zeros" and no data, where
+    /// the transport has such a reply; returns false (sending nothing)
+    /// where it has not.
+    fn send_zeros_reply(&self, _unique: u64) -> bool {
+        false
+    }
+
     /// Answers request `unique` with `len` bytes that `fill` writes in
     /// place, or with the errno `fill` returns. A transport whose replies
     /// live in a buffer the kernel reads (an io_uring entry) lets `fill`
@@ -38,6 +45,20 @@ pub trait ReplySink: Send + Sync {
                 }
             }
         })
+    }
+}
+
+impl dyn ReplySink {
+    /// Answers request `unique` with `len` bytes of zeros: without copying
+    /// anything where the transport can say "zeros" (the kernel module's
+    /// io_uring channels), else by filling them in.
+    fn send_zeros(&self, unique: u64, len: usize) {
+        if !self.send_zeros_reply(unique) {
+            self.send_filled(unique, len, &mut |buf| {
+                buf.fill(0);
+                Ok(())
+            });
+        }
     }
 }
 
@@ -91,6 +112,13 @@ impl Responder {
     pub fn fill(mut self, len: usize, fill: &mut dyn FnMut(&mut [u8]) -> Result<(), i32>) {
         if let Some(sink) = self.sink.take() {
             sink.send_filled(self.unique, len, fill);
+        }
+    }
+
+    /// Answers with `len` bytes of zeros.
+    pub fn zeros(mut self, len: usize) {
+        if let Some(sink) = self.sink.take() {
+            sink.send_zeros(self.unique, len);
         }
     }
 
@@ -168,6 +196,13 @@ impl ReplyData {
         self.responder.fill(len, &mut |buf| {
             fill(buf).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
         });
+    }
+
+    /// Answers that the whole range reads as zeros, as a sparse backend
+    /// does for what was never written: over the kernel module's io_uring
+    /// channels nothing is copied, the kernel zeroes the pages itself.
+    pub fn zeros(self) {
+        self.responder.zeros(self.len as usize);
     }
 
     pub fn error(self, errno: i32) {
@@ -284,6 +319,16 @@ mod tests {
         let (header, payload) = OutHeader::read_from_prefix(&reply).unwrap();
         assert_eq!((header.len, header.error, header.unique), (22, 0, 9));
         assert_eq!(payload, b"abcdef");
+    }
+
+    #[test]
+    fn zeros_are_filled_in_where_the_transport_has_no_zeros_reply() {
+        let sink = Arc::new(Recorder::default());
+        ReplyData::new(Responder::new(4, sink.clone()), 4096).zeros();
+        let reply = sink.0.lock().pop().unwrap();
+        let (header, payload) = OutHeader::read_from_prefix(&reply).unwrap();
+        assert_eq!((header.len, header.error, header.unique), (16 + 4096, 0, 4));
+        assert!(payload.len() == 4096 && payload.iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -37,12 +37,15 @@ use std::io::IoSlice;
 
 use crate::uapi;
 
-/// `user_data` of the eventfd read; entries use their index.
+/// `user_data` of the eventfd read and of the idle tick; entries use their
+/// index.
 const WAKE_TAG: u64 = u64::MAX;
+const TICK_TAG: u64 = u64::MAX - 1;
 
-/// How long a worker with nothing in flight waits before it gives the
-/// pages of its payload buffers back (the idle daemon stays small).
-const IDLE_RELEASE: Duration = Duration::from_secs(1);
+/// A worker that saw no request for a whole tick gives the pages of its
+/// payload buffers back (the idle daemon stays small). A timeout in the
+/// ring rather than on each wait: no timer is armed per request.
+const IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// Whether the running kernel and module offer io_uring channels.
 pub fn supported(features: &uapi::Features) -> bool {
@@ -293,6 +296,9 @@ struct Worker<'a> {
     with_user: usize,
     /// Payload pages were touched since they were last released.
     dirty: bool,
+    /// Requests seen since the last tick.
+    busy: bool,
+    tick: types::Timespec,
     wake_buf: [u8; 8],
 }
 
@@ -337,6 +343,8 @@ impl<'a> Worker<'a> {
             live: 0,
             with_user: 0,
             dirty: false,
+            busy: false,
+            tick: types::Timespec::from(IDLE_TICK),
             wake_buf: [0; 8],
         })
     }
@@ -379,6 +387,25 @@ impl<'a> Worker<'a> {
         self.push(read)
     }
 
+    fn arm_tick(&mut self) -> io::Result<()> {
+        let timeout = op::Timeout::new(&self.tick).build().user_data(TICK_TAG);
+        self.push(timeout)
+    }
+
+    /// A tick without requests: nothing is in flight, so no reference into
+    /// the payload buffers is live and their pages can go.
+    fn ticked(&mut self) -> io::Result<()> {
+        if !self.busy && self.dirty && self.with_user == 0 {
+            self.buffers.payloads.release();
+            self.dirty = false;
+        }
+        self.busy = false;
+        if self.live > 0 {
+            self.arm_tick()?;
+        }
+        Ok(())
+    }
+
     fn run(&mut self) -> io::Result<()> {
         for entry in 0..self.depth {
             let fetch = self.command(uapi::URING_FETCH, entry);
@@ -386,6 +413,7 @@ impl<'a> Worker<'a> {
             self.live += 1;
         }
         self.arm_wake()?;
+        self.arm_tick()?;
         while self.live > 0 {
             self.wait()?;
             let completions: Vec<(u64, i32)> = self
@@ -396,6 +424,8 @@ impl<'a> Worker<'a> {
             for (tag, result) in completions {
                 if tag == WAKE_TAG {
                     self.arm_wake()?;
+                } else if tag == TICK_TAG {
+                    self.ticked()?;
                 } else {
                     self.completed(tag as u16, result);
                 }
@@ -410,28 +440,11 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    /// Submits what is queued and waits for at least one completion; after
-    /// a while with nothing in flight, gives the payload pages back.
+    /// Submits what is queued and waits for at least one completion.
     fn wait(&mut self) -> io::Result<()> {
-        let idle = self.dirty && self.with_user == 0;
-        let result = if idle {
-            let timeout = types::Timespec::from(IDLE_RELEASE);
-            let args = types::SubmitArgs::new().timespec(&timeout);
-            self.ring.submitter().submit_with_args(1, &args)
-        } else {
-            self.ring.submit_and_wait(1)
-        };
-        match result {
-            Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {
-                if self.ring.completion().is_empty() {
-                    self.buffers.payloads.release();
-                    self.dirty = false;
-                }
-                Ok(())
-            }
+        match self.ring.submit_and_wait(1) {
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
-            Err(e) => Err(e),
+            other => other.map(drop),
         }
     }
 
@@ -457,6 +470,7 @@ impl<'a> Worker<'a> {
     fn dispatch(&mut self, entry: u16) {
         self.with_user += 1;
         self.dirty = true;
+        self.busy = true;
         // The request's header and argument are copied out: the reply is
         // written over them while the request is being handled.
         let mut head = [0u8; uapi::URING_HEADER_SIZE];

@@ -6,6 +6,9 @@
  *
  * Changelog
  *  ABI 2 (2026-11)
+ *   - A FUSE_READ reply without data (fuse_out_header.len is the header's
+ *     size, error 0) means the range reads as zeros: sparse backends
+ *     answer without copying anything. Either kind of channel.
  *   - io_uring channels: FUSE_BLK_F_URING; FUSE_BLK_URING_FETCH and
  *     FUSE_BLK_URING_COMMIT_AND_FETCH (IORING_OP_URING_CMD on a channel)
  *     with struct fuse_blk_uring_cmd. The read/write channel is unchanged.
