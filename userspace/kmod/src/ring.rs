@@ -25,6 +25,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::ThreadId;
 use std::time::Duration;
@@ -151,16 +152,23 @@ impl Buffers {
     }
 }
 
-/// Where the reply to the request in one entry goes.
+/// Where the reply to the request in one entry goes; one per entry, made
+/// once.
 struct EntrySink {
     buffers: Arc<Buffers>,
     entry: u16,
-    /// Opcode of the request: READ data goes to the payload buffer, what
-    /// follows any other reply's header to the header buffer.
-    opcode: u32,
+    /// Opcode of the request in the entry, set before it is dispatched:
+    /// READ data goes to the payload buffer, what follows any other reply's
+    /// header to the header buffer.
+    opcode: AtomicU32,
 }
 
 impl EntrySink {
+    fn opcode(&self) -> u32 {
+        // Set by the worker before the dispatch that hands out the reply.
+        self.opcode.load(Ordering::Acquire)
+    }
+
     fn write_header(&self, header: OutHeader) {
         // SAFETY: the header buffer of an entry this reply owns (see
         // `Buffers`); `OutHeader` is 16 plain bytes, within the 128.
@@ -176,7 +184,7 @@ impl EntrySink {
 impl ReplySink for EntrySink {
     fn send_reply(&self, parts: &[IoSlice<'_>]) {
         let header_len = std::mem::size_of::<OutHeader>();
-        let (dest, room) = if self.opcode == opcode::READ {
+        let (dest, room) = if self.opcode() == opcode::READ {
             (self.buffers.payload(self.entry), self.buffers.max_io)
         } else {
             // SAFETY: within the entry's header buffer.
@@ -217,7 +225,7 @@ impl ReplySink for EntrySink {
         len: usize,
         fill: &mut dyn FnMut(&mut [u8]) -> Result<(), i32>,
     ) {
-        let header = if self.opcode != opcode::READ || len > self.buffers.max_io {
+        let header = if self.opcode() != opcode::READ || len > self.buffers.max_io {
             log::error!("a filled reply of {len} bytes does not fit its ring entry; answering EIO");
             error_header(unique, libc::EIO)
         } else {
@@ -290,6 +298,9 @@ struct Worker<'a> {
     depth: u16,
     /// The iovecs FETCH points at, per entry: header, payload.
     iovecs: Vec<[libc::iovec; 2]>,
+    sinks: Vec<Arc<EntrySink>>,
+    /// Completions of one wait, reused.
+    reaped: Vec<(u64, i32)>,
     /// Entries whose command has not ended.
     live: usize,
     /// Entries holding a request userspace has not committed yet.
@@ -332,6 +343,15 @@ impl<'a> Worker<'a> {
                 ]
             })
             .collect();
+        let sinks = (0..depth)
+            .map(|entry| {
+                Arc::new(EntrySink {
+                    buffers: Arc::clone(&buffers),
+                    entry,
+                    opcode: AtomicU32::new(0),
+                })
+            })
+            .collect();
         Ok(Worker {
             session,
             queue,
@@ -340,6 +360,8 @@ impl<'a> Worker<'a> {
             ring,
             depth,
             iovecs,
+            sinks,
+            reaped: Vec::with_capacity(usize::from(depth) + 2),
             live: 0,
             with_user: 0,
             dirty: false,
@@ -416,12 +438,13 @@ impl<'a> Worker<'a> {
         self.arm_tick()?;
         while self.live > 0 {
             self.wait()?;
-            let completions: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|cqe| (cqe.user_data(), cqe.result()))
-                .collect();
-            for (tag, result) in completions {
+            let mut reaped = std::mem::take(&mut self.reaped);
+            reaped.extend(
+                self.ring
+                    .completion()
+                    .map(|cqe| (cqe.user_data(), cqe.result())),
+            );
+            for &(tag, result) in &reaped {
                 if tag == WAKE_TAG {
                     self.arm_wake()?;
                 } else if tag == TICK_TAG {
@@ -430,6 +453,8 @@ impl<'a> Worker<'a> {
                     self.completed(tag as u16, result);
                 }
             }
+            reaped.clear();
+            self.reaped = reaped;
             let committed = std::mem::take(&mut *self.buffers.committed.lock());
             for entry in committed {
                 self.with_user -= 1;
@@ -494,12 +519,9 @@ impl<'a> Worker<'a> {
         // until the commit; the reply to a WRITE writes only the header
         // buffer, so nothing writes this while it is borrowed.
         let payload = unsafe { std::slice::from_raw_parts(self.buffers.payload(entry), data_len) };
-        let sink = Arc::new(EntrySink {
-            buffers: Arc::clone(&self.buffers),
-            entry,
-            opcode,
-        });
+        let sink = &self.sinks[usize::from(entry)];
+        sink.opcode.store(opcode, Ordering::Release);
         self.session
-            .dispatch_split(self.queue, &head, payload, sink);
+            .dispatch_split(self.queue, &head, payload, sink.clone());
     }
 }
