@@ -8,12 +8,15 @@ import sys
 from collections import defaultdict
 
 REFERENCES = [
-    ("fuse-blk-null", "ublk-null"),
-    ("fuse-blk-file-tmpfs", "ublk-loop-tmpfs"),
-    ("fuse-blk-file-tmpfs", "loop-tmpfs"),
-    ("fuse-blk-mem", "nbd-nbdkit-memory-1conn"),
-    ("fuse-blk-mem", "nbd-nbdkit-memory-4conn"),
-    ("fuse-blk-null", "brd"),
+    ("fuse-blk-null-uring", "ublk-null"),
+    ("fuse-blk-file-tmpfs-uring", "ublk-loop-tmpfs"),
+    ("fuse-blk-file-tmpfs-uring", "loop-tmpfs"),
+    ("fuse-blk-mem-uring", "nbd-nbdkit-memory-1conn"),
+    ("fuse-blk-mem-uring", "nbd-nbdkit-memory-4conn"),
+    ("fuse-blk-null-uring", "brd"),
+    ("fuse-blk-null-uring", "fuse-blk-null-rw"),
+    ("fuse-blk-mem-uring", "fuse-blk-mem-rw"),
+    ("fuse-blk-file-tmpfs-uring", "fuse-blk-file-tmpfs-rw"),
 ]
 
 

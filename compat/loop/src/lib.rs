@@ -135,6 +135,12 @@ impl StockDevice {
     /// Mounts `device`, starts the workers and binds a loop device. On
     /// error everything done so far is undone.
     pub fn attach(device: Arc<dyn BlockDevice>, options: &StockOptions) -> io::Result<StockDevice> {
+        if options.io == IoMode::Uring {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the stock path serves /dev/fuse with read/write only: FUSE over io_uring is not implemented here yet",
+            ));
+        }
         let session = Session::new(device, session_config())?;
         let geometry = *session.geometry();
         let namespace = Arc::new(OneFileNamespace::new(FILE_NAME, geometry));
