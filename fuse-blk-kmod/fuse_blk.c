@@ -999,11 +999,83 @@ static size_t fblk_build_io(struct request *rq, u64 unique, void *buf,
 	return sizeof(*h) + arg_len;
 }
 
+/* User pages pinned at a time by fblk_copy_user(). */
+#define FBLK_PIN_BATCH		32
+
+/*
+ * Copies @rq's data to (@to_user) or from one contiguous user buffer
+ * @ubuf through pinned pages and memcpy(): the daemon's buffers are large
+ * and mapped in whole pages, so a batch of pins replaces a user-copy
+ * fault check per segment. (Under emulation, where string instructions
+ * crawl, this is several times faster for 1 MiB requests.)
+ */
+static int fblk_copy_user(struct request *rq, unsigned long ubuf, bool to_user)
+{
+	size_t left = blk_rq_bytes(rq);
+	struct page *pages[FBLK_PIN_BATCH];
+	unsigned long first = 0;	/* user address of pages[0] */
+	struct req_iterator iter;
+	struct bio_vec bv;
+	int nr = 0, ret = 0;
+
+	rq_for_each_segment(bv, rq, iter) {
+		unsigned int done = 0;
+
+		while (done < bv.bv_len) {
+			unsigned int off = offset_in_page(ubuf);
+			unsigned int n = min_t(unsigned int, bv.bv_len - done,
+					       PAGE_SIZE - off);
+			void *kaddr;
+
+			if (!nr || ubuf < first ||
+			    ubuf >= first + nr * PAGE_SIZE) {
+				if (nr)
+					unpin_user_pages_dirty_lock(pages, nr,
+								    to_user);
+				first = ubuf & PAGE_MASK;
+				nr = min_t(size_t, FBLK_PIN_BATCH,
+					   DIV_ROUND_UP(off + left, PAGE_SIZE));
+				nr = pin_user_pages_fast(first, nr,
+							 to_user ? FOLL_WRITE : 0,
+							 pages);
+				if (nr <= 0) {
+					nr = 0;
+					ret = -EFAULT;
+					goto out;
+				}
+			}
+			kaddr = kmap_local_page(pages[(ubuf - first) >> PAGE_SHIFT]);
+			if (to_user)
+				memcpy_from_page(kaddr + off, bv.bv_page,
+						 bv.bv_offset + done, n);
+			else
+				memcpy_to_page(bv.bv_page, bv.bv_offset + done,
+					       kaddr + off, n);
+			kunmap_local(kaddr);
+			done += n;
+			ubuf += n;
+			left -= n;
+		}
+	}
+out:
+	if (nr)
+		unpin_user_pages_dirty_lock(pages, nr, to_user);
+	return ret;
+}
+
 static int fblk_copy_data_out(struct request *rq, struct iov_iter *to)
 {
 	struct req_iterator iter;
 	struct bio_vec bv;
+	int ret;
 
+	if (iter_is_ubuf(to) && iov_iter_count(to) >= blk_rq_bytes(rq)) {
+		ret = fblk_copy_user(rq, (unsigned long)to->ubuf + to->iov_offset,
+				     true);
+		if (!ret)
+			iov_iter_advance(to, blk_rq_bytes(rq));
+		return ret;
+	}
 	rq_for_each_segment(bv, rq, iter) {
 		if (copy_page_to_iter(bv.bv_page, bv.bv_offset, bv.bv_len,
 				      to) != bv.bv_len)
@@ -1016,7 +1088,16 @@ static int fblk_copy_data_in(struct request *rq, struct iov_iter *from)
 {
 	struct req_iterator iter;
 	struct bio_vec bv;
+	int ret;
 
+	if (iter_is_ubuf(from) && iov_iter_count(from) >= blk_rq_bytes(rq)) {
+		ret = fblk_copy_user(rq,
+				     (unsigned long)from->ubuf + from->iov_offset,
+				     false);
+		if (!ret)
+			iov_iter_advance(from, blk_rq_bytes(rq));
+		return ret;
+	}
 	rq_for_each_segment(bv, rq, iter) {
 		if (copy_page_from_iter(bv.bv_page, bv.bv_offset, bv.bv_len,
 					from) != bv.bv_len)
