@@ -1,53 +1,111 @@
 #!/usr/bin/env python3
-"""Turns bench/run's CSV into a markdown table of ratios and an SVG chart.
+"""Turns bench/run's (or bench/host's) CSV into a markdown table of ratios
+and an SVG chart.
 
-Ratios are fuse-blk targets against the reference each target of the
-project's goals names (same job, same boot)."""
+Usage: report.py [--host] CSV MD SVG
+
+Rows may carry a `round` column (one guest boot, or one host round). A
+ratio is taken within each round, where the two targets ran side by side;
+the report gives the median over rounds of those ratios, the median IOPS
+of each target, and whether each of the project's targets is met (the
+median ratio reaches the threshold for every job)."""
 import csv
+import statistics
 import sys
 from collections import defaultdict
 
-REFERENCES = [
-    ("fuse-blk-null-uring", "ublk-null"),
-    ("fuse-blk-file-tmpfs-uring", "ublk-loop-tmpfs"),
-    ("fuse-blk-file-tmpfs-uring", "loop-tmpfs"),
-    ("fuse-blk-mem-uring", "nbd-nbdkit-memory-1conn"),
-    ("fuse-blk-mem-uring", "nbd-nbdkit-memory-4conn"),
-    ("fuse-blk-null-uring", "brd"),
-    ("fuse-blk-null-uring", "fuse-blk-null-rw"),
-    ("fuse-blk-mem-uring", "fuse-blk-mem-rw"),
-    ("fuse-blk-file-tmpfs-uring", "fuse-blk-file-tmpfs-rw"),
+# (target, reference, threshold or None): the issue's goals, then context.
+GUEST_PAIRS = [
+    ("fuse-blk-null-uring", "ublk-null", 1.0),
+    ("fuse-blk-file-tmpfs-uring", "ublk-loop-tmpfs", 1.0),
+    ("fuse-blk-mem-uring", "nbd-nbdkit-memory-1conn", 5.0),
+    ("fuse-blk-mem-uring", "nbd-nbdkit-memory-4conn", 5.0),
+    ("fuse-blk-file-tmpfs-uring", "loop-tmpfs", None),
+    ("fuse-blk-null-uring", "brd", None),
+    ("fuse-blk-null-uring", "fuse-blk-null-rw", None),
+    ("fuse-blk-mem-uring", "fuse-blk-mem-rw", None),
+    ("fuse-blk-file-tmpfs-uring", "fuse-blk-file-tmpfs-rw", None),
+]
+HOST_PAIRS = [
+    ("stock-file-tmpfs-rw", "qsd-fuse-loop", 1.5),
+    ("stock-file-tmpfs-rw", "loop-tmpfs", None),
+    ("stock-null-rw", "qsd-fuse-loop", None),
 ]
 
 
-def main(csv_path, md_path, svg_path):
+def main(args):
+    host = args[0] == "--host"
+    if host:
+        args = args[1:]
+    csv_path, md_path, svg_path = args
+    pairs = HOST_PAIRS if host else GUEST_PAIRS
     rows = list(csv.DictReader(open(csv_path)))
-    iops = defaultdict(dict)
+    # iops[round][job][target]
+    iops = defaultdict(lambda: defaultdict(dict))
     for row in rows:
-        iops[row["job"]][row["target"]] = float(row["iops"])
+        iops[row.get("round") or "1"][row["job"]][row["target"]] = float(row["iops"])
+    rounds = sorted(iops)
     jobs = list(dict.fromkeys(row["job"] for row in rows))
     targets = list(dict.fromkeys(row["target"] for row in rows))
 
-    lines = ["# Benchmark (IOPS; one guest boot, software emulation)", ""]
-    lines.append("| job | " + " | ".join(targets) + " |")
-    lines.append("|---|" + "---|" * len(targets))
+    def median_iops(job, target):
+        values = [iops[r][job][target] for r in rounds if target in iops[r][job]]
+        return statistics.median(values) if values else 0.0
+
+    def ratios(job, a, b):
+        return [iops[r][job][a] / iops[r][job][b] for r in rounds
+                if iops[r][job].get(a) and iops[r][job].get(b)]
+
+    where = "host" if host else "guest boot"
+    lines = [f"# Benchmark ({'host' if host else 'guest, software emulation'}; "
+             f"median of {len(rounds)} {where}{'s' if len(rounds) > 1 and not host else ''}"
+             f"{' rounds' if host else ''})", ""]
+    lines += ["## Median IOPS", "", "| job | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
     for job in jobs:
-        cells = [f"{iops[job].get(t, 0):.0f}" for t in targets]
-        lines.append(f"| {job} | " + " | ".join(cells) + " |")
-    lines += ["", "## Ratios", "", "| job | " + " | ".join(f"{a} / {b}" for a, b in REFERENCES) + " |"]
-    lines.append("|---|" + "---|" * len(REFERENCES))
+        lines.append(f"| {job} | " + " | ".join(f"{median_iops(job, t):.0f}" for t in targets) + " |")
+
+    lines += ["", "## Ratios (median over rounds of the within-round ratio)", "",
+              "| job | " + " | ".join(f"{a} / {b}" for a, b, _ in pairs) + " |",
+              "|---|" + "---|" * len(pairs)]
     for job in jobs:
         cells = []
-        for a, b in REFERENCES:
-            x, y = iops[job].get(a), iops[job].get(b)
-            cells.append(f"{x / y:.2f}x" if x and y else "n/a")
+        for a, b, _ in pairs:
+            r = ratios(job, a, b)
+            cells.append(f"{statistics.median(r):.2f}x" if r else "n/a")
         lines.append(f"| {job} | " + " | ".join(cells) + " |")
-    p50 = {r["target"]: r for r in rows if r["job"] == "randread-4k-qd1"}
-    if p50:
-        lines += ["", "## 4k random read, queue depth 1 (latency = 1e6 / IOPS, and fio clat p50/p99)", "",
-                  "| target | 1e6/IOPS (us) | clat p50 (us) | clat p99 (us) |", "|---|---|---|---|"]
-        for t, r in p50.items():
-            lines.append(f"| {t} | {1e6 / max(float(r['iops']), 1):.1f} | {r['lat_p50_us']} | {r['lat_p99_us']} |")
+
+    goals = [(a, b, t) for a, b, t in pairs if t is not None]
+    if goals:
+        lines += ["", "## Targets", "", "| target | threshold | met | worst job |", "|---|---|---|---|"]
+        for a, b, threshold in goals:
+            medians = {job: statistics.median(r) for job in jobs if (r := ratios(job, a, b))}
+            if not medians:
+                lines.append(f"| {a} / {b} | {threshold}x | no data | |")
+                continue
+            worst = min(medians, key=medians.get)
+            met = all(v >= threshold for v in medians.values()) and len(medians) == len(jobs)
+            lines.append(f"| {a} / {b} | {threshold}x | {'yes' if met else 'no'} | "
+                         f"{worst} {medians[worst]:.2f}x |")
+
+    if len(rounds) > 1:
+        lines += ["", "## Ratios per round", ""]
+        for a, b, _ in pairs:
+            for job in jobs:
+                r = ratios(job, a, b)
+                if r:
+                    lines.append(f"- {a} / {b}, {job}: " + ", ".join(f"{x:.2f}x" for x in r))
+
+    qd1 = [r for r in rows if r["job"] == "randread-4k-qd1"]
+    if qd1:
+        lines += ["", "## 4k random read, queue depth 1 (median 1e6/IOPS; fio total latency p50/p99)", "",
+                  "| target | 1e6/IOPS (us) | lat p50 (us) | lat p99 (us) |", "|---|---|---|---|"]
+        for t in targets:
+            mine = [r for r in qd1 if r["target"] == t]
+            if not mine:
+                continue
+            p50 = statistics.median(float(r["lat_p50_us"]) for r in mine)
+            p99 = statistics.median(float(r["lat_p99_us"]) for r in mine)
+            lines.append(f"| {t} | {1e6 / max(median_iops('randread-4k-qd1', t), 1):.1f} | {p50:.1f} | {p99:.1f} |")
     open(md_path, "w").write("\n".join(lines) + "\n")
 
     # Grouped bars: one group per job, bars scaled to the group's maximum.
@@ -55,13 +113,13 @@ def main(csv_path, md_path, svg_path):
     height = 40 + group_h * len(jobs)
     colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
-           '<text x="10" y="20" font-size="14">IOPS by job (bars relative to the best target of each job)</text>']
+           '<text x="10" y="20" font-size="14">Median IOPS by job (bars relative to the best target of each job)</text>']
     y = 40
     for job in jobs:
-        best = max(iops[job].values()) or 1
+        best = max(median_iops(job, t) for t in targets) or 1
         svg.append(f'<text x="10" y="{y + 10}" font-weight="bold">{job}</text>')
         for i, t in enumerate(targets):
-            v = iops[job].get(t, 0)
+            v = median_iops(job, t)
             w = int(500 * v / best)
             by = y + 16 + i * 14
             svg.append(f'<rect x="230" y="{by}" width="{w}" height="{bar_h}" fill="{colors[i % len(colors)]}"/>')
@@ -73,4 +131,4 @@ def main(csv_path, md_path, svg_path):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(sys.argv[1:])
