@@ -113,16 +113,6 @@ fn kmod_transport_without_the_module_is_refused() {
 }
 
 #[test]
-fn io_uring_on_the_stock_path_is_refused() {
-    let instance = Instance::new("stockuring");
-    let message = attach_fails(
-        &instance,
-        &["--transport", "loop", "--io", "uring", "mem:1M"],
-    );
-    assert!(message.contains("io_uring"), "{message}");
-}
-
-#[test]
 fn bad_block_size_is_a_usage_error() {
     let instance = Instance::new("blocksize");
     let out = instance.run(["attach", "--block-size", "1000", "mem:1M"]);

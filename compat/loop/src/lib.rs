@@ -17,6 +17,7 @@
 pub mod loopdev;
 pub mod mount;
 pub mod namespace;
+pub mod uring;
 
 use std::fs::OpenOptions;
 use std::io;
@@ -28,7 +29,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use fuse_blk::proto::abi::init_flags;
+use fuse_blk::proto::abi::{init_flags, init_flags2};
 use fuse_blk::{BlockDevice, Channel, FdChannel, IoMode, Session, SessionConfig};
 use parking_lot::Mutex;
 
@@ -119,7 +120,13 @@ pub struct StockDevice {
     device_path: PathBuf,
     mountpoint: PathBuf,
     workers: Option<JoinHandle<io::Result<()>>>,
+    /// FUSE over io_uring: one thread per kernel queue.
+    ring_workers: Vec<JoinHandle<io::Result<()>>>,
 }
+
+/// Entries per FUSE io_uring queue: the loop device's depth spread over the
+/// queues, and at least a few.
+const RING_DEPTH: u16 = 64;
 
 /// A handle that detaches a [`StockDevice`] from another thread.
 #[derive(Clone)]
@@ -135,13 +142,21 @@ impl StockDevice {
     /// Mounts `device`, starts the workers and binds a loop device. On
     /// error everything done so far is undone.
     pub fn attach(device: Arc<dyn BlockDevice>, options: &StockOptions) -> io::Result<StockDevice> {
-        if options.io == IoMode::Uring {
+        // `auto` stays read/write here: a connection served over io_uring
+        // cannot be handed over (see compat/README.md).
+        let uring = options.io == IoMode::Uring;
+        if uring && !uring::enabled() {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "the stock path serves /dev/fuse with read/write only: FUSE over io_uring is not implemented here yet",
+                uring::unavailable_reason(),
             ));
         }
-        let session = Session::new(device, session_config())?;
+        let mut config = session_config();
+        if uring {
+            config.init_flags |= init_flags::INIT_EXT;
+            config.init_flags2 |= init_flags2::OVER_IO_URING;
+        }
+        let session = Session::new(device, config)?;
         let geometry = *session.geometry();
         let namespace = Arc::new(OneFileNamespace::new(FILE_NAME, geometry));
         let session = Arc::new(session.with_namespace(namespace.clone()));
@@ -178,11 +193,29 @@ impl StockDevice {
             device_path: PathBuf::new(),
             mountpoint: mountpoint.clone(),
             workers: Some(workers),
+            ring_workers: Vec::new(),
         };
+        // Once FUSE_INIT grants io_uring, the kernel holds every request
+        // until each queue has ring entries: the rings start now, before
+        // the loop device opens the file.
+        if uring {
+            if let Err(e) = stock.start_rings() {
+                drop(stock);
+                return Err(undo_dir(e));
+            }
+        }
         match bind_loop(&mountpoint.join(FILE_NAME), &options.name, &geometry) {
             Ok(loop_device) => {
                 stock.device_path = loop_device.path().to_owned();
                 *stock.shared.loop_device.lock() = Some(loop_device);
+                let granted = stock.shared.session.granted_flags2().unwrap_or(0);
+                if uring && granted & init_flags2::OVER_IO_URING == 0 {
+                    drop(stock);
+                    return Err(undo_dir(io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        "the kernel did not offer FUSE over io_uring in FUSE_INIT",
+                    )));
+                }
                 Ok(stock)
             }
             Err(e) => {
@@ -238,6 +271,7 @@ impl StockDevice {
             device_path: device_path.to_owned(),
             mountpoint: mountpoint.to_owned(),
             workers: Some(workers),
+            ring_workers: Vec::new(),
         })
     }
 
@@ -256,12 +290,35 @@ impl StockDevice {
     }
 
     fn join_workers(&mut self) -> io::Result<()> {
-        match self.workers.take() {
+        let mut result = match self.workers.take() {
             Some(workers) => workers
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("session thread panicked"))),
             None => Ok(()),
+        };
+        for ring in self.ring_workers.drain(..) {
+            let outcome = ring
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("io_uring thread panicked")));
+            result = result.and(outcome);
         }
+        result
+    }
+
+    /// Starts one ring thread per kernel queue; each registers its entries
+    /// once FUSE_INIT has granted io_uring, and ends at once if it did not.
+    fn start_rings(&mut self) -> io::Result<()> {
+        let session = &self.shared.session;
+        for qid in 0..uring::queues()? {
+            let fd = self.shared.primary.as_fd().try_clone_to_owned()?;
+            let session = session.clone();
+            self.ring_workers.push(
+                std::thread::Builder::new()
+                    .name(format!("fuse-blk-ring{qid}"))
+                    .spawn(move || uring::serve_queue(&session, qid, fd, RING_DEPTH))?,
+            );
+        }
+        Ok(())
     }
 
     /// Undoes whatever is still in place, unless another daemon serves the
@@ -303,6 +360,13 @@ impl Detacher {
     ///
     /// [`retire`]: Detacher::retire
     pub fn hand_over(&self) -> io::Result<Handover> {
+        let granted = self.shared.session.granted_flags2().unwrap_or(0);
+        if granted & init_flags2::OVER_IO_URING != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a FUSE connection served over io_uring cannot be handed over (its ring belongs to the connection)",
+            ));
+        }
         Ok(Handover {
             fuse_fd: self.shared.primary.as_fd().try_clone_to_owned()?,
             open_files: self.shared.namespace.open_files(),

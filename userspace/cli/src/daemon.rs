@@ -421,27 +421,30 @@ fn spawn_control(listener: UnixListener, detacher: DetachHandle, answering: Arc<
 fn handle_control(stream: UnixStream, detacher: &DetachHandle) -> std::io::Result<()> {
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
-    let mut stream = &stream;
+    // Each answer is one write: the peer reads it with one recvmsg.
+    let answer = |text: String| (&stream).write_all(format!("{text}\n").as_bytes());
     match line.trim() {
         "detach" => match detacher.detach(false) {
-            Ok(()) => writeln!(stream, "ok"),
-            Err(e) => writeln!(stream, "error {e}"),
+            Ok(()) => answer("ok".into()),
+            Err(e) => answer(format!("error {e}")),
         },
         "handoff" => match detacher {
             DetachHandle::Stock(stock) => {
-                let handover = stock.hand_over()?;
+                let handover = match stock.hand_over() {
+                    Ok(handover) => handover,
+                    Err(e) => return answer(format!("error {e}")),
+                };
                 let text = format!("ok {}\n", handover.open_files);
-                send_with_fd(stream, text.as_bytes(), &handover.fuse_fd)?;
+                send_with_fd(&stream, text.as_bytes(), &handover.fuse_fd)?;
                 // The successor serves from now on; this daemon drains.
                 stock.retire();
                 Ok(())
             }
-            DetachHandle::Kmod { .. } => writeln!(
-                stream,
-                "error kernel-module devices are taken over through the module"
-            ),
+            DetachHandle::Kmod { .. } => {
+                answer("error kernel-module devices are taken over through the module".into())
+            }
         },
-        other => writeln!(stream, "error unknown command {other:?}"),
+        other => answer(format!("error unknown command {other:?}")),
     }
 }
 

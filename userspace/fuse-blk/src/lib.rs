@@ -27,6 +27,7 @@
 pub mod channel;
 pub mod handler;
 pub mod reply;
+pub mod ring;
 pub mod session;
 
 pub use channel::{Channel, FdChannel};

@@ -16,7 +16,7 @@
 //! | DESTROY                                | `destroy`                          |
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread;
 
@@ -36,6 +36,9 @@ use crate::reply::{ReplyData, ReplyEmpty, ReplySink, ReplyWrite, Responder};
 pub trait Namespace: Send + Sync + 'static {
     fn handle(&self, request: &WireRequest<'_>, reply: Responder);
 }
+
+/// `Session::granted_flags2` before FUSE_INIT (no real flags2 has all bits).
+const NO_INIT: u32 = u32::MAX;
 
 /// How a transport moves requests and replies between the kernel and the
 /// engine.
@@ -60,6 +63,8 @@ pub struct SessionConfig {
     pub max_background: u16,
     /// INIT flags the transport wants, granted where the kernel offers them.
     pub init_flags: u32,
+    /// The same for the high 32 bits (`flags2`, with `INIT_EXT`).
+    pub init_flags2: u32,
     /// A punched hole must read back as zeros (FUSE file semantics), so
     /// PUNCH_HOLE goes to `write_zeroes(may_unmap = true)` instead of
     /// `discard`.
@@ -72,6 +77,7 @@ impl Default for SessionConfig {
             max_write: 1 << 20,
             max_background: 128,
             init_flags: init_flags::ASYNC_READ | init_flags::BIG_WRITES | init_flags::MAX_PAGES,
+            init_flags2: 0,
             punch_hole_zeroes: false,
         }
     }
@@ -94,6 +100,9 @@ pub struct Session {
     destroyed: AtomicBool,
     /// Set by `stop`: workers leave at their next wait for a request.
     stopping: AtomicBool,
+    /// `flags2` of the FUSE_INIT reply once it has been sent (and, as the
+    /// kernel handles it inside the write, taken); `NO_INIT` before.
+    granted_flags2: AtomicU32,
     /// Worker threads blocked or about to block in `receive`, by queue;
     /// a worker removes itself before it ends, so each entry is live.
     waiting_workers: parking_lot::Mutex<std::collections::HashMap<u16, libc::pthread_t>>,
@@ -114,6 +123,7 @@ impl Session {
             config,
             destroyed: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            granted_flags2: AtomicU32::new(NO_INIT),
             waiting_workers: parking_lot::Mutex::new(std::collections::HashMap::new()),
         })
     }
@@ -129,6 +139,15 @@ impl Session {
 
     pub fn config(&self) -> &SessionConfig {
         &self.config
+    }
+
+    /// The `flags2` bits granted in the FUSE_INIT reply, once the kernel
+    /// has it; `None` before.
+    pub fn granted_flags2(&self) -> Option<u32> {
+        match self.granted_flags2.load(Ordering::Acquire) {
+            NO_INIT => None,
+            flags2 => Some(flags2),
+        }
     }
 
     /// Serves every channel on a thread of its own until all have ended,
@@ -349,7 +368,15 @@ impl Session {
             );
             return responder.error(libc::EPROTO);
         }
-        let flags = init.flags & self.config.init_flags;
+        let mut flags = init.flags & self.config.init_flags;
+        let flags2 = if init.flags & init_flags::INIT_EXT != 0 {
+            init.flags2 & self.config.init_flags2
+        } else {
+            0
+        };
+        if flags2 != 0 {
+            flags |= init_flags::INIT_EXT;
+        }
         let max_pages = (self.config.max_write / 4096).clamp(1, u32::from(u16::MAX)) as u16;
         let out = InitOut {
             major: abi::KERNEL_VERSION,
@@ -359,6 +386,7 @@ impl Session {
             max_background: self.config.max_background,
             congestion_threshold: self.config.max_background / 4 * 3,
             max_write: self.config.max_write,
+            flags2,
             time_gran: 1,
             max_pages: if flags & init_flags::MAX_PAGES != 0 {
                 max_pages
@@ -367,8 +395,14 @@ impl Session {
             },
             ..InitOut::default()
         };
-        log::debug!("FUSE 7.{} session, flags {:#x}", out.minor, out.flags);
+        log::debug!(
+            "FUSE 7.{} session, flags {:#x} {:#x}",
+            out.minor,
+            out.flags,
+            out.flags2
+        );
         responder.ok(&[out.as_bytes()]);
+        self.granted_flags2.store(flags2, Ordering::Release);
     }
 
     /// Checks that `[offset, offset + len)` is block-aligned; the caller

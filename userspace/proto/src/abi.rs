@@ -79,6 +79,13 @@ pub mod init_flags {
     pub const INIT_EXT: u32 = 1 << 30;
 }
 
+/// `fuse_init_in.flags2` / `fuse_init_out.flags2` bits (the high 32 bits of
+/// the 64-bit flags, valid with `INIT_EXT`).
+pub mod init_flags2 {
+    /// FUSE_OVER_IO_URING (bit 41 of the 64-bit flags).
+    pub const OVER_IO_URING: u32 = 1 << (41 - 32);
+}
+
 /// `fuse_open_out.open_flags` bits.
 pub mod fopen {
     pub const DIRECT_IO: u32 = 1 << 0;

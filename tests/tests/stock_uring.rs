@@ -1,0 +1,159 @@
+//! FUSE over io_uring on the stock path (`attach --transport loop --io
+//! uring`): refused cleanly while the kernel has it switched off; with it on,
+//! the requests travel through the daemon's rings, data survives a verifying
+//! fio load and ext4, handoff is refused, and detach leaves nothing behind.
+//!
+//! One test: it flips `/sys/module/fuse/parameters/enable_uring`, which is
+//! global, and puts back what it found.
+
+use std::fs;
+
+use fuse_blk_tests::{sh, Instance, TempDir};
+
+const PARAMETER: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Restores the parameter however the test ends.
+struct Switch(String);
+
+impl Switch {
+    fn take() -> Switch {
+        let was = fs::read_to_string(PARAMETER).unwrap_or_else(|e| {
+            panic!("{PARAMETER}: {e}: this kernel's FUSE has no io_uring support")
+        });
+        Switch(was.trim().to_owned())
+    }
+
+    fn set(&self, on: bool) {
+        fs::write(PARAMETER, if on { "1" } else { "0" }).expect("enable_uring");
+    }
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        let _ = fs::write(PARAMETER, if self.0 == "Y" { "1" } else { "0" });
+    }
+}
+
+/// Completions reaped by the io_uring instances of process `pid`.
+fn ring_completions(pid: u32) -> u64 {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|fd| {
+            fs::read_link(fd.path())
+                .is_ok_and(|target| target.to_string_lossy() == "anon_inode:[io_uring]")
+        })
+        .map(|fd| {
+            let info = fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            info.lines()
+                .find_map(|line| line.strip_prefix("CqHead:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+fn fio_verify(device: &str, bs: &str) {
+    let out = std::process::Command::new("fio")
+        .args([
+            "--name=verify",
+            &format!("--filename={device}"),
+            "--ioengine=libaio",
+            "--direct=1",
+            "--iodepth=16",
+            "--rw=randrw",
+            &format!("--bs={bs}"),
+            "--size=32M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--randrepeat=0",
+            "--verify_state_save=0",
+        ])
+        .output()
+        .expect("fio");
+    assert!(
+        out.status.success(),
+        "fio {bs}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn stock_path_over_io_uring() {
+    let switch = Switch::take();
+    let instance = Instance::new("stock-uring");
+
+    // Switched off: a one-line refusal, nothing left.
+    switch.set(false);
+    let out = instance.run(["attach", "--transport", "loop", "--io", "uring", "mem:8M"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("enable_uring"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    instance.assert_nothing_left();
+
+    // `auto` does not use io_uring on the stock path (handoff must work).
+    switch.set(true);
+    let device = instance.attach(&["--transport", "loop", "--name", "auto", "mem:64M"]);
+    let pid = instance.daemons()[0];
+    fio_verify(device.path_str(), "4k");
+    assert_eq!(
+        ring_completions(pid),
+        0,
+        "--io auto used io_uring on the stock path"
+    );
+    device.detach();
+
+    // On: every request after the handshake goes through the rings.
+    let dir = TempDir::new("stock-uring");
+    let image = dir.join("disk.img");
+    fs::File::create(&image)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let backend = format!("file:{}", image.display());
+    let device = instance.attach(&[
+        "--transport",
+        "loop",
+        "--io",
+        "uring",
+        "--name",
+        "ring",
+        &backend,
+    ]);
+    let pid = instance.daemons()[0];
+    fio_verify(device.path_str(), "4k");
+    fio_verify(device.path_str(), "64k");
+    // 2 x 32 MiB verified in blocks of at most 64 KiB: well over 1000 requests.
+    let reaped = ring_completions(pid);
+    assert!(reaped >= 1000, "only {reaped} io_uring completions");
+
+    // ext4 on top, written, checked.
+    let mnt = dir.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    sh("mkfs.ext4", &["-q", "-F", device.path_str()]);
+    sh("mount", &[device.path_str(), mnt.to_str().unwrap()]);
+    let data = fuse_blk_tests::random_bytes(5, 8 << 20);
+    fs::write(mnt.join("f"), &data).unwrap();
+    sh("umount", &[mnt.to_str().unwrap()]);
+    sh("mount", &[device.path_str(), mnt.to_str().unwrap()]);
+    assert!(fs::read(mnt.join("f")).unwrap() == data, "file changed");
+    sh("umount", &[mnt.to_str().unwrap()]);
+    sh("e2fsck", &["-f", "-n", device.path_str()]);
+
+    // Handoff is refused (the ring belongs to the connection); the device
+    // goes on working.
+    let out = instance.run(["handoff", "ring"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("io_uring"), "{stderr}");
+    fio_verify(device.path_str(), "4k");
+
+    device.detach();
+    instance.assert_nothing_left();
+}

@@ -1,0 +1,552 @@
+//! The io_uring request loop shared by the transports that deliver FUSE
+//! requests into ring entries: the kernel module's io_uring channels
+//! (`FUSE_BLK_URING_*`) and FUSE over io_uring on a stock kernel. What
+//! differs between them, the commands and where a request and its reply sit
+//! in an entry's buffers, is a [`Wire`].
+//!
+//! Each entry has a header buffer and a payload buffer in two mappings of
+//! the worker's own. Each completion with result 0 means the entry holds a
+//! request: the worker dispatches it to the engine, the handler's reply is
+//! written into the entry's buffers (READ data straight into the payload
+//! buffer, see [`ReplySink::send_filled`]) and the entry's index is queued;
+//! the worker then submits a commit-and-fetch for every queued entry with
+//! one `io_uring_enter`, which also waits for the next completions. In
+//! steady state that is one system call per batch of requests.
+//!
+//! Replies normally come from inside the dispatch, on the worker thread. A
+//! handler that keeps a reply and answers from another thread queues the
+//! entry the same way and wakes the worker through an eventfd it always has
+//! a read outstanding on. The worker ends when every entry's command has
+//! ended (the device or connection is gone, or the ring is cancelled).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread::ThreadId;
+use std::time::Duration;
+
+use std::io::IoSlice;
+
+use fuse_blk_proto::abi::{opcode, OutHeader};
+use fuse_blk_proto::reply::{error_header, success_header};
+use io_uring::{cqueue, opcode as op, squeue, types, IoUring};
+
+use crate::reply::ReplySink;
+use crate::session::Session;
+
+/// Bytes of a request's header and argument at most (what is copied out of
+/// an entry before the reply is written over it).
+pub const MAX_HEAD: usize = 256;
+
+/// What one kind of ring entry looks like.
+pub trait Wire: Send + Sync + 'static {
+    /// The submission queue entry its commands need.
+    type Sqe: squeue::EntryMarker;
+    /// Bytes of an entry's header buffer.
+    const HEADER_SIZE: usize;
+    /// A READ answered with a header alone reads as zeros.
+    const ZEROS_REPLY: bool;
+
+    /// The command that registers `entry`, whose buffers `iovecs` points at
+    /// (header, payload).
+    fn fetch(&self, entry: u16, iovecs: *const libc::iovec) -> Self::Sqe;
+    /// The command that commits the reply in `entry` and waits for its next
+    /// request; `commit_id` is what [`Wire::request`] returned for it.
+    fn commit(&self, entry: u16, commit_id: u64) -> Self::Sqe;
+    /// Copies the request in `header` (an entry's header buffer) into `head`
+    /// as `fuse_in_header` followed by its argument; returns the bytes of it
+    /// that are in the payload buffer and the request's commit id.
+    fn request(&self, header: &[u8], head: &mut [u8; MAX_HEAD]) -> (usize, u64);
+    /// Whether what follows a reply's `fuse_out_header` goes into the
+    /// payload buffer (else after the header in the header buffer).
+    fn body_in_payload(&self, opcode: u32) -> bool;
+    /// Records a reply body of `len` bytes where the kernel looks for it.
+    fn set_body_len(&self, header: *mut u8, len: usize);
+    /// Whether a completion result means the entry is over (rather than an
+    /// error worth logging).
+    fn ended(&self, errno: i32) -> bool;
+}
+
+/// `user_data` of the eventfd read and of the idle tick; entries use their
+/// index.
+const WAKE_TAG: u64 = u64::MAX;
+const TICK_TAG: u64 = u64::MAX - 1;
+
+/// A worker that saw no request for a whole tick gives the pages of its
+/// payload buffers back (the idle daemon stays small). A timeout in the
+/// ring rather than on each wait: no timer is armed per request.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// An anonymous private mapping: pages cost nothing until touched, and
+/// `release` gives them back.
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(len: usize) -> io::Result<Mapping> {
+        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            ptr: NonNull::new(ptr.cast()).expect("mmap returned a null mapping"),
+            len,
+        })
+    }
+
+    /// Drops the contents: the pages read as zeros again and stop counting
+    /// towards the resident set.
+    fn release(&self) {
+        // SAFETY: the range is this mapping; its owner only calls this when
+        // no reference into it is live (no entry is with userspace).
+        unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, libc::MADV_DONTNEED) };
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped; nothing refers to it any
+        // more (the buffers' owner, `Buffers`, is being dropped).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Every entry's buffers, shared by the worker and the replies' sinks.
+struct Buffers<W> {
+    wire: W,
+    headers: Mapping,
+    payloads: Mapping,
+    max_io: usize,
+    /// Entries queued for COMMIT_AND_FETCH.
+    committed: parking_lot::Mutex<Vec<u16>>,
+    wake: OwnedFd,
+    worker: ThreadId,
+}
+
+// SAFETY: the raw buffers are shared under the entry protocol: an entry's
+// buffers are written by the kernel only while its command is held, and by
+// userspace only between that command's completion and the next commit,
+// by the one party that holds the entry's reply.
+unsafe impl<W: Send> Send for Buffers<W> {}
+// SAFETY: as for Send.
+unsafe impl<W: Sync> Sync for Buffers<W> {}
+
+impl<W: Wire> Buffers<W> {
+    fn header(&self, entry: u16) -> *mut u8 {
+        // SAFETY: entry < depth, so the offset lies within `headers`.
+        unsafe {
+            self.headers
+                .ptr
+                .as_ptr()
+                .add(usize::from(entry) * W::HEADER_SIZE)
+        }
+    }
+
+    fn payload(&self, entry: u16) -> *mut u8 {
+        // SAFETY: entry < depth, so the offset lies within `payloads`.
+        unsafe {
+            self.payloads
+                .ptr
+                .as_ptr()
+                .add(usize::from(entry) * self.max_io)
+        }
+    }
+
+    /// Queues `entry` for its COMMIT_AND_FETCH; wakes the worker unless the
+    /// reply came from it.
+    fn commit(&self, entry: u16) {
+        self.committed.lock().push(entry);
+        if std::thread::current().id() != self.worker {
+            let one = 1u64.to_ne_bytes();
+            if let Err(e) = nix::unistd::write(&self.wake, &one) {
+                log::error!("waking the io_uring worker: {e}");
+            }
+        }
+    }
+}
+
+/// Where the reply to the request in one entry goes; one per entry, made
+/// once.
+struct EntrySink<W> {
+    buffers: Arc<Buffers<W>>,
+    entry: u16,
+    /// Opcode of the request in the entry, set before it is dispatched:
+    /// READ data goes to the payload buffer, what follows any other reply's
+    /// header to the header buffer.
+    opcode: AtomicU32,
+}
+
+impl<W: Wire> EntrySink<W> {
+    fn opcode(&self) -> u32 {
+        // Set by the worker before the dispatch that hands out the reply.
+        self.opcode.load(Ordering::Acquire)
+    }
+
+    fn write_header(&self, header: OutHeader) {
+        // SAFETY: the header buffer of an entry this reply owns (see
+        // `Buffers`); `OutHeader` is 16 plain bytes, within the 128.
+        unsafe {
+            self.buffers
+                .header(self.entry)
+                .cast::<OutHeader>()
+                .write_unaligned(header)
+        };
+    }
+}
+
+impl<W: Wire> ReplySink for EntrySink<W> {
+    fn send_reply(&self, parts: &[IoSlice<'_>]) {
+        let header_len = std::mem::size_of::<OutHeader>();
+        let wire = &self.buffers.wire;
+        let (dest, room) = if wire.body_in_payload(self.opcode()) {
+            (self.buffers.payload(self.entry), self.buffers.max_io)
+        } else {
+            // SAFETY: within the entry's header buffer.
+            let args = unsafe { self.buffers.header(self.entry).add(header_len) };
+            (args, W::HEADER_SIZE - header_len)
+        };
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let Some(first) = parts.first().filter(|p| p.len() == header_len) else {
+            log::error!("reply without its header; not sent");
+            return;
+        };
+        if total - header_len > room {
+            log::error!("reply of {total} bytes does not fit its ring entry; answering EIO");
+            let unique = u64::from_ne_bytes(first[8..16].try_into().expect("8 bytes"));
+            self.write_header(error_header(unique, libc::EIO));
+            wire.set_body_len(self.buffers.header(self.entry), 0);
+        } else {
+            // SAFETY: the entry's buffers are this reply's (see `Buffers`);
+            // the header is 16 bytes and the rest was checked to fit `room`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    first.as_ptr(),
+                    self.buffers.header(self.entry),
+                    header_len,
+                );
+                let mut at = dest;
+                for part in &parts[1..] {
+                    std::ptr::copy_nonoverlapping(part.as_ptr(), at, part.len());
+                    at = at.add(part.len());
+                }
+            }
+            wire.set_body_len(self.buffers.header(self.entry), total - header_len);
+        }
+        self.buffers.commit(self.entry);
+    }
+
+    fn send_zeros_reply(&self, unique: u64) -> bool {
+        if !W::ZEROS_REPLY {
+            return false;
+        }
+        self.write_header(success_header(unique, 0));
+        self.buffers
+            .wire
+            .set_body_len(self.buffers.header(self.entry), 0);
+        self.buffers.commit(self.entry);
+        true
+    }
+
+    fn send_filled(
+        &self,
+        unique: u64,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<(), i32>,
+    ) {
+        let header = if self.opcode() != opcode::READ || len > self.buffers.max_io {
+            log::error!("a filled reply of {len} bytes does not fit its ring entry; answering EIO");
+            error_header(unique, libc::EIO)
+        } else {
+            // SAFETY: the payload buffer of an entry this reply owns; no
+            // other reference to it is live (the request was a READ).
+            let buf =
+                unsafe { std::slice::from_raw_parts_mut(self.buffers.payload(self.entry), len) };
+            match fill(buf) {
+                Ok(()) => success_header(unique, len),
+                Err(errno) => error_header(unique, errno),
+            }
+        };
+        let body = header.len as usize - std::mem::size_of::<OutHeader>();
+        self.write_header(header);
+        self.buffers
+            .wire
+            .set_body_len(self.buffers.header(self.entry), body);
+        self.buffers.commit(self.entry);
+    }
+}
+
+/// Serves `queue` with a ring of `depth` entries of `wire`'s kind whose
+/// payload buffers hold `max_io` bytes, until every entry has ended.
+pub fn serve<W: Wire>(
+    session: &Session,
+    queue: u16,
+    wire: W,
+    depth: u16,
+    max_io: usize,
+) -> io::Result<()> {
+    // SAFETY: eventfd has no memory-safety preconditions.
+    let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if wake < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just created, owned by nothing else.
+    let wake = unsafe { OwnedFd::from_raw_fd(wake) };
+    let buffers = Arc::new(Buffers {
+        wire,
+        headers: Mapping::new(usize::from(depth) * W::HEADER_SIZE)?,
+        payloads: Mapping::new(usize::from(depth) * max_io)?,
+        max_io,
+        committed: parking_lot::Mutex::new(Vec::with_capacity(usize::from(depth))),
+        wake,
+        worker: std::thread::current().id(),
+    });
+    let mut worker = Worker::new(session, queue, buffers, depth)?;
+    worker.run()
+}
+
+struct Worker<'a, W: Wire> {
+    session: &'a Session,
+    queue: u16,
+    buffers: Arc<Buffers<W>>,
+    ring: IoUring<W::Sqe, cqueue::Entry>,
+    /// Commit ids of the requests in the entries.
+    commit_ids: Vec<u64>,
+    depth: u16,
+    /// The iovecs FETCH points at, per entry: header, payload.
+    iovecs: Vec<[libc::iovec; 2]>,
+    sinks: Vec<Arc<EntrySink<W>>>,
+    /// Completions of one wait, reused.
+    reaped: Vec<(u64, i32)>,
+    /// Entries whose command has not ended.
+    live: usize,
+    /// Entries holding a request userspace has not committed yet.
+    with_user: usize,
+    /// Payload pages were touched since they were last released.
+    dirty: bool,
+    /// Requests seen since the last tick.
+    busy: bool,
+    tick: types::Timespec,
+    wake_buf: [u8; 8],
+}
+
+impl<'a, W: Wire> Worker<'a, W> {
+    fn new(
+        session: &'a Session,
+        queue: u16,
+        buffers: Arc<Buffers<W>>,
+        depth: u16,
+    ) -> io::Result<Worker<'a, W>> {
+        let entries = (u32::from(depth) + 1).next_power_of_two();
+        // Task work (the kernel's deliveries) runs when this thread asks for
+        // completions, not by interrupting its handlers.
+        let ring = IoUring::<W::Sqe, cqueue::Entry>::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries)
+            .or_else(|_| IoUring::<W::Sqe, cqueue::Entry>::builder().build(entries))?;
+        let iovecs = (0..depth)
+            .map(|entry| {
+                [
+                    libc::iovec {
+                        iov_base: buffers.header(entry).cast(),
+                        iov_len: W::HEADER_SIZE,
+                    },
+                    libc::iovec {
+                        iov_base: buffers.payload(entry).cast(),
+                        iov_len: buffers.max_io,
+                    },
+                ]
+            })
+            .collect();
+        let sinks = (0..depth)
+            .map(|entry| {
+                Arc::new(EntrySink {
+                    buffers: Arc::clone(&buffers),
+                    entry,
+                    opcode: AtomicU32::new(0),
+                })
+            })
+            .collect();
+        Ok(Worker {
+            session,
+            queue,
+            buffers,
+            commit_ids: vec![0; usize::from(depth)],
+            ring,
+            depth,
+            iovecs,
+            sinks,
+            reaped: Vec::with_capacity(usize::from(depth) + 2),
+            live: 0,
+            with_user: 0,
+            dirty: false,
+            busy: false,
+            tick: types::Timespec::from(IDLE_TICK),
+            wake_buf: [0; 8],
+        })
+    }
+
+    fn push(&mut self, sqe: W::Sqe) -> io::Result<()> {
+        loop {
+            // SAFETY: what the SQE points at (the entry's iovecs and
+            // buffers, the eventfd buffer) lives in `self` for as long as
+            // the ring does.
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                return Ok(());
+            }
+            // Full: the ring has room for every entry plus the eventfd read,
+            // so this only passes on what is queued.
+            self.ring.submit()?;
+        }
+    }
+
+    fn arm_wake(&mut self) -> io::Result<()> {
+        let read = op::Read::new(
+            types::Fd(self.buffers.wake.as_raw_fd()),
+            self.wake_buf.as_mut_ptr(),
+            self.wake_buf.len() as u32,
+        )
+        .build()
+        .user_data(WAKE_TAG);
+        self.push(read.into())
+    }
+
+    fn arm_tick(&mut self) -> io::Result<()> {
+        let timeout = op::Timeout::new(&self.tick).build().user_data(TICK_TAG);
+        self.push(timeout.into())
+    }
+
+    /// A tick without requests: nothing is in flight, so no reference into
+    /// the payload buffers is live and their pages can go.
+    fn ticked(&mut self) -> io::Result<()> {
+        if !self.busy && self.dirty && self.with_user == 0 {
+            self.buffers.payloads.release();
+            self.dirty = false;
+        }
+        self.busy = false;
+        if self.live > 0 {
+            self.arm_tick()?;
+        }
+        Ok(())
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        for entry in 0..self.depth {
+            let iovecs = self.iovecs[usize::from(entry)].as_ptr();
+            let mut fetch = self.buffers.wire.fetch(entry, iovecs);
+            squeue::EntryMarker::set_user_data(&mut fetch, u64::from(entry));
+            self.push(fetch)?;
+            self.live += 1;
+        }
+        self.arm_wake()?;
+        self.arm_tick()?;
+        while self.live > 0 {
+            self.wait()?;
+            let mut reaped = std::mem::take(&mut self.reaped);
+            reaped.extend(
+                self.ring
+                    .completion()
+                    .map(|cqe| (cqe.user_data(), cqe.result())),
+            );
+            for &(tag, result) in &reaped {
+                if tag == WAKE_TAG {
+                    self.arm_wake()?;
+                } else if tag == TICK_TAG {
+                    self.ticked()?;
+                } else {
+                    self.completed(tag as u16, result);
+                }
+            }
+            reaped.clear();
+            self.reaped = reaped;
+            let committed = std::mem::take(&mut *self.buffers.committed.lock());
+            for entry in committed {
+                self.with_user -= 1;
+                let commit_id = self.commit_ids[usize::from(entry)];
+                let mut commit = self.buffers.wire.commit(entry, commit_id);
+                squeue::EntryMarker::set_user_data(&mut commit, u64::from(entry));
+                self.push(commit)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Submits what is queued and waits for at least one completion.
+    fn wait(&mut self) -> io::Result<()> {
+        match self.ring.submit_and_wait(1) {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    fn completed(&mut self, entry: u16, result: i32) {
+        if entry >= self.depth {
+            log::error!("queue {}: completion for unknown entry {entry}", self.queue);
+            return;
+        }
+        match -result {
+            0 => self.dispatch(entry),
+            errno if self.buffers.wire.ended(errno) => self.live -= 1,
+            errno => {
+                log::error!(
+                    "queue {}: ring entry {entry} ended: {}",
+                    self.queue,
+                    io::Error::from_raw_os_error(errno)
+                );
+                self.live -= 1;
+            }
+        }
+    }
+
+    fn dispatch(&mut self, entry: u16) {
+        self.with_user += 1;
+        self.dirty = true;
+        self.busy = true;
+        // The request's header and argument are copied out: the reply is
+        // written over them while the request is being handled.
+        let mut head = [0u8; MAX_HEAD];
+        // SAFETY: the kernel filled the entry's header buffer before the
+        // completion; userspace owns the entry until its commit.
+        let header =
+            unsafe { std::slice::from_raw_parts(self.buffers.header(entry), W::HEADER_SIZE) };
+        let (in_payload, commit_id) = self.buffers.wire.request(header, &mut head);
+        self.commit_ids[usize::from(entry)] = commit_id;
+        // fuse_in_header: len, then opcode.
+        let len = u32::from_ne_bytes(head[0..4].try_into().expect("4 bytes")) as usize;
+        let opcode = u32::from_ne_bytes(head[4..8].try_into().expect("4 bytes"));
+        let in_payload = in_payload.min(self.buffers.max_io);
+        // SAFETY: within the entry's payload buffer, which userspace owns
+        // until the commit. Only a WRITE's data is borrowed while the
+        // request is handled, and the reply to a WRITE is a few bytes that
+        // never reach the data; any other request's bytes are copied out.
+        let payload =
+            unsafe { std::slice::from_raw_parts(self.buffers.payload(entry), in_payload) };
+        let joined;
+        let (head, payload): (&[u8], &[u8]) = if opcode == opcode::WRITE || in_payload == 0 {
+            (&head[..], payload)
+        } else {
+            // A name or the like: one contiguous message.
+            let fixed = len.saturating_sub(in_payload).min(MAX_HEAD);
+            joined = [&head[..fixed], payload].concat();
+            (&joined[..], &[][..])
+        };
+        let sink = &self.sinks[usize::from(entry)];
+        sink.opcode.store(opcode, Ordering::Release);
+        self.session
+            .dispatch_split(self.queue, head, payload, sink.clone());
+    }
+}
