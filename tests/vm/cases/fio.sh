@@ -38,3 +38,33 @@ for io in uring rw; do
         detach fio
     done
 done
+
+# Large requests: handed to the daemon's helper threads over io_uring
+# (mem: hands over writes, file: reads and writes), verified, and the
+# helpers must have done the work.
+# Milliseconds the helper threads have run (schedstat: ns on a CPU).
+helper_ms() {
+    local total=0 task
+    for task in /proc/"$1"/task/*; do
+        case $(cat "$task/comm") in
+            fuse-blk-q*h*) total=$((total + $(cut -d' ' -f1 "$task/schedstat") / 1000000)) ;;
+        esac
+    done
+    echo "$total"
+}
+mount -t tmpfs -o size=200M tmpfs /mnt
+truncate -s 128M /mnt/fio.img
+for backend in mem:128M file:/mnt/fio.img; do
+    dev=$(attach --name fio --queues 2 --io uring "$backend")
+    fio --name=verify --filename="$dev" --ioengine=libaio --direct=1 \
+        --iodepth=8 --numjobs=1 --rw=randwrite --bs=1M --size=96M \
+        --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0 \
+        --verify_state_save=0 --output=/tmp/fio.out || { cat /tmp/fio.out; fail "fio 1M $backend"; }
+    # Copying 96 MiB takes far longer than a helper's start and idle wait.
+    ran=$(helper_ms "$(daemon_pid fio)")
+    echo "$backend: helper threads ran $ran ms"
+    [ "$ran" -ge 20 ] || fail "large requests of $backend did not reach the helper threads ($ran ms)"
+    detach fio
+done
+rm -f /mnt/fio.img
+umount /mnt

@@ -154,6 +154,14 @@ impl MemDevice {
 }
 
 impl BlockDevice for MemDevice {
+    /// Writes, which may allocate and zero a chunk, gain from helper
+    /// threads; a read is one copy from memory, and handing it over cost
+    /// more than it overlapped (measured in the guest: writes +25 %, reads
+    /// down to -40 % for 1 MiB requests).
+    fn parallel_large_io(&self, write: bool) -> bool {
+        write
+    }
+
     fn geometry(&self) -> Geometry {
         Geometry {
             read_only: self.read_only,

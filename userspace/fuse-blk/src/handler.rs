@@ -194,6 +194,17 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     /// The device is going away; no request follows.
     fn destroy(&self) {}
+
+    /// Whether the io_uring transports may hand large reads (`write` false)
+    /// or writes to helper threads, so that this device's work on one
+    /// request overlaps the kernel's copies for the next on the queue's own
+    /// thread, and large requests of one queue use more than one CPU. Worth
+    /// it where a request costs system calls or waits (the default); a
+    /// device whose large requests cost next to nothing says no and saves
+    /// the hand-over.
+    fn parallel_large_io(&self, _write: bool) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

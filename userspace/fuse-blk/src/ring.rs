@@ -18,20 +18,31 @@
 //! entry the same way and wakes the worker through an eventfd it always has
 //! a read outstanding on. The worker ends when every entry's command has
 //! ended (the device or connection is gone, or the ring is cancelled).
+//!
+//! Large reads and writes go to helper threads instead, unless the device
+//! declines ([`BlockDevice::parallel_large_io`]): the kernel copies a
+//! request's data in the worker's thread, the device copies it again in
+//! its handler, and with helpers the two overlap across requests and one
+//! queue's large requests use more than one CPU. A helper commits the
+//! entry only once the handler has returned, since a WRITE's data stays
+//! borrowed for the whole call.
+//!
+//! [`BlockDevice::parallel_large_io`]: crate::BlockDevice::parallel_large_io
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread::ThreadId;
 use std::time::Duration;
 
 use std::io::IoSlice;
 
-use fuse_blk_proto::abi::{opcode, OutHeader};
+use fuse_blk_proto::abi::{opcode, InHeader, OutHeader, ReadIn};
 use fuse_blk_proto::reply::{error_header, success_header};
 use io_uring::{cqueue, opcode as op, squeue, types, IoUring};
+use zerocopy::FromBytes;
 
 use crate::reply::ReplySink;
 use crate::session::Session;
@@ -68,6 +79,13 @@ pub trait Wire: Send + Sync + 'static {
     /// error worth logging).
     fn ended(&self, errno: i32) -> bool;
 }
+
+/// Reads and writes of at least this many bytes go to the helper threads:
+/// below it the hand-over costs more than the overlap gains.
+const OFFLOAD_MIN: usize = 128 * 1024;
+
+/// Helper threads per queue at most (at most one per CPU).
+const MAX_HELPERS: usize = 4;
 
 /// `user_data` of the eventfd read and of the idle tick; entries use their
 /// index.
@@ -188,12 +206,36 @@ struct EntrySink<W> {
     /// READ data goes to the payload buffer, what follows any other reply's
     /// header to the header buffer.
     opcode: AtomicU32,
+    /// `COMMIT_NOW`, or whether a helper's handler call is still running
+    /// (`IN_HELPER`) and has replied (`REPLIED_IN_HELPER`).
+    commit: AtomicU8,
 }
+
+const COMMIT_NOW: u8 = 0;
+const IN_HELPER: u8 = 1;
+const REPLIED_IN_HELPER: u8 = 2;
 
 impl<W: Wire> EntrySink<W> {
     fn opcode(&self) -> u32 {
         // Set by the worker before the dispatch that hands out the reply.
         self.opcode.load(Ordering::Acquire)
+    }
+
+    /// The reply is in the entry's buffers: commits it, or leaves that to
+    /// the helper running the handler, once the handler returns.
+    fn replied(&self) {
+        let deferred = self
+            .commit
+            .compare_exchange(
+                IN_HELPER,
+                REPLIED_IN_HELPER,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if !deferred {
+            self.buffers.commit(self.entry);
+        }
     }
 
     fn write_header(&self, header: OutHeader) {
@@ -246,7 +288,7 @@ impl<W: Wire> ReplySink for EntrySink<W> {
             }
             wire.set_body_len(self.buffers.header(self.entry), total - header_len);
         }
-        self.buffers.commit(self.entry);
+        self.replied();
     }
 
     fn send_zeros_reply(&self, unique: u64) -> bool {
@@ -257,7 +299,7 @@ impl<W: Wire> ReplySink for EntrySink<W> {
         self.buffers
             .wire
             .set_body_len(self.buffers.header(self.entry), 0);
-        self.buffers.commit(self.entry);
+        self.replied();
         true
     }
 
@@ -285,7 +327,7 @@ impl<W: Wire> ReplySink for EntrySink<W> {
         self.buffers
             .wire
             .set_body_len(self.buffers.header(self.entry), body);
-        self.buffers.commit(self.entry);
+        self.replied();
     }
 }
 
@@ -314,8 +356,69 @@ pub fn serve<W: Wire>(
         wake,
         worker: std::thread::current().id(),
     });
-    let mut worker = Worker::new(session, queue, buffers, depth)?;
-    worker.run()
+    let offload = [
+        session.parallel_large_io(false),
+        session.parallel_large_io(true),
+    ];
+    let helpers = if offload.contains(&true) {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_HELPERS)
+    } else {
+        0
+    };
+    let (jobs, receiver) = mpsc::channel::<Job<W>>();
+    let receiver = parking_lot::Mutex::new(receiver);
+    std::thread::scope(|scope| {
+        for index in 0..helpers {
+            let receiver = &receiver;
+            std::thread::Builder::new()
+                .name(format!("fuse-blk-q{queue}h{index}"))
+                .spawn_scoped(scope, move || help(session, queue, receiver))?;
+        }
+        let jobs = (helpers > 0).then_some(Offload { jobs, offload });
+        let mut worker = Worker::new(session, queue, buffers, depth, jobs)?;
+        // Dropping the worker (and its sender) ends the helpers.
+        worker.run()
+    })
+}
+
+/// Where a worker hands large requests.
+struct Offload<W> {
+    jobs: mpsc::Sender<Job<W>>,
+    /// Whether reads (0) and writes (1) go there.
+    offload: [bool; 2],
+}
+
+/// A large request handed to a helper thread.
+struct Job<W> {
+    sink: Arc<EntrySink<W>>,
+    head: [u8; MAX_HEAD],
+    /// Bytes of WRITE data in the entry's payload buffer.
+    payload_len: usize,
+}
+
+/// A helper thread: runs the handler for the jobs it takes until the
+/// worker goes.
+fn help<W: Wire>(session: &Session, queue: u16, jobs: &parking_lot::Mutex<mpsc::Receiver<Job<W>>>) {
+    loop {
+        // The guard goes at the end of the statement: one helper waits in
+        // recv(), the others for the lock.
+        let Ok(job) = jobs.lock().recv() else {
+            return;
+        };
+        let sink = job.sink;
+        // SAFETY: as in `Worker::dispatch`; the entry is committed only
+        // after this call returns (`EntrySink::replied`), so the kernel
+        // does not reuse the payload while the handler may still read it.
+        let payload = unsafe {
+            std::slice::from_raw_parts(sink.buffers.payload(sink.entry), job.payload_len)
+        };
+        session.dispatch_split(queue, &job.head, payload, sink.clone());
+        if sink.commit.swap(COMMIT_NOW, Ordering::AcqRel) == REPLIED_IN_HELPER {
+            sink.buffers.commit(sink.entry);
+        }
+    }
 }
 
 struct Worker<'a, W: Wire> {
@@ -341,6 +444,8 @@ struct Worker<'a, W: Wire> {
     busy: bool,
     tick: types::Timespec,
     wake_buf: [u8; 8],
+    /// Where large requests go, if anywhere.
+    jobs: Option<Offload<W>>,
 }
 
 impl<'a, W: Wire> Worker<'a, W> {
@@ -349,6 +454,7 @@ impl<'a, W: Wire> Worker<'a, W> {
         queue: u16,
         buffers: Arc<Buffers<W>>,
         depth: u16,
+        jobs: Option<Offload<W>>,
     ) -> io::Result<Worker<'a, W>> {
         let entries = (u32::from(depth) + 1).next_power_of_two();
         // Task work (the kernel's deliveries) runs when this thread asks for
@@ -378,6 +484,7 @@ impl<'a, W: Wire> Worker<'a, W> {
                     buffers: Arc::clone(&buffers),
                     entry,
                     opcode: AtomicU32::new(0),
+                    commit: AtomicU8::new(COMMIT_NOW),
                 })
             })
             .collect();
@@ -397,6 +504,7 @@ impl<'a, W: Wire> Worker<'a, W> {
             busy: false,
             tick: types::Timespec::from(IDLE_TICK),
             wake_buf: [0; 8],
+            jobs,
         })
     }
 
@@ -518,16 +626,16 @@ impl<'a, W: Wire> Worker<'a, W> {
         self.busy = true;
         // The request's header and argument are copied out: the reply is
         // written over them while the request is being handled.
-        let mut head = [0u8; MAX_HEAD];
+        let mut head_copy = [0u8; MAX_HEAD];
         // SAFETY: the kernel filled the entry's header buffer before the
         // completion; userspace owns the entry until its commit.
         let header =
             unsafe { std::slice::from_raw_parts(self.buffers.header(entry), W::HEADER_SIZE) };
-        let (in_payload, commit_id) = self.buffers.wire.request(header, &mut head);
+        let (in_payload, commit_id) = self.buffers.wire.request(header, &mut head_copy);
         self.commit_ids[usize::from(entry)] = commit_id;
         // fuse_in_header: len, then opcode.
-        let len = u32::from_ne_bytes(head[0..4].try_into().expect("4 bytes")) as usize;
-        let opcode = u32::from_ne_bytes(head[4..8].try_into().expect("4 bytes"));
+        let len = u32::from_ne_bytes(head_copy[0..4].try_into().expect("4 bytes")) as usize;
+        let opcode = u32::from_ne_bytes(head_copy[4..8].try_into().expect("4 bytes"));
         let in_payload = in_payload.min(self.buffers.max_io);
         // SAFETY: within the entry's payload buffer, which userspace owns
         // until the commit. Only a WRITE's data is borrowed while the
@@ -537,16 +645,52 @@ impl<'a, W: Wire> Worker<'a, W> {
             unsafe { std::slice::from_raw_parts(self.buffers.payload(entry), in_payload) };
         let joined;
         let (head, payload): (&[u8], &[u8]) = if opcode == opcode::WRITE || in_payload == 0 {
-            (&head[..], payload)
+            (&head_copy[..], payload)
         } else {
             // A name or the like: one contiguous message.
             let fixed = len.saturating_sub(in_payload).min(MAX_HEAD);
-            joined = [&head[..fixed], payload].concat();
+            joined = [&head_copy[..fixed], payload].concat();
             (&joined[..], &[][..])
         };
         let sink = &self.sinks[usize::from(entry)];
         sink.opcode.store(opcode, Ordering::Release);
+        if let Some(payload_len) = self.offloaded(opcode, &head_copy, payload.len()) {
+            sink.commit.store(IN_HELPER, Ordering::Release);
+            let job = Job {
+                sink: sink.clone(),
+                head: head_copy,
+                payload_len,
+            };
+            let sent = self
+                .jobs
+                .as_ref()
+                .is_some_and(|offload| offload.jobs.send(job).is_ok());
+            if sent {
+                return;
+            }
+            // The helpers are gone (one panicked): handled here.
+            sink.commit.store(COMMIT_NOW, Ordering::Release);
+        }
         self.session
             .dispatch_split(self.queue, head, payload, sink.clone());
+    }
+
+    /// Whether a request goes to the helpers: a large READ or WRITE, when
+    /// there are helpers. Returns the bytes of its data in the payload.
+    fn offloaded(&self, opcode: u32, head: &[u8; MAX_HEAD], in_payload: usize) -> Option<usize> {
+        let offload = self.jobs.as_ref()?.offload;
+        let size = match opcode {
+            opcode::WRITE if offload[1] => in_payload,
+            opcode::READ if offload[0] => {
+                let arg = &head[std::mem::size_of::<InHeader>()..];
+                ReadIn::read_from_prefix(arg).ok()?.0.size as usize
+            }
+            _ => return None,
+        };
+        (size >= OFFLOAD_MIN).then_some(if opcode == opcode::WRITE {
+            in_payload
+        } else {
+            0
+        })
     }
 }

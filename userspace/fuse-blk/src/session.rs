@@ -137,6 +137,11 @@ impl Session {
         &self.geometry
     }
 
+    /// See [`BlockDevice::parallel_large_io`].
+    pub fn parallel_large_io(&self, write: bool) -> bool {
+        self.device.parallel_large_io(write)
+    }
+
     pub fn config(&self) -> &SessionConfig {
         &self.config
     }
