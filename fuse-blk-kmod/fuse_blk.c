@@ -177,7 +177,12 @@ struct fblk_chan {
 	bool retired;		/* a newer channel took over */
 	bool destroy_sent;
 	struct fblk_ring_ent *ents;	/* io_uring entries, or NULL */
-	struct list_head idle_ents;	/* entries waiting for a request */
+	/*
+	 * Entries waiting for a request, the most recently used first: the
+	 * next request goes to the entry whose buffers are warmest, and the
+	 * entries in use stay as few as the requests in flight.
+	 */
+	struct list_head idle_ents;
 };
 
 struct fblk_dev {
@@ -1530,7 +1535,7 @@ static int fblk_ring_next(struct fblk_ring_ent *ent)
 		/* Work added since was not kicked to us: we were KICKED. */
 		if (!fblk_ring_has_work(ent->chan)) {
 			ent->state = FBLK_ENT_IDLE;
-			list_add_tail(&ent->entry, &ent->chan->idle_ents);
+			list_add(&ent->entry, &ent->chan->idle_ents);
 			spin_unlock_irqrestore(&queue->lock, flags);
 			return -EIOCBQUEUED;
 		}
@@ -1693,7 +1698,7 @@ static int fblk_ring_issue(struct io_uring_cmd *ucmd, unsigned int issue_flags)
 	kick = fblk_ring_has_work(ent->chan);
 	if (!kick) {
 		ent->state = FBLK_ENT_IDLE;
-		list_add_tail(&ent->entry, &ent->chan->idle_ents);
+		list_add(&ent->entry, &ent->chan->idle_ents);
 	}
 	spin_unlock_irqrestore(&queue->lock, flags);
 	if (kick)
