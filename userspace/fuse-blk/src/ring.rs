@@ -356,11 +356,9 @@ pub fn serve<W: Wire>(
         wake,
         worker: std::thread::current().id(),
     });
-    let offload = [
-        session.parallel_large_io(false),
-        session.parallel_large_io(true),
-    ];
-    let helpers = if offload.contains(&true) {
+    let reads = session.parallel_large_io(false);
+    let writes = session.parallel_large_io(true);
+    let helpers = if reads || writes {
         std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(MAX_HELPERS)
@@ -376,8 +374,12 @@ pub fn serve<W: Wire>(
                 .name(format!("fuse-blk-q{queue}h{index}"))
                 .spawn_scoped(scope, move || help(session, queue, receiver))?;
         }
-        let jobs = (helpers > 0).then_some(Offload { jobs, offload });
-        let mut worker = Worker::new(session, queue, buffers, depth, jobs)?;
+        let offload = (helpers > 0).then_some(Offload {
+            jobs,
+            reads,
+            writes,
+        });
+        let mut worker = Worker::new(session, queue, buffers, depth, offload)?;
         // Dropping the worker (and its sender) ends the helpers.
         worker.run()
     })
@@ -386,8 +388,9 @@ pub fn serve<W: Wire>(
 /// Where a worker hands large requests.
 struct Offload<W> {
     jobs: mpsc::Sender<Job<W>>,
-    /// Whether reads (0) and writes (1) go there.
-    offload: [bool; 2],
+    /// Whether large reads, and large writes, go there.
+    reads: bool,
+    writes: bool,
 }
 
 /// A large request handed to a helper thread.
@@ -445,7 +448,7 @@ struct Worker<'a, W: Wire> {
     tick: types::Timespec,
     wake_buf: [u8; 8],
     /// Where large requests go, if anywhere.
-    jobs: Option<Offload<W>>,
+    offload: Option<Offload<W>>,
 }
 
 impl<'a, W: Wire> Worker<'a, W> {
@@ -454,7 +457,7 @@ impl<'a, W: Wire> Worker<'a, W> {
         queue: u16,
         buffers: Arc<Buffers<W>>,
         depth: u16,
-        jobs: Option<Offload<W>>,
+        offload: Option<Offload<W>>,
     ) -> io::Result<Worker<'a, W>> {
         let entries = (u32::from(depth) + 1).next_power_of_two();
         // Task work (the kernel's deliveries) runs when this thread asks for
@@ -504,7 +507,7 @@ impl<'a, W: Wire> Worker<'a, W> {
             busy: false,
             tick: types::Timespec::from(IDLE_TICK),
             wake_buf: [0; 8],
-            jobs,
+            offload,
         })
     }
 
@@ -662,7 +665,7 @@ impl<'a, W: Wire> Worker<'a, W> {
                 payload_len,
             };
             let sent = self
-                .jobs
+                .offload
                 .as_ref()
                 .is_some_and(|offload| offload.jobs.send(job).is_ok());
             if sent {
@@ -678,19 +681,16 @@ impl<'a, W: Wire> Worker<'a, W> {
     /// Whether a request goes to the helpers: a large READ or WRITE, when
     /// there are helpers. Returns the bytes of its data in the payload.
     fn offloaded(&self, opcode: u32, head: &[u8; MAX_HEAD], in_payload: usize) -> Option<usize> {
-        let offload = self.jobs.as_ref()?.offload;
-        let size = match opcode {
-            opcode::WRITE if offload[1] => in_payload,
-            opcode::READ if offload[0] => {
+        let offload = self.offload.as_ref()?;
+        // (bytes moved, bytes of it in the payload buffer)
+        let (size, payload_len) = match opcode {
+            opcode::WRITE if offload.writes => (in_payload, in_payload),
+            opcode::READ if offload.reads => {
                 let arg = &head[std::mem::size_of::<InHeader>()..];
-                ReadIn::read_from_prefix(arg).ok()?.0.size as usize
+                (ReadIn::read_from_prefix(arg).ok()?.0.size as usize, 0)
             }
             _ => return None,
         };
-        (size >= OFFLOAD_MIN).then_some(if opcode == opcode::WRITE {
-            in_payload
-        } else {
-            0
-        })
+        (size >= OFFLOAD_MIN).then_some(payload_len)
     }
 }
