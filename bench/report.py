@@ -59,22 +59,26 @@ def main(args):
         return [iops[r][job][a] / iops[r][job][b] for r in rounds
                 if iops[r][job].get(a) and iops[r][job].get(b)]
 
-    where = "host" if host else "guest boot"
-    lines = [f"# Benchmark ({'host' if host else 'guest, software emulation'}; "
-             f"median of {len(rounds)} {where}{'s' if len(rounds) > 1 and not host else ''}"
-             f"{' rounds' if host else ''})", ""]
+    if host:
+        where = f"median of {len(rounds)} host rounds"
+    else:
+        # Guest rounds are named BOOT.ROUND (older results: BOOT).
+        boots = len({r.split(".")[0] for r in rounds})
+        where = f"software emulation; median of {len(rounds)} rounds in {boots} guest boots"
+    lines = [f"# Benchmark ({'host' if host else 'guest'}; {where})", ""]
     lines += ["## Median IOPS", "", "| job | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
     for job in jobs:
         lines.append(f"| {job} | " + " | ".join(f"{median_iops(job, t):.0f}" for t in targets) + " |")
 
-    lines += ["", "## Ratios (median over rounds of the within-round ratio)", "",
+    lines += ["", "## Ratios (median over rounds of the within-round ratio; lowest-highest round)", "",
               "| job | " + " | ".join(f"{a} / {b}" for a, b, _ in pairs) + " |",
               "|---|" + "---|" * len(pairs)]
     for job in jobs:
         cells = []
         for a, b, _ in pairs:
             r = ratios(job, a, b)
-            cells.append(f"{statistics.median(r):.2f}x" if r else "n/a")
+            spread = f" ({min(r):.2f}-{max(r):.2f})" if len(r) > 1 else ""
+            cells.append(f"{statistics.median(r):.2f}x{spread}" if r else "n/a")
         lines.append(f"| {job} | " + " | ".join(cells) + " |")
 
     goals = [(a, b, t) for a, b, t in pairs if t is not None]
