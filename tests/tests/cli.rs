@@ -255,3 +255,38 @@ fn a_killed_daemon_is_cleaned_up_by_detach() {
     std::mem::forget(device);
     instance.assert_nothing_left();
 }
+
+#[test]
+fn a_daemon_run_from_a_renamed_binary_is_detached_not_taken_for_dead() {
+    // The record names its daemon by pid and start time, not by the name
+    // of the executable (a packager may install it under another name).
+    let instance = Instance::new("renamed");
+    let dir = TempDir::new("renamed-bin");
+    let renamed = dir.join("blockd");
+    fs::copy(fuse_blk_tests::fuse_blk_bin(), &renamed).unwrap();
+    let out = std::process::Command::new(&renamed)
+        .env("FUSE_BLK_RUNTIME_DIR", &instance.runtime_dir)
+        .args(["attach", "--name", "renamed", "mem:16M"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let device = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let list: Vec<Value> =
+        serde_json::from_slice(&instance.run(["list", "--json"]).stdout).unwrap();
+    assert_eq!(list[0]["status"], "running", "{list:?}");
+    let pid = list[0]["pid"].as_u64().unwrap();
+    fuse_blk_tests::write_at(Path::new(&device), 0, &[3u8; 4096]).unwrap();
+
+    let out = instance.run(["detach", "renamed"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("had died"), "{stderr}");
+    // detach returns once the daemon has exited on its own.
+    assert!(!Path::new(&format!("/proc/{pid}/exe")).exists());
+    instance.assert_nothing_left();
+}

@@ -203,6 +203,7 @@ fn attach(
         block_size: geometry.logical_block_size,
         read_only: geometry.read_only,
         pid: std::process::id(),
+        start_time: state::process_start_time(std::process::id()),
         mountpoint: if kmod {
             String::new()
         } else {
@@ -280,7 +281,7 @@ fn recover(
         None => {
             // The stock kernel ends a FUSE connection with its last
             // descriptor: only a live daemon can pass it on.
-            if !state::daemon_alive(record.pid) {
+            if !record.daemon_alive() {
                 return Err(format!(
                     "{}: the daemon is gone, and on the stock path its FUSE connection went with it",
                     record.name
@@ -299,6 +300,7 @@ fn recover(
         }
     };
     record.pid = std::process::id();
+    record.start_time = state::process_start_time(record.pid);
     record.backend = backend.to_string();
     dir.write(&record)
         .map_err(|e| format!("writing state: {e}"))?;

@@ -276,7 +276,7 @@ fn handoff(target: &str) -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("handoff needs root".into());
     }
-    let old = record.pid;
+    let old = (record.pid, record.start_time);
     spawn_daemon(
         ["attach", "--recover", &record.name, &record.backend]
             .into_iter()
@@ -286,10 +286,10 @@ fn handoff(target: &str) -> Result<(), String> {
     wait_for_exit(old, "the old daemon")
 }
 
-/// Waits up to 60 s for daemon `pid` to exit.
-fn wait_for_exit(pid: u32, what: &str) -> Result<(), String> {
+/// Waits up to 60 s for daemon `(pid, start time)` to exit.
+fn wait_for_exit((pid, start_time): (u32, Option<u64>), what: &str) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while state::daemon_alive(pid) {
+    while state::daemon_alive(pid, start_time) {
         if Instant::now() > deadline {
             return Err(format!("{what} (pid {pid}) did not exit within 60 s"));
         }
@@ -300,7 +300,7 @@ fn wait_for_exit(pid: u32, what: &str) -> Result<(), String> {
 
 fn detach(target: &str) -> Result<(), String> {
     let (dir, record) = state::find(target)?;
-    if !state::daemon_alive(record.pid) {
+    if !record.daemon_alive() {
         cleanup_dead(&dir, &record);
         eprintln!(
             "fuse-blk: the daemon of {} had died; removed what it left",
@@ -310,7 +310,7 @@ fn detach(target: &str) -> Result<(), String> {
     }
     daemon::request_detach(&dir)?;
     // The daemon unmounts and removes its directory on its way out.
-    wait_for_exit(record.pid, "the daemon")
+    wait_for_exit((record.pid, record.start_time), "the daemon")
 }
 
 /// Removes what a killed daemon left: its loop device (unbound once unused),
@@ -365,7 +365,7 @@ fn list(json: bool) -> Result<(), String> {
     for dir in state::all() {
         match dir.read() {
             Ok(record) => {
-                let status = if !state::daemon_alive(record.pid) {
+                let status = if !record.daemon_alive() {
                     orphan_status(&record)
                 } else if record.device.is_empty() {
                     "starting".to_string()

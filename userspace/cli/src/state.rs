@@ -31,6 +31,11 @@ pub struct DeviceState {
     pub block_size: u32,
     pub read_only: bool,
     pub pid: u32,
+    /// When that process started (clock ticks after boot): with the pid, it
+    /// names the daemon even after its pid has been reused. Records from
+    /// before it was kept have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<u64>,
     /// The stock path's FUSE mount point (empty on the kmod path).
     pub mountpoint: String,
     /// The kernel module's device id (kmod path only).
@@ -145,23 +150,47 @@ pub fn all() -> Vec<DeviceDir> {
     dirs
 }
 
-/// Whether process `pid` is alive and is a fuse-blk daemon (not a reused
-/// pid).
-pub fn daemon_alive(pid: u32) -> bool {
-    let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) else {
+impl DeviceState {
+    /// Whether the daemon that wrote this record still runs.
+    pub fn daemon_alive(&self) -> bool {
+        daemon_alive(self.pid, self.start_time)
+    }
+}
+
+/// The fields of `/proc/PID/stat` after the command name (which may hold
+/// spaces and parentheses): the process state first.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// When process `pid` started, in clock ticks after boot (`starttime`,
+/// field 22 of `/proc/PID/stat`).
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    stat_fields(pid)?.get(19)?.parse().ok()
+}
+
+/// Whether process `pid` is alive and is the daemon that started at
+/// `start_time`, not a process that reused its pid. Without a start time
+/// (an older record), a live process whose executable is named fuse-blk
+/// is taken for it.
+pub fn daemon_alive(pid: u32, start_time: Option<u64>) -> bool {
+    let Some(fields) = stat_fields(pid) else {
         return false;
     };
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // A zombie has exited; it only waits for its parent to reap it.
-    let zombie = stat
-        .rsplit(')')
-        .next()
-        .is_some_and(|rest| rest.trim_start().starts_with('Z'));
-    // After an upgrade the link reads "fuse-blk (deleted)".
-    !zombie
-        && exe
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("fuse-blk"))
+    if fields.first().is_some_and(|state| state == "Z") {
+        return false;
+    }
+    match start_time {
+        Some(start_time) => fields.get(19).and_then(|t| t.parse().ok()) == Some(start_time),
+        // After an upgrade the link reads "fuse-blk (deleted)".
+        None => fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
+            exe.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("fuse-blk"))
+        }),
+    }
 }
 
 /// Finds a device by name or by device path.
@@ -185,6 +214,30 @@ pub fn find(target: &str) -> Result<(DeviceDir, DeviceState), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_daemon_is_known_by_pid_and_start_time() {
+        let me = std::process::id();
+        let start = process_start_time(me).expect("own start time");
+        assert_eq!(process_start_time(me), Some(start));
+        assert!(daemon_alive(me, Some(start)));
+        // Same pid, another start: a process that reused the pid.
+        assert!(!daemon_alive(me, Some(start + 1)));
+        // An older record without a start time goes by the executable's
+        // name, which for this test binary is not fuse-blk.
+        assert!(!daemon_alive(me, None));
+    }
+
+    #[test]
+    fn an_exited_process_is_not_alive() {
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pid = child.id();
+        let start = process_start_time(pid);
+        child.wait().expect("wait");
+        assert!(!daemon_alive(pid, start));
+    }
 
     #[test]
     fn names() {
