@@ -276,22 +276,24 @@ fn handoff(target: &str) -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("handoff needs root".into());
     }
-    let old = (record.pid, record.start_time);
     spawn_daemon(
         ["attach", "--recover", &record.name, &record.backend]
             .into_iter()
             .map(Into::into)
             .collect(),
     )?;
-    wait_for_exit(old, "the old daemon")
+    wait_for_exit(&record, "the old daemon")
 }
 
-/// Waits up to 60 s for daemon `(pid, start time)` to exit.
-fn wait_for_exit((pid, start_time): (u32, Option<u64>), what: &str) -> Result<(), String> {
+/// Waits up to 60 s for the daemon of `record` to exit.
+fn wait_for_exit(record: &DeviceState, what: &str) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while state::daemon_alive(pid, start_time) {
+    while record.daemon_alive() {
         if Instant::now() > deadline {
-            return Err(format!("{what} (pid {pid}) did not exit within 60 s"));
+            return Err(format!(
+                "{what} (pid {}) did not exit within 60 s",
+                record.pid
+            ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -310,7 +312,7 @@ fn detach(target: &str) -> Result<(), String> {
     }
     daemon::request_detach(&dir)?;
     // The daemon unmounts and removes its directory on its way out.
-    wait_for_exit((record.pid, record.start_time), "the daemon")
+    wait_for_exit(&record, "the daemon")
 }
 
 /// Removes what a killed daemon left: its loop device (unbound once unused),

@@ -157,34 +157,43 @@ impl DeviceState {
     }
 }
 
-/// The fields of `/proc/PID/stat` after the command name (which may hold
-/// spaces and parentheses): the process state first.
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    Some(rest.split_whitespace().map(str::to_owned).collect())
+/// What `/proc/PID/stat` says of a process that this module needs.
+struct ProcStat {
+    /// Exited; only waits for its parent to reap it.
+    zombie: bool,
+    /// Clock ticks after boot (`starttime`, field 22).
+    start_time: u64,
 }
 
-/// When process `pid` started, in clock ticks after boot (`starttime`,
-/// field 22 of `/proc/PID/stat`).
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields are counted after the command name, which may hold spaces
+    // and parentheses: the state (field 3) first.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let zombie = fields.next()? == "Z";
+    let start_time = fields.nth(18)?.parse().ok()?;
+    Some(ProcStat { zombie, start_time })
+}
+
+/// When process `pid` started, in clock ticks after boot.
 pub fn process_start_time(pid: u32) -> Option<u64> {
-    stat_fields(pid)?.get(19)?.parse().ok()
+    proc_stat(pid).map(|stat| stat.start_time)
 }
 
 /// Whether process `pid` is alive and is the daemon that started at
 /// `start_time`, not a process that reused its pid. Without a start time
 /// (an older record), a live process whose executable is named fuse-blk
 /// is taken for it.
-pub fn daemon_alive(pid: u32, start_time: Option<u64>) -> bool {
-    let Some(fields) = stat_fields(pid) else {
+fn daemon_alive(pid: u32, start_time: Option<u64>) -> bool {
+    let Some(stat) = proc_stat(pid) else {
         return false;
     };
-    // A zombie has exited; it only waits for its parent to reap it.
-    if fields.first().is_some_and(|state| state == "Z") {
+    if stat.zombie {
         return false;
     }
     match start_time {
-        Some(start_time) => fields.get(19).and_then(|t| t.parse().ok()) == Some(start_time),
+        Some(start_time) => stat.start_time == start_time,
         // After an upgrade the link reads "fuse-blk (deleted)".
         None => fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
             exe.file_name()
