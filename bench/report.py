@@ -27,8 +27,10 @@ GUEST_PAIRS = [
     ("fuse-blk-file-tmpfs-uring", "fuse-blk-file-tmpfs-rw", None),
 ]
 HOST_PAIRS = [
+    ("stock-file-tmpfs-passthrough", "qsd-fuse-loop", 1.5),
     ("stock-file-tmpfs-uring", "qsd-fuse-loop", 1.5),
     ("stock-file-tmpfs-rw", "qsd-fuse-loop", 1.5),
+    ("stock-file-tmpfs-passthrough", "loop-tmpfs", None),
     ("stock-file-tmpfs-uring", "loop-tmpfs", None),
     ("stock-file-tmpfs-uring", "stock-file-tmpfs-rw", None),
     ("stock-null-uring", "stock-null-rw", None),

@@ -23,6 +23,7 @@ fn a_fuser_filesystem_serves_a_block_device() {
             name: "fuser-test".into(),
             threads: 2,
             io: Default::default(),
+            passthrough: true,
         },
     )
     .expect("attach");

@@ -1,6 +1,7 @@
 //! Handoff on the stock path: the FUSE connection moves to a new daemon
 //! while the device is mounted and under a verifying load, without an I/O
-//! error.
+//! error. The load goes through the daemons (`--no-passthrough`); handoff
+//! with passthrough is in passthrough.rs.
 
 use std::fs;
 use std::process::{Command, Stdio};
@@ -58,6 +59,7 @@ fn twenty_handoffs_under_load_without_an_error() {
     let device = instance.attach(&[
         "--name",
         "ho",
+        "--no-passthrough",
         "--block-size",
         "4096",
         &format!("file:{}", image.display()),

@@ -109,7 +109,8 @@ fn stock_path_over_io_uring() {
     );
     device.detach();
 
-    // On: every request after the handshake goes through the rings.
+    // On: every request after the handshake goes through the rings (the
+    // file's reads and writes too: no passthrough).
     let dir = TempDir::new("stock-uring");
     let image = dir.join("disk.img");
     fs::File::create(&image)
@@ -124,6 +125,7 @@ fn stock_path_over_io_uring() {
         "uring",
         "--name",
         "ring",
+        "--no-passthrough",
         &backend,
     ]);
     let pid = instance.daemons()[0];

@@ -111,10 +111,16 @@ fn fio_verifies_random_writes() {
         .unwrap()
         .set_len(128 * MIB as u64)
         .unwrap();
-    let device = instance.attach(&["--block-size", "4096", &format!("file:{}", image.display())]);
-    fio_verify(device.path_str(), "4k", "randwrite");
-    fio_verify(device.path_str(), "64k", "randrw");
-    device.detach();
+    let backend = format!("file:{}", image.display());
+    // Through the kernel's passthrough (the default), then the daemon.
+    for passthrough in [&[][..], &["--no-passthrough"][..]] {
+        let mut args = vec!["--block-size", "4096", &backend];
+        args.extend_from_slice(passthrough);
+        let device = instance.attach(&args);
+        fio_verify(device.path_str(), "4k", "randwrite");
+        fio_verify(device.path_str(), "64k", "randrw");
+        device.detach();
+    }
     instance.assert_nothing_left();
 }
 

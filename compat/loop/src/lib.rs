@@ -17,6 +17,7 @@
 pub mod loopdev;
 pub mod mount;
 pub mod namespace;
+pub mod passthrough;
 pub mod uring;
 
 use std::fs::OpenOptions;
@@ -36,6 +37,7 @@ use parking_lot::Mutex;
 pub use loopdev::{LoopDevice, LoopOptions};
 pub use mount::FuseMount;
 pub use namespace::OneFileNamespace;
+use passthrough::Backing;
 
 /// How to attach a device on the stock path.
 #[derive(Debug, Clone)]
@@ -49,6 +51,10 @@ pub struct StockOptions {
     pub threads: usize,
     /// How requests reach the workers.
     pub io: IoMode,
+    /// Let the kernel read and write the device's backing file itself
+    /// where it offers FUSE passthrough (see [`passthrough`]); devices
+    /// without one are served as always.
+    pub passthrough: bool,
 }
 
 /// The session configuration of the stock path: asynchronous direct I/O
@@ -112,6 +118,9 @@ pub enum Ended {
 pub struct Handover {
     pub fuse_fd: OwnedFd,
     pub open_files: u64,
+    /// The passthrough registration the device file's opens name, which
+    /// the successor's must name too.
+    pub backing_id: Option<i32>,
 }
 
 /// A block device served on the stock path.
@@ -156,6 +165,14 @@ impl StockDevice {
             config.init_flags |= init_flags::INIT_EXT;
             config.init_flags2 |= init_flags2::OVER_IO_URING;
         }
+        let backing_file = match device.backing_file().filter(|_| options.passthrough) {
+            Some(file) => {
+                config.init_flags |= init_flags::INIT_EXT;
+                config.init_flags2 |= init_flags2::PASSTHROUGH;
+                Some(file.try_clone_to_owned()?)
+            }
+            None => None,
+        };
         let session = Session::new(device, config)?;
         let geometry = *session.geometry();
         let namespace = Arc::new(OneFileNamespace::new(FILE_NAME, geometry));
@@ -179,6 +196,16 @@ impl StockDevice {
                 return Err(undo_dir(e));
             }
         };
+        if let Some(file) = backing_file {
+            let fuse = match primary.as_fd().try_clone_to_owned() {
+                Ok(fuse) => fuse,
+                Err(e) => {
+                    drop(mount);
+                    return Err(undo_dir(e));
+                }
+            };
+            namespace.set_passthrough(Backing::Wanted { fuse, file });
+        }
         let workers = spawn_session(&session, channels)?;
         let shared = Arc::new(Shared {
             loop_device: Mutex::new(None),
@@ -226,6 +253,12 @@ impl StockDevice {
         }
     }
 
+    /// Whether the kernel reads and writes the device's backing file
+    /// itself (FUSE passthrough; see [`StockOptions::passthrough`]).
+    pub fn passthrough(&self) -> bool {
+        self.shared.namespace.backing_id().is_some()
+    }
+
     /// The block device, e.g. `/dev/loop3`.
     pub fn device_path(&self) -> &Path {
         &self.device_path
@@ -255,6 +288,10 @@ impl StockDevice {
         let session = Session::new(device, session_config())?;
         let namespace = Arc::new(OneFileNamespace::new(FILE_NAME, *session.geometry()));
         namespace.set_open_files(handover.open_files);
+        namespace.set_passthrough(match handover.backing_id {
+            Some(id) => Backing::Registered(id),
+            None => Backing::Off,
+        });
         let session = Arc::new(session.with_namespace(namespace.clone()));
         let loop_device = LoopDevice::open(device_path)?;
         let (primary, channels) = open_channels(handover.fuse_fd, threads.max(1))?;
@@ -370,6 +407,7 @@ impl Detacher {
         Ok(Handover {
             fuse_fd: self.shared.primary.as_fd().try_clone_to_owned()?,
             open_files: self.shared.namespace.open_files(),
+            backing_id: self.shared.namespace.backing_id(),
         })
     }
 

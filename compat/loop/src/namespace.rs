@@ -13,6 +13,8 @@ use fuse_blk::{Geometry, Namespace, Responder};
 use parking_lot::{Condvar, Mutex};
 use zerocopy::IntoBytes;
 
+use crate::passthrough::{Backing, Passthrough};
+
 /// Node id of the device file.
 pub const FILE_ID: u64 = 2;
 
@@ -34,6 +36,9 @@ pub struct OneFileNamespace {
     /// driver's to be released before unmounting.
     open_files: Mutex<u64>,
     released: Condvar,
+    /// Whether opens of the device file pass reads and writes through to
+    /// a backing file.
+    passthrough: Passthrough,
 }
 
 impl OneFileNamespace {
@@ -44,6 +49,7 @@ impl OneFileNamespace {
             created: SystemTime::now(),
             open_files: Mutex::new(0),
             released: Condvar::new(),
+            passthrough: Passthrough::new(Backing::Off),
         }
     }
 
@@ -58,6 +64,17 @@ impl OneFileNamespace {
     /// Takes over the count of a predecessor daemon's namespace.
     pub fn set_open_files(&self, open: u64) {
         *self.open_files.lock() = open;
+    }
+
+    /// Sets whether and how later opens of the device file pass through.
+    pub fn set_passthrough(&self, backing: Backing) {
+        self.passthrough.set(backing);
+    }
+
+    /// The backing id of the device file's opens (registering the file if
+    /// none has been opened yet); `None` without passthrough.
+    pub fn backing_id(&self) -> Option<i32> {
+        self.passthrough.backing_id()
     }
 
     /// Waits until no handle of the device file is open; false on timeout.
@@ -152,14 +169,22 @@ impl OneFileNamespace {
         if writing && self.geometry.read_only {
             return reply.error(libc::EROFS);
         }
-        *self.open_files.lock() += 1;
-        let out = OpenOut {
-            fh: 0,
-            // Direct writes to distinct ranges need not serialise on the
-            // inode lock: the loop driver's queue depth reaches the daemon.
-            open_flags: fopen::PARALLEL_DIRECT_WRITES,
-            backing_id: 0,
+        let out = match self.passthrough.backing_id() {
+            Some(backing_id) => OpenOut {
+                fh: 0,
+                open_flags: fopen::PASSTHROUGH,
+                backing_id,
+            },
+            None => OpenOut {
+                fh: 0,
+                // Direct writes to distinct ranges need not serialise on
+                // the inode lock: the loop driver's queue depth reaches the
+                // daemon.
+                open_flags: fopen::PARALLEL_DIRECT_WRITES,
+                backing_id: 0,
+            },
         };
+        *self.open_files.lock() += 1;
         reply.ok(&[out.as_bytes()]);
     }
 

@@ -33,6 +33,15 @@ impl Served {
         }
     }
 
+    /// Whether reads and writes bypass the daemon (stock path, FUSE
+    /// passthrough).
+    fn passthrough(&self) -> bool {
+        match self {
+            Served::Stock(stock) => stock.passthrough(),
+            Served::Kmod(_) => false,
+        }
+    }
+
     fn detach_handle(&self) -> Result<DetachHandle, String> {
         Ok(match self {
             Served::Stock(stock) => DetachHandle::Stock(stock.detacher()),
@@ -210,6 +219,7 @@ fn attach(
             dir.mountpoint().display().to_string()
         },
         dev_id: None,
+        passthrough: false,
     };
     dir.write(&record)
         .map_err(|e| format!("writing state: {e}"))
@@ -238,6 +248,7 @@ fn attach(
             name: name.clone(),
             threads: args.threads.unwrap_or_else(default_threads),
             io: args.io.into(),
+            passthrough: !args.no_passthrough,
         };
         Served::Stock(
             StockDevice::attach(device, &options)
@@ -246,6 +257,7 @@ fn attach(
         )
     };
     record.device = served.device_path().display().to_string();
+    record.passthrough = served.passthrough();
     if let Err(e) = dir.write(&record) {
         drop(served);
         return Err(undo(format!("writing state: {e}")));
@@ -302,6 +314,7 @@ fn recover(
     record.pid = std::process::id();
     record.start_time = state::process_start_time(record.pid);
     record.backend = backend.to_string();
+    record.passthrough = served.passthrough();
     dir.write(&record)
         .map_err(|e| format!("writing state: {e}"))?;
     log::info!(
@@ -436,7 +449,11 @@ fn handle_control(stream: UnixStream, detacher: &DetachHandle) -> std::io::Resul
                     Ok(handover) => handover,
                     Err(e) => return answer(format!("error {e}")),
                 };
-                let text = format!("ok {}\n", handover.open_files);
+                let mut text = format!("ok {}", handover.open_files);
+                if let Some(id) = handover.backing_id {
+                    text.push_str(&format!(" backing {id}"));
+                }
+                text.push('\n');
                 send_with_fd(&stream, text.as_bytes(), &handover.fuse_fd)?;
                 // The successor serves from now on; this daemon drains.
                 stock.retire();
@@ -500,16 +517,26 @@ fn receive_handover(dir: &DeviceDir) -> Result<fuse_blk_loop::Handover, String> 
     }
     let len = msg.bytes;
     let text = String::from_utf8_lossy(&buf[..len]).trim_end().to_owned();
-    let Some(count) = text.strip_prefix("ok ") else {
+    let Some(fields) = text.strip_prefix("ok ") else {
         return Err(text.strip_prefix("error ").unwrap_or(&text).to_owned());
     };
-    let open_files = count
-        .parse()
-        .map_err(|_| format!("unexpected answer from the daemon: {text:?}"))?;
+    let unexpected = || format!("unexpected answer from the daemon: {text:?}");
+    // "ok OPEN_FILES [backing ID]"
+    let mut fields = fields.split(' ');
+    let open_files = fields
+        .next()
+        .and_then(|count| count.parse().ok())
+        .ok_or_else(unexpected)?;
+    let backing_id = match (fields.next(), fields.next(), fields.next()) {
+        (None, _, _) => None,
+        (Some("backing"), Some(id), None) => Some(id.parse().map_err(|_| unexpected())?),
+        _ => return Err(unexpected()),
+    };
     let fuse_fd = fuse_fd.ok_or("the daemon sent no FUSE connection")?;
     Ok(fuse_blk_loop::Handover {
         fuse_fd,
         open_files,
+        backing_id,
     })
 }
 

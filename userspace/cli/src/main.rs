@@ -116,6 +116,11 @@ pub struct AttachArgs {
     /// Stock path: worker threads (default: one per CPU, at least 2).
     #[arg(long)]
     threads: Option<usize>,
+    /// Stock path: send the reads and writes of a file: backend through
+    /// the daemon too, instead of letting the kernel read and write the
+    /// file itself (FUSE passthrough, where the kernel offers it).
+    #[arg(long)]
+    no_passthrough: bool,
     /// Kernel module: hardware queues, each served by a thread of its own
     /// (default: one per CPU).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]

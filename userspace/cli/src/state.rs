@@ -41,6 +41,10 @@ pub struct DeviceState {
     /// The kernel module's device id (kmod path only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dev_id: Option<u32>,
+    /// The kernel reads and writes the backing file itself (stock path,
+    /// FUSE passthrough).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub passthrough: bool,
 }
 
 /// The files of one device's directory.

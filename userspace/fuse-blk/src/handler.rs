@@ -1,6 +1,7 @@
 //! The user-facing API: what a block device is and what it is asked to do.
 
 use std::fmt;
+use std::os::fd::BorrowedFd;
 
 use crate::reply::{ReplyData, ReplyEmpty, ReplyWrite};
 
@@ -204,6 +205,15 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// the hand-over.
     fn parallel_large_io(&self, _write: bool) -> bool {
         true
+    }
+
+    /// A file whose bytes are exactly this device's blocks, from offset 0,
+    /// which a transport may have the kernel read and write itself instead
+    /// of calling [`read`](Self::read) and [`write`](Self::write): FUSE
+    /// passthrough on the stock path. Flush, discard and write-zeroes keep
+    /// coming here. The default, none, sends every request here.
+    fn backing_file(&self) -> Option<BorrowedFd<'_>> {
+        None
     }
 }
 

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use fuse_blk_proto::abi::{self, falloc, init_flags, InitOut};
+use fuse_blk_proto::abi::{self, falloc, init_flags, init_flags2, InitOut};
 use fuse_blk_proto::request::{
     parse_request, parse_request_split, Operation, ParseError, ParseErrorKind,
     Request as WireRequest,
@@ -36,6 +36,11 @@ use crate::reply::{ReplyData, ReplyEmpty, ReplySink, ReplyWrite, Responder};
 pub trait Namespace: Send + Sync + 'static {
     fn handle(&self, request: &WireRequest<'_>, reply: Responder);
 }
+
+/// How deep a stack of file systems may be under ours with passthrough:
+/// one, a backing file on an ordinary file system. A backing file on
+/// another stacking file system is refused when it is registered.
+const PASSTHROUGH_STACK_DEPTH: u32 = 1;
 
 /// `Session::granted_flags2` before FUSE_INIT (no real flags2 has all bits).
 const NO_INIT: u32 = u32::MAX;
@@ -393,6 +398,11 @@ impl Session {
             max_write: self.config.max_write,
             flags2,
             time_gran: 1,
+            max_stack_depth: if flags2 & init_flags2::PASSTHROUGH != 0 {
+                PASSTHROUGH_STACK_DEPTH
+            } else {
+                0
+            },
             max_pages: if flags & init_flags::MAX_PAGES != 0 {
                 max_pages
             } else {

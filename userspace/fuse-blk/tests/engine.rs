@@ -8,7 +8,9 @@ use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use fuse_blk::proto::abi::{self, falloc, init_flags, opcode, InitIn, InitOut, WriteOut};
+use fuse_blk::proto::abi::{
+    self, falloc, init_flags, init_flags2, opcode, InitIn, InitOut, WriteOut,
+};
 use fuse_blk::proto::client::{encode_request, parse_reply, read_struct};
 use fuse_blk::proto::request::{Operation, Request as WireRequest};
 use fuse_blk::{
@@ -511,6 +513,44 @@ fn init_max_pages_only_when_granted() {
     assert_eq!(out.max_write, 128 << 10);
     assert_eq!(out.max_pages, 32);
     assert_eq!(out.flags, config.init_flags);
+}
+
+fn init_request_ext(unique: u64, flags: u32, flags2: u32) -> Vec<u8> {
+    let arg = InitIn {
+        major: 7,
+        minor: 41,
+        flags: flags | init_flags::INIT_EXT,
+        flags2,
+        ..InitIn::default()
+    };
+    encode_request(opcode::INIT, unique, 0, &[arg.as_bytes()])
+}
+
+#[test]
+fn init_passthrough_gets_a_stack_depth_only_when_granted() {
+    let wanting = SessionConfig {
+        init_flags: SessionConfig::default().init_flags | init_flags::INIT_EXT,
+        init_flags2: init_flags2::PASSTHROUGH,
+        ..SessionConfig::default()
+    };
+    // Offered and wanted: granted, with room for one file system below.
+    let h = Harness::with(TestDevice::new(geometry(all_features())), wanting);
+    let out = init_out(&h.call_ok(&init_request_ext(1, u32::MAX, u32::MAX)));
+    assert_eq!(out.flags2, init_flags2::PASSTHROUGH);
+    assert_ne!(out.flags & init_flags::INIT_EXT, 0);
+    assert_eq!(out.max_stack_depth, 1);
+
+    // Wanted, not offered (a kernel without CONFIG_FUSE_PASSTHROUGH).
+    let h = Harness::with(TestDevice::new(geometry(all_features())), wanting);
+    let out = init_out(&h.call_ok(&init_request_ext(1, u32::MAX, init_flags2::OVER_IO_URING)));
+    assert_eq!(out.flags2, 0);
+    assert_eq!(out.max_stack_depth, 0);
+
+    // Offered, not wanted (the default).
+    let h = Harness::new(all_features());
+    let out = init_out(&h.call_ok(&init_request_ext(1, u32::MAX, u32::MAX)));
+    assert_eq!(out.flags2 & init_flags2::PASSTHROUGH, 0);
+    assert_eq!(out.max_stack_depth, 0);
 }
 
 #[test]

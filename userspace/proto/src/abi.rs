@@ -84,6 +84,9 @@ pub mod init_flags {
 pub mod init_flags2 {
     /// FUSE_OVER_IO_URING (bit 41 of the 64-bit flags).
     pub const OVER_IO_URING: u32 = 1 << (41 - 32);
+    /// FUSE_PASSTHROUGH (bit 37): OPEN may name a backing file the kernel
+    /// reads and writes itself.
+    pub const PASSTHROUGH: u32 = 1 << (37 - 32);
 }
 
 /// `fuse_open_out.open_flags` bits.
@@ -93,6 +96,8 @@ pub mod fopen {
     pub const NONSEEKABLE: u32 = 1 << 2;
     pub const NOFLUSH: u32 = 1 << 5;
     pub const PARALLEL_DIRECT_WRITES: u32 = 1 << 6;
+    /// Reads and writes of this open file go to `fuse_open_out.backing_id`.
+    pub const PASSTHROUGH: u32 = 1 << 7;
 }
 
 /// `fuse_setattr_in.valid` bits.

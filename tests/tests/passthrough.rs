@@ -1,0 +1,189 @@
+//! FUSE passthrough on the stock path: the reads and writes of a `file:`
+//! device go from the kernel straight to its image, so they complete while
+//! the daemon is stopped; with `--no-passthrough` they wait for it. A
+//! successor daemon keeps the passthrough registration of its predecessor.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fuse_blk_tests::{random_bytes, Instance, TempDir};
+
+const MIB: usize = 1 << 20;
+
+/// Stops processes with SIGSTOP and lets them go on when dropped, so that
+/// a failing assertion does not leave a daemon stopped.
+struct Stopped(Vec<u32>);
+
+impl Stopped {
+    fn new(pids: Vec<u32>) -> Stopped {
+        assert!(!pids.is_empty(), "no daemon to stop");
+        for &pid in &pids {
+            signal(pid, libc::SIGSTOP);
+        }
+        Stopped(pids)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            signal(pid, libc::SIGCONT);
+        }
+    }
+}
+
+fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill has no memory-safety preconditions.
+    let ret = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    assert_eq!(ret, 0, "kill({pid}, {signal})");
+}
+
+/// Starts `dd` copying 4 MiB between `from` and `to` with direct I/O on
+/// the device side, at MiB `offset` of the device.
+fn dd_direct(from: &Path, to: &Path, to_device: bool, offset: usize) -> Child {
+    let mut args = vec![
+        format!("if={}", from.display()),
+        format!("of={}", to.display()),
+        "bs=1M".into(),
+        "count=4".into(),
+        "status=none".into(),
+    ];
+    if to_device {
+        args.extend([format!("seek={offset}"), "oflag=direct".into()]);
+    } else {
+        args.extend([format!("skip={offset}"), "iflag=direct".into()]);
+    }
+    Command::new("dd")
+        .args(&args)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("dd")
+}
+
+/// Whether `child` exits successfully within `limit`; panics if it fails.
+fn finishes_within(child: &mut Child, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(status.success(), "dd failed: {status}");
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// What `list --json` says of the instance's one device.
+fn listed_passthrough(instance: &Instance) -> bool {
+    let out = instance.run(["list", "--json"]);
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(list.len(), 1, "{list:?}");
+    list[0]["passthrough"].as_bool().unwrap_or(false)
+}
+
+fn image(dir: &TempDir, size: usize) -> std::path::PathBuf {
+    let path = dir.join("disk.img");
+    fs::File::create(&path)
+        .unwrap()
+        .set_len(size as u64)
+        .unwrap();
+    path
+}
+
+/// Writes 4 MiB at MiB 8 and reads them back with the daemon stopped.
+fn io_while_stopped(instance: &Instance, device: &Path, scratch: &TempDir) {
+    let data = random_bytes(11, 4 * MIB);
+    let source = scratch.join("source");
+    fs::write(&source, &data).unwrap();
+    let copy = scratch.join("copy");
+    // The first write to the file asks the daemon once whether it carries
+    // privileges to drop (GETXATTR security.capability); the rest do not.
+    let mut first = dd_direct(&source, device, true, 8);
+    assert!(finishes_within(&mut first, Duration::from_secs(20)));
+    {
+        let _stopped = Stopped::new(instance.daemons());
+        let mut write = dd_direct(&source, device, true, 8);
+        assert!(
+            finishes_within(&mut write, Duration::from_secs(20)),
+            "a write waited for the stopped daemon"
+        );
+        let mut read = dd_direct(device, &copy, false, 8);
+        assert!(
+            finishes_within(&mut read, Duration::from_secs(20)),
+            "a read waited for the stopped daemon"
+        );
+    }
+    assert!(fs::read(&copy).unwrap() == data, "data read back differs");
+}
+
+#[test]
+fn passthrough_io_goes_on_while_the_daemon_is_stopped() {
+    let instance = Instance::new("passthrough");
+    let dir = TempDir::new("passthrough");
+    let image = image(&dir, 64 * MIB);
+    let device = instance.attach(&[&format!("file:{}", image.display())]);
+    assert!(listed_passthrough(&instance));
+    io_while_stopped(&instance, &device.path, &dir);
+    device.detach();
+    let bytes = fs::read(&image).unwrap();
+    assert!(
+        bytes[8 * MIB..12 * MIB] == random_bytes(11, 4 * MIB)[..],
+        "the image does not hold what was written"
+    );
+    instance.assert_nothing_left();
+}
+
+#[test]
+fn without_passthrough_io_waits_for_the_daemon() {
+    let instance = Instance::new("no-passthrough");
+    let dir = TempDir::new("no-passthrough");
+    let image = image(&dir, 64 * MIB);
+    let device = instance.attach(&["--no-passthrough", &format!("file:{}", image.display())]);
+    assert!(!listed_passthrough(&instance));
+    let data = random_bytes(12, 4 * MIB);
+    let source = dir.join("source");
+    fs::write(&source, &data).unwrap();
+    let mut write;
+    {
+        let _stopped = Stopped::new(instance.daemons());
+        write = dd_direct(&source, &device.path, true, 0);
+        assert!(
+            !finishes_within(&mut write, Duration::from_secs(2)),
+            "a write completed without the daemon"
+        );
+    }
+    assert!(finishes_within(&mut write, Duration::from_secs(30)));
+    device.detach();
+    assert!(fs::read(&image).unwrap()[..4 * MIB] == data[..]);
+    instance.assert_nothing_left();
+}
+
+#[test]
+fn a_successor_daemon_keeps_passthrough() {
+    let instance = Instance::new("passthrough-handoff");
+    let dir = TempDir::new("passthrough-handoff");
+    let image = image(&dir, 64 * MIB);
+    let device = instance.attach(&["--name", "pt", &format!("file:{}", image.display())]);
+    let first = instance.daemons();
+    for i in 0..3 {
+        let out = instance.run(["handoff", "pt"]);
+        assert!(
+            out.status.success(),
+            "handoff {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_ne!(instance.daemons(), first, "the daemon was replaced");
+    assert!(listed_passthrough(&instance));
+    io_while_stopped(&instance, &device.path, &dir);
+    // A new open of the device file must name the same registration as
+    // the loop driver's (the kernel refuses a mix): the successor's reply
+    // does.
+    let file = instance.runtime_dir.join("pt/mnt/device");
+    let bytes = fs::read(&file).expect("opening the device file after handoffs");
+    assert!(bytes[8 * MIB..12 * MIB] == random_bytes(11, 4 * MIB)[..]);
+    device.detach();
+    instance.assert_nothing_left();
+}
