@@ -187,3 +187,45 @@ fn a_successor_daemon_keeps_passthrough() {
     device.detach();
     instance.assert_nothing_left();
 }
+
+#[test]
+fn after_a_daemon_crash_reads_and_writes_go_on_and_flushes_fail() {
+    let instance = Instance::new("passthrough-crash");
+    let dir = TempDir::new("passthrough-crash");
+    let image = image(&dir, 64 * MIB);
+    let device = instance.attach(&["--name", "crash", &format!("file:{}", image.display())]);
+    let data = random_bytes(13, 4 * MIB);
+    let source = dir.join("source");
+    fs::write(&source, &data).unwrap();
+    // The one write that asks the daemon (see io_while_stopped) first.
+    let mut first = dd_direct(&source, &device.path, true, 0);
+    assert!(finishes_within(&mut first, Duration::from_secs(20)));
+    for pid in instance.daemons() {
+        signal(pid, libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !instance.daemons().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The kernel still holds the image: reads and writes need no daemon.
+    let mut write = dd_direct(&source, &device.path, true, 16);
+    assert!(finishes_within(&mut write, Duration::from_secs(20)));
+    let copy = dir.join("copy");
+    let mut read = dd_direct(&device.path, &copy, false, 16);
+    assert!(finishes_within(&mut read, Duration::from_secs(20)));
+    assert!(fs::read(&copy).unwrap() == data);
+    // A flush needs the daemon, whose connection is gone.
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(&device.path)
+        .unwrap();
+    assert!(
+        file.sync_all().is_err(),
+        "a flush succeeded without a daemon"
+    );
+    drop(file);
+    let out = instance.run(["list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("dead"));
+    device.detach();
+    instance.assert_nothing_left();
+}
