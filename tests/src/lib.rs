@@ -94,10 +94,13 @@ impl Instance {
             "fuse-blk {full:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let path = String::from_utf8(out.stdout)
-            .expect("utf-8")
-            .trim()
-            .to_owned();
+        let path = String::from_utf8(out.stdout).expect("utf-8");
+        self.adopt(path.trim())
+    }
+
+    /// A device attached some other way (e.g. by another binary), detached
+    /// when dropped like one from [`attach`](Instance::attach).
+    pub fn adopt(&self, path: &str) -> Device<'_> {
         assert!(path.starts_with("/dev/"), "attach printed {path:?}");
         Device {
             instance: self,

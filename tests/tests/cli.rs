@@ -275,12 +275,13 @@ fn a_daemon_run_from_a_renamed_binary_is_detached_not_taken_for_dead() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let device = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    // Detached on drop should an assertion fail before the detach below.
+    let device = instance.adopt(String::from_utf8(out.stdout).unwrap().trim());
     let list: Vec<Value> =
         serde_json::from_slice(&instance.run(["list", "--json"]).stdout).unwrap();
     assert_eq!(list[0]["status"], "running", "{list:?}");
     let pid = list[0]["pid"].as_u64().unwrap();
-    fuse_blk_tests::write_at(Path::new(&device), 0, &[3u8; 4096]).unwrap();
+    fuse_blk_tests::write_at(&device.path, 0, &[3u8; 4096]).unwrap();
 
     let out = instance.run(["detach", "renamed"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -288,5 +289,6 @@ fn a_daemon_run_from_a_renamed_binary_is_detached_not_taken_for_dead() {
     assert!(!stderr.contains("had died"), "{stderr}");
     // detach returns once the daemon has exited on its own.
     assert!(!Path::new(&format!("/proc/{pid}/exe")).exists());
+    std::mem::forget(device);
     instance.assert_nothing_left();
 }
