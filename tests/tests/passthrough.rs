@@ -75,6 +75,16 @@ fn finishes_within(child: &mut Child, limit: Duration) -> bool {
     false
 }
 
+/// Runs [`dd_direct`] and asserts that it succeeds within 20 s; `what`
+/// names the copy in the failure.
+fn dd_completes(from: &Path, to: &Path, to_device: bool, offset: usize, what: &str) {
+    let mut dd = dd_direct(from, to, to_device, offset);
+    assert!(
+        finishes_within(&mut dd, Duration::from_secs(20)),
+        "{what} did not complete"
+    );
+}
+
 /// What `list --json` says of the instance's one device.
 fn listed_passthrough(instance: &Instance) -> bool {
     let out = instance.run(["list", "--json"]);
@@ -100,20 +110,11 @@ fn io_while_stopped(instance: &Instance, device: &Path, scratch: &TempDir) {
     let copy = scratch.join("copy");
     // The first write to the file asks the daemon once whether it carries
     // privileges to drop (GETXATTR security.capability); the rest do not.
-    let mut first = dd_direct(&source, device, true, 8);
-    assert!(finishes_within(&mut first, Duration::from_secs(20)));
+    dd_completes(&source, device, true, 8, "the first write");
     {
         let _stopped = Stopped::new(instance.daemons());
-        let mut write = dd_direct(&source, device, true, 8);
-        assert!(
-            finishes_within(&mut write, Duration::from_secs(20)),
-            "a write waited for the stopped daemon"
-        );
-        let mut read = dd_direct(device, &copy, false, 8);
-        assert!(
-            finishes_within(&mut read, Duration::from_secs(20)),
-            "a read waited for the stopped daemon"
-        );
+        dd_completes(&source, device, true, 8, "a write with the daemon stopped");
+        dd_completes(device, &copy, false, 8, "a read with the daemon stopped");
     }
     assert!(fs::read(&copy).unwrap() == data, "data read back differs");
 }
@@ -198,8 +199,7 @@ fn after_a_daemon_crash_reads_and_writes_go_on_and_flushes_fail() {
     let source = dir.join("source");
     fs::write(&source, &data).unwrap();
     // The one write that asks the daemon (see io_while_stopped) first.
-    let mut first = dd_direct(&source, &device.path, true, 0);
-    assert!(finishes_within(&mut first, Duration::from_secs(20)));
+    dd_completes(&source, &device.path, true, 0, "the first write");
     for pid in instance.daemons() {
         signal(pid, libc::SIGKILL);
     }
@@ -208,11 +208,9 @@ fn after_a_daemon_crash_reads_and_writes_go_on_and_flushes_fail() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // The kernel still holds the image: reads and writes need no daemon.
-    let mut write = dd_direct(&source, &device.path, true, 16);
-    assert!(finishes_within(&mut write, Duration::from_secs(20)));
+    dd_completes(&source, &device.path, true, 16, "a write after the crash");
     let copy = dir.join("copy");
-    let mut read = dd_direct(&device.path, &copy, false, 16);
-    assert!(finishes_within(&mut read, Duration::from_secs(20)));
+    dd_completes(&device.path, &copy, false, 16, "a read after the crash");
     assert!(fs::read(&copy).unwrap() == data);
     // A flush needs the daemon, whose connection is gone.
     let file = fs::OpenOptions::new()

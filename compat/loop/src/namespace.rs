@@ -169,20 +169,16 @@ impl OneFileNamespace {
         if writing && self.geometry.read_only {
             return reply.error(libc::EROFS);
         }
-        let out = match self.passthrough.backing_id() {
-            Some(backing_id) => OpenOut {
-                fh: 0,
-                open_flags: fopen::PASSTHROUGH,
-                backing_id,
-            },
-            None => OpenOut {
-                fh: 0,
-                // Direct writes to distinct ranges need not serialise on
-                // the inode lock: the loop driver's queue depth reaches the
-                // daemon.
-                open_flags: fopen::PARALLEL_DIRECT_WRITES,
-                backing_id: 0,
-            },
+        let (open_flags, backing_id) = match self.passthrough.backing_id() {
+            Some(backing_id) => (fopen::PASSTHROUGH, backing_id),
+            // Direct writes to distinct ranges need not serialise on the
+            // inode lock: the loop driver's queue depth reaches the daemon.
+            None => (fopen::PARALLEL_DIRECT_WRITES, 0),
+        };
+        let out = OpenOut {
+            fh: 0,
+            open_flags,
+            backing_id,
         };
         *self.open_files.lock() += 1;
         reply.ok(&[out.as_bytes()]);
