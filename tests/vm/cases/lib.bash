@@ -30,11 +30,14 @@ no_io_errors() {
         fail "I/O errors in the kernel log"
     fi
 }
-# Attaches a fresh 384 MiB image file as device $1 (4 KiB blocks, two
-# queues), makes ext4 on it and mounts it on /tmp/mnt; sets $dev.
+# Attaches a fresh 384 MiB image file $2 as device $1 (4 KiB blocks, two
+# queues, further attach arguments after), makes ext4 on it and mounts it
+# on /tmp/mnt; sets $dev.
 mount_image_device() {
-    rm -f "$2"; truncate -s 384M "$2"
-    dev=$(attach --name "$1" --queues 2 --block-size 4096 "file:$2")
+    local name=$1 image=$2
+    shift 2
+    rm -f "$image"; truncate -s 384M "$image"
+    dev=$(attach --name "$name" --queues 2 --block-size 4096 "$@" "file:$image")
     mkfs.ext4 -q "$dev"
     mkdir -p /tmp/mnt
     mount "$dev" /tmp/mnt
@@ -54,4 +57,15 @@ ext4_roundtrip() {
     [ "$(sum /tmp/mnt/data)" = "$want" ] || fail "checksum on $1"
     umount /tmp/mnt
     e2fsck -fn "$1" || fail "fsck of $1"
+}
+# Completions the io_uring instances of process $1 have reaped (fdinfo
+# CqHead).
+ring_completions() {
+    local pid=$1 total=0 fd head
+    for fd in /proc/"$pid"/fd/*; do
+        [ "$(readlink "$fd")" = "anon_inode:[io_uring]" ] || continue
+        head=$(sed -n 's/^CqHead:[[:space:]]*//p' "/proc/$pid/fdinfo/${fd##*/}")
+        total=$((total + head))
+    done
+    echo "$total"
 }
