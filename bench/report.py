@@ -18,9 +18,11 @@ from collections import defaultdict
 GUEST_PAIRS = [
     ("fuse-blk-null-uring", "ublk-null", 1.0),
     ("fuse-blk-file-tmpfs-uring", "ublk-loop-tmpfs", 1.0),
+    ("fuse-blk-file-tmpfs-passthrough", "ublk-loop-tmpfs", 1.0),
     ("fuse-blk-mem-uring", "nbd-nbdkit-memory-1conn", 5.0),
     ("fuse-blk-mem-uring", "nbd-nbdkit-memory-4conn", 5.0),
     ("fuse-blk-file-tmpfs-uring", "loop-tmpfs", None),
+    ("fuse-blk-file-tmpfs-passthrough", "loop-tmpfs", None),
     ("fuse-blk-null-uring", "brd", None),
     ("fuse-blk-null-uring", "fuse-blk-null-rw", None),
     ("fuse-blk-mem-uring", "fuse-blk-mem-rw", None),

@@ -24,6 +24,10 @@
  *			older ones are retired: they read FUSE_DESTROY and may
  *			still answer what they took (daemon handoff).
  *  struct fblk_cmd	the blk-mq payload of each request.
+ *  backing file		of a FUSE_BLK_F_PASSTHROUGH device (fblk_dev.backing):
+ *			taken at CREATE, put at DESTROY once every request
+ *			has ended. Its reads and writes run in the device's
+ *			backing_wq, one work item (fblk_cmd.work) a request.
  *  struct fblk_ring_ent	an io_uring entry of a channel: the daemon's header
  *			and payload buffers and, while it waits for a request,
  *			the held IORING_OP_URING_CMD. In chan->ents (one per
@@ -39,6 +43,8 @@
  *	write()  -> RECEIVING (owned by that write) -> DONE
  *	timeout, channel release, destroy: PENDING/SENT -> DONE (EIO)
  *	release of the channel that read it: SENT -> PENDING (requeued)
+ *	passthrough read or write: queue_rq -> BACKING (owned by its work
+ *	item, on no list, never timed out) -> DONE
  *
  * SENDING and RECEIVING belong to one read()/write() call (or io_uring
  * delivery or commit), which finishes the command itself if the device
@@ -82,7 +88,9 @@
 #include <linux/miscdevice.h>
 #include <linux/module.h>
 #include <linux/poll.h>
+#include <linux/sched/mm.h>
 #include <linux/slab.h>
+#include <linux/workqueue.h>
 #include <linux/uio.h>
 
 #include "compat.h"
@@ -112,6 +120,7 @@ enum fblk_cmd_state {
 	FBLK_CMD_SENDING,
 	FBLK_CMD_SENT,
 	FBLK_CMD_RECEIVING,
+	FBLK_CMD_BACKING,
 	FBLK_CMD_DONE,
 };
 
@@ -122,6 +131,7 @@ struct fblk_cmd {
 	u64 unique;
 	enum fblk_cmd_state state;
 	bool interrupted;
+	struct work_struct work;	/* passthrough I/O (BACKING) */
 };
 
 struct fblk_chan;
@@ -198,6 +208,8 @@ struct fblk_dev {
 	wait_queue_head_t idle;
 	struct blk_mq_tag_set tag_set;
 	struct gendisk *disk;
+	struct file *backing;		/* FUSE_BLK_F_PASSTHROUGH, or NULL */
+	struct workqueue_struct *backing_wq;
 	struct fblk_queue queues[];	/* params.nr_queues of them */
 };
 
@@ -291,6 +303,118 @@ static void fblk_ring_kick(struct list_head *kick)
 	}
 }
 
+static const struct block_device_operations fblk_fops = {
+	.owner		= THIS_MODULE,
+};
+
+/* ---- passthrough: reads and writes on the backing file ---- */
+
+/*
+ * Reads or writes @rq on the backing file, a bio at a time: the bios of a
+ * merged request are contiguous on the device, not in memory.
+ */
+static blk_status_t fblk_backing_rw(struct fblk_dev *dev, struct request *rq)
+{
+	bool write = req_op(rq) == REQ_OP_WRITE;
+	rwf_t flags = write && (rq->cmd_flags & REQ_FUA) ? RWF_DSYNC : 0;
+	loff_t pos = (loff_t)blk_rq_pos(rq) << SECTOR_SHIFT;
+	struct bio *bio;
+
+	/* The block layer lets writes to a read-only disk through. */
+	if (write && fblk_has(dev, FUSE_BLK_F_READ_ONLY))
+		return BLK_STS_IOERR;
+
+	__rq_for_each_bio(bio, rq) {
+		size_t len = bio->bi_iter.bi_size;
+		unsigned int nr_bvecs = 0;
+		struct iov_iter iter;
+		struct bvec_iter it;
+		struct bio_vec bv;
+		ssize_t done;
+
+		bio_for_each_bvec(bv, bio, it)
+			nr_bvecs++;
+		iov_iter_bvec(&iter, write ? ITER_SOURCE : ITER_DEST,
+			      __bvec_iter_bvec(bio->bi_io_vec, bio->bi_iter),
+			      nr_bvecs, len);
+		iter.iov_offset = bio->bi_iter.bi_bvec_done;
+
+		if (write)
+			done = vfs_iter_write(dev->backing, &iter, &pos, flags);
+		else
+			done = vfs_iter_read(dev->backing, &iter, &pos, 0);
+		if (done < 0)
+			return errno_to_blk_status(done);
+		if (done < len) {
+			/* A write that stops short is out of space. */
+			if (write)
+				return BLK_STS_NOSPC;
+			/* Past the file's end: zeros, and on to the next bio. */
+			iov_iter_zero(len - done, &iter);
+			pos += len - done;
+		}
+	}
+	return BLK_STS_OK;
+}
+
+static void fblk_backing_work(struct work_struct *work)
+{
+	struct fblk_cmd *cmd = container_of(work, struct fblk_cmd, work);
+	struct request *rq = blk_mq_rq_from_pdu(cmd);
+	unsigned int noio;
+	blk_status_t status;
+
+	/*
+	 * Memory the file system allocates for this I/O must not be reclaimed
+	 * by writing to this very device, which waits for this I/O.
+	 */
+	noio = memalloc_noio_save();
+	status = fblk_backing_rw(rq->q->queuedata, rq);
+	memalloc_noio_restore(noio);
+	cmd->state = FBLK_CMD_DONE;
+	fblk_finish(rq, status);
+}
+
+/*
+ * Takes the backing file of a FUSE_BLK_F_PASSTHROUGH device: a regular
+ * file or a block device, open as the device needs it, and not on (or
+ * of) a fuse-blk device, whose requests could then wait on their own.
+ */
+static struct file *fblk_get_backing(const struct fuse_blk_params *p)
+{
+	bool writable = !(p->features & FUSE_BLK_F_READ_ONLY);
+	struct block_device *bdev;
+	struct inode *inode;
+	struct file *file;
+	int ret;
+
+	file = fget(p->backing_fd);
+	if (!file)
+		return ERR_PTR(-EBADF);
+	ret = -EBADF;
+	if (!(file->f_mode & FMODE_READ) ||
+	    (writable && !(file->f_mode & FMODE_WRITE)))
+		goto out_put;
+	ret = -EINVAL;
+	if (!file->f_op->read_iter || (writable && !file->f_op->write_iter))
+		goto out_put;
+	inode = file->f_mapping->host;
+	if (S_ISBLK(inode->i_mode))
+		bdev = I_BDEV(inode);
+	else if (S_ISREG(inode->i_mode))
+		bdev = inode->i_sb->s_bdev;
+	else
+		goto out_put;
+	ret = -ELOOP;
+	if (bdev && bdev->bd_disk && bdev->bd_disk->fops == &fblk_fops)
+		goto out_put;
+	return file;
+
+out_put:
+	fput(file);
+	return ERR_PTR(ret);
+}
+
 static blk_status_t fblk_queue_rq(struct blk_mq_hw_ctx *hctx,
 				  const struct blk_mq_queue_data *bd)
 {
@@ -309,6 +433,21 @@ static blk_status_t fblk_queue_rq(struct blk_mq_hw_ctx *hctx,
 		break;
 	default:
 		return BLK_STS_NOTSUPP;
+	}
+
+	/*
+	 * Passthrough needs no daemon. A device being destroyed still has
+	 * del_gendisk() to wait for these before the file is put.
+	 */
+	if (queue->dev->backing &&
+	    (req_op(rq) == REQ_OP_READ || req_op(rq) == REQ_OP_WRITE)) {
+		if (READ_ONCE(queue->dev->dead))
+			return BLK_STS_IOERR;
+		blk_mq_start_request(rq);
+		atomic_inc(&queue->dev->active);
+		cmd->state = FBLK_CMD_BACKING;
+		queue_work(queue->dev->backing_wq, &cmd->work);
+		return BLK_STS_OK;
 	}
 
 	spin_lock_irqsave(&queue->lock, flags);
@@ -370,7 +509,8 @@ fail:
 		return BLK_EH_DONE;
 	case FBLK_CMD_SENDING:
 	case FBLK_CMD_RECEIVING:
-		/* A read()/write() in progress owns it and will finish it. */
+	case FBLK_CMD_BACKING:
+		/* A read()/write() or work item owns it and will finish it. */
 		spin_unlock_irqrestore(&queue->lock, flags);
 		return BLK_EH_RESET_TIMER;
 	case FBLK_CMD_DONE:
@@ -389,14 +529,20 @@ static int fblk_init_hctx(struct blk_mq_hw_ctx *hctx, void *data,
 	return 0;
 }
 
+static int fblk_init_request(struct blk_mq_tag_set *set, struct request *rq,
+			     unsigned int hctx_idx, unsigned int numa_node)
+{
+	struct fblk_cmd *cmd = blk_mq_rq_to_pdu(rq);
+
+	INIT_WORK(&cmd->work, fblk_backing_work);
+	return 0;
+}
+
 static const struct blk_mq_ops fblk_mq_ops = {
 	.queue_rq	= fblk_queue_rq,
 	.timeout	= fblk_timeout,
 	.init_hctx	= fblk_init_hctx,
-};
-
-static const struct block_device_operations fblk_fops = {
-	.owner		= THIS_MODULE,
+	.init_request	= fblk_init_request,
 };
 
 /* Moves every PENDING and SENT command of @queue on @list to DONE. */
@@ -551,8 +697,6 @@ static int fblk_check_params(struct fuse_blk_params *p)
 	for (i = 0; i < ARRAY_SIZE(p->reserved); i++)
 		if (p->reserved[i])
 			return -EINVAL;
-	if (p->reserved0)
-		return -EINVAL;
 	if (!memchr(p->name, '\0', sizeof(p->name)))
 		return -EINVAL;
 	if (p->logical_block_size < SECTOR_SIZE ||
@@ -581,6 +725,8 @@ static int fblk_check_params(struct fuse_blk_params *p)
 	if (p->io_timeout_ms > FBLK_LIMIT_TIMEOUT_MS)
 		return -EINVAL;
 	p->features &= FUSE_BLK_F_ALL;
+	if (!(p->features & FUSE_BLK_F_PASSTHROUGH) && p->backing_fd)
+		return -EINVAL;
 	if (!(p->features & FUSE_BLK_F_RECOVERY)) {
 		p->features &= ~FUSE_BLK_F_FAIL_INFLIGHT;
 		p->recovery_timeout_ms = 0;
@@ -645,6 +791,7 @@ static int fblk_create(struct fuse_blk_params __user *uparams)
 	init_waitqueue_head(&dev->idle);
 	INIT_DELAYED_WORK(&dev->recovery_work, fblk_recovery_work);
 	dev->params = p;
+	dev->params.backing_fd = 0;	/* meaningless to anyone else */
 	dev->min_read = sizeof(struct fuse_in_header) + FBLK_MAX_ARG +
 			p.max_io_bytes;
 	for (i = 0; i < p.nr_queues; i++) {
@@ -667,6 +814,23 @@ static int fblk_create(struct fuse_blk_params __user *uparams)
 	dev->id = ret;
 	dev->params.dev_id = ret;
 
+	if (p.features & FUSE_BLK_F_PASSTHROUGH) {
+		dev->backing = fblk_get_backing(&p);
+		if (IS_ERR(dev->backing)) {
+			ret = PTR_ERR(dev->backing);
+			dev->backing = NULL;
+			goto out_id;
+		}
+		/* Unbound: a queue's requests spread over every CPU, as loop's. */
+		dev->backing_wq = alloc_workqueue("fuseblk%d",
+						  WQ_UNBOUND | WQ_MEM_RECLAIM,
+						  0, dev->id);
+		if (!dev->backing_wq) {
+			ret = -ENOMEM;
+			goto out_backing;
+		}
+	}
+
 	dev->tag_set.ops = &fblk_mq_ops;
 	dev->tag_set.nr_hw_queues = p.nr_queues;
 	dev->tag_set.queue_depth = p.queue_depth;
@@ -677,7 +841,7 @@ static int fblk_create(struct fuse_blk_params __user *uparams)
 	dev->tag_set.driver_data = dev;
 	ret = blk_mq_alloc_tag_set(&dev->tag_set);
 	if (ret)
-		goto out_id;
+		goto out_backing;
 
 	fblk_init_limits(&dev->params, &lim);
 	disk = blk_mq_alloc_disk(&dev->tag_set, &lim, dev);
@@ -718,6 +882,11 @@ out_disk:
 	put_disk(disk);
 out_tag_set:
 	blk_mq_free_tag_set(&dev->tag_set);
+out_backing:
+	if (dev->backing_wq)
+		destroy_workqueue(dev->backing_wq);
+	if (dev->backing)
+		fput(dev->backing);
 out_id:
 	mutex_lock(&fblk_mutex);
 	idr_remove(&fblk_idr, dev->id);
@@ -782,10 +951,18 @@ static int fblk_destroy(u32 id)
 	cancel_delayed_work_sync(&dev->recovery_work);
 
 	del_gendisk(dev->disk);
-	/* Commands owned by a read()/write() in progress finish on their own. */
+	/*
+	 * Commands owned by a read()/write() in progress or by a passthrough
+	 * work item finish on their own.
+	 */
 	wait_event(dev->idle, !atomic_read(&dev->active));
 	put_disk(dev->disk);
 	blk_mq_free_tag_set(&dev->tag_set);
+	if (dev->backing) {
+		destroy_workqueue(dev->backing_wq);
+		fput(dev->backing);
+		dev->backing = NULL;
+	}
 
 	mutex_lock(&fblk_mutex);
 	idr_remove(&fblk_idr, id);

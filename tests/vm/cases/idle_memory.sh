@@ -4,7 +4,8 @@
 . "$CASES/lib.bash"
 mount -t tmpfs -o size=300M tmpfs /mnt
 truncate -s 256M /mnt/idle.img
-dev=$(attach --name idle --io uring --queues 2 file:/mnt/idle.img)
+# Without passthrough: the I/O has to go through the daemon's buffers.
+dev=$(attach --name idle --io uring --queues 2 --no-passthrough file:/mnt/idle.img)
 rss() { sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$(daemon_pid idle)/status"; }
 sleep 2
 before=$(rss)

@@ -1,8 +1,9 @@
 # 20 cycles of kill -9 of the daemon and a restart within a second, under
-# a verifying fio load on mounted ext4: zero I/O errors, fsck clean.
+# a verifying fio load on mounted ext4: zero I/O errors, fsck clean. Every
+# request goes through the daemons (passthrough.sh kills a passthrough one).
 . "$CASES/lib.bash"
 image=/tmp/recover.img
-mount_image_device rc "$image"
+mount_image_device rc "$image" --no-passthrough
 start_load /tmp/mnt
 for i in $(seq 20); do
     pid=$(daemon_pid rc)

@@ -33,12 +33,12 @@ impl Served {
         }
     }
 
-    /// Whether reads and writes bypass the daemon (stock path, FUSE
-    /// passthrough).
+    /// Whether the kernel reads and writes the backing file itself (FUSE
+    /// passthrough on the stock path, the module's passthrough).
     fn passthrough(&self) -> bool {
         match self {
             Served::Stock(stock) => stock.passthrough(),
-            Served::Kmod(_) => false,
+            Served::Kmod(kmod) => kmod.passthrough(),
         }
     }
 
@@ -235,6 +235,7 @@ fn attach(
             recovery_timeout_ms: Some(args.recovery_timeout_ms.unwrap_or(30_000)),
             fail_inflight: args.fail_inflight,
             io: args.io.into(),
+            passthrough: !args.no_passthrough,
             ..defaults
         };
         let device = KmodDevice::create(device, &options)

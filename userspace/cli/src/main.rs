@@ -116,9 +116,10 @@ pub struct AttachArgs {
     /// Stock path: worker threads (default: one per CPU, at least 2).
     #[arg(long)]
     threads: Option<usize>,
-    /// Stock path: send the reads and writes of a file: backend through
-    /// the daemon too, instead of letting the kernel read and write the
-    /// file itself (FUSE passthrough, where the kernel offers it).
+    /// Send the reads and writes of a file: backend through the daemon
+    /// too, instead of letting the kernel read and write the file itself
+    /// (the module's passthrough, or FUSE passthrough on the stock path,
+    /// where the kernel offers it).
     #[arg(long)]
     no_passthrough: bool,
     /// Kernel module: hardware queues, each served by a thread of its own

@@ -41,8 +41,8 @@ pub struct DeviceState {
     /// The kernel module's device id (kmod path only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dev_id: Option<u32>,
-    /// The kernel reads and writes the backing file itself (stock path,
-    /// FUSE passthrough).
+    /// The kernel reads and writes the backing file itself (FUSE
+    /// passthrough, or the module's).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub passthrough: bool,
 }

@@ -17,6 +17,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use nix::errno::Errno;
+
 use fuse_blk::{BlockDevice, Channel, FdChannel, Geometry, IoMode, Session, SessionConfig};
 
 /// The module's control device.
@@ -60,11 +62,16 @@ impl Control {
     /// Creates a device; returns the params as the driver granted them
     /// (with `dev_id` filled in).
     pub fn create(&self, params: &uapi::Params) -> io::Result<uapi::Params> {
+        self.try_create(params)
+            .map_err(|e| errno_context("FUSE_BLK_IOC_CREATE", e))
+    }
+
+    /// [`Control::create`] with the bare errno, for callers that act on it.
+    pub fn try_create(&self, params: &uapi::Params) -> nix::Result<uapi::Params> {
         let mut params = *params;
         // SAFETY: the ioctl reads and writes one `struct fuse_blk_params`,
         // which `uapi::Params` mirrors, in a live local.
-        unsafe { uapi::create(self.file.as_raw_fd(), &mut params) }
-            .map_err(|e| errno_context("FUSE_BLK_IOC_CREATE", e))?;
+        unsafe { uapi::create(self.file.as_raw_fd(), &mut params) }?;
         Ok(params)
     }
 
@@ -125,6 +132,10 @@ pub struct KmodOptions {
     pub fail_inflight: bool,
     /// How each queue's channel moves requests.
     pub io: IoMode,
+    /// Let the driver read and write the handler's backing file itself
+    /// ([`BlockDevice::backing_file`]) where the module offers it; the
+    /// daemon then sees only flushes, discards and write-zeroes.
+    pub passthrough: bool,
 }
 
 impl Default for KmodOptions {
@@ -139,6 +150,7 @@ impl Default for KmodOptions {
             recovery_timeout_ms: Some(30_000),
             fail_inflight: false,
             io: IoMode::Auto,
+            passthrough: true,
         }
     }
 }
@@ -171,6 +183,37 @@ pub fn params_for(geometry: &Geometry, options: &KmodOptions) -> uapi::Params {
     params
 }
 
+/// Creates a device whose reads and writes the driver serves from
+/// `backing` itself. A module without passthrough, or one that refuses the
+/// file (another kind of file, or one on a fuse-blk device), gets a plain
+/// device instead, with a log line: the daemon then serves every request.
+fn create_with_backing(
+    control: &Control,
+    wanted: &uapi::Params,
+    backing: std::os::fd::RawFd,
+) -> io::Result<uapi::Params> {
+    if control.features()?.features & uapi::F_PASSTHROUGH == 0 {
+        log::info!("the fuse_blk module has no passthrough (ABI 3): reads and writes go through the daemon");
+        return control.create(wanted);
+    }
+    let with_backing = uapi::Params {
+        features: wanted.features | uapi::F_PASSTHROUGH,
+        backing_fd: backing,
+        ..*wanted
+    };
+    match control.try_create(&with_backing) {
+        Ok(params) => Ok(params),
+        Err(e @ (Errno::EINVAL | Errno::ELOOP | Errno::EBADF)) => {
+            log::info!(
+                "passthrough refused ({}): reads and writes go through the daemon",
+                e.desc()
+            );
+            control.create(wanted)
+        }
+        Err(e) => Err(errno_context("FUSE_BLK_IOC_CREATE", e)),
+    }
+}
+
 /// The session configuration of the kernel-module path: requests as large
 /// as the device allows; a punched hole is a discard.
 pub fn session_config(max_io_bytes: u32) -> SessionConfig {
@@ -184,6 +227,8 @@ pub fn session_config(max_io_bytes: u32) -> SessionConfig {
 pub struct KmodDevice {
     dev_id: u32,
     control: Control,
+    /// The driver reads and writes the backing file itself.
+    passthrough: bool,
     workers: Option<JoinHandle<io::Result<()>>>,
     /// Created by this process: destroyed if dropped before serving ends.
     owned: bool,
@@ -203,12 +248,19 @@ impl KmodDevice {
     /// Creates `/dev/fuseblkN` for `device` and starts serving its queues.
     /// On error the device is destroyed again.
     pub fn create(device: Arc<dyn BlockDevice>, options: &KmodOptions) -> io::Result<KmodDevice> {
-        let session = Session::new(device, session_config(options.max_io_bytes))?;
+        let session = Session::new(device.clone(), session_config(options.max_io_bytes))?;
         let control = Control::open()?;
-        let params = control.create(&params_for(session.geometry(), options))?;
+        let wanted = params_for(session.geometry(), options);
+        let params = match device.backing_file() {
+            Some(backing) if options.passthrough => {
+                create_with_backing(&control, &wanted, backing.as_raw_fd())?
+            }
+            _ => control.create(&wanted)?,
+        };
         let mut kmod = KmodDevice {
             dev_id: params.dev_id,
             control,
+            passthrough: params.features & uapi::F_PASSTHROUGH != 0,
             workers: None,
             owned: true,
             waited: false,
@@ -241,6 +293,7 @@ impl KmodDevice {
         let mut kmod = KmodDevice {
             dev_id,
             control,
+            passthrough: params.features & uapi::F_PASSTHROUGH != 0,
             workers: None,
             owned: false,
             waited: false,
@@ -300,6 +353,11 @@ impl KmodDevice {
 
     pub fn dev_id(&self) -> u32 {
         self.dev_id
+    }
+
+    /// Whether the driver reads and writes the backing file itself.
+    pub fn passthrough(&self) -> bool {
+        self.passthrough
     }
 
     pub fn device_path(&self) -> PathBuf {

@@ -2,7 +2,7 @@
 //! ABI between the module and daemons. Field for field; the sizes are
 //! checked in the tests below.
 
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 pub const NAME_LEN: usize = 32;
 pub const MAX_QUEUES: u16 = 64;
 pub const MAX_QUEUE_DEPTH: u16 = 1024;
@@ -16,6 +16,7 @@ pub const F_READ_ONLY: u64 = 1 << 5;
 pub const F_RECOVERY: u64 = 1 << 6;
 pub const F_FAIL_INFLIGHT: u64 = 1 << 7;
 pub const F_URING: u64 = 1 << 8;
+pub const F_PASSTHROUGH: u64 = 1 << 9;
 
 pub const ATTACH_TAKEOVER: u16 = 1 << 0;
 
@@ -47,7 +48,8 @@ pub struct Params {
     pub dev_id: u32,
     pub name: [u8; NAME_LEN],
     pub recovery_timeout_ms: u32,
-    pub reserved0: u32,
+    /// With [`F_PASSTHROUGH`]: the file the driver reads and writes itself.
+    pub backing_fd: i32,
     pub reserved: [u64; 7],
 }
 

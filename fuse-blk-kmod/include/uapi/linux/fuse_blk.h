@@ -5,6 +5,12 @@
  * This header is the one ABI between the fuse_blk module and its daemons.
  *
  * Changelog
+ *  ABI 3 (2026-11)
+ *   - Passthrough: FUSE_BLK_F_PASSTHROUGH with params.backing_fd (was
+ *     reserved0) names a file the driver reads and writes itself, so
+ *     REQ_OP_READ and REQ_OP_WRITE never reach the daemon. Flushes,
+ *     discards and write-zeroes still do. Without the flag backing_fd
+ *     must be zero, as reserved0 had to be.
  *  ABI 2 (2026-11)
  *   - A FUSE_READ reply without data (fuse_out_header.len is the header's
  *     size, error 0) means the range reads as zeros: sparse backends
@@ -49,6 +55,21 @@
  *  request timed out    FUSE_INTERRUPT  once; the request fails with EIO if
  *                                       still unanswered one timeout later
  *  device destroyed     FUSE_DESTROY    then read(2) fails with ENODEV
+ *
+ * Passthrough (FUSE_BLK_F_PASSTHROUGH)
+ *  CREATE takes params.backing_fd, an fd of the creating process: a regular
+ *  file or a block device, open for reading, and for writing unless the
+ *  device is FUSE_BLK_F_READ_ONLY. The driver holds that file until the
+ *  device is destroyed and serves REQ_OP_READ and REQ_OP_WRITE on it from a
+ *  workqueue of its own, through the file's page cache (or direct I/O if
+ *  the fd was opened with O_DIRECT). Reads past the file's end read zeros;
+ *  REQ_FUA writes are RWF_DSYNC writes. Those requests need no daemon: they
+ *  go on while none is attached and are never timed out. The other
+ *  requests go to the daemon as above; its FUSE_FSYNC of the same file
+ *  flushes what the driver wrote. CREATE fails with EBADF for an fd that
+ *  is not open or not open as needed, EINVAL for another kind of file and
+ *  ELOOP for a file on, or of, a fuse-blk device. The echoed
+ *  params.backing_fd and GET_INFO's are 0.
  *
  * io_uring channels (FUSE_BLK_F_URING)
  *  After FUSE_INIT has been answered over read(2)/write(2), a daemon may
@@ -95,7 +116,7 @@
 #include <linux/types.h>
 #include <linux/ioctl.h>
 
-#define FUSE_BLK_ABI_VERSION	2
+#define FUSE_BLK_ABI_VERSION	3
 
 /* fuse_in_header.nodeid of every request on a channel */
 #define FUSE_BLK_NODE_ID	2
@@ -124,8 +145,10 @@
 /* Channels take io_uring commands (GET_FEATURES reports it; CREATE echoes
  * it and it asks nothing of the device). */
 #define FUSE_BLK_F_URING	(1ULL << 8)
+/* READ and WRITE are served from params.backing_fd by the driver. */
+#define FUSE_BLK_F_PASSTHROUGH	(1ULL << 9)
 
-#define FUSE_BLK_F_ALL		((1ULL << 9) - 1)
+#define FUSE_BLK_F_ALL		((1ULL << 10) - 1)
 
 struct fuse_blk_features {
 	__u32	abi_version;		/* out: FUSE_BLK_ABI_VERSION */
@@ -146,7 +169,7 @@ struct fuse_blk_params {
 	__u32	dev_id;			/* out: N of /dev/fuseblkN */
 	char	name[FUSE_BLK_NAME_LEN];	/* NUL-terminated, for sysfs */
 	__u32	recovery_timeout_ms;	/* with FUSE_BLK_F_RECOVERY */
-	__u32	reserved0;		/* must be zero */
+	__s32	backing_fd;		/* with FUSE_BLK_F_PASSTHROUGH, else 0 */
 	__u64	reserved[7];		/* must be zero */
 };
 

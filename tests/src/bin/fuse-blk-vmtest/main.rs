@@ -8,6 +8,7 @@
 //!   fuse-blk-vmtest garbage               misbehave on a device; check the refusals
 //!   fuse-blk-vmtest ring-garbage          the same through io_uring commands, and
 //!                                         rings that go away at every stage
+//!   fuse-blk-vmtest passthrough-refusals  CREATE refuses backing files it cannot use
 //!   fuse-blk-vmtest hold SIZE [fail-inflight]
 //!                                         serve a memory device with recovery on
 //!                                         that never answers reads at 1 MiB
@@ -19,6 +20,7 @@
 //! Serving commands print the device path on stdout once it is ready and
 //! serve until the device is destroyed.
 
+mod passthrough;
 mod ring_garbage;
 
 use std::fs::OpenOptions;
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
         ["fuser", size] => serve_fuser(parse(size)),
         ["garbage"] => garbage(),
         ["ring-garbage"] => ring_garbage::run(),
+        ["passthrough-refusals"] => passthrough::refusals(),
         ["hold", size] => hold(parse(size), false),
         ["hold", size, "fail-inflight"] => hold(parse(size), true),
         ["resume", id, size] => {
