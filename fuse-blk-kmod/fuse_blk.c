@@ -90,8 +90,8 @@
 #include <linux/poll.h>
 #include <linux/sched/mm.h>
 #include <linux/slab.h>
-#include <linux/workqueue.h>
 #include <linux/uio.h>
+#include <linux/workqueue.h>
 
 #include "compat.h"
 #include "uapi/linux/fuse_blk.h"
