@@ -85,12 +85,16 @@ fn dd_completes(from: &Path, to: &Path, to_device: bool, offset: usize, what: &s
     );
 }
 
-/// What `list --json` says of the instance's one device.
+/// What `list --json` says of the instance's one device; the table must
+/// say the same (`loop+pt`).
 fn listed_passthrough(instance: &Instance) -> bool {
     let out = instance.run(["list", "--json"]);
     let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(list.len(), 1, "{list:?}");
-    list[0]["passthrough"].as_bool().unwrap_or(false)
+    let passthrough = list[0]["passthrough"].as_bool().unwrap_or(false);
+    let table = String::from_utf8(instance.run(["list"]).stdout).unwrap();
+    assert_eq!(table.contains(" loop+pt "), passthrough, "{table}");
+    passthrough
 }
 
 fn image(dir: &TempDir, size: usize) -> std::path::PathBuf {

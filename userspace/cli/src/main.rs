@@ -405,9 +405,15 @@ fn list(json: bool) -> Result<(), String> {
         "NAME", "DEVICE", "TRANSPORT", "BACKEND", "SIZE", "PID"
     );
     for (record, status) in rows {
+        // "+pt": the kernel reads and writes the backing file itself.
+        let transport = if record.passthrough {
+            format!("{}+pt", record.transport)
+        } else {
+            record.transport.clone()
+        };
         println!(
             "{:<16} {:<14} {:<9} {:<28} {:>14} {:>8}  {status}",
-            record.name, record.device, record.transport, record.backend, record.size, record.pid
+            record.name, record.device, transport, record.backend, record.size, record.pid
         );
     }
     Ok(())
