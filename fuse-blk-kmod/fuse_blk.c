@@ -27,7 +27,7 @@
  *  backing file		of a FUSE_BLK_F_PASSTHROUGH device (fblk_dev.backing):
  *			taken at CREATE, put at DESTROY once every request
  *			has ended. Its reads and writes run in the device's
- *			backing_wq, one work item (fblk_cmd.work) a request.
+ *			workqueues, one work item (fblk_cmd.work) a request.
  *  struct fblk_ring_ent	an io_uring entry of a channel: the daemon's header
  *			and payload buffers and, while it waits for a request,
  *			the held IORING_OP_URING_CMD. In chan->ents (one per
@@ -89,6 +89,7 @@
 #include <linux/module.h>
 #include <linux/poll.h>
 #include <linux/sched/mm.h>
+#include <linux/sizes.h>
 #include <linux/slab.h>
 #include <linux/uio.h>
 #include <linux/workqueue.h>
@@ -105,6 +106,16 @@
 #define FBLK_FUSE_MINOR		31
 #define FBLK_MIN_FUSE_MINOR	23
 #define FBLK_MAX_ERRNO		511
+
+/*
+ * Passthrough requests smaller than this run on the submitting CPU's
+ * workqueue pool (cache-warm, and no more workers than CPUs contend for
+ * the file's locks); larger ones on any CPU, so that one submitter's large
+ * copies spread. Measured in the guest (2 boots of 3 rounds) against one
+ * unbound workqueue: 4 KiB random writes +22 % to +110 % in every round,
+ * 4 KiB reads mostly ahead; 1 MiB reads lost 40 % when they stayed local.
+ */
+#define FBLK_BACKING_LOCAL_MAX	SZ_64K
 
 /* The tag bits of a unique that no request can have: INIT and DESTROY. */
 #define FBLK_CONTROL_TAG	0x7fffffffU
@@ -209,7 +220,8 @@ struct fblk_dev {
 	struct blk_mq_tag_set tag_set;
 	struct gendisk *disk;
 	struct file *backing;		/* FUSE_BLK_F_PASSTHROUGH, or NULL */
-	struct workqueue_struct *backing_wq;
+	struct workqueue_struct *backing_local_wq;	/* small requests */
+	struct workqueue_struct *backing_wq;		/* large requests */
 	struct fblk_queue queues[];	/* params.nr_queues of them */
 };
 
@@ -446,7 +458,9 @@ static blk_status_t fblk_queue_rq(struct blk_mq_hw_ctx *hctx,
 		blk_mq_start_request(rq);
 		atomic_inc(&queue->dev->active);
 		cmd->state = FBLK_CMD_BACKING;
-		queue_work(queue->dev->backing_wq, &cmd->work);
+		queue_work(blk_rq_bytes(rq) < FBLK_BACKING_LOCAL_MAX ?
+			   queue->dev->backing_local_wq :
+			   queue->dev->backing_wq, &cmd->work);
 		return BLK_STS_OK;
 	}
 
@@ -821,11 +835,13 @@ static int fblk_create(struct fuse_blk_params __user *uparams)
 			dev->backing = NULL;
 			goto out_id;
 		}
-		/* Unbound: a queue's requests spread over every CPU, as loop's. */
-		dev->backing_wq = alloc_workqueue("fuseblk%d",
+		dev->backing_local_wq = alloc_workqueue("fuseblk%d",
+							WQ_MEM_RECLAIM, 0,
+							dev->id);
+		dev->backing_wq = alloc_workqueue("fuseblk%d_large",
 						  WQ_UNBOUND | WQ_MEM_RECLAIM,
 						  0, dev->id);
-		if (!dev->backing_wq) {
+		if (!dev->backing_local_wq || !dev->backing_wq) {
 			ret = -ENOMEM;
 			goto out_backing;
 		}
@@ -885,6 +901,8 @@ out_tag_set:
 out_backing:
 	if (dev->backing_wq)
 		destroy_workqueue(dev->backing_wq);
+	if (dev->backing_local_wq)
+		destroy_workqueue(dev->backing_local_wq);
 	if (dev->backing)
 		fput(dev->backing);
 out_id:
@@ -960,6 +978,7 @@ static int fblk_destroy(u32 id)
 	blk_mq_free_tag_set(&dev->tag_set);
 	if (dev->backing) {
 		destroy_workqueue(dev->backing_wq);
+		destroy_workqueue(dev->backing_local_wq);
 		fput(dev->backing);
 		dev->backing = NULL;
 	}

@@ -11,15 +11,14 @@ pub mod uapi;
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use nix::errno::Errno;
-
 use fuse_blk::{BlockDevice, Channel, FdChannel, Geometry, IoMode, Session, SessionConfig};
+use nix::errno::Errno;
 
 /// The module's control device.
 pub const CONTROL_PATH: &str = "/dev/fuse-blk";
@@ -190,7 +189,7 @@ pub fn params_for(geometry: &Geometry, options: &KmodOptions) -> uapi::Params {
 fn create_with_backing(
     control: &Control,
     wanted: &uapi::Params,
-    backing: std::os::fd::RawFd,
+    backing: BorrowedFd<'_>,
 ) -> io::Result<uapi::Params> {
     if control.features()?.features & uapi::F_PASSTHROUGH == 0 {
         log::info!("the fuse_blk module has no passthrough (ABI 3): reads and writes go through the daemon");
@@ -198,7 +197,7 @@ fn create_with_backing(
     }
     let with_backing = uapi::Params {
         features: wanted.features | uapi::F_PASSTHROUGH,
-        backing_fd: backing,
+        backing_fd: backing.as_raw_fd(),
         ..*wanted
     };
     match control.try_create(&with_backing) {
@@ -253,7 +252,7 @@ impl KmodDevice {
         let wanted = params_for(session.geometry(), options);
         let params = match device.backing_file() {
             Some(backing) if options.passthrough => {
-                create_with_backing(&control, &wanted, backing.as_raw_fd())?
+                create_with_backing(&control, &wanted, backing)?
             }
             _ => control.create(&wanted)?,
         };
