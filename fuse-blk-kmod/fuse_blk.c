@@ -427,6 +427,20 @@ out_put:
 	return ERR_PTR(ret);
 }
 
+/* Lets go of what fblk_create() took for passthrough; any of it may be NULL. */
+static void fblk_put_backing(struct fblk_dev *dev)
+{
+	if (dev->backing_wq)
+		destroy_workqueue(dev->backing_wq);
+	if (dev->backing_local_wq)
+		destroy_workqueue(dev->backing_local_wq);
+	if (dev->backing)
+		fput(dev->backing);
+	dev->backing_wq = NULL;
+	dev->backing_local_wq = NULL;
+	dev->backing = NULL;
+}
+
 static blk_status_t fblk_queue_rq(struct blk_mq_hw_ctx *hctx,
 				  const struct blk_mq_queue_data *bd)
 {
@@ -899,12 +913,7 @@ out_disk:
 out_tag_set:
 	blk_mq_free_tag_set(&dev->tag_set);
 out_backing:
-	if (dev->backing_wq)
-		destroy_workqueue(dev->backing_wq);
-	if (dev->backing_local_wq)
-		destroy_workqueue(dev->backing_local_wq);
-	if (dev->backing)
-		fput(dev->backing);
+	fblk_put_backing(dev);
 out_id:
 	mutex_lock(&fblk_mutex);
 	idr_remove(&fblk_idr, dev->id);
@@ -976,12 +985,7 @@ static int fblk_destroy(u32 id)
 	wait_event(dev->idle, !atomic_read(&dev->active));
 	put_disk(dev->disk);
 	blk_mq_free_tag_set(&dev->tag_set);
-	if (dev->backing) {
-		destroy_workqueue(dev->backing_wq);
-		destroy_workqueue(dev->backing_local_wq);
-		fput(dev->backing);
-		dev->backing = NULL;
-	}
+	fblk_put_backing(dev);
 
 	mutex_lock(&fblk_mutex);
 	idr_remove(&fblk_idr, id);
