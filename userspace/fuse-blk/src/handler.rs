@@ -209,9 +209,10 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     /// A file whose bytes are exactly this device's blocks, from offset 0,
     /// which a transport may have the kernel read and write itself instead
-    /// of calling [`read`](Self::read) and [`write`](Self::write): FUSE
-    /// passthrough on the stock path. Flush, discard and write-zeroes keep
-    /// coming here. The default, none, sends every request here.
+    /// of calling [`read`](Self::read) and [`write`](Self::write): the
+    /// module's passthrough, or FUSE passthrough on the stock path. Flush,
+    /// discard and write-zeroes keep coming here. The default, none, sends
+    /// every request here.
     fn backing_file(&self) -> Option<BorrowedFd<'_>> {
         None
     }
