@@ -261,6 +261,16 @@ impl TempDir {
     pub fn join(&self, name: &str) -> PathBuf {
         self.0.join(name)
     }
+
+    /// A sparse image file of `size` bytes, `disk.img` in this directory.
+    pub fn sparse_image(&self, size: u64) -> PathBuf {
+        let path = self.join("disk.img");
+        fs::File::create(&path)
+            .expect("creating the image")
+            .set_len(size)
+            .expect("sizing the image");
+        path
+    }
 }
 
 impl Drop for TempDir {

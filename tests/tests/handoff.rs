@@ -3,7 +3,6 @@
 //! error. The load goes through the daemons (`--no-passthrough`); handoff
 //! with passthrough is in passthrough.rs.
 
-use std::fs;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -51,11 +50,7 @@ fn verify_load(dir: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u
 fn twenty_handoffs_under_load_without_an_error() {
     let instance = Instance::new("handoff");
     let dir = TempDir::new("handoff-image");
-    let image = dir.join("disk.img");
-    fs::File::create(&image)
-        .unwrap()
-        .set_len(256 * MIB)
-        .unwrap();
+    let image = dir.sparse_image(256 * MIB);
     let device = instance.attach(&[
         "--name",
         "ho",
@@ -116,8 +111,7 @@ fn handoff_refuses_what_cannot_be_handed_over() {
 
     // A stock-path daemon that died took its FUSE connection with it.
     let dir = TempDir::new("handoff-dead");
-    let image = dir.join("disk.img");
-    fs::File::create(&image).unwrap().set_len(8 * MIB).unwrap();
+    let image = dir.sparse_image(8 * MIB);
     let backend = format!("file:{}", image.display());
     let device = instance.attach(&["--name", "gone", &backend]);
     let pids = instance.daemons();

@@ -97,15 +97,6 @@ fn listed_passthrough(instance: &Instance) -> bool {
     passthrough
 }
 
-fn image(dir: &TempDir, size: usize) -> std::path::PathBuf {
-    let path = dir.join("disk.img");
-    fs::File::create(&path)
-        .unwrap()
-        .set_len(size as u64)
-        .unwrap();
-    path
-}
-
 /// Writes 4 MiB at MiB 8 and reads them back with the daemon stopped.
 fn io_while_stopped(instance: &Instance, device: &Path, scratch: &TempDir) {
     let data = random_bytes(11, 4 * MIB);
@@ -127,7 +118,7 @@ fn io_while_stopped(instance: &Instance, device: &Path, scratch: &TempDir) {
 fn passthrough_io_goes_on_while_the_daemon_is_stopped() {
     let instance = Instance::new("passthrough");
     let dir = TempDir::new("passthrough");
-    let image = image(&dir, 64 * MIB);
+    let image = dir.sparse_image(64 * MIB as u64);
     let device = instance.attach(&[&format!("file:{}", image.display())]);
     assert!(listed_passthrough(&instance));
     io_while_stopped(&instance, &device.path, &dir);
@@ -144,7 +135,7 @@ fn passthrough_io_goes_on_while_the_daemon_is_stopped() {
 fn without_passthrough_io_waits_for_the_daemon() {
     let instance = Instance::new("no-passthrough");
     let dir = TempDir::new("no-passthrough");
-    let image = image(&dir, 64 * MIB);
+    let image = dir.sparse_image(64 * MIB as u64);
     let device = instance.attach(&["--no-passthrough", &format!("file:{}", image.display())]);
     assert!(!listed_passthrough(&instance));
     let data = random_bytes(12, 4 * MIB);
@@ -169,7 +160,7 @@ fn without_passthrough_io_waits_for_the_daemon() {
 fn a_successor_daemon_keeps_passthrough() {
     let instance = Instance::new("passthrough-handoff");
     let dir = TempDir::new("passthrough-handoff");
-    let image = image(&dir, 64 * MIB);
+    let image = dir.sparse_image(64 * MIB as u64);
     let device = instance.attach(&["--name", "pt", &format!("file:{}", image.display())]);
     let first = instance.daemons();
     for i in 0..3 {
@@ -197,7 +188,7 @@ fn a_successor_daemon_keeps_passthrough() {
 fn after_a_daemon_crash_reads_and_writes_go_on_and_flushes_fail() {
     let instance = Instance::new("passthrough-crash");
     let dir = TempDir::new("passthrough-crash");
-    let image = image(&dir, 64 * MIB);
+    let image = dir.sparse_image(64 * MIB as u64);
     let device = instance.attach(&["--name", "crash", &format!("file:{}", image.display())]);
     let data = random_bytes(13, 4 * MIB);
     let source = dir.join("source");

@@ -112,11 +112,7 @@ fn stock_path_over_io_uring() {
     // On: every request after the handshake goes through the rings (the
     // file's reads and writes too: no passthrough).
     let dir = TempDir::new("stock-uring");
-    let image = dir.join("disk.img");
-    fs::File::create(&image)
-        .unwrap()
-        .set_len(128 << 20)
-        .unwrap();
+    let image = dir.sparse_image(128 << 20);
     let backend = format!("file:{}", image.display());
     let device = instance.attach(&[
         "--transport",

@@ -54,11 +54,7 @@ fn ext4_on_a_mem_device() {
 fn ext4_on_a_file_device_survives_detach_and_attach() {
     let instance = Instance::new("ext4-file");
     let dir = TempDir::new("ext4-image");
-    let image = dir.join("disk.img");
-    fs::File::create(&image)
-        .unwrap()
-        .set_len(256 * MIB as u64)
-        .unwrap();
+    let image = dir.sparse_image(256 * MIB as u64);
     let backend = format!("file:{}", image.display());
 
     let device = instance.attach(&["--block-size", "4096", &backend]);
@@ -106,11 +102,7 @@ fn fio_verifies_random_writes() {
     device.detach();
 
     let dir = TempDir::new("fio-image");
-    let image = dir.join("disk.img");
-    fs::File::create(&image)
-        .unwrap()
-        .set_len(128 * MIB as u64)
-        .unwrap();
+    let image = dir.sparse_image(128 * MIB as u64);
     let backend = format!("file:{}", image.display());
     // Through the kernel's passthrough (the default), then the daemon.
     for passthrough in [&[][..], &["--no-passthrough"][..]] {
@@ -157,11 +149,7 @@ fn discard_and_write_zeroes_read_back_as_zeros() {
     device.detach();
 
     let dir = TempDir::new("discard-image");
-    let image = dir.join("disk.img");
-    fs::File::create(&image)
-        .unwrap()
-        .set_len(16 * MIB as u64)
-        .unwrap();
+    let image = dir.sparse_image(16 * MIB as u64);
     let device = instance.attach(&[&format!("file:{}", image.display())]);
     check_zeroing(&device.path, &[]);
     check_zeroing(&device.path, &["-z"]);
