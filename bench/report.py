@@ -25,6 +25,7 @@ GUEST_PAIRS = [
     ("fuse-blk-file-tmpfs-passthrough", "loop-tmpfs", None),
     ("fuse-blk-null-uring", "brd", None),
     ("fuse-blk-null-uring", "fuse-blk-null-rw", None),
+    ("fuse-blk-null-uring", "fuse-blk-null-uring-nopoll", None),
     ("fuse-blk-mem-uring", "fuse-blk-mem-rw", None),
     ("fuse-blk-file-tmpfs-uring", "fuse-blk-file-tmpfs-rw", None),
 ]

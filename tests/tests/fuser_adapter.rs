@@ -24,6 +24,7 @@ fn a_fuser_filesystem_serves_a_block_device() {
             threads: 2,
             io: Default::default(),
             passthrough: true,
+            ring_poll: fuse_blk::DEFAULT_RING_POLL,
         },
     )
     .expect("attach");

@@ -2,6 +2,8 @@
 //! uring`): refused cleanly while the kernel has it switched off; with it on,
 //! the requests travel through the daemon's rings, data survives a verifying
 //! fio load and ext4, handoff is refused, and detach leaves nothing behind.
+//! A ring thread polls rather than sleeps between requests that come close
+//! together, unless `--ring-poll-us 0`.
 //!
 //! One test: it flips `/sys/module/fuse/parameters/enable_uring`, which is
 //! global, and puts back what it found.
@@ -56,6 +58,55 @@ fn ring_completions(pid: u32) -> u64 {
         })
         .sum()
 }
+
+/// Times the ring threads of process `pid` went to sleep.
+fn ring_sleeps(pid: u32) -> u64 {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|task| {
+            fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|comm| comm.starts_with("fuse-blk-ring"))
+        })
+        .map(|task| {
+            let status = fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Sleeps of the ring threads of a `null:` device attached with `args`
+/// while `REQUESTS` direct 4 KiB reads are made one after another.
+fn sleeps_for_sequential_reads(instance: &Instance, args: &[&str]) -> u64 {
+    let mut attach = vec!["--transport", "loop", "--io", "uring"];
+    attach.extend_from_slice(args);
+    attach.push("null:64M");
+    let device = instance.attach(&attach);
+    let pid = instance.daemons()[0];
+    let count = format!("count={REQUESTS}");
+    let input = format!("if={}", device.path_str());
+    let before = ring_sleeps(pid);
+    sh(
+        "dd",
+        &[
+            &input,
+            "of=/dev/null",
+            "bs=4k",
+            &count,
+            "iflag=direct",
+            "status=none",
+        ],
+    );
+    let sleeps = ring_sleeps(pid) - before;
+    device.detach();
+    sleeps
+}
+
+const REQUESTS: u64 = 4000;
 
 fn fio_verify(device: &str, bs: &str) {
     let out = std::process::Command::new("fio")
@@ -151,7 +202,21 @@ fn stock_path_over_io_uring() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("io_uring"), "{stderr}");
     fio_verify(device.path_str(), "4k");
-
     device.detach();
+
+    // Requests one after another: without polling a ring thread sleeps
+    // for about every one; polling (the default) it stays awake between
+    // them.
+    let sleeping = sleeps_for_sequential_reads(&instance, &["--ring-poll-us", "0"]);
+    let polling = sleeps_for_sequential_reads(&instance, &[]);
+    assert!(
+        sleeping >= REQUESTS / 2,
+        "{sleeping} sleeps for {REQUESTS} requests without polling"
+    );
+    assert!(
+        polling * 4 < sleeping,
+        "{polling} sleeps polling, {sleeping} without, for {REQUESTS} requests"
+    );
+
     instance.assert_nothing_left();
 }

@@ -55,6 +55,9 @@ pub struct StockOptions {
     /// where it offers FUSE passthrough (see [`passthrough`]); devices
     /// without one are served as always.
     pub passthrough: bool,
+    /// FUSE over io_uring: poll for the next request while requests come
+    /// at most this far apart (see [`SessionConfig::ring_poll`]).
+    pub ring_poll: Duration,
 }
 
 /// The session configuration of the stock path: asynchronous direct I/O
@@ -160,7 +163,10 @@ impl StockDevice {
                 uring::unavailable_reason(),
             ));
         }
-        let mut config = session_config();
+        let mut config = SessionConfig {
+            ring_poll: options.ring_poll,
+            ..session_config()
+        };
         if uring {
             config.init_flags |= init_flags::INIT_EXT;
             config.init_flags2 |= init_flags2::OVER_IO_URING;

@@ -58,3 +58,31 @@ for backend in mem:128M file:/mnt/fio.img; do
 done
 rm -f /mnt/fio.img
 umount /mnt
+
+# Requests one after another over io_uring: without polling a queue's
+# thread sleeps for about every one; polling (the default) it stays awake
+# between them.
+queue_sleeps() {   # pid: times the queue threads (not helpers) went to sleep
+    local total=0 task
+    for task in /proc/"$1"/task/*; do
+        case $(cat "$task/comm") in
+            fuse-blk-q*h*) ;;
+            fuse-blk-q*) total=$((total + $(awk '/^voluntary_ctxt_switches/ {print $2}' "$task/status"))) ;;
+        esac
+    done
+    echo "$total"
+}
+sleeps_for_reads() {   # attach-arguments...: sleeps during 2000 reads
+    local dev pid before
+    dev=$(attach --name poll --queues 2 --io uring "$@" null:64M)
+    pid=$(daemon_pid poll)
+    before=$(queue_sleeps "$pid")
+    dd if="$dev" of=/dev/null bs=4k count=2000 iflag=direct status=none || fail "dd on $dev"
+    echo $(($(queue_sleeps "$pid") - before))
+    detach poll
+}
+sleeping=$(sleeps_for_reads --ring-poll-us 0)
+polling=$(sleeps_for_reads)
+echo "queue threads slept $sleeping times without polling, $polling polling, for 2000 reads"
+[ "$sleeping" -ge 1000 ] || fail "only $sleeping sleeps for 2000 reads without polling"
+[ $((polling * 2)) -lt "$sleeping" ] || fail "polling slept $polling times (without: $sleeping)"

@@ -144,7 +144,7 @@ pub fn run(
     detached: bool,
 ) -> Result<(), String> {
     let attached = match &args.recover {
-        Some(target) => recover(backend, target, detached, args.io.into()).map(|a| (a, true)),
+        Some(target) => recover(backend, target, detached, args).map(|a| (a, true)),
         None => attach(args, backend, detached).map(|a| (a, false)),
     };
     match attached {
@@ -236,6 +236,7 @@ fn attach(
             fail_inflight: args.fail_inflight,
             io: args.io.into(),
             passthrough: !args.no_passthrough,
+            ring_poll: args.ring_poll(),
             ..defaults
         };
         let device = KmodDevice::create(device, &options)
@@ -250,6 +251,7 @@ fn attach(
             threads: args.threads.unwrap_or_else(default_threads),
             io: args.io.into(),
             passthrough: !args.no_passthrough,
+            ring_poll: args.ring_poll(),
         };
         Served::Stock(
             StockDevice::attach(device, &options)
@@ -275,7 +277,7 @@ fn recover(
     backend: &BackendSpec,
     target: &str,
     detached: bool,
-    io: fuse_blk::IoMode,
+    args: &AttachArgs,
 ) -> Result<(Served, DeviceDir, DeviceState), String> {
     detach_signals()
         .thread_block()
@@ -288,9 +290,10 @@ fn recover(
         .open(record.read_only, record.block_size)
         .map_err(|e| e.to_string())?;
     let served = match record.dev_id {
-        Some(dev_id) => {
-            Served::Kmod(KmodDevice::resume(device, dev_id, io).map_err(|e| e.to_string())?)
-        }
+        Some(dev_id) => Served::Kmod(
+            KmodDevice::resume(device, dev_id, args.io.into(), args.ring_poll())
+                .map_err(|e| e.to_string())?,
+        ),
         None => {
             // The stock kernel ends a FUSE connection with its last
             // descriptor: only a live daemon can pass it on.

@@ -122,6 +122,12 @@ pub struct AttachArgs {
     /// where the kernel offers it).
     #[arg(long)]
     no_passthrough: bool,
+    /// io_uring: a queue's thread polls for the next request instead of
+    /// sleeping while requests come at most this many microseconds apart
+    /// on average (it spins for twice that gap: CPU time for lower
+    /// latency); 0 never polls.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = fuse_blk::DEFAULT_RING_POLL.as_micros() as u64)]
+    ring_poll_us: u64,
     /// Kernel module: hardware queues, each served by a thread of its own
     /// (default: one per CPU).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -158,6 +164,10 @@ pub struct AttachArgs {
 }
 
 impl AttachArgs {
+    pub fn ring_poll(&self) -> Duration {
+        Duration::from_micros(self.ring_poll_us)
+    }
+
     /// Whether this attach goes through the kernel module; `attach` has
     /// already refused `kmod` without the module.
     pub fn use_kmod(&self) -> bool {

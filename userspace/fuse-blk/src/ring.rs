@@ -35,7 +35,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::ThreadId;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::io::IoSlice;
 
@@ -108,6 +108,54 @@ fn ticks_last(reaped: &mut [(u64, i32)]) {
 /// payload buffers back (the idle daemon stays small). A timeout in the
 /// ring rather than on each wait: no timer is armed per request.
 const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// Decides whether a worker polls its ring for a while before it sleeps
+/// on it, and for how long. Sleeping costs a wake-up per batch of requests
+/// (the kernel's delivery has to wake the worker, on whichever CPU the
+/// scheduler picks); polling costs CPU time. The worker polls while its
+/// requests come at most `max_gap` apart on average, for twice that
+/// average: long enough to catch the next request of a busy queue, and
+/// scaled to how fast the machine turns requests around, so the same
+/// setting serves real hardware and an emulated guest. A queue that is
+/// idle or sees sparse requests never spins.
+#[derive(Debug, Clone, Copy)]
+struct Poller {
+    /// Poll only while the average gap is at most this; zero: never.
+    max_gap: Duration,
+    /// Moving average of how long a wait took, each counted as at most
+    /// `GAP_CAP` times `max_gap` so that one long pause is soon forgotten.
+    typical_gap: Duration,
+}
+
+/// At most this many `max_gap`s of one wait count towards the average.
+const GAP_CAP: u32 = 4;
+
+/// The shortest poll worth starting.
+const MIN_POLL: Duration = Duration::from_micros(10);
+
+impl Poller {
+    fn new(max_gap: Duration) -> Poller {
+        Poller {
+            max_gap,
+            // Start asleep: polling begins once requests come close.
+            typical_gap: max_gap * GAP_CAP,
+        }
+    }
+
+    /// How long to poll before sleeping, if at all.
+    fn poll_for(&self) -> Option<Duration> {
+        (!self.max_gap.is_zero() && self.typical_gap <= self.max_gap)
+            .then(|| (self.typical_gap * 2).max(MIN_POLL))
+    }
+
+    /// Records that a wait lasted `gap` (polling and sleeping).
+    fn waited(&mut self, gap: Duration) {
+        let gap = gap.min(self.max_gap * GAP_CAP);
+        // Weight 1/4: a few close requests start polling, a few far apart
+        // stop it.
+        self.typical_gap = (self.typical_gap * 3 + gap) / 4;
+    }
+}
 
 /// An anonymous private mapping: pages cost nothing until touched, and
 /// `release` gives them back.
@@ -391,7 +439,8 @@ pub fn serve<W: Wire>(
             reads,
             writes,
         });
-        let mut worker = Worker::new(session, queue, buffers, depth, offload)?;
+        let poll = session.config().ring_poll;
+        let mut worker = Worker::new(session, queue, buffers, depth, poll, offload)?;
         // Dropping the worker (and its sender) ends the helpers.
         worker.run()
     })
@@ -459,6 +508,7 @@ struct Worker<'a, W: Wire> {
     busy: bool,
     tick: types::Timespec,
     wake_buf: [u8; 8],
+    poller: Poller,
     /// Where large requests go, if anywhere.
     offload: Option<Offload<W>>,
 }
@@ -469,6 +519,7 @@ impl<'a, W: Wire> Worker<'a, W> {
         queue: u16,
         buffers: Arc<Buffers<W>>,
         depth: u16,
+        poll: Duration,
         offload: Option<Offload<W>>,
     ) -> io::Result<Worker<'a, W>> {
         let entries = (u32::from(depth) + 1).next_power_of_two();
@@ -477,6 +528,8 @@ impl<'a, W: Wire> Worker<'a, W> {
         let ring = IoUring::<W::Sqe, cqueue::Entry>::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
+            // Shows pending deliveries in the ring's memory, for polling.
+            .setup_taskrun_flag()
             .build(entries)
             .or_else(|_| IoUring::<W::Sqe, cqueue::Entry>::builder().build(entries))?;
         let iovecs = (0..depth)
@@ -519,6 +572,7 @@ impl<'a, W: Wire> Worker<'a, W> {
             busy: false,
             tick: types::Timespec::from(IDLE_TICK),
             wake_buf: [0; 8],
+            poller: Poller::new(poll),
             offload,
         })
     }
@@ -610,8 +664,30 @@ impl<'a, W: Wire> Worker<'a, W> {
         Ok(())
     }
 
-    /// Submits what is queued and waits for at least one completion.
+    /// Submits what is queued and waits for at least one completion,
+    /// polling first if the [`Poller`] says so.
     fn wait(&mut self) -> io::Result<()> {
+        let start = Instant::now();
+        let result = self.poll_then_wait(start);
+        self.poller.waited(start.elapsed());
+        result
+    }
+
+    fn poll_then_wait(&mut self, start: Instant) -> io::Result<()> {
+        if let Some(poll) = self.poller.poll_for() {
+            self.ring.submit()?;
+            // Deliveries wait as task work until an enter asks for events;
+            // the TASKRUN flag says there is some.
+            while self.ring.completion().is_empty() && !self.ring.submission().taskrun() {
+                if start.elapsed() >= poll {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            if !self.ring.completion().is_empty() {
+                return Ok(());
+            }
+        }
         match self.ring.submit_and_wait(1) {
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
             other => other.map(drop),
@@ -721,5 +797,49 @@ mod tests {
         let mut alone = vec![(TICK_TAG, -62)];
         ticks_last(&mut alone);
         assert_eq!(alone, vec![(TICK_TAG, -62)]);
+    }
+
+    #[test]
+    fn the_poller_polls_while_requests_come_close_for_twice_their_gap() {
+        let max_gap = Duration::from_micros(100);
+        let mut poller = Poller::new(max_gap);
+        assert_eq!(poller.poll_for(), None, "a fresh worker sleeps");
+        for _ in 0..16 {
+            poller.waited(Duration::from_micros(20));
+        }
+        let poll = poller.poll_for().expect("polls");
+        assert!(
+            poll >= Duration::from_micros(40) && poll <= Duration::from_micros(60),
+            "{poll:?}"
+        );
+        // A pause of a second counts as four max_gaps: polling stops, and
+        // a few close requests start it again.
+        poller.waited(Duration::from_secs(1));
+        assert_eq!(poller.poll_for(), None);
+        let mut waits = 0;
+        while poller.poll_for().is_none() {
+            poller.waited(Duration::from_micros(20));
+            waits += 1;
+        }
+        assert!(waits <= 4, "{waits} waits to poll again");
+        // Requests that keep coming further apart than max_gap stop it.
+        for _ in 0..8 {
+            poller.waited(Duration::from_micros(300));
+        }
+        assert_eq!(poller.poll_for(), None);
+        // Back-to-back requests still poll for a little while.
+        for _ in 0..16 {
+            poller.waited(Duration::ZERO);
+        }
+        assert_eq!(poller.poll_for(), Some(MIN_POLL));
+    }
+
+    #[test]
+    fn a_zero_window_never_polls() {
+        let mut poller = Poller::new(Duration::ZERO);
+        for _ in 0..8 {
+            poller.waited(Duration::ZERO);
+        }
+        assert_eq!(poller.poll_for(), None);
     }
 }

@@ -19,6 +19,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread;
+use std::time::Duration;
 
 use fuse_blk_proto::abi::{self, falloc, init_flags, init_flags2, InitOut};
 use fuse_blk_proto::request::{
@@ -74,7 +75,14 @@ pub struct SessionConfig {
     /// PUNCH_HOLE goes to `write_zeroes(may_unmap = true)` instead of
     /// `discard`.
     pub punch_hole_zeroes: bool,
+    /// An io_uring worker polls its ring for the next request, instead of
+    /// sleeping, while its requests come at most this far apart on
+    /// average; zero: never (see `ring`).
+    pub ring_poll: Duration,
 }
+
+/// [`SessionConfig::ring_poll`] unless a transport says otherwise.
+pub const DEFAULT_RING_POLL: Duration = Duration::from_micros(500);
 
 impl Default for SessionConfig {
     fn default() -> Self {
@@ -84,6 +92,7 @@ impl Default for SessionConfig {
             init_flags: init_flags::ASYNC_READ | init_flags::BIG_WRITES | init_flags::MAX_PAGES,
             init_flags2: 0,
             punch_hole_zeroes: false,
+            ring_poll: DEFAULT_RING_POLL,
         }
     }
 }

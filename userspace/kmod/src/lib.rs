@@ -16,6 +16,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use fuse_blk::{BlockDevice, Channel, FdChannel, Geometry, IoMode, Session, SessionConfig};
 use nix::errno::Errno;
@@ -135,6 +136,9 @@ pub struct KmodOptions {
     /// ([`BlockDevice::backing_file`]) where the module offers it; the
     /// daemon then sees only flushes, discards and write-zeroes.
     pub passthrough: bool,
+    /// io_uring channels: poll for the next request while requests come
+    /// at most this far apart (see [`SessionConfig::ring_poll`]).
+    pub ring_poll: Duration,
 }
 
 impl Default for KmodOptions {
@@ -150,6 +154,7 @@ impl Default for KmodOptions {
             fail_inflight: false,
             io: IoMode::Auto,
             passthrough: true,
+            ring_poll: fuse_blk::DEFAULT_RING_POLL,
         }
     }
 }
@@ -215,9 +220,10 @@ fn create_with_backing(
 
 /// The session configuration of the kernel-module path: requests as large
 /// as the device allows; a punched hole is a discard.
-pub fn session_config(max_io_bytes: u32) -> SessionConfig {
+pub fn session_config(max_io_bytes: u32, ring_poll: Duration) -> SessionConfig {
     SessionConfig {
         max_write: max_io_bytes,
+        ring_poll,
         ..SessionConfig::default()
     }
 }
@@ -247,7 +253,10 @@ impl KmodDevice {
     /// Creates `/dev/fuseblkN` for `device` and starts serving its queues.
     /// On error the device is destroyed again.
     pub fn create(device: Arc<dyn BlockDevice>, options: &KmodOptions) -> io::Result<KmodDevice> {
-        let session = Session::new(device.clone(), session_config(options.max_io_bytes))?;
+        let session = Session::new(
+            device.clone(),
+            session_config(options.max_io_bytes, options.ring_poll),
+        )?;
         let control = Control::open()?;
         let wanted = params_for(session.geometry(), options);
         let params = match device.backing_file() {
@@ -273,11 +282,17 @@ impl KmodDevice {
     /// waited and are reissued here), or to take it over from a running
     /// daemon, whose channels then read FUSE_DESTROY once this one's are
     /// up. The handler's geometry must match the device's. On error the
-    /// device is left as it was.
-    pub fn resume(device: Arc<dyn BlockDevice>, dev_id: u32, io: IoMode) -> io::Result<KmodDevice> {
+    /// device is left as it was. `io` and `ring_poll` are as in
+    /// [`KmodOptions`].
+    pub fn resume(
+        device: Arc<dyn BlockDevice>,
+        dev_id: u32,
+        io: IoMode,
+        ring_poll: Duration,
+    ) -> io::Result<KmodDevice> {
         let control = Control::open()?;
         let params = control.info(dev_id)?.params;
-        let session = Session::new(device, session_config(params.max_io_bytes))?;
+        let session = Session::new(device, session_config(params.max_io_bytes, ring_poll))?;
         let geometry = session.geometry();
         if geometry.size != params.size || geometry.logical_block_size != params.logical_block_size
         {

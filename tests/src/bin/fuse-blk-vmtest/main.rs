@@ -49,7 +49,13 @@ fn main() -> ExitCode {
         ["hold", size, "fail-inflight"] => hold(parse(size), true),
         ["resume", id, size] => {
             let device = Arc::new(MemDevice::new(parse(size), 512));
-            KmodDevice::resume(device, parse(id) as u32, Default::default()).and_then(|kmod| {
+            let resumed = KmodDevice::resume(
+                device,
+                parse(id) as u32,
+                Default::default(),
+                fuse_blk::DEFAULT_RING_POLL,
+            );
+            resumed.and_then(|kmod| {
                 println!("{}", kmod.device_path().display());
                 io::stdout().flush()?;
                 kmod.wait().map(drop)
