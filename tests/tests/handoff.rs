@@ -129,3 +129,55 @@ fn handoff_refuses_what_cannot_be_handed_over() {
     device.detach();
     instance.assert_nothing_left();
 }
+
+/// Threads of process `pid` serving a channel of the FUSE connection.
+fn channel_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|comm| comm.starts_with("fuse-blk-q"))
+        })
+        .count()
+}
+
+#[test]
+fn the_successor_serves_as_its_predecessor() {
+    let instance = Instance::new("handoff-options");
+    let dir = TempDir::new("handoff-options");
+    let image = dir.sparse_image(8 * MIB);
+    // Not the default (one per CPU, at least 2): the successor only has
+    // as many if `handoff` passed them on.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().max(2)) + 1;
+    let device = instance.attach(&[
+        "--name",
+        "opts",
+        "--threads",
+        &threads.to_string(),
+        "--ring-poll-us",
+        "7",
+        &format!("file:{}", image.display()),
+    ]);
+    let first = instance.daemons();
+    assert_eq!(channel_threads(first[0]), threads);
+
+    let out = instance.run(["handoff", "opts"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let second = instance.daemons();
+    assert_eq!(second.len(), 1);
+    assert_ne!(second, first);
+    assert_eq!(channel_threads(second[0]), threads);
+    let list: Vec<serde_json::Value> =
+        serde_json::from_slice(&instance.run(["list", "--json"]).stdout).unwrap();
+    assert_eq!(list[0]["pid"], second[0]);
+    assert_eq!(list[0]["threads"], threads);
+    assert_eq!(list[0]["io"], "rw");
+    assert_eq!(list[0]["ring_poll_us"], 7);
+    device.detach();
+    instance.assert_nothing_left();
+}

@@ -265,6 +265,12 @@ impl StockDevice {
         self.shared.namespace.backing_id().is_some()
     }
 
+    /// Whether requests come over FUSE's io_uring queues (else read/write
+    /// on the connection's descriptors).
+    pub fn io_uring(&self) -> bool {
+        !self.ring_workers.is_empty()
+    }
+
     /// The block device, e.g. `/dev/loop3`.
     pub fn device_path(&self) -> &Path {
         &self.device_path

@@ -15,3 +15,33 @@ umount /tmp/mnt
 e2fsck -fn "$dev" || fail "fsck"
 no_io_errors
 detach ho
+
+# The successor serves as its predecessor was told to: read/write stays
+# read/write (else `auto` would pick io_uring), polling stays off; and the
+# default, io_uring, stays io_uring.
+rings() {   # pid: io_uring instances the process holds
+    local fd n=0
+    for fd in /proc/"$1"/fd/*; do
+        [ "$(readlink "$fd")" = "anon_inode:[io_uring]" ] && n=$((n + 1))
+    done
+    echo "$n"
+}
+listed() {   # name field: the field as `list --json` gives it
+    "$FUSE_BLK" list --json | tr -d '\n ' | sed 's/},{/}\n{/g' | grep "\"name\":\"$1\"" \
+        | sed -n "s/.*\"$2\":\"\{0,1\}\([^,\"}]*\).*/\1/p"
+}
+attach --name rw --io rw --ring-poll-us 0 null:64M > /dev/null || fail "attach rw"
+attach --name ur null:64M > /dev/null || fail "attach uring"
+for name in rw ur; do
+    old=$(daemon_pid $name)
+    "$FUSE_BLK" handoff $name > /dev/null || fail "handoff of $name"
+    new=$(daemon_pid $name)
+    [ "$new" != "$old" ] || fail "$name: still pid $old"
+    echo "$name: $(rings "$new") rings, io $(listed $name io), poll $(listed $name ring_poll_us)"
+done
+[ "$(rings "$(daemon_pid rw)")" = 0 ] || fail "the read/write device's successor uses io_uring"
+[ "$(listed rw io)" = rw ] && [ "$(listed rw ring_poll_us)" = 0 ] || fail "rw: recorded wrong"
+[ "$(rings "$(daemon_pid ur)")" -gt 0 ] || fail "the io_uring device's successor does not"
+[ "$(listed ur io)" = uring ] && [ "$(listed ur ring_poll_us)" = 500 ] || fail "ur: recorded wrong"
+detach rw
+detach ur

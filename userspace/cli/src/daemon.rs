@@ -220,6 +220,9 @@ fn attach(
         },
         dev_id: None,
         passthrough: false,
+        io: None,
+        ring_poll_us: None,
+        threads: None,
     };
     dir.write(&record)
         .map_err(|e| format!("writing state: {e}"))
@@ -248,7 +251,7 @@ fn attach(
         let options = StockOptions {
             mountpoint: dir.mountpoint(),
             name: name.clone(),
-            threads: args.threads.unwrap_or_else(default_threads),
+            threads: stock_threads(args),
             io: args.io.into(),
             passthrough: !args.no_passthrough,
             ring_poll: args.ring_poll(),
@@ -261,6 +264,7 @@ fn attach(
     };
     record.device = served.device_path().display().to_string();
     record.passthrough = served.passthrough();
+    record_serving(&mut record, &served, args);
     if let Err(e) = dir.write(&record) {
         drop(served);
         return Err(undo(format!("writing state: {e}")));
@@ -309,7 +313,7 @@ fn recover(
                 handover,
                 Path::new(&record.device),
                 Path::new(&record.mountpoint),
-                default_threads(),
+                stock_threads(args),
             )
             .map_err(|e| e.to_string())?;
             Served::Stock(stock)
@@ -319,6 +323,7 @@ fn recover(
     record.start_time = state::process_start_time(record.pid);
     record.backend = backend.to_string();
     record.passthrough = served.passthrough();
+    record_serving(&mut record, &served, args);
     dir.write(&record)
         .map_err(|e| format!("writing state: {e}"))?;
     log::info!(
@@ -328,6 +333,22 @@ fn recover(
         record.pid
     );
     Ok((served, dir, record))
+}
+
+/// Notes how this daemon serves, for `handoff` to start its successor so.
+fn record_serving(record: &mut DeviceState, served: &Served, args: &AttachArgs) {
+    let (io_uring, threads) = match served {
+        Served::Stock(stock) => (stock.io_uring(), Some(stock_threads(args))),
+        Served::Kmod(kmod) => (kmod.io_uring(), None),
+    };
+    record.io = Some(if io_uring { "uring" } else { "rw" }.into());
+    record.ring_poll_us = Some(args.ring_poll_us());
+    record.threads = threads;
+}
+
+/// The stock path's worker threads: `--threads`, or one per CPU.
+fn stock_threads(args: &AttachArgs) -> usize {
+    args.threads().unwrap_or_else(default_threads)
 }
 
 fn default_threads() -> usize {

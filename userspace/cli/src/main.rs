@@ -168,6 +168,14 @@ impl AttachArgs {
         Duration::from_micros(self.ring_poll_us)
     }
 
+    pub fn ring_poll_us(&self) -> u64 {
+        self.ring_poll_us
+    }
+
+    pub fn threads(&self) -> Option<usize> {
+        self.threads
+    }
+
     /// Whether this attach goes through the kernel module; `attach` has
     /// already refused `kmod` without the module.
     pub fn use_kmod(&self) -> bool {
@@ -292,12 +300,16 @@ fn handoff(target: &str) -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("handoff needs root".into());
     }
-    spawn_daemon(
-        ["attach", "--recover", &record.name, &record.backend]
-            .into_iter()
-            .map(Into::into)
-            .collect(),
-    )?;
+    // The successor serves as this daemon does: same io mode, polling
+    // and threads.
+    let mut args = vec![
+        "attach".to_owned(),
+        "--recover".to_owned(),
+        record.name.clone(),
+    ];
+    args.extend(record.serving_args());
+    args.push(record.backend.clone());
+    spawn_daemon(args.into_iter().map(Into::into).collect())?;
     wait_for_exit(&record, "the old daemon")
 }
 

@@ -45,6 +45,18 @@ pub struct DeviceState {
     /// passthrough, or the module's).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub passthrough: bool,
+    /// How requests reach the daemon: "uring" or "rw" (what `--io auto`
+    /// chose). This and the next two are how the daemon serves, which
+    /// `handoff` starts its successor with; records from before they were
+    /// kept have none, and the successor then takes the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io: Option<String>,
+    /// `--ring-poll-us`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_poll_us: Option<u64>,
+    /// The stock path's worker threads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
 }
 
 /// The files of one device's directory.
@@ -159,6 +171,22 @@ impl DeviceState {
     pub fn daemon_alive(&self) -> bool {
         daemon_alive(self.pid, self.start_time)
     }
+
+    /// The `attach` options that make another daemon serve the device the
+    /// way this one does.
+    pub fn serving_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(io) = &self.io {
+            args.extend(["--io".to_owned(), io.clone()]);
+        }
+        if let Some(us) = self.ring_poll_us {
+            args.extend(["--ring-poll-us".to_owned(), us.to_string()]);
+        }
+        if let Some(threads) = self.threads {
+            args.extend(["--threads".to_owned(), threads.to_string()]);
+        }
+        args
+    }
 }
 
 /// What `/proc/PID/stat` says of a process that this module needs.
@@ -250,6 +278,55 @@ mod tests {
         let start = process_start_time(pid);
         child.wait().expect("wait");
         assert!(!daemon_alive(pid, start));
+    }
+
+    fn record() -> DeviceState {
+        DeviceState {
+            name: "db0".into(),
+            device: "/dev/fuseblk0".into(),
+            transport: "kmod".into(),
+            backend: "file:/img".into(),
+            size: 1 << 20,
+            block_size: 512,
+            read_only: false,
+            pid: 1,
+            start_time: None,
+            mountpoint: String::new(),
+            dev_id: Some(0),
+            passthrough: false,
+            io: None,
+            ring_poll_us: None,
+            threads: None,
+        }
+    }
+
+    #[test]
+    fn a_successor_serves_as_its_predecessor() {
+        let old = record();
+        assert!(old.serving_args().is_empty(), "an old record: the defaults");
+        let kmod = DeviceState {
+            io: Some("rw".into()),
+            ring_poll_us: Some(0),
+            ..record()
+        };
+        assert_eq!(kmod.serving_args(), ["--io", "rw", "--ring-poll-us", "0"]);
+        let stock = DeviceState {
+            io: Some("rw".into()),
+            ring_poll_us: Some(500),
+            threads: Some(3),
+            ..record()
+        };
+        assert_eq!(
+            stock.serving_args(),
+            ["--io", "rw", "--ring-poll-us", "500", "--threads", "3"]
+        );
+        // What is written is read back, and a record without the fields
+        // (an older daemon's) still reads.
+        let json = serde_json::to_string(&stock).unwrap();
+        assert_eq!(serde_json::from_str::<DeviceState>(&json).unwrap(), stock);
+        let json = serde_json::to_string(&old).unwrap();
+        assert!(!json.contains("ring_poll_us"), "{json}");
+        assert_eq!(serde_json::from_str::<DeviceState>(&json).unwrap(), old);
     }
 
     #[test]

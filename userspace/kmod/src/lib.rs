@@ -234,6 +234,8 @@ pub struct KmodDevice {
     control: Control,
     /// The driver reads and writes the backing file itself.
     passthrough: bool,
+    /// The channels are served over io_uring.
+    io_uring: bool,
     workers: Option<JoinHandle<io::Result<()>>>,
     /// Created by this process: destroyed if dropped before serving ends.
     owned: bool,
@@ -269,6 +271,7 @@ impl KmodDevice {
             dev_id: params.dev_id,
             control,
             passthrough: params.features & uapi::F_PASSTHROUGH != 0,
+            io_uring: false,
             workers: None,
             owned: true,
             waited: false,
@@ -308,6 +311,7 @@ impl KmodDevice {
             dev_id,
             control,
             passthrough: params.features & uapi::F_PASSTHROUGH != 0,
+            io_uring: false,
             workers: None,
             owned: false,
             waited: false,
@@ -337,6 +341,7 @@ impl KmodDevice {
                 true
             }
         };
+        self.io_uring = uring;
         let mut channels = Vec::with_capacity(usize::from(params.nr_queues));
         for queue in 0..params.nr_queues {
             channels.push(Arc::new(attach_channel(self.dev_id, queue, takeover)?));
@@ -372,6 +377,12 @@ impl KmodDevice {
     /// Whether the driver reads and writes the backing file itself.
     pub fn passthrough(&self) -> bool {
         self.passthrough
+    }
+
+    /// Whether the channels are served over io_uring (else read/write):
+    /// what [`IoMode::Auto`] chose.
+    pub fn io_uring(&self) -> bool {
+        self.io_uring
     }
 
     pub fn device_path(&self) -> PathBuf {
