@@ -117,7 +117,8 @@ const IDLE_TICK: Duration = Duration::from_secs(1);
 /// average: long enough to catch the next request of a busy queue, and
 /// scaled to how fast the machine turns requests around, so the same
 /// setting serves real hardware and an emulated guest. A queue that is
-/// idle or sees sparse requests never spins.
+/// idle or sees sparse requests never spins, and the spin yields the CPU
+/// on every turn.
 #[derive(Debug, Clone, Copy)]
 struct Poller {
     /// Poll only while the average gap is at most this; zero: never.
@@ -682,7 +683,14 @@ impl<'a, W: Wire> Worker<'a, W> {
                 if start.elapsed() >= poll {
                     break;
                 }
-                std::hint::spin_loop();
+                // Each turn gives the CPU to whoever else wants it (on a
+                // small machine, the very tasks submitting the requests):
+                // the spin only uses time nobody else would. Measured in
+                // the guest (2 CPUs, two fio jobs at depth 32): 4 KiB reads
+                // +11 % to +74 % over a plain spin in 4 of 4 rounds, depth 1
+                // unchanged.
+                // SAFETY: sched_yield has no preconditions.
+                unsafe { libc::sched_yield() };
             }
             if !self.ring.completion().is_empty() {
                 return Ok(());
