@@ -235,7 +235,7 @@ impl BackendSpec {
         Ok(match self {
             BackendSpec::Mem { size } => {
                 check(*size)?;
-                Arc::new(MemDevice::new(*size, logical_block_size).with_read_only(read_only))
+                Arc::new(MemDevice::new(*size, logical_block_size)?.with_read_only(read_only))
             }
             BackendSpec::Null { size } => {
                 check(*size)?;

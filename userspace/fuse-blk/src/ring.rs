@@ -31,7 +31,6 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::ThreadId;
@@ -44,6 +43,7 @@ use fuse_blk_proto::reply::{error_header, success_header};
 use io_uring::{cqueue, opcode as op, squeue, types, IoUring};
 use zerocopy::FromBytes;
 
+use crate::mapping::Mapping;
 use crate::reply::ReplySink;
 use crate::session::Session;
 
@@ -158,52 +158,6 @@ impl Poller {
     }
 }
 
-/// An anonymous private mapping: pages cost nothing until touched, and
-/// `release` gives them back.
-struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Mapping {
-    fn new(len: usize) -> io::Result<Mapping> {
-        // SAFETY: a fresh anonymous mapping; no existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Mapping {
-            ptr: NonNull::new(ptr.cast()).expect("mmap returned a null mapping"),
-            len,
-        })
-    }
-
-    /// Drops the contents: the pages read as zeros again and stop counting
-    /// towards the resident set.
-    fn release(&self) {
-        // SAFETY: the range is this mapping; its owner only calls this when
-        // no reference into it is live (no entry is with userspace).
-        unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, libc::MADV_DONTNEED) };
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `new` mapped; nothing refers to it any
-        // more (the buffers' owner, `Buffers`, is being dropped).
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
-
 /// Every entry's buffers, shared by the worker and the replies' sinks.
 struct Buffers<W> {
     wire: W,
@@ -229,7 +183,6 @@ impl<W: Wire> Buffers<W> {
         // SAFETY: entry < depth, so the offset lies within `headers`.
         unsafe {
             self.headers
-                .ptr
                 .as_ptr()
                 .add(usize::from(entry) * W::HEADER_SIZE)
         }
@@ -237,12 +190,7 @@ impl<W: Wire> Buffers<W> {
 
     fn payload(&self, entry: u16) -> *mut u8 {
         // SAFETY: entry < depth, so the offset lies within `payloads`.
-        unsafe {
-            self.payloads
-                .ptr
-                .as_ptr()
-                .add(usize::from(entry) * self.max_io)
-        }
+        unsafe { self.payloads.as_ptr().add(usize::from(entry) * self.max_io) }
     }
 
     /// Queues `entry` for its COMMIT_AND_FETCH; wakes the worker unless the
@@ -613,7 +561,14 @@ impl<'a, W: Wire> Worker<'a, W> {
     /// every other completion of its batch (see [`ticks_last`]).
     fn ticked(&mut self) -> io::Result<()> {
         if !self.busy && self.dirty && self.with_user == 0 {
-            self.buffers.payloads.release();
+            // SAFETY: no entry is with userspace (`with_user` is 0), so no
+            // reply refers into the payloads, and the kernel copies into
+            // them only in this thread's `io_uring_enter`, not now.
+            unsafe {
+                self.buffers
+                    .payloads
+                    .release(0, self.buffers.payloads.len())
+            };
             self.dirty = false;
         }
         self.busy = false;

@@ -48,7 +48,7 @@ fn main() -> ExitCode {
         ["hold", size] => hold(parse(size), false),
         ["hold", size, "fail-inflight"] => hold(parse(size), true),
         ["resume", id, size] => {
-            let device = Arc::new(MemDevice::new(parse(size), 512));
+            let device = Arc::new(MemDevice::new(parse(size), 512).expect("mem device"));
             let resumed = KmodDevice::resume(
                 device,
                 parse(id) as u32,
@@ -183,7 +183,7 @@ impl BlockDevice for Hold {
 
 fn hold(size: u64, fail_inflight: bool) -> io::Result<()> {
     let device = Hold {
-        inner: MemDevice::new(size, 512),
+        inner: MemDevice::new(size, 512)?,
         held: Mutex::new(Vec::new()),
     };
     serve(
@@ -202,7 +202,7 @@ fn hold(size: u64, fail_inflight: bool) -> io::Result<()> {
 fn recorder(size: u64, log: &str) -> io::Result<()> {
     let log = OpenOptions::new().create(true).append(true).open(log)?;
     let device = Recorder {
-        inner: MemDevice::new(size, 512),
+        inner: MemDevice::new(size, 512)?,
         log: Mutex::new(log),
     };
     serve(
