@@ -86,7 +86,7 @@ fn pieces(offset: u64, len: u64) -> impl Iterator<Item = Piece> {
 }
 
 /// Splits `[offset, offset + len)` into runs of consecutive pieces on which
-/// `same_kind` gives the same answer: `(offset, len, kind)` each, in order.
+/// `kind` gives the same answer: `(offset, len, kind)` each, in order.
 fn runs(
     offset: u64,
     len: u64,
@@ -172,7 +172,14 @@ impl MemDevice {
         let chunks = size.div_ceil(CHUNK_SIZE);
         let words = usize::try_from(chunks.div_ceil(64)).map_err(|_| too_large())?;
         let store = Mapping::new(len.max(1))
-            .map_err(|e| io::Error::new(e.kind(), format!("mem: mapping {size} bytes: {e}")))?
+            .map_err(|e| {
+                // Only strict overcommit (vm.overcommit_memory=2) counts
+                // address space that is merely reserved.
+                io::Error::new(
+                    e.kind(),
+                    format!("mem: reserving {size} bytes of address space: {e}"),
+                )
+            })?
             .without_huge_pages();
         let written = Mapping::new(words.max(1) * std::mem::size_of::<AtomicU64>())?;
         Ok(MemDevice {
@@ -216,6 +223,7 @@ impl MemDevice {
         offset.checked_add(len).is_some_and(|end| end <= self.size)
     }
 
+    /// The bitmap word that holds chunk `chunk`'s bit, and that bit.
     fn word(&self, chunk: u64) -> (&AtomicU64, u64) {
         let index = (chunk / 64) as usize;
         assert!(index * 8 < self.written.len());
