@@ -19,17 +19,7 @@ detach ho
 # The successor serves as its predecessor was told to: read/write stays
 # read/write (else `auto` would pick io_uring), polling stays off; and the
 # default, io_uring, stays io_uring.
-rings() {   # pid: io_uring instances the process holds
-    local fd n=0
-    for fd in /proc/"$1"/fd/*; do
-        [ "$(readlink "$fd")" = "anon_inode:[io_uring]" ] && n=$((n + 1))
-    done
-    echo "$n"
-}
-listed() {   # name field: the field as `list --json` gives it
-    "$FUSE_BLK" list --json | tr -d '\n ' | sed 's/},{/}\n{/g' | grep "\"name\":\"$1\"" \
-        | sed -n "s/.*\"$2\":\"\{0,1\}\([^,\"}]*\).*/\1/p"
-}
+rings() { ring_fds "$1" | wc -l; }   # pid: io_uring instances it holds
 attach --name rw --io rw --ring-poll-us 0 null:64M > /dev/null || fail "attach rw"
 attach --name ur null:64M > /dev/null || fail "attach uring"
 for name in rw ur; do

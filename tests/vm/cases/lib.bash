@@ -5,7 +5,12 @@ detach() { "$FUSE_BLK" detach "$@"; }
 # Random data file of $2 MiB with seed-independent content.
 random_file() { head -c "$(( $2 << 20 ))" /dev/urandom > "$1"; }
 sum() { sha256sum "$1" | cut -d' ' -f1; }
-daemon_pid() { "$FUSE_BLK" list --json | tr -d '\n ' | sed 's/},{/}\n{/g' | grep "\"name\":\"$1\"" | sed -n 's/.*"pid":\([0-9]*\).*/\1/p'; }
+# Field $2 of device $1 as `list --json` gives it (strings unquoted).
+listed() {
+    "$FUSE_BLK" list --json | tr -d '\n ' | sed 's/},{/}\n{/g' | grep "\"name\":\"$1\"" \
+        | sed -n "s/.*\"$2\":\"\{0,1\}\([^,\"}]*\).*/\1/p"
+}
+daemon_pid() { listed "$1" pid; }
 # A verifying fio load in a loop on directory $1 until stop_load; any fio
 # failure is recorded in /tmp/load.failed.
 start_load() {
@@ -58,13 +63,19 @@ ext4_roundtrip() {
     umount /tmp/mnt
     e2fsck -fn "$1" || fail "fsck of $1"
 }
+# The descriptors of process $1 that are io_uring instances, one a line.
+ring_fds() {
+    local fd
+    for fd in /proc/"$1"/fd/*; do
+        [ "$(readlink "$fd")" = "anon_inode:[io_uring]" ] && echo "${fd##*/}"
+    done
+}
 # Completions the io_uring instances of process $1 have reaped (fdinfo
 # CqHead).
 ring_completions() {
     local pid=$1 total=0 fd head
-    for fd in /proc/"$pid"/fd/*; do
-        [ "$(readlink "$fd")" = "anon_inode:[io_uring]" ] || continue
-        head=$(sed -n 's/^CqHead:[[:space:]]*//p' "/proc/$pid/fdinfo/${fd##*/}")
+    for fd in $(ring_fds "$pid"); do
+        head=$(sed -n 's/^CqHead:[[:space:]]*//p' "/proc/$pid/fdinfo/$fd")
         total=$((total + head))
     done
     echo "$total"
