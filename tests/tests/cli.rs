@@ -263,13 +263,31 @@ fn a_daemon_run_from_a_renamed_binary_is_detached_not_taken_for_dead() {
     let instance = Instance::new("renamed");
     let dir = TempDir::new("renamed-bin");
     let renamed = dir.join("blockd");
-    fs::copy(fuse_blk_tests::fuse_blk_bin(), &renamed).unwrap();
-    let out = std::process::Command::new(&renamed)
-        .env("FUSE_BLK_RUNTIME_DIR", &instance.runtime_dir)
-        .args(["attach", "--name", "renamed", "mem:16M"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
+    // A hard link never has a writable descriptor: a copy's, inherited by a
+    // child that another test thread forks before it execs, makes running
+    // the copy fail with ETXTBSY until that child has exec'd.
+    let copied = fs::hard_link(fuse_blk_tests::fuse_blk_bin(), &renamed).is_err();
+    if copied {
+        fs::copy(fuse_blk_tests::fuse_blk_bin(), &renamed).unwrap();
+    }
+    let run_renamed = || {
+        std::process::Command::new(&renamed)
+            .env("FUSE_BLK_RUNTIME_DIR", &instance.runtime_dir)
+            .args(["attach", "--name", "renamed", "mem:16M"])
+            .stdin(std::process::Stdio::null())
+            .output()
+    };
+    let mut out = run_renamed();
+    for _ in 0..100 {
+        match &out {
+            Err(e) if copied && e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(Duration::from_millis(20));
+                out = run_renamed();
+            }
+            _ => break,
+        }
+    }
+    let out = out.unwrap();
     assert!(
         out.status.success(),
         "{}",
