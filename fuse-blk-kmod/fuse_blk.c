@@ -54,7 +54,10 @@
  *
  *	FETCH            FREE -> KICKED
  *	nothing to do    KICKED -> IDLE (on chan->idle_ents, command held)
- *	work arrives     IDLE -> KICKED (task work queued by whoever added it)
+ *	work arrives     IDLE -> KICKED (task work queued by whoever added it;
+ *	                 queue_rq kicks one per burst: chan->ring_kicked)
+ *	rest of a burst  IDLE -> KICKED by a task work of the same task and
+ *	                 ring, which delivers and completes it there
  *	request copied   KICKED -> USER (command completed with 0)
  *	COMMIT_AND_FETCH USER -> KICKED (the reply is taken first)
  *	channel over, ring cancelled, fault: IDLE/KICKED -> FREE
@@ -160,6 +163,7 @@ struct fblk_ring_ent {
 	struct io_uring_cmd *ucmd;	/* the held command (IDLE, KICKED) */
 	void __user *header;		/* FUSE_BLK_URING_HEADER_SIZE bytes */
 	void __user *payload;		/* params.max_io_bytes */
+	struct task_struct *task;	/* issued the held command (IDLE) */
 	u64 unique;			/* of the request it holds (USER) */
 	enum fblk_ent_state state;
 };
@@ -204,6 +208,12 @@ struct fblk_chan {
 	 * entries in use stay as few as the requests in flight.
 	 */
 	struct list_head idle_ents;
+	/*
+	 * queue_rq has kicked an idle entry whose task work has not started
+	 * yet: that task work serves every request pending by then (see
+	 * fblk_ring_drain()), so further requests need no kick of their own.
+	 */
+	bool ring_kicked;
 };
 
 struct fblk_dev {
@@ -491,12 +501,16 @@ static blk_status_t fblk_queue_rq(struct blk_mq_hw_ctx *hctx,
 	cmd->owner = NULL;
 	INIT_LIST_HEAD(&cmd->int_entry);
 	list_add_tail(&cmd->entry, &queue->pending);
-	if (queue->active)
+	if (queue->active && !queue->active->ring_kicked) {
 		fblk_ring_take_idle(queue->active, &kick, 1);
+		queue->active->ring_kicked = !list_empty(&kick);
+	}
 	spin_unlock_irqrestore(&queue->lock, flags);
 
 	fblk_ring_kick(&kick);
-	wake_up(&queue->waitq);
+	/* Only read() and poll() sleep here; io_uring channels never do. */
+	if (wq_has_sleeper(&queue->waitq))
+		wake_up(&queue->waitq);
 	return BLK_STS_OK;
 }
 
@@ -1687,11 +1701,12 @@ static void fblk_ring_free_ent(struct fblk_ring_ent *ent)
 }
 
 /*
- * Copies the next request into a KICKED entry (ring task context).
- * Returns 0 (the entry is USER now), -ENOMSG if there is none, or the
- * error that ends the entry's command.
+ * Copies the next request into a KICKED entry (ring task context), from
+ * the entry's task work if @from_task_work. Returns 0 (the entry is USER
+ * now), -ENOMSG if there is none, or the error that ends the entry's
+ * command.
  */
-static int fblk_ring_deliver(struct fblk_ring_ent *ent)
+static int fblk_ring_deliver(struct fblk_ring_ent *ent, bool from_task_work)
 {
 	struct fblk_chan *chan = ent->chan;
 	struct fblk_queue *queue = chan->queue;
@@ -1699,12 +1714,10 @@ static int fblk_ring_deliver(struct fblk_ring_ent *ent)
 	unsigned long flags;
 	ssize_t ret;
 
-	if (import_ubuf(ITER_DEST, ent->header, FUSE_BLK_URING_HEADER_SIZE,
-			&head) ||
-	    import_ubuf(ITER_DEST, ent->payload, chan->dev->params.max_io_bytes,
-			&data))
-		return -EFAULT;
 	spin_lock_irqsave(&queue->lock, flags);
+	/* This task work serves what is pending now: later requests kick. */
+	if (from_task_work)
+		chan->ring_kicked = false;
 	if (chan->dev->dead || chan->retired) {
 		spin_unlock_irqrestore(&queue->lock, flags);
 		return -ENODEV;
@@ -1712,6 +1725,13 @@ static int fblk_ring_deliver(struct fblk_ring_ent *ent)
 	if (chan != queue->active || list_empty(&queue->pending)) {
 		spin_unlock_irqrestore(&queue->lock, flags);
 		return -ENOMSG;
+	}
+	if (import_ubuf(ITER_DEST, ent->header, FUSE_BLK_URING_HEADER_SIZE,
+			&head) ||
+	    import_ubuf(ITER_DEST, ent->payload, chan->dev->params.max_io_bytes,
+			&data)) {
+		spin_unlock_irqrestore(&queue->lock, flags);
+		return -EFAULT;
 	}
 	ret = fblk_send_request(chan, &head, &data, ent, flags);
 	return ret < 0 ? ret : 0;
@@ -1728,7 +1748,7 @@ static int fblk_ring_next(struct fblk_ring_ent *ent)
 	int ret;
 
 	for (;;) {
-		ret = fblk_ring_deliver(ent);
+		ret = fblk_ring_deliver(ent, true);
 		if (ret != -ENOMSG)
 			return ret;
 		spin_lock_irqsave(&queue->lock, flags);
@@ -1743,20 +1763,87 @@ static int fblk_ring_next(struct fblk_ring_ent *ent)
 	}
 }
 
-/* Task work of a KICKED entry: deliver, end, or go back to waiting. */
+/* The io_uring instance a command was issued on. */
+static struct io_ring_ctx *fblk_ring_ctx(struct io_uring_cmd *ucmd)
+{
+	return cmd_to_io_kiocb(ucmd)->ctx;
+}
+
+/*
+ * Serves what else is pending with more idle entries of @chan, from a task
+ * work on the ring @ctx that holds a command of @chan's file (so @chan
+ * stays): a burst of requests costs queue_rq one task work instead of one
+ * each. Only entries held by this task on this ring qualify: their buffers
+ * are in this task's memory, and @issue_flags (whether the ring's lock is
+ * held) are right for completing them. Any other entry is kicked to its
+ * own task work, which then does the same.
+ */
+static void fblk_ring_drain(struct fblk_chan *chan, struct io_ring_ctx *ctx,
+			    unsigned int issue_flags)
+{
+	struct fblk_queue *queue = chan->queue;
+	struct fblk_ring_ent *ent;
+	struct io_uring_cmd *ucmd;
+	unsigned long flags;
+	LIST_HEAD(kick);
+	int ret;
+
+	for (;;) {
+		spin_lock_irqsave(&queue->lock, flags);
+		ent = list_first_entry_or_null(&chan->idle_ents,
+					       struct fblk_ring_ent, entry);
+		if (!ent || !fblk_ring_has_work(chan)) {
+			spin_unlock_irqrestore(&queue->lock, flags);
+			return;
+		}
+		if (ent->task != current || fblk_ring_ctx(ent->ucmd) != ctx) {
+			fblk_ring_take_idle(chan, &kick, 1);
+			spin_unlock_irqrestore(&queue->lock, flags);
+			fblk_ring_kick(&kick);
+			return;
+		}
+		ent->state = FBLK_ENT_KICKED;
+		list_del_init(&ent->entry);
+		spin_unlock_irqrestore(&queue->lock, flags);
+
+		ucmd = ent->ucmd;
+		ret = fblk_ring_next(ent);
+		if (ret == -EIOCBQUEUED)	/* IDLE again: nothing left */
+			return;
+		if (ret)
+			fblk_ring_free_ent(ent);
+		io_uring_cmd_done(ucmd, ret, 0, issue_flags);
+		if (ret)
+			return;
+	}
+}
+
+/*
+ * Task work of a KICKED entry: deliver, end, or go back to waiting. Having
+ * taken a request, it serves the rest of the burst before completing its
+ * own command, which keeps the channel's file open meanwhile.
+ */
 static void fblk_ring_tw(struct io_uring_cmd *ucmd, unsigned int issue_flags)
 {
 	struct fblk_ring_ent *ent = fblk_ring_pdu(ucmd)->ent;
+	struct fblk_chan *chan = ent->chan;
+	unsigned long flags;
 	int ret;
 
-	if (issue_flags & IO_URING_F_TASK_DEAD)
+	if (issue_flags & IO_URING_F_TASK_DEAD) {
+		spin_lock_irqsave(&chan->queue->lock, flags);
+		chan->ring_kicked = false;
+		spin_unlock_irqrestore(&chan->queue->lock, flags);
 		ret = -ECANCELED;
-	else
+	} else {
 		ret = fblk_ring_next(ent);
+	}
 	if (ret == -EIOCBQUEUED)
 		return;
 	if (ret)
 		fblk_ring_free_ent(ent);
+	else
+		fblk_ring_drain(chan, fblk_ring_ctx(ucmd), issue_flags);
 	io_uring_cmd_done(ucmd, ret, 0, issue_flags);
 }
 
@@ -1884,7 +1971,7 @@ static int fblk_ring_issue(struct io_uring_cmd *ucmd, unsigned int issue_flags)
 		return ret;
 
 	/* The entry is KICKED and ours: a request waiting goes straight in. */
-	ret = fblk_ring_deliver(ent);
+	ret = fblk_ring_deliver(ent, false);
 	if (ret != -ENOMSG) {
 		if (ret)
 			fblk_ring_free_ent(ent);
@@ -1893,6 +1980,7 @@ static int fblk_ring_issue(struct io_uring_cmd *ucmd, unsigned int issue_flags)
 
 	/* Hold the command until there is work for it. */
 	ent->ucmd = ucmd;
+	ent->task = current;
 	io_uring_cmd_mark_cancelable(ucmd, issue_flags);
 	spin_lock_irqsave(&queue->lock, flags);
 	kick = fblk_ring_has_work(ent->chan);

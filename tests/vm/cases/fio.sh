@@ -29,6 +29,17 @@ for io in uring rw; do
     done
 done
 
+# Bursts over io_uring: two jobs at depth 32, each verifying its own half.
+# queue_rq kicks one ring entry per burst and that entry's task work hands
+# the rest to other idle entries; a request left pending by a lost kick
+# would time out (EIO) and fail the verification.
+dev=$(attach --name burst --queues 2 --io uring mem:128M)
+fio --name=burst --filename="$dev" --ioengine=libaio --direct=1 \
+    --iodepth=32 --numjobs=2 --size=64M --offset_increment=64M --rw=randwrite \
+    --bs=4k --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0 \
+    --verify_state_save=0 --output=/tmp/fio.out || { grep -v "^ " /tmp/fio.out | head -n 20; fail "fio bursts at depth 32"; }
+detach burst
+
 # Large requests: handed to the daemon's helper threads over io_uring
 # (mem: hands over writes, file: reads and writes), verified, and the
 # helpers must have done the work.
