@@ -28,7 +28,8 @@ struct Probe {
     headers: Vec<u8>,
     payloads: Vec<u8>,
     iovecs: Vec<[libc::iovec; 2]>,
-    /// A completion seen early, handed out by the next `complete`.
+    /// A FETCH that completed early carrying a request: handed out by the
+    /// next `request`, while other steps wait for their own completions.
     early: Option<(u64, i32)>,
 }
 
@@ -102,9 +103,6 @@ impl Probe {
 
     /// The next completion, within `timeout`.
     fn complete(&mut self, timeout: Duration) -> io::Result<Option<(u64, i32)>> {
-        if let Some(early) = self.early.take() {
-            return Ok(Some(early));
-        }
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(cqe) = self.ring.completion().next() {
@@ -154,7 +152,11 @@ impl Probe {
 
     /// Waits for a request in some entry; returns the entry and its header.
     fn request(&mut self) -> io::Result<(u16, InHeader)> {
-        match self.complete(Duration::from_secs(20))? {
+        let completion = match self.early.take() {
+            Some(early) => Some(early),
+            None => self.complete(Duration::from_secs(20))?,
+        };
+        match completion {
             Some((entry, 0)) => {
                 let at = entry as usize * URING_HEADER_SIZE;
                 let header = InHeader::read_from_prefix(&self.headers[at..]).unwrap().0;
@@ -380,8 +382,11 @@ fn misbehave(id: u32) -> io::Result<()> {
     let fetch = probe.fetch(0);
     probe.submit(fetch)?;
     match probe.complete(Duration::from_millis(300))? {
-        None => {}
-        Some((0, 0)) => probe.early = Some((0, 0)),
+        None => println!("FETCH held"),
+        Some((0, 0)) => {
+            println!("FETCH completed at once with a waiting request");
+            probe.early = Some((0, 0));
+        }
         Some(cqe) => return Err(io::Error::other(format!("FETCH: completed with {cqe:?}"))),
     }
     let fetch = probe.fetch(0);
