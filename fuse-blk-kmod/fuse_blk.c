@@ -59,7 +59,8 @@
  *	rest of a burst  IDLE -> KICKED by a task work of the same task and
  *	                 ring, which delivers and completes it there
  *	request copied   KICKED -> USER (command completed with 0)
- *	COMMIT_AND_FETCH USER -> KICKED (the reply is taken first)
+ *	COMMIT_AND_FETCH USER -> KICKED (the reply is taken first; READ
+ *	                 data from the payload buffer, or data_addr)
  *	channel over, ring cancelled, fault: IDLE/KICKED -> FREE
  *
  * A KICKED entry belongs to the one context that moved it there, and every
@@ -172,6 +173,7 @@ struct fblk_ring_ent {
 struct fblk_ring_pdu {
 	struct fblk_ring_ent *ent;
 	u64 iov_addr;
+	u64 data_addr;		/* COMMIT: READ data from here, if not 0 */
 	u32 iov_len;
 	u32 op;
 };
@@ -1904,10 +1906,14 @@ static int fblk_ring_register(struct fblk_ring_ent *ent,
 	return ret;
 }
 
-/* Copies in and takes the reply held in a KICKED entry's buffers. */
-static int fblk_ring_take_reply(struct fblk_ring_ent *ent)
+/*
+ * Copies in and takes the reply held in a KICKED entry's buffers, with its
+ * READ data at @data_addr instead of the payload buffer if that is not 0.
+ */
+static int fblk_ring_take_reply(struct fblk_ring_ent *ent, u64 data_addr)
 {
 	size_t max_io = ent->chan->dev->params.max_io_bytes;
+	void __user *src = data_addr ? u64_to_user_ptr(data_addr) : ent->payload;
 	struct fuse_out_header oh;
 	struct iov_iter args, data;
 
@@ -1916,16 +1922,19 @@ static int fblk_ring_take_reply(struct fblk_ring_ent *ent)
 	if (oh.unique != ent->unique || oh.len < sizeof(oh) ||
 	    !fblk_errno_ok(oh.error))
 		return -EINVAL;
+	/* Only what the reply says it carries must be readable at @src. */
 	if (import_ubuf(ITER_SOURCE, ent->header + sizeof(oh),
 			FUSE_BLK_URING_HEADER_SIZE - sizeof(oh), &args) ||
-	    import_ubuf(ITER_SOURCE, ent->payload, max_io, &data))
+	    import_ubuf(ITER_SOURCE, src,
+			min_t(size_t, oh.len - sizeof(oh), max_io), &data))
 		return -EFAULT;
 	return fblk_take_reply(ent->chan, &oh, oh.len - sizeof(oh), &args,
 			       &data);
 }
 
 /* COMMIT_AND_FETCH: takes the reply of a USER entry, which is KICKED after. */
-static int fblk_ring_commit(struct fblk_ring_ent *ent)
+static int fblk_ring_commit(struct fblk_ring_ent *ent,
+			    const struct fblk_ring_pdu *pdu)
 {
 	struct fblk_queue *queue = ent->chan->queue;
 	unsigned long flags;
@@ -1939,7 +1948,7 @@ static int fblk_ring_commit(struct fblk_ring_ent *ent)
 	if (ret)
 		return ret;
 
-	ret = fblk_ring_take_reply(ent);
+	ret = fblk_ring_take_reply(ent, pdu->data_addr);
 	if (ret == -ENOENT)	/* the request is gone: fetch all the same */
 		ret = 0;
 	if (ret == -EINVAL || ret == -EFAULT) {
@@ -1966,7 +1975,7 @@ static int fblk_ring_issue(struct io_uring_cmd *ucmd, unsigned int issue_flags)
 	if (pdu->op == FUSE_BLK_URING_FETCH)
 		ret = fblk_ring_register(ent, pdu);
 	else
-		ret = fblk_ring_commit(ent);
+		ret = fblk_ring_commit(ent, pdu);
 	if (ret)
 		return ret;
 
@@ -2040,7 +2049,8 @@ static int fblk_uring_cmd(struct io_uring_cmd *ucmd, unsigned int issue_flags)
 	struct fblk_ring_pdu *pdu = fblk_ring_pdu(ucmd);
 	const struct fuse_blk_uring_cmd *arg;
 	struct fblk_ring_ent *ents;
-	u16 entry;
+	u64 data_addr;
+	u16 entry, flags;
 
 	if (issue_flags & IO_URING_F_CANCEL) {
 		fblk_ring_cancel(ucmd, issue_flags);
@@ -2056,9 +2066,15 @@ static int fblk_uring_cmd(struct io_uring_cmd *ucmd, unsigned int issue_flags)
 		return -EINVAL;
 	arg = io_uring_sqe_cmd(ucmd->sqe);
 	entry = READ_ONCE(arg->entry);
-	if (READ_ONCE(arg->flags) || READ_ONCE(arg->reserved0) ||
-	    READ_ONCE(arg->reserved1) ||
+	flags = READ_ONCE(arg->flags);
+	data_addr = READ_ONCE(arg->data_addr);
+	if (READ_ONCE(arg->reserved0) ||
 	    entry >= chan->dev->params.queue_depth)
+		return -EINVAL;
+	/* Only a commit names where its READ data is, and never NULL. */
+	if (flags & ~FUSE_BLK_URING_F_DATA_ADDR ||
+	    (flags && ucmd->cmd_op != FUSE_BLK_URING_COMMIT_AND_FETCH) ||
+	    !(flags & FUSE_BLK_URING_F_DATA_ADDR) != !data_addr)
 		return -EINVAL;
 	ents = fblk_ring_ents(chan);
 	if (!ents)
@@ -2066,6 +2082,7 @@ static int fblk_uring_cmd(struct io_uring_cmd *ucmd, unsigned int issue_flags)
 	pdu->ent = &ents[entry];
 	pdu->op = ucmd->cmd_op;
 	pdu->iov_addr = READ_ONCE(ucmd->sqe->addr);
+	pdu->data_addr = data_addr;
 	pdu->iov_len = READ_ONCE(ucmd->sqe->len);
 
 	/* From io-wq: go to the ring's task, where entries are handled. */

@@ -94,7 +94,7 @@ impl Wire for FuseWire {
         unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(bytes) }
     }
 
-    fn commit(&self, _entry: u16, commit_id: u64) -> squeue::Entry128 {
+    fn commit(&self, _entry: u16, commit_id: u64, _read_data: Option<u64>) -> squeue::Entry128 {
         self.command(CMD_COMMIT_AND_FETCH, commit_id).build()
     }
 

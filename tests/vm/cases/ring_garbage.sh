@@ -3,6 +3,7 @@
 . "$CASES/lib.bash"
 "$VMTEST" ring-garbage | tee /tmp/ring-garbage.out
 grep -q "device usable after bad commands" /tmp/ring-garbage.out || fail "bad commands"
+grep -q "READ data taken from the address a commit names" /tmp/ring-garbage.out || fail "data address"
 grep -q "ring entries freed when their ring goes away" /tmp/ring-garbage.out || fail "cancel"
 grep -q "channel usable after its ring went away" /tmp/ring-garbage.out || fail "ring gone"
 grep -q "request held in a ring entry reissued" /tmp/ring-garbage.out || fail "reissue"

@@ -4,6 +4,7 @@
 use std::io;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use fuse_blk::mapping::Mapping;
 use fuse_blk::{BlockDevice, Features, Geometry, ReplyData, ReplyEmpty, ReplyWrite, Request};
@@ -41,20 +42,20 @@ pub struct MemDevice {
     logical_block_size: u32,
     read_only: bool,
     /// The device's bytes, `size` long; a chunk is backed by memory from
-    /// its first write.
-    store: Mapping,
+    /// its first write. Unwritten chunks hold zeros here too (never
+    /// touched, or given back with [`Mapping::release`]), so a read may be
+    /// answered from the store whatever its chunks hold. Shared with the
+    /// replies that do so until the kernel has read them.
+    store: Arc<Mapping>,
     /// One bit per chunk, set once it holds data: `AtomicU64` words in a
     /// mapping of zeros, so a large device's map costs nothing until used.
     written: Mapping,
     locks: Box<[RawRwLock]>,
 }
 
-// SAFETY: the mappings are only read and written through the methods
-// below: a chunk's bytes under its group's lock (shared to read, exclusive
-// to write), the bitmap's words atomically.
-unsafe impl Send for MemDevice {}
-// SAFETY: as for Send.
-unsafe impl Sync for MemDevice {}
+// Threads share the mappings through the methods below: a chunk's bytes
+// under its group's lock (shared to read, exclusive to write), the
+// bitmap's words atomically.
 
 /// One chunk's share of a byte range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,7 +187,7 @@ impl MemDevice {
             size,
             logical_block_size,
             read_only: false,
-            store,
+            store: Arc::new(store),
             written,
             locks: (0..LOCKS).map(|_| RawRwLock::INIT).collect(),
         })
@@ -268,42 +269,17 @@ impl MemDevice {
         }
     }
 
-    /// The store's bytes `[offset, offset + len)`.
+    /// The store's bytes `[offset, offset + len)`, to write.
     ///
     /// # Safety
     /// The range lies within the device, and the caller holds the locks of
-    /// its groups (`lock`) while it uses the slice.
-    unsafe fn stored(&self, offset: u64, len: u64) -> &[u8] {
-        // SAFETY: in bounds; no writer holds these chunks (caller).
-        unsafe {
-            std::slice::from_raw_parts(self.store.as_ptr().add(offset as usize), len as usize)
-        }
-    }
-
-    /// As [`stored`](Self::stored), to write.
-    ///
-    /// # Safety
-    /// As for `stored`, holding them exclusively: nobody else uses the range.
+    /// its groups (`lock`) exclusively while it uses the slice: nobody else
+    /// uses the range.
     #[allow(clippy::mut_from_ref)]
     unsafe fn stored_mut(&self, offset: u64, len: u64) -> &mut [u8] {
         // SAFETY: in bounds; the caller has the range to itself.
         unsafe {
             std::slice::from_raw_parts_mut(self.store.as_ptr().add(offset as usize), len as usize)
-        }
-    }
-
-    /// Copies `[offset, offset + buf.len())` into `buf`: each run of
-    /// written chunks in one copy, unwritten ones as zeros.
-    fn read_into(&self, offset: u64, buf: &mut [u8]) {
-        let _locks = self.lock(offset, buf.len() as u64, false);
-        for (start, len, written) in runs(offset, buf.len() as u64, |p| self.is_written(p.chunk)) {
-            let out = &mut buf[(start - offset) as usize..][..len as usize];
-            if written {
-                // SAFETY: within the device; its groups are read-locked.
-                out.copy_from_slice(unsafe { self.stored(start, len) });
-            } else {
-                out.fill(0);
-            }
         }
     }
 
@@ -320,19 +296,9 @@ impl MemDevice {
             if !store {
                 continue;
             }
+            // A chunk's first data needs no clearing around it: an
+            // unwritten chunk holds zeros (see `store`).
             for piece in pieces(start, len) {
-                if self.is_written(piece.chunk) {
-                    continue;
-                }
-                let chunk_len = self.chunk_len(piece.chunk);
-                if piece.len < chunk_len {
-                    // A chunk's first data, and not all of it: the rest
-                    // must read as zeros, whatever an earlier discard left
-                    // there (the kernel need not have freed it).
-                    // SAFETY: the chunk lies within the device and inside
-                    // the write-locked groups.
-                    unsafe { self.stored_mut(piece.chunk * CHUNK_SIZE, chunk_len as u64) }.fill(0);
-                }
                 self.mark(piece.chunk, true);
             }
             // SAFETY: within the device; its groups are write-locked.
@@ -397,13 +363,15 @@ impl BlockDevice for MemDevice {
         if pieces(offset, u64::from(len)).all(|p| !self.is_written(p.chunk)) {
             return reply.zeros();
         }
-        // Copied into the reply rather than answered from the store in
-        // place: the locks would be held while the reply is sent, and a
-        // writer would wait for the kernel.
-        reply.fill(|buf| {
-            self.read_into(offset, buf);
-            Ok(())
-        });
+        // Answered from the store in place: the kernel copies it into the
+        // request's pages (on the module's io_uring channels, after the
+        // locks are dropped), one copy in all.
+        let _locks = self.lock(offset, u64::from(len), false);
+        // SAFETY: no writer holds these groups while the reply is made;
+        // afterwards the range only ever holds these blocks' data (writes
+        // and discards of them racing with this read), for as long as the
+        // store lives, which the reply keeps alive.
+        unsafe { reply.mapped(&self.store, offset as usize) };
     }
 
     fn write(&self, _req: &Request, offset: u64, data: &[u8], _fua: bool, reply: ReplyWrite) {

@@ -10,6 +10,14 @@ pub struct Mapping {
     len: usize,
 }
 
+// SAFETY: a mapping hands out only raw pointers to its memory, so whoever
+// reads or writes through them (unsafe code) answers for how threads share
+// the contents; the mapping itself, an address range unmapped on drop, may
+// go to and be used from any thread.
+unsafe impl Send for Mapping {}
+// SAFETY: as for Send.
+unsafe impl Sync for Mapping {}
+
 impl Mapping {
     /// Maps `len` bytes of zeros, reserving no swap for them
     /// (`MAP_NORESERVE`): a mapping may be far larger than memory, only
@@ -57,25 +65,39 @@ impl Mapping {
         self.len == 0
     }
 
-    /// Drops the contents of the whole pages in `[offset, offset + len)`:
-    /// they read as zeros again and stop counting towards the resident
-    /// set.
+    /// Drops the contents of `[offset, offset + len)`: it reads as zeros
+    /// again, and its whole pages stop counting towards the resident set.
     ///
     /// # Safety
     /// No reference into the range may be live, and the caller must keep
     /// others from touching it until this returns.
     pub unsafe fn release(&self, offset: usize, len: usize) {
         assert!(offset.checked_add(len).is_some_and(|end| end <= self.len));
+        let start = offset.next_multiple_of(page_size()).min(offset + len);
+        let end = (offset + len) / page_size() * page_size();
         // SAFETY: the range lies within the mapping (checked above); the
-        // caller guarantees nobody uses it meanwhile.
+        // caller guarantees nobody uses it meanwhile. Its pages are private
+        // and anonymous, so MADV_DONTNEED leaves them reading as zeros; the
+        // edges outside whole pages, and anything the kernel refused to
+        // drop (a locked page), are cleared by hand.
         unsafe {
-            libc::madvise(
-                self.ptr.as_ptr().add(offset).cast(),
-                len,
-                libc::MADV_DONTNEED,
-            );
+            let base = self.ptr.as_ptr();
+            let dropped = end > start
+                && libc::madvise(base.add(start).cast(), end - start, libc::MADV_DONTNEED) == 0;
+            if dropped {
+                base.add(offset).write_bytes(0, start - offset);
+                base.add(end).write_bytes(0, offset + len - end);
+            } else {
+                base.add(offset).write_bytes(0, len);
+            }
         }
     }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).unwrap_or(4096)
 }
 
 impl Drop for Mapping {
@@ -83,5 +105,37 @@ impl Drop for Mapping {
         // SAFETY: unmaps exactly what `new` mapped; its owner is being
         // dropped, so nothing refers to it any more.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_zeros_exactly_its_range() {
+        let page = page_size();
+        let mapping = Mapping::new(4 * page).unwrap();
+        let all = |m: &Mapping| {
+            // SAFETY: the whole mapping, which only this test uses.
+            unsafe { std::slice::from_raw_parts(m.as_ptr(), m.len()) }.to_vec()
+        };
+        // Whole pages in the middle with ragged edges, a range inside one
+        // page, and one of whole pages only.
+        for (offset, len) in [(100, 2 * page + 50), (page + 7, 9), (page, 2 * page)] {
+            // SAFETY: as above.
+            unsafe { mapping.as_ptr().write_bytes(0xa5, mapping.len()) };
+            // SAFETY: nothing refers into the mapping.
+            unsafe { mapping.release(offset, len) };
+            let bytes = all(&mapping);
+            for (at, &byte) in bytes.iter().enumerate() {
+                let inside = (offset..offset + len).contains(&at);
+                assert_eq!(
+                    byte,
+                    if inside { 0 } else { 0xa5 },
+                    "byte {at} of {offset}+{len}"
+                );
+            }
+        }
     }
 }

@@ -9,6 +9,8 @@ use fuse_blk_proto::abi::WriteOut;
 use fuse_blk_proto::reply::{error_header, success_header};
 use zerocopy::IntoBytes;
 
+use crate::mapping::Mapping;
+
 /// Where replies go: the channel a request came from.
 pub trait ReplySink: Send + Sync {
     /// Sends one whole reply (header included) as a single message.
@@ -45,6 +47,24 @@ pub trait ReplySink: Send + Sync {
                 }
             }
         })
+    }
+
+    /// Answers request `unique` with the `len` bytes at `offset` in
+    /// `mapping` (the range was checked to lie within it). A transport
+    /// whose kernel can copy a reply's data from anywhere in the daemon's
+    /// memory (the kernel module's io_uring channels, ABI 4) hands over
+    /// the address and keeps `mapping` alive until the kernel has read it,
+    /// so the data is copied once, into the request's pages; the default
+    /// sends it with `send_reply`, which copies once as well.
+    ///
+    /// # Safety
+    /// As for [`ReplyData::mapped`].
+    unsafe fn send_mapped(&self, unique: u64, mapping: &Arc<Mapping>, offset: usize, len: usize) {
+        // SAFETY: within the mapping (checked by the caller), and nothing
+        // writes the range while this runs (the caller's contract).
+        let data = unsafe { std::slice::from_raw_parts(mapping.as_ptr().add(offset), len) };
+        let header = success_header(unique, len);
+        self.send_reply(&[IoSlice::new(header.as_bytes()), IoSlice::new(data)]);
     }
 }
 
@@ -112,6 +132,17 @@ impl Responder {
     pub fn fill(mut self, len: usize, fill: &mut dyn FnMut(&mut [u8]) -> Result<(), i32>) {
         if let Some(sink) = self.sink.take() {
             sink.send_filled(self.unique, len, fill);
+        }
+    }
+
+    /// Answers with the `len` bytes at `offset` in `mapping`.
+    ///
+    /// # Safety
+    /// As for [`ReplyData::mapped`]; the range lies within the mapping.
+    pub unsafe fn mapped(mut self, mapping: &Arc<Mapping>, offset: usize, len: usize) {
+        if let Some(sink) = self.sink.take() {
+            // SAFETY: passed on from the caller.
+            unsafe { sink.send_mapped(self.unique, mapping, offset, len) };
         }
     }
 
@@ -196,6 +227,39 @@ impl ReplyData {
         self.responder.fill(len, &mut |buf| {
             fill(buf).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
         });
+    }
+
+    /// Answers with the [`len`](Self::len) bytes at `offset` in `mapping`,
+    /// memory the handler keeps its data in (a RAM disk's store, a
+    /// cache). Where the transport allows (the kernel module's io_uring
+    /// channels), the kernel copies them straight from there into the
+    /// request's pages, after this returns and before the request
+    /// completes, so the data moves once where [`fill`](Self::fill) moves
+    /// it twice; elsewhere they are copied or sent before this returns. The
+    /// reply holds a reference to `mapping` until the kernel is done with
+    /// it. A range outside the mapping is answered EIO.
+    ///
+    /// # Safety
+    /// Nothing may write the range while this call runs. From then until
+    /// the request completes, the range must go on holding these blocks:
+    /// it may change only by newer data of the same blocks (a write or
+    /// discard racing with this read, which a block device may answer
+    /// either way), never be reused for other data.
+    pub unsafe fn mapped(self, mapping: &Arc<Mapping>, offset: usize) {
+        let len = self.len as usize;
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > mapping.len())
+        {
+            log::error!(
+                "read {} answered from outside its mapping ({len} bytes at {offset} of {}); answering EIO",
+                self.responder.unique(),
+                mapping.len()
+            );
+            return self.responder.error(libc::EIO);
+        }
+        // SAFETY: in range (checked above); the rest is the caller's.
+        unsafe { self.responder.mapped(mapping, offset, len) };
     }
 
     /// Answers that the whole range reads as zeros, as a sparse backend
@@ -329,6 +393,27 @@ mod tests {
         let (header, payload) = OutHeader::read_from_prefix(&reply).unwrap();
         assert_eq!((header.len, header.error, header.unique), (16 + 4096, 0, 4));
         assert!(payload.len() == 4096 && payload.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn mapped_sends_the_range_and_refuses_one_outside_the_mapping() {
+        let mapping = Arc::new(Mapping::new(8192).unwrap());
+        // SAFETY: a fresh mapping of this test's own.
+        unsafe { mapping.as_ptr().add(4096).copy_from(b"abcdef".as_ptr(), 6) };
+        let sink = Arc::new(Recorder::default());
+        // SAFETY: nothing else uses the mapping.
+        unsafe { ReplyData::new(Responder::new(3, sink.clone()), 6).mapped(&mapping, 4096) };
+        // SAFETY: as above.
+        unsafe { ReplyData::new(Responder::new(5, sink.clone()), 6).mapped(&mapping, 8190) };
+        let replies = sink.0.lock();
+        let (header, payload) = OutHeader::read_from_prefix(&replies[0]).unwrap();
+        assert_eq!((header.len, header.error, header.unique), (22, 0, 3));
+        assert_eq!(payload, b"abcdef");
+        let (header, payload) = OutHeader::read_from_prefix(&replies[1]).unwrap();
+        assert_eq!(
+            (header.error, header.unique, payload.len()),
+            (-libc::EIO, 5, 0)
+        );
     }
 
     #[test]

@@ -64,8 +64,14 @@ pub trait Wire: Send + Sync + 'static {
     /// (header, payload).
     fn fetch(&self, entry: u16, iovecs: *const libc::iovec) -> Self::Sqe;
     /// The command that commits the reply in `entry` and waits for its next
-    /// request; `commit_id` is what [`Wire::request`] returned for it.
-    fn commit(&self, entry: u16, commit_id: u64) -> Self::Sqe;
+    /// request; `commit_id` is what [`Wire::request`] returned for it. With
+    /// `read_data`, a READ reply's data is at that address instead of in
+    /// the payload buffer (only where [`Wire::reads_from_address`]).
+    fn commit(&self, entry: u16, commit_id: u64, read_data: Option<u64>) -> Self::Sqe;
+    /// Whether a commit can name where its READ data is.
+    fn reads_from_address(&self) -> bool {
+        false
+    }
     /// Copies the request in `header` (an entry's header buffer) into `head`
     /// as `fuse_in_header` followed by its argument; returns the bytes of it
     /// that are in the payload buffer and the request's commit id.
@@ -170,13 +176,10 @@ struct Buffers<W> {
     worker: ThreadId,
 }
 
-// SAFETY: the raw buffers are shared under the entry protocol: an entry's
+// Threads share the raw buffers under the entry protocol: an entry's
 // buffers are written by the kernel only while its command is held, and by
 // userspace only between that command's completion and the next commit,
 // by the one party that holds the entry's reply.
-unsafe impl<W: Send> Send for Buffers<W> {}
-// SAFETY: as for Send.
-unsafe impl<W: Sync> Sync for Buffers<W> {}
 
 impl<W: Wire> Buffers<W> {
     fn header(&self, entry: u16) -> *mut u8 {
@@ -218,6 +221,17 @@ struct EntrySink<W> {
     /// `COMMIT_NOW`, or whether a helper's handler call is still running
     /// (`IN_HELPER`) and has replied (`REPLIED_IN_HELPER`).
     commit: AtomicU8,
+    /// Where the READ data of the reply is, when not in the payload buffer
+    /// (see [`ReplySink::send_mapped`]); taken by the worker as it commits.
+    read_data: parking_lot::Mutex<Option<ReadData>>,
+}
+
+/// READ data a reply left in the handler's memory: its address, and the
+/// mapping it lies in, kept until the kernel has read it (the entry's
+/// next completion).
+struct ReadData {
+    addr: u64,
+    _mapping: Arc<Mapping>,
 }
 
 const COMMIT_NOW: u8 = 0;
@@ -310,6 +324,31 @@ impl<W: Wire> ReplySink for EntrySink<W> {
             .set_body_len(self.buffers.header(self.entry), 0);
         self.replied();
         true
+    }
+
+    unsafe fn send_mapped(&self, unique: u64, mapping: &Arc<Mapping>, offset: usize, len: usize) {
+        // SAFETY: within the mapping (checked by the caller).
+        let data = unsafe { mapping.as_ptr().add(offset) };
+        if !self.buffers.wire.reads_from_address()
+            || self.opcode() != opcode::READ
+            || len > self.buffers.max_io
+        {
+            return self.send_filled(unique, len, &mut |buf| {
+                // SAFETY: `len` bytes within the mapping that nothing
+                // writes while this runs (the caller's contract).
+                buf.copy_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
+                Ok(())
+            });
+        }
+        self.write_header(success_header(unique, len));
+        self.buffers
+            .wire
+            .set_body_len(self.buffers.header(self.entry), len);
+        *self.read_data.lock() = Some(ReadData {
+            addr: data as u64,
+            _mapping: Arc::clone(mapping),
+        });
+        self.replied();
     }
 
     fn send_filled(
@@ -445,6 +484,9 @@ struct Worker<'a, W: Wire> {
     /// The iovecs FETCH points at, per entry: header, payload.
     iovecs: Vec<[libc::iovec; 2]>,
     sinks: Vec<Arc<EntrySink<W>>>,
+    /// Per entry, the READ data its last commit named, until the entry's
+    /// next completion says the kernel has taken it.
+    committed_data: Vec<Option<ReadData>>,
     /// Completions of one wait, reused.
     reaped: Vec<(u64, i32)>,
     /// Entries whose command has not ended.
@@ -502,6 +544,7 @@ impl<'a, W: Wire> Worker<'a, W> {
                     entry,
                     opcode: AtomicU32::new(0),
                     commit: AtomicU8::new(COMMIT_NOW),
+                    read_data: parking_lot::Mutex::new(None),
                 })
             })
             .collect();
@@ -514,6 +557,7 @@ impl<'a, W: Wire> Worker<'a, W> {
             depth,
             iovecs,
             sinks,
+            committed_data: (0..depth).map(|_| None).collect(),
             reaped: Vec::with_capacity(usize::from(depth) + 2),
             live: 0,
             with_user: 0,
@@ -612,7 +656,10 @@ impl<'a, W: Wire> Worker<'a, W> {
             for entry in committed {
                 self.with_user -= 1;
                 let commit_id = self.commit_ids[usize::from(entry)];
-                let mut commit = self.buffers.wire.commit(entry, commit_id);
+                let read_data = self.sinks[usize::from(entry)].read_data.lock().take();
+                let addr = read_data.as_ref().map(|data| data.addr);
+                self.committed_data[usize::from(entry)] = read_data;
+                let mut commit = self.buffers.wire.commit(entry, commit_id, addr);
                 squeue::EntryMarker::set_user_data(&mut commit, u64::from(entry));
                 self.push(commit)?;
             }
@@ -662,6 +709,8 @@ impl<'a, W: Wire> Worker<'a, W> {
             log::error!("queue {}: completion for unknown entry {entry}", self.queue);
             return;
         }
+        // The commit that named it has run: the kernel is done with it.
+        self.committed_data[usize::from(entry)] = None;
         match -result {
             0 => self.dispatch(entry),
             errno if self.buffers.wire.ended(errno) => self.live -= 1,

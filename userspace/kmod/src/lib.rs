@@ -328,11 +328,12 @@ impl KmodDevice {
         takeover: bool,
         io: IoMode,
     ) -> io::Result<()> {
+        let features = self.control.features()?;
         let uring = match io {
             IoMode::ReadWrite => false,
-            IoMode::Auto => ring::supported(&self.control.features()?),
+            IoMode::Auto => ring::supported(&features),
             IoMode::Uring => {
-                if !ring::supported(&self.control.features()?) {
+                if !ring::supported(&features) {
                     return Err(io::Error::new(
                         io::ErrorKind::Unsupported,
                         "io_uring channels need the fuse_blk module of ABI 2 and a kernel with io_uring",
@@ -348,10 +349,12 @@ impl KmodDevice {
         }
         let session = Arc::new(session);
         let depth = params.queue_depth;
+        let data_addr = ring::reads_from_address(&features);
         let serve = move || {
             if uring {
                 session.serve_with(channels.len() as u16, move |session, queue| {
-                    ring::serve_queue(session, queue, channels[usize::from(queue)].clone(), depth)
+                    let channel = channels[usize::from(queue)].clone();
+                    ring::serve_queue(session, queue, channel, depth, data_addr)
                 })
             } else {
                 session.serve(

@@ -26,17 +26,20 @@ pub fn supported(features: &uapi::Features) -> bool {
     features.features & uapi::F_URING != 0 && IoUring::<squeue::Entry>::new(2).is_ok()
 }
 
+/// Whether commits can name where their READ data is (ABI 4).
+pub fn reads_from_address(features: &uapi::Features) -> bool {
+    features.features & uapi::F_URING_DATA_ADDR != 0
+}
+
 /// The module's ring entries on one channel.
 struct ChannelWire {
     channel: Arc<FdChannel>,
+    /// The module takes `FUSE_BLK_URING_F_DATA_ADDR`.
+    data_addr: bool,
 }
 
 impl ChannelWire {
-    fn command(&self, cmd_op: u32, entry: u16) -> op::UringCmd16 {
-        let cmd = uapi::UringCmd {
-            entry,
-            ..uapi::UringCmd::default()
-        };
+    fn command(&self, cmd_op: u32, cmd: uapi::UringCmd) -> op::UringCmd16 {
         op::UringCmd16::new(types::Fd(self.channel.as_fd().as_raw_fd()), cmd_op).cmd(cmd.to_bytes())
     }
 }
@@ -48,13 +51,27 @@ impl Wire for ChannelWire {
     const ZEROS_REPLY: bool = true;
 
     fn fetch(&self, entry: u16, iovecs: *const libc::iovec) -> squeue::Entry {
-        self.command(uapi::URING_FETCH, entry)
+        let cmd = uapi::UringCmd {
+            entry,
+            ..uapi::UringCmd::default()
+        };
+        self.command(uapi::URING_FETCH, cmd)
             .addr(Some(iovecs as u64))
             .build()
     }
 
-    fn commit(&self, entry: u16, _commit_id: u64) -> squeue::Entry {
-        self.command(uapi::URING_COMMIT_AND_FETCH, entry).build()
+    fn commit(&self, entry: u16, _commit_id: u64, read_data: Option<u64>) -> squeue::Entry {
+        let cmd = uapi::UringCmd {
+            entry,
+            flags: read_data.map_or(0, |_| uapi::URING_F_DATA_ADDR),
+            data_addr: read_data.unwrap_or(0),
+            ..uapi::UringCmd::default()
+        };
+        self.command(uapi::URING_COMMIT_AND_FETCH, cmd).build()
+    }
+
+    fn reads_from_address(&self) -> bool {
+        self.data_addr
     }
 
     fn request(&self, header: &[u8], head: &mut [u8; 256]) -> (usize, u64) {
@@ -85,18 +102,22 @@ impl Wire for ChannelWire {
 }
 
 /// Serves `queue` of a device through `channel` with an io_uring of
-/// `depth` entries, until the device is destroyed or taken over.
+/// `depth` entries, until the device is destroyed or taken over. With
+/// `data_addr` (see [`reads_from_address`]), READ replies answered from
+/// the handler's own memory are copied by the kernel from there.
 pub fn serve_queue(
     session: &Session,
     queue: u16,
     channel: Arc<FdChannel>,
     depth: u16,
+    data_addr: bool,
 ) -> io::Result<()> {
     if !answer_init(session, queue, &channel)? {
         return Ok(());
     }
     let max_io = session.config().max_write as usize;
-    ring::serve(session, queue, ChannelWire { channel }, depth, max_io)
+    let wire = ChannelWire { channel, data_addr };
+    ring::serve(session, queue, wire, depth, max_io)
 }
 
 /// Reads and answers FUSE_INIT, the first message of a new channel; false

@@ -5,6 +5,15 @@
  * This header is the one ABI between the fuse_blk module and its daemons.
  *
  * Changelog
+ *  ABI 4 (2026-12)
+ *   - READ data from the daemon's own memory: with FUSE_BLK_F_URING_DATA_ADDR
+ *     (GET_FEATURES reports it; CREATE echoes it and it asks nothing of the
+ *     device), a COMMIT_AND_FETCH with FUSE_BLK_URING_F_DATA_ADDR in
+ *     fuse_blk_uring_cmd.flags takes its READ reply's data from
+ *     fuse_blk_uring_cmd.data_addr (was reserved1) instead of the entry's
+ *     payload buffer. A daemon that holds the data already (a RAM disk, a
+ *     cache) replies without copying it first. Without the flag data_addr
+ *     must be zero, as reserved1 had to be.
  *  ABI 3 (2026-11)
  *   - Passthrough: FUSE_BLK_F_PASSTHROUGH with params.backing_fd (was
  *     reserved0) names a file the driver reads and writes itself, so
@@ -89,7 +98,13 @@
  *                         iovec[2] (header, payload); sqe->len must be 0.
  *  FUSE_BLK_URING_COMMIT_AND_FETCH
  *                         takes the reply in the entry's buffers and waits
- *                         for the next request in the same entry.
+ *                         for the next request in the same entry. With
+ *                         FUSE_BLK_URING_F_DATA_ADDR the data of a READ
+ *                         reply is taken from data_addr instead: any
+ *                         memory of the ring's task, read while the
+ *                         command is issued, before the request completes.
+ *                         Replies without data ignore it. FETCH takes no
+ *                         flags.
  *  Either completes (CQE res) when a request is in the entry: 0. A commit
  *  whose request is gone (timed out, or taken back) fetches as if it had
  *  been answered. Other results end the command and leave the entry
@@ -116,7 +131,7 @@
 #include <linux/types.h>
 #include <linux/ioctl.h>
 
-#define FUSE_BLK_ABI_VERSION	3
+#define FUSE_BLK_ABI_VERSION	4
 
 /* fuse_in_header.nodeid of every request on a channel */
 #define FUSE_BLK_NODE_ID	2
@@ -147,8 +162,10 @@
 #define FUSE_BLK_F_URING	(1ULL << 8)
 /* READ and WRITE are served from params.backing_fd by the driver. */
 #define FUSE_BLK_F_PASSTHROUGH	(1ULL << 9)
+/* COMMIT_AND_FETCH takes FUSE_BLK_URING_F_DATA_ADDR (as FUSE_BLK_F_URING). */
+#define FUSE_BLK_F_URING_DATA_ADDR	(1ULL << 10)
 
-#define FUSE_BLK_F_ALL		((1ULL << 10) - 1)
+#define FUSE_BLK_F_ALL		((1ULL << 11) - 1)
 
 struct fuse_blk_features {
 	__u32	abi_version;		/* out: FUSE_BLK_ABI_VERSION */
@@ -213,10 +230,13 @@ struct fuse_blk_attach {
 
 struct fuse_blk_uring_cmd {
 	__u16	entry;			/* 0..queue_depth-1 */
-	__u16	flags;			/* must be zero */
+	__u16	flags;			/* FUSE_BLK_URING_F_* */
 	__u32	reserved0;		/* must be zero */
-	__u64	reserved1;		/* must be zero */
+	__u64	data_addr;		/* with FUSE_BLK_URING_F_DATA_ADDR, else 0 */
 };
+
+/* fuse_blk_uring_cmd.flags: READ reply data is at data_addr (COMMIT only) */
+#define FUSE_BLK_URING_F_DATA_ADDR	(1 << 0)
 
 #define FUSE_BLK_URING_FETCH		_IOW(FUSE_BLK_IOC_MAGIC, 0x20, struct fuse_blk_uring_cmd)
 #define FUSE_BLK_URING_COMMIT_AND_FETCH	_IOW(FUSE_BLK_IOC_MAGIC, 0x21, struct fuse_blk_uring_cmd)

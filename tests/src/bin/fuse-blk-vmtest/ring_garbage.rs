@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use fuse_blk::proto::abi::{opcode, InHeader, InitOut, OutHeader};
 use fuse_blk::Geometry;
-use fuse_blk_kmod::uapi::{self, UringCmd, URING_COMMIT_AND_FETCH, URING_FETCH, URING_HEADER_SIZE};
+use fuse_blk_kmod::uapi::{
+    self, UringCmd, URING_COMMIT_AND_FETCH, URING_FETCH, URING_F_DATA_ADDR, URING_HEADER_SIZE,
+};
 use fuse_blk_kmod::{attach_channel, Control, KmodOptions};
 use io_uring::{opcode as op, squeue, types, IoUring};
 use zerocopy::{FromBytes, IntoBytes};
@@ -82,10 +84,17 @@ impl Probe {
     }
 
     fn commit(&self, entry: u16) -> squeue::Entry {
+        self.commit_with(entry, 0, 0)
+    }
+
+    /// A COMMIT_AND_FETCH with `flags` and `data_addr` as given.
+    fn commit_with(&self, entry: u16, flags: u16, data_addr: u64) -> squeue::Entry {
         self.sqe(
             URING_COMMIT_AND_FETCH,
             UringCmd {
                 entry,
+                flags,
+                data_addr,
                 ..UringCmd::default()
             },
             None,
@@ -192,6 +201,13 @@ impl Probe {
     /// Answers READs with zeros (through their entries) until `reader` is
     /// done; fails on anything else.
     fn serve_zeros_until(&mut self, reader: &mut Child) -> io::Result<()> {
+        self.serve_reads_until(reader, None)
+    }
+
+    /// Answers READs until `reader` is done, with zeros from the entries'
+    /// payload buffers or, given `data`, with its first bytes, named by
+    /// the commit (`URING_F_DATA_ADDR`); fails on anything else.
+    fn serve_reads_until(&mut self, reader: &mut Child, data: Option<&[u8]>) -> io::Result<()> {
         loop {
             if let Some(status) = reader.try_wait()? {
                 return if status.success() {
@@ -217,8 +233,16 @@ impl Probe {
                 )));
             }
             let size = u32::from_ne_bytes(body[16..20].try_into().unwrap()) as usize;
-            self.write_reply(entry as u16, header.unique, 0, &vec![0; size], None);
-            let commit = self.commit(entry as u16);
+            let commit = match data {
+                None => {
+                    self.write_reply(entry as u16, header.unique, 0, &vec![0; size], None);
+                    self.commit(entry as u16)
+                }
+                Some(data) => {
+                    self.write_reply(entry as u16, header.unique, 0, &[], Some(16 + size as u32));
+                    self.commit_with(entry as u16, URING_F_DATA_ADDR, data.as_ptr() as u64)
+                }
+            };
             self.submit(commit)?;
         }
     }
@@ -266,9 +290,10 @@ fn answer_init(channel: &File) -> io::Result<()> {
 
 pub fn run() -> io::Result<()> {
     let control = Control::open()?;
-    if control.features()?.features & uapi::F_URING == 0 {
+    let wanted = uapi::F_URING | uapi::F_URING_DATA_ADDR;
+    if control.features()?.features & wanted != wanted {
         return Err(io::Error::other(
-            "the module does not offer io_uring channels",
+            "the module does not offer io_uring channels with data addresses",
         ));
     }
     let params = control.create(&fuse_blk_kmod::params_for(
@@ -329,9 +354,17 @@ fn misbehave(id: u32) -> io::Result<()> {
             },
         ),
         (
-            "reserved1",
+            "data_addr without its flag",
             UringCmd {
-                reserved1: 1 << 40,
+                data_addr: 1 << 40,
+                ..UringCmd::default()
+            },
+        ),
+        (
+            "a data address on a FETCH",
+            UringCmd {
+                flags: URING_F_DATA_ADDR,
+                data_addr: 1 << 40,
                 ..UringCmd::default()
             },
         ),
@@ -428,12 +461,69 @@ fn misbehave(id: u32) -> io::Result<()> {
         let commit = probe.commit(entry);
         probe.expect_result(what, commit, libc::EINVAL)?;
     }
+    // Commits naming where the READ data is, wrongly.
+    probe.write_reply(entry, read.unique, 0, &[], Some(16 + size as u32));
+    let pattern: Vec<u8> = (0..MAX_IO).map(|i| (i % 251) as u8).collect();
+    let bad_commits = [
+        (
+            "unknown commit flag",
+            1 << 1,
+            pattern.as_ptr() as u64,
+            libc::EINVAL,
+        ),
+        (
+            "data_addr without its flag on a COMMIT",
+            0,
+            pattern.as_ptr() as u64,
+            libc::EINVAL,
+        ),
+        ("NULL data_addr", URING_F_DATA_ADDR, 0, libc::EINVAL),
+        (
+            "READ data at an unmapped address",
+            URING_F_DATA_ADDR,
+            8,
+            libc::EFAULT,
+        ),
+        (
+            "READ data outside user memory",
+            URING_F_DATA_ADDR,
+            u64::MAX - 4095,
+            libc::EFAULT,
+        ),
+    ];
+    for (what, flags, addr, errno) in bad_commits {
+        let commit = probe.commit_with(entry, flags, addr);
+        probe.expect_result(what, commit, errno)?;
+    }
     // Now properly: the reader and the partition scan get zeros.
     probe.write_reply(entry, read.unique, 0, &vec![0; size], None);
     let commit = probe.commit(entry);
     probe.submit(commit)?;
     probe.serve_zeros_until(&mut dd)?;
     println!("device usable after bad commands");
+
+    // A commit that names where its READ data is: the reader gets that.
+    let mut dd = Command::new("dd")
+        .args([
+            format!("if={device}"),
+            "bs=4096".into(),
+            "count=1".into(),
+            "skip=5".into(),
+            "iflag=direct".into(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    probe.serve_reads_until(&mut dd, Some(&pattern))?;
+    let mut got = Vec::new();
+    io::Read::read_to_end(&mut dd.stdout.take().expect("piped"), &mut got)?;
+    if got != pattern[..4096] {
+        return Err(io::Error::other(format!(
+            "READ data from a data address: got {} bytes, not the pattern",
+            got.len()
+        )));
+    }
+    println!("READ data taken from the address a commit names");
 
     // The ring goes away while the driver holds a command: the command is
     // cancelled and the entry can be fetched again, on a ring that lives on
