@@ -26,6 +26,7 @@
 
 pub mod channel;
 pub mod handler;
+pub mod io_thread;
 pub mod mapping;
 pub mod reply;
 pub mod ring;

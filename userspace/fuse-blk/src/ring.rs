@@ -43,6 +43,7 @@ use fuse_blk_proto::reply::{error_header, success_header};
 use io_uring::{cqueue, opcode as op, squeue, types, IoUring};
 use zerocopy::FromBytes;
 
+use crate::io_thread;
 use crate::mapping::Mapping;
 use crate::reply::ReplySink;
 use crate::session::Session;
@@ -388,6 +389,8 @@ pub fn serve<W: Wire>(
     depth: u16,
     max_io: usize,
 ) -> io::Result<()> {
+    // Helpers inherit it.
+    io_thread::mark_io_flusher();
     // SAFETY: eventfd has no memory-safety preconditions.
     let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
     if wake < 0 {

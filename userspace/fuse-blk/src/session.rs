@@ -199,7 +199,10 @@ impl Session {
             workers.push(
                 thread::Builder::new()
                     .name(format!("fuse-blk-q{queue}"))
-                    .spawn(move || worker(&session, queue))?,
+                    .spawn(move || {
+                        crate::io_thread::mark_io_flusher();
+                        worker(&session, queue)
+                    })?,
             );
         }
         let mut result = Ok(());
