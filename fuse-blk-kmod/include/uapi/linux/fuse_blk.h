@@ -103,8 +103,9 @@
  *                         reply is taken from data_addr instead: any
  *                         memory of the ring's task, read while the
  *                         command is issued, before the request completes.
- *                         Replies without data ignore it. FETCH takes no
- *                         flags.
+ *                         Only READ data is read there, but the address
+ *                         must lie in user memory whatever the reply
+ *                         (else EFAULT). FETCH takes no flags.
  *  Either completes (CQE res) when a request is in the entry: 0. A commit
  *  whose request is gone (timed out, or taken back) fetches as if it had
  *  been answered. Other results end the command and leave the entry
