@@ -8,7 +8,9 @@
 //! the worker's own. Each completion with result 0 means the entry holds a
 //! request: the worker dispatches it to the engine, the handler's reply is
 //! written into the entry's buffers (READ data straight into the payload
-//! buffer, see [`ReplySink::send_filled`]) and the entry's index is queued;
+//! buffer, see [`ReplySink::send_filled`], or left where the handler keeps
+//! it for the commit to name, see [`ReplySink::send_mapped`]) and the
+//! entry's index is queued;
 //! the worker then submits a commit-and-fetch for every queued entry with
 //! one `io_uring_enter`, which also waits for the next completions. In
 //! steady state that is one system call per batch of requests.
