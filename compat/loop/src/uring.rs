@@ -12,10 +12,10 @@
 //! and LOOKUP names in, every reply body out, is in the payload buffer.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use fuse_blk::proto::abi::{init_flags2, InHeader};
-use fuse_blk::ring::{self, Wire, MAX_HEAD};
+use fuse_blk::ring::{self, Target, Wire, MAX_HEAD};
 use fuse_blk::Session;
 use io_uring::{opcode as op, squeue, types};
 
@@ -66,12 +66,16 @@ struct FuseWire {
 }
 
 impl FuseWire {
-    fn command(&self, cmd_op: u32, commit_id: u64) -> op::UringCmd80 {
+    fn command(&self, target: Target, cmd_op: u32, commit_id: u64) -> op::UringCmd80 {
         // struct fuse_uring_cmd_req: flags, commit_id, qid.
         let mut cmd = [0u8; 80];
         cmd[8..16].copy_from_slice(&commit_id.to_ne_bytes());
         cmd[16..18].copy_from_slice(&self.qid.to_ne_bytes());
-        op::UringCmd80::new(types::Fd(self.fd.as_raw_fd()), cmd_op).cmd(cmd)
+        match target {
+            Target::Registered => op::UringCmd80::new(types::Fixed(0), cmd_op),
+            Target::Fd(fd) => op::UringCmd80::new(types::Fd(fd), cmd_op),
+        }
+        .cmd(cmd)
     }
 }
 
@@ -80,9 +84,13 @@ impl Wire for FuseWire {
     const HEADER_SIZE: usize = HEADER_SIZE;
     const ZEROS_REPLY: bool = false;
 
-    fn fetch(&self, _entry: u16, iovecs: *const libc::iovec) -> squeue::Entry128 {
+    fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    fn fetch(&self, target: Target, _entry: u16, iovecs: *const libc::iovec) -> squeue::Entry128 {
         let sqe = self
-            .command(CMD_REGISTER, 0)
+            .command(target, CMD_REGISTER, 0)
             .addr(Some(iovecs as u64))
             .build();
         // The kernel wants sqe->len = 2 (header and payload), which the
@@ -94,8 +102,15 @@ impl Wire for FuseWire {
         unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(bytes) }
     }
 
-    fn commit(&self, _entry: u16, commit_id: u64, _read_data: Option<u64>) -> squeue::Entry128 {
-        self.command(CMD_COMMIT_AND_FETCH, commit_id).build()
+    fn commit(
+        &self,
+        target: Target,
+        _entry: u16,
+        commit_id: u64,
+        _read_data: Option<u64>,
+    ) -> squeue::Entry128 {
+        self.command(target, CMD_COMMIT_AND_FETCH, commit_id)
+            .build()
     }
 
     fn request(&self, header: &[u8], head: &mut [u8; MAX_HEAD]) -> (usize, u64) {

@@ -32,7 +32,7 @@
 //! [`BlockDevice::parallel_large_io`]: crate::BlockDevice::parallel_large_io
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::ThreadId;
@@ -54,6 +54,16 @@ use crate::session::Session;
 /// an entry before the reply is written over it).
 pub const MAX_HEAD: usize = 256;
 
+/// How a ring's commands name the descriptor they go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Slot 0 of the ring's registered files: the kernel looks the file up
+    /// once, not at every command (an `fget`/`fput` pair each).
+    Registered,
+    /// The descriptor itself, where registering it failed.
+    Fd(RawFd),
+}
+
 /// What one kind of ring entry looks like.
 pub trait Wire: Send + Sync + 'static {
     /// The submission queue entry its commands need.
@@ -63,14 +73,23 @@ pub trait Wire: Send + Sync + 'static {
     /// A READ answered with a header alone reads as zeros.
     const ZEROS_REPLY: bool;
 
-    /// The command that registers `entry`, whose buffers `iovecs` points at
-    /// (header, payload).
-    fn fetch(&self, entry: u16, iovecs: *const libc::iovec) -> Self::Sqe;
-    /// The command that commits the reply in `entry` and waits for its next
-    /// request; `commit_id` is what [`Wire::request`] returned for it. With
-    /// `read_data`, a READ reply's data is at that address instead of in
-    /// the payload buffer (only where [`Wire::reads_from_address`]).
-    fn commit(&self, entry: u16, commit_id: u64, read_data: Option<u64>) -> Self::Sqe;
+    /// The descriptor the commands go to.
+    fn fd(&self) -> RawFd;
+    /// The command, sent to `target`, that registers `entry`, whose buffers
+    /// `iovecs` points at (header, payload).
+    fn fetch(&self, target: Target, entry: u16, iovecs: *const libc::iovec) -> Self::Sqe;
+    /// The command, sent to `target`, that commits the reply in `entry` and
+    /// waits for its next request; `commit_id` is what [`Wire::request`]
+    /// returned for it. With `read_data`, a READ reply's data is at that
+    /// address instead of in the payload buffer (only where
+    /// [`Wire::reads_from_address`]).
+    fn commit(
+        &self,
+        target: Target,
+        entry: u16,
+        commit_id: u64,
+        read_data: Option<u64>,
+    ) -> Self::Sqe;
     /// Whether a commit can name where its READ data is.
     fn reads_from_address(&self) -> bool {
         false
@@ -483,6 +502,8 @@ struct Worker<'a, W: Wire> {
     queue: u16,
     buffers: Arc<Buffers<W>>,
     ring: IoUring<W::Sqe, cqueue::Entry>,
+    /// How the commands name the wire's descriptor.
+    target: Target,
     /// Commit ids of the requests in the entries.
     commit_ids: Vec<u64>,
     depth: u16,
@@ -492,6 +513,8 @@ struct Worker<'a, W: Wire> {
     /// Per entry, the READ data its last commit named, until the entry's
     /// next completion says the kernel has taken it.
     committed_data: Vec<Option<ReadData>>,
+    /// Entries taken from [`Buffers::committed`], reused.
+    committing: Vec<u16>,
     /// Completions of one wait, reused.
     reaped: Vec<(u64, i32)>,
     /// Entries whose command has not ended.
@@ -528,6 +551,14 @@ impl<'a, W: Wire> Worker<'a, W> {
             .setup_taskrun_flag()
             .build(entries)
             .or_else(|_| IoUring::<W::Sqe, cqueue::Entry>::builder().build(entries))?;
+        let fd = buffers.wire.fd();
+        let target = match ring.submitter().register_files(&[fd]) {
+            Ok(()) => Target::Registered,
+            Err(e) => {
+                log::debug!("queue {queue}: commands name the descriptor ({e})");
+                Target::Fd(fd)
+            }
+        };
         let iovecs = (0..depth)
             .map(|entry| {
                 [
@@ -559,10 +590,12 @@ impl<'a, W: Wire> Worker<'a, W> {
             buffers,
             commit_ids: vec![0; usize::from(depth)],
             ring,
+            target,
             depth,
             iovecs,
             sinks,
             committed_data: (0..depth).map(|_| None).collect(),
+            committing: Vec::with_capacity(usize::from(depth)),
             reaped: Vec::with_capacity(usize::from(depth) + 2),
             live: 0,
             with_user: 0,
@@ -630,7 +663,7 @@ impl<'a, W: Wire> Worker<'a, W> {
     fn run(&mut self) -> io::Result<()> {
         for entry in 0..self.depth {
             let iovecs = self.iovecs[usize::from(entry)].as_ptr();
-            let mut fetch = self.buffers.wire.fetch(entry, iovecs);
+            let mut fetch = self.buffers.wire.fetch(self.target, entry, iovecs);
             squeue::EntryMarker::set_user_data(&mut fetch, u64::from(entry));
             self.push(fetch)?;
             self.live += 1;
@@ -657,17 +690,23 @@ impl<'a, W: Wire> Worker<'a, W> {
             }
             reaped.clear();
             self.reaped = reaped;
-            let committed = std::mem::take(&mut *self.buffers.committed.lock());
-            for entry in committed {
+            let mut committed = std::mem::take(&mut self.committing);
+            std::mem::swap(&mut committed, &mut *self.buffers.committed.lock());
+            for &entry in &committed {
                 self.with_user -= 1;
                 let commit_id = self.commit_ids[usize::from(entry)];
                 let read_data = self.sinks[usize::from(entry)].read_data.lock().take();
                 let addr = read_data.as_ref().map(|data| data.addr);
                 self.committed_data[usize::from(entry)] = read_data;
-                let mut commit = self.buffers.wire.commit(entry, commit_id, addr);
+                let mut commit = self
+                    .buffers
+                    .wire
+                    .commit(self.target, entry, commit_id, addr);
                 squeue::EntryMarker::set_user_data(&mut commit, u64::from(entry));
                 self.push(commit)?;
             }
+            committed.clear();
+            self.committing = committed;
         }
         Ok(())
     }

@@ -11,11 +11,11 @@
 //! over, `ECANCELED` when the ring goes away.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
 
 use fuse_blk::proto::abi::{opcode, InHeader, WriteIn};
-use fuse_blk::ring::{self, Wire};
+use fuse_blk::ring::{self, Target, Wire};
 use fuse_blk::{Channel, FdChannel, Session};
 use io_uring::{opcode as op, squeue, types, IoUring};
 
@@ -39,8 +39,12 @@ struct ChannelWire {
 }
 
 impl ChannelWire {
-    fn command(&self, cmd_op: u32, cmd: uapi::UringCmd) -> op::UringCmd16 {
-        op::UringCmd16::new(types::Fd(self.channel.as_fd().as_raw_fd()), cmd_op).cmd(cmd.to_bytes())
+    fn command(target: Target, cmd_op: u32, cmd: uapi::UringCmd) -> op::UringCmd16 {
+        match target {
+            Target::Registered => op::UringCmd16::new(types::Fixed(0), cmd_op),
+            Target::Fd(fd) => op::UringCmd16::new(types::Fd(fd), cmd_op),
+        }
+        .cmd(cmd.to_bytes())
     }
 }
 
@@ -50,24 +54,34 @@ impl Wire for ChannelWire {
     // ABI 2: a READ answered without data reads as zeros.
     const ZEROS_REPLY: bool = true;
 
-    fn fetch(&self, entry: u16, iovecs: *const libc::iovec) -> squeue::Entry {
+    fn fd(&self) -> RawFd {
+        self.channel.as_fd().as_raw_fd()
+    }
+
+    fn fetch(&self, target: Target, entry: u16, iovecs: *const libc::iovec) -> squeue::Entry {
         let cmd = uapi::UringCmd {
             entry,
             ..uapi::UringCmd::default()
         };
-        self.command(uapi::URING_FETCH, cmd)
+        Self::command(target, uapi::URING_FETCH, cmd)
             .addr(Some(iovecs as u64))
             .build()
     }
 
-    fn commit(&self, entry: u16, _commit_id: u64, read_data: Option<u64>) -> squeue::Entry {
+    fn commit(
+        &self,
+        target: Target,
+        entry: u16,
+        _commit_id: u64,
+        read_data: Option<u64>,
+    ) -> squeue::Entry {
         let cmd = uapi::UringCmd {
             entry,
             flags: read_data.map_or(0, |_| uapi::URING_F_DATA_ADDR),
             data_addr: read_data.unwrap_or(0),
             ..uapi::UringCmd::default()
         };
-        self.command(uapi::URING_COMMIT_AND_FETCH, cmd).build()
+        Self::command(target, uapi::URING_COMMIT_AND_FETCH, cmd).build()
     }
 
     fn reads_from_address(&self) -> bool {
