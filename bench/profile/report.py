@@ -5,8 +5,8 @@ Reads OUT/kallsyms, OUT/targets, OUT/ios and, per target N, OUT/N.blocks
 (the plugin's "vaddr insns count" lines) and OUT/N.maps (its daemon's
 maps). Kernel addresses are named from kallsyms, the daemon's own from
 `nm` of the files it mapped; other user addresses (fio's, mostly) are
-counted together. Prints instructions per I/O: totals, then the functions
-that differ most between the targets.
+counted together. Prints instructions per I/O: totals, then the ROWS
+functions that executed the most in any one target.
 
 Usage: report.py OUT [ROWS]
 """
