@@ -93,6 +93,12 @@ impl ChunkBits {
 
     fn set(&self, chunk: u64, value: bool) {
         let (word, bit) = self.word(chunk);
+        // Most calls find the bit as wanted already (a rewrite, a read of
+        // the same unwritten chunks again): a load spares them the atomic
+        // read-modify-write of a word other threads' chunks share.
+        if (word.load(Ordering::Relaxed) & bit != 0) == value {
+            return;
+        }
         if value {
             word.fetch_or(bit, Ordering::Relaxed);
         } else {
