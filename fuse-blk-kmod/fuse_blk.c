@@ -60,7 +60,8 @@
  *	                 ring, which delivers and completes it there
  *	request copied   KICKED -> USER (command completed with 0)
  *	COMMIT_AND_FETCH USER -> KICKED (the reply is taken first; READ
- *	                 data from the payload buffer, or data_addr)
+ *	                 data from the payload buffer, data_addr, or the
+ *	                 iovec array at data_addr)
  *	channel over, ring cancelled, fault: IDLE/KICKED -> FREE
  *
  * A KICKED entry belongs to the one context that moved it there, and every
@@ -130,6 +131,10 @@
 /* A message's header and argument, everything but WRITE data. */
 #define FBLK_MAX_ARG		sizeof(struct fuse_write_in)
 
+/* fuse_blk_uring_cmd.flags: the ways a commit names where READ data is */
+#define FBLK_URING_DATA_FLAGS	(FUSE_BLK_URING_F_DATA_ADDR | \
+				 FUSE_BLK_URING_F_DATA_IOVEC)
+
 enum fblk_cmd_state {
 	FBLK_CMD_PENDING,
 	FBLK_CMD_SENDING,
@@ -172,10 +177,10 @@ struct fblk_ring_ent {
 /* What an io_uring command carries from its SQE to its task work. */
 struct fblk_ring_pdu {
 	struct fblk_ring_ent *ent;
-	u64 iov_addr;
-	u64 data_addr;		/* COMMIT: READ data from here, if not 0 */
-	u32 iov_len;
+	u64 addr;		/* FETCH: sqe->addr; COMMIT: data_addr */
+	u32 len;		/* FETCH: sqe->len; COMMIT: data_segs */
 	u32 op;
+	u16 flags;		/* COMMIT: FUSE_BLK_URING_F_DATA_* */
 };
 
 struct fblk_queue {
@@ -1224,79 +1229,87 @@ static size_t fblk_build_io(struct request *rq, u64 unique, void *buf,
 #define FBLK_PIN_BATCH		32
 
 /*
- * Copies @rq's data to (@to_user) or from one contiguous user buffer
- * @ubuf through pinned pages and memcpy(): the daemon's buffers are large
- * and mapped in whole pages, so a batch of pins replaces a user-copy
- * fault check per segment. (Under emulation, where string instructions
- * crawl, this is several times faster for 1 MiB requests.)
+ * Copies @rq's data to (@to_user) or from the user memory @uiter describes
+ * (one buffer, or iovecs), at least blk_rq_bytes() of it, through pinned
+ * pages and memcpy(), and advances @uiter. The daemon's buffers are mapped
+ * in whole pages, so a batch of pins replaces a user-copy fault check per
+ * segment. (Under emulation, where string instructions crawl, this is
+ * several times faster for 1 MiB requests.)
  */
-static int fblk_copy_user(struct request *rq, unsigned long ubuf, bool to_user)
+static int fblk_copy_user(struct request *rq, struct iov_iter *uiter,
+			  bool to_user)
 {
+	struct page *batch[FBLK_PIN_BATCH], **pages = batch;
 	size_t left = blk_rq_bytes(rq);
-	struct page *pages[FBLK_PIN_BATCH];
-	unsigned long first = 0;	/* user address of pages[0] */
+	size_t start = 0;	/* offset of the pinned run in pages[0] */
+	ssize_t got = 0;	/* bytes of the pinned run */
+	size_t used = 0;	/* of them, copied */
 	struct req_iterator iter;
 	struct bio_vec bv;
-	int nr = 0, ret = 0;
+	int ret = 0;
 
 	rq_for_each_segment(bv, rq, iter) {
 		unsigned int done = 0;
 
 		while (done < bv.bv_len) {
-			unsigned int off = offset_in_page(ubuf);
-			unsigned int n = min_t(unsigned int, bv.bv_len - done,
-					       PAGE_SIZE - off);
+			size_t pos = start + used;
+			struct page *page;
+			unsigned int n;
 			void *kaddr;
 
-			if (!nr || ubuf < first ||
-			    ubuf >= first + nr * PAGE_SIZE) {
-				if (nr)
-					unpin_user_pages_dirty_lock(pages, nr,
-								    to_user);
-				first = ubuf & PAGE_MASK;
-				nr = min_t(size_t, FBLK_PIN_BATCH,
-					   DIV_ROUND_UP(off + left, PAGE_SIZE));
-				nr = pin_user_pages_fast(first, nr,
-							 to_user ? FOLL_WRITE : 0,
-							 pages);
-				if (nr <= 0) {
-					nr = 0;
+			if (used == got) {
+				if (got)
+					unpin_user_pages_dirty_lock(pages,
+						DIV_ROUND_UP(start + got, PAGE_SIZE),
+						to_user);
+				used = 0;
+				got = iov_iter_extract_pages(uiter, &pages, left,
+							     FBLK_PIN_BATCH, 0,
+							     &start);
+				if (got <= 0) {
+					got = 0;
 					ret = -EFAULT;
 					goto out;
 				}
+				pos = start;
 			}
-			kaddr = kmap_local_page(pages[(ubuf - first) >> PAGE_SHIFT]);
+			page = pages[pos >> PAGE_SHIFT];
+			n = min3(bv.bv_len - done, PAGE_SIZE - offset_in_page(pos),
+				 got - used);
+			kaddr = kmap_local_page(page);
 			if (to_user)
-				memcpy_from_page(kaddr + off, bv.bv_page,
-						 bv.bv_offset + done, n);
+				memcpy_from_page(kaddr + offset_in_page(pos),
+						 bv.bv_page, bv.bv_offset + done,
+						 n);
 			else
 				memcpy_to_page(bv.bv_page, bv.bv_offset + done,
-					       kaddr + off, n);
+					       kaddr + offset_in_page(pos), n);
 			kunmap_local(kaddr);
 			done += n;
-			ubuf += n;
+			used += n;
 			left -= n;
 		}
 	}
 out:
-	if (nr)
-		unpin_user_pages_dirty_lock(pages, nr, to_user);
+	if (got)
+		unpin_user_pages_dirty_lock(pages,
+					    DIV_ROUND_UP(start + got, PAGE_SIZE),
+					    to_user);
 	return ret;
 }
 
+/*
+ * Moves @rq's data between its pages and a daemon's memory: through
+ * pinned pages when the iterator is user memory holding all of it (the
+ * channels' buffers), else a page at a time.
+ */
 static int fblk_copy_data_out(struct request *rq, struct iov_iter *to)
 {
 	struct req_iterator iter;
 	struct bio_vec bv;
-	int ret;
 
-	if (iter_is_ubuf(to) && iov_iter_count(to) >= blk_rq_bytes(rq)) {
-		ret = fblk_copy_user(rq, (unsigned long)to->ubuf + to->iov_offset,
-				     true);
-		if (!ret)
-			iov_iter_advance(to, blk_rq_bytes(rq));
-		return ret;
-	}
+	if (user_backed_iter(to) && iov_iter_count(to) >= blk_rq_bytes(rq))
+		return fblk_copy_user(rq, to, true);
 	rq_for_each_segment(bv, rq, iter) {
 		if (copy_page_to_iter(bv.bv_page, bv.bv_offset, bv.bv_len,
 				      to) != bv.bv_len)
@@ -1309,16 +1322,9 @@ static int fblk_copy_data_in(struct request *rq, struct iov_iter *from)
 {
 	struct req_iterator iter;
 	struct bio_vec bv;
-	int ret;
 
-	if (iter_is_ubuf(from) && iov_iter_count(from) >= blk_rq_bytes(rq)) {
-		ret = fblk_copy_user(rq,
-				     (unsigned long)from->ubuf + from->iov_offset,
-				     false);
-		if (!ret)
-			iov_iter_advance(from, blk_rq_bytes(rq));
-		return ret;
-	}
+	if (user_backed_iter(from) && iov_iter_count(from) >= blk_rq_bytes(rq))
+		return fblk_copy_user(rq, from, false);
 	rq_for_each_segment(bv, rq, iter) {
 		if (copy_page_from_iter(bv.bv_page, bv.bv_offset, bv.bv_len,
 					from) != bv.bv_len)
@@ -1611,7 +1617,9 @@ static int fblk_take_reply(struct fblk_chan *chan,
 	if (!oh->error && req_op(rq) == REQ_OP_READ && !payload) {
 		fblk_zero_data(rq);
 	} else if (!oh->error && req_op(rq) == REQ_OP_READ) {
-		ret = fblk_copy_data_in(rq, data);
+		/* A gathered source may fall short of what the header says. */
+		ret = iov_iter_count(data) < payload ? -EINVAL :
+			fblk_copy_data_in(rq, data);
 	} else if (!oh->error && req_op(rq) == REQ_OP_WRITE) {
 		struct fuse_write_out out;
 
@@ -1880,9 +1888,9 @@ static int fblk_ring_register(struct fblk_ring_ent *ent,
 	unsigned long flags;
 	int ret;
 
-	if (pdu->iov_len)	/* sqe->len: reserved */
+	if (pdu->len)	/* sqe->len: reserved */
 		return -EINVAL;
-	if (copy_from_user(iov, u64_to_user_ptr(pdu->iov_addr), sizeof(iov)))
+	if (copy_from_user(iov, u64_to_user_ptr(pdu->addr), sizeof(iov)))
 		return -EFAULT;
 	if (iov[0].iov_len < FUSE_BLK_URING_HEADER_SIZE ||
 	    iov[1].iov_len < max_io)
@@ -1907,29 +1915,49 @@ static int fblk_ring_register(struct fblk_ring_ent *ent,
 }
 
 /*
- * Copies in and takes the reply held in a KICKED entry's buffers, with its
- * READ data at @data_addr instead of the payload buffer if that is not 0.
+ * Copies in and takes the reply held in a KICKED entry's buffers. Its READ
+ * data is in the payload buffer, or where the commit @pdu says: at
+ * data_addr, or gathered from the data_segs iovecs at data_addr.
  */
-static int fblk_ring_take_reply(struct fblk_ring_ent *ent, u64 data_addr)
+static int fblk_ring_take_reply(struct fblk_ring_ent *ent,
+				const struct fblk_ring_pdu *pdu)
 {
 	size_t max_io = ent->chan->dev->params.max_io_bytes;
-	void __user *src = data_addr ? u64_to_user_ptr(data_addr) : ent->payload;
+	struct iovec iovstack[UIO_FASTIOV], *iov = NULL;
 	struct fuse_out_header oh;
 	struct iov_iter args, data;
+	void __user *src;
+	size_t len;
+	ssize_t ret;
 
 	if (copy_from_user(&oh, ent->header, sizeof(oh)))
 		return -EFAULT;
 	if (oh.unique != ent->unique || oh.len < sizeof(oh) ||
 	    !fblk_errno_ok(oh.error))
 		return -EINVAL;
-	/* Only what the reply says it carries must be readable at @src. */
 	if (import_ubuf(ITER_SOURCE, ent->header + sizeof(oh),
-			FUSE_BLK_URING_HEADER_SIZE - sizeof(oh), &args) ||
-	    import_ubuf(ITER_SOURCE, src,
-			min_t(size_t, oh.len - sizeof(oh), max_io), &data))
+			FUSE_BLK_URING_HEADER_SIZE - sizeof(oh), &args))
 		return -EFAULT;
-	return fblk_take_reply(ent->chan, &oh, oh.len - sizeof(oh), &args,
-			       &data);
+	/* Only what the reply says it carries must be readable at the source. */
+	len = min_t(size_t, oh.len - sizeof(oh), max_io);
+	if (pdu->flags & FUSE_BLK_URING_F_DATA_IOVEC) {
+		/* Leaves @iov NULL, or an array to free, whatever it returns. */
+		iov = iovstack;
+		ret = import_iovec(ITER_SOURCE, u64_to_user_ptr(pdu->addr),
+				   pdu->len, UIO_FASTIOV, &iov, &data);
+		if (ret < 0)
+			return ret;
+		iov_iter_truncate(&data, len);
+	} else {
+		src = pdu->flags & FUSE_BLK_URING_F_DATA_ADDR ?
+			u64_to_user_ptr(pdu->addr) : ent->payload;
+		if (import_ubuf(ITER_SOURCE, src, len, &data))
+			return -EFAULT;
+	}
+	ret = fblk_take_reply(ent->chan, &oh, oh.len - sizeof(oh), &args,
+			      &data);
+	kfree(iov);
+	return ret;
 }
 
 /* COMMIT_AND_FETCH: takes the reply of a USER entry, which is KICKED after. */
@@ -1948,10 +1976,10 @@ static int fblk_ring_commit(struct fblk_ring_ent *ent,
 	if (ret)
 		return ret;
 
-	ret = fblk_ring_take_reply(ent, pdu->data_addr);
+	ret = fblk_ring_take_reply(ent, pdu);
 	if (ret == -ENOENT)	/* the request is gone: fetch all the same */
 		ret = 0;
-	if (ret == -EINVAL || ret == -EFAULT) {
+	if (ret == -EINVAL || ret == -EFAULT || ret == -ENOMEM) {
 		/* Refused: the entry keeps its request. */
 		spin_lock_irqsave(&queue->lock, flags);
 		ent->state = FBLK_ENT_USER;
@@ -2049,6 +2077,7 @@ static int fblk_uring_cmd(struct io_uring_cmd *ucmd, unsigned int issue_flags)
 	struct fblk_ring_pdu *pdu = fblk_ring_pdu(ucmd);
 	const struct fuse_blk_uring_cmd *arg;
 	struct fblk_ring_ent *ents;
+	u32 data_segs;
 	u64 data_addr;
 	u16 entry, flags;
 
@@ -2067,23 +2096,33 @@ static int fblk_uring_cmd(struct io_uring_cmd *ucmd, unsigned int issue_flags)
 	arg = io_uring_sqe_cmd(ucmd->sqe);
 	entry = READ_ONCE(arg->entry);
 	flags = READ_ONCE(arg->flags);
+	data_segs = READ_ONCE(arg->data_segs);
 	data_addr = READ_ONCE(arg->data_addr);
-	if (READ_ONCE(arg->reserved0) ||
-	    entry >= chan->dev->params.queue_depth)
+	if (entry >= chan->dev->params.queue_depth)
 		return -EINVAL;
-	/* Only a commit names where its READ data is, and never NULL. */
-	if (flags & ~FUSE_BLK_URING_F_DATA_ADDR ||
+	/*
+	 * Only a commit names where its READ data is, one way at most, never
+	 * at NULL, and an iovec array of 1..UIO_MAXIOV entries.
+	 */
+	if (flags & ~FBLK_URING_DATA_FLAGS ||
 	    (flags && ucmd->cmd_op != FUSE_BLK_URING_COMMIT_AND_FETCH) ||
-	    !(flags & FUSE_BLK_URING_F_DATA_ADDR) != !data_addr)
+	    flags == FBLK_URING_DATA_FLAGS || !flags != !data_addr ||
+	    !(flags & FUSE_BLK_URING_F_DATA_IOVEC) != !data_segs ||
+	    data_segs > UIO_MAXIOV)
 		return -EINVAL;
 	ents = fblk_ring_ents(chan);
 	if (!ents)
 		return -ENOMEM;
 	pdu->ent = &ents[entry];
 	pdu->op = ucmd->cmd_op;
-	pdu->iov_addr = READ_ONCE(ucmd->sqe->addr);
-	pdu->data_addr = data_addr;
-	pdu->iov_len = READ_ONCE(ucmd->sqe->len);
+	pdu->flags = flags;
+	if (pdu->op == FUSE_BLK_URING_FETCH) {
+		pdu->addr = READ_ONCE(ucmd->sqe->addr);
+		pdu->len = READ_ONCE(ucmd->sqe->len);
+	} else {
+		pdu->addr = data_addr;
+		pdu->len = data_segs;
+	}
 
 	/* From io-wq: go to the ring's task, where entries are handled. */
 	if (issue_flags & IO_URING_F_UNLOCKED) {

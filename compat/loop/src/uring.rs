@@ -15,7 +15,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use fuse_blk::proto::abi::{init_flags2, InHeader};
-use fuse_blk::ring::{self, Target, Wire, MAX_HEAD};
+use fuse_blk::ring::{self, ReadSource, Target, Wire, MAX_HEAD};
 use fuse_blk::Session;
 use io_uring::{opcode as op, squeue, types};
 
@@ -107,7 +107,7 @@ impl Wire for FuseWire {
         target: Target,
         _entry: u16,
         commit_id: u64,
-        _read_data: Option<u64>,
+        _read_data: Option<ReadSource>,
     ) -> squeue::Entry128 {
         self.command(target, CMD_COMMIT_AND_FETCH, commit_id)
             .build()

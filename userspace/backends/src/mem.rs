@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use fuse_blk::mapping::Mapping;
-use fuse_blk::{BlockDevice, Features, Geometry, ReplyData, ReplyEmpty, ReplyWrite, Request};
+use fuse_blk::{
+    BlockDevice, Extent, Features, Geometry, ReplyData, ReplyEmpty, ReplyWrite, Request,
+};
 use parking_lot::lock_api::RawRwLock as _;
 use parking_lot::RawRwLock;
 
@@ -44,18 +46,16 @@ pub struct MemDevice {
     /// The device's bytes, `size` long; a chunk is backed by memory from
     /// its first write. Unwritten chunks hold zeros (never touched, or
     /// given back with [`Mapping::release`]), so a first write into part
-    /// of one leaves the rest reading as zeros, and a read can be answered
-    /// from the store whatever its chunks hold. Shared with the replies
-    /// that do so until the kernel has read them.
+    /// of one leaves the rest reading as zeros. Reads are answered from
+    /// the written chunks of the store and never touch an unwritten one:
+    /// reading it would map the zero page there, which its first write
+    /// then has to replace, one page at a time, each at the cost of a TLB
+    /// flush on every CPU running the daemon (first writes of 1 MiB ran at
+    /// a fifth of their rate in the guest). Shared with the replies until
+    /// the kernel has read them.
     store: Arc<Mapping>,
     /// Chunks that hold data.
     written: ChunkBits,
-    /// Unwritten chunks a read answered from the store, which maps the
-    /// zero page there. A first write has to replace that page, and one
-    /// page at a time that costs a TLB flush on every CPU running the
-    /// daemon (first writes of 1 MiB ran at a fifth of their rate in the
-    /// guest), so a write first gives such chunks back in one go.
-    zero_paged: ChunkBits,
     locks: Box<[RawRwLock]>,
 }
 
@@ -93,9 +93,9 @@ impl ChunkBits {
 
     fn set(&self, chunk: u64, value: bool) {
         let (word, bit) = self.word(chunk);
-        // Most calls find the bit as wanted already (a rewrite, a read of
-        // the same unwritten chunks again): a load spares them the atomic
-        // read-modify-write of a word other threads' chunks share.
+        // Most calls find the bit as wanted already (a rewrite): a load
+        // spares them the atomic read-modify-write of a word other
+        // threads' chunks share.
         if (word.load(Ordering::Relaxed) & bit != 0) == value {
             return;
         }
@@ -248,7 +248,6 @@ impl MemDevice {
             read_only: false,
             store: Arc::new(store),
             written: ChunkBits::new(chunks).map_err(|_| too_large())?,
-            zero_paged: ChunkBits::new(chunks).map_err(|_| too_large())?,
             locks: (0..LOCKS).map(|_| RawRwLock::INIT).collect(),
         })
     }
@@ -296,9 +295,6 @@ impl MemDevice {
         // SAFETY: within the device; its groups are write-locked, so
         // nobody holds a slice of it.
         unsafe { self.store.release(start as usize, (end - start) as usize) };
-        for chunk in first..=last {
-            self.zero_paged.set(chunk, false);
-        }
     }
 
     /// Takes the locks of the groups of `[offset, offset + len)`: shared
@@ -347,15 +343,7 @@ impl MemDevice {
                 continue;
             }
             // A chunk's first data needs no clearing around it: an
-            // unwritten chunk holds zeros (see `store`). Those a read has
-            // mapped the zero page over go back first, a run at a time.
-            let zero_paged = |p: &Piece| self.zero_paged.get(p.chunk);
-            for (run, run_len, zero_paged) in runs(start, len, zero_paged) {
-                if zero_paged {
-                    let last = (run + run_len - 1) / CHUNK_SIZE;
-                    self.release_chunks(run / CHUNK_SIZE, last);
-                }
-            }
+            // unwritten chunk holds zeros (see `store`).
             for piece in pieces(start, len) {
                 self.written.set(piece.chunk, true);
             }
@@ -414,25 +402,37 @@ impl BlockDevice for MemDevice {
         if !self.in_bounds(offset, u64::from(len)) {
             return reply.error(libc::EINVAL);
         }
+        let len = u64::from(len);
         // Never written: zeros, which the transport may send without data.
         // (A write racing with this check is simply ordered after it.)
-        if pieces(offset, u64::from(len)).all(|p| !self.is_written(p.chunk)) {
+        if pieces(offset, len).all(|p| !self.is_written(p.chunk)) {
             return reply.zeros();
         }
-        let _locks = self.lock(offset, u64::from(len), false);
-        // Answered from the store in place: the kernel copies it into the
-        // request's pages (on the module's io_uring channels, after the
-        // locks are dropped), one copy in all.
-        for piece in pieces(offset, u64::from(len)) {
-            if !self.is_written(piece.chunk) {
-                self.zero_paged.set(piece.chunk, true);
+        let _locks = self.lock(offset, len, false);
+        // Answered from the store in place, the unwritten chunks as zeros
+        // (see `store`): the kernel copies it into the request's pages (on
+        // the module's io_uring channels, after the locks are dropped),
+        // one copy in all.
+        // SAFETY: no writer holds these groups while the reply is made;
+        // afterwards the written ranges only ever hold these blocks' data
+        // (writes and discards of them racing with this read), for as long
+        // as the store lives, which the reply keeps alive.
+        unsafe {
+            if pieces(offset, len).all(|p| self.is_written(p.chunk)) {
+                reply.mapped(&self.store, offset as usize);
+            } else {
+                let extents: Vec<Extent> = runs(offset, len, |p| self.is_written(p.chunk))
+                    .map(|(start, len, written)| match written {
+                        true => Extent::Mapped {
+                            offset: start as usize,
+                            len: len as usize,
+                        },
+                        false => Extent::Zeros { len: len as usize },
+                    })
+                    .collect();
+                reply.gathered(&self.store, &extents);
             }
         }
-        // SAFETY: no writer holds these groups while the reply is made;
-        // afterwards the range only ever holds these blocks' data (writes
-        // and discards of them racing with this read), for as long as the
-        // store lives, which the reply keeps alive.
-        unsafe { reply.mapped(&self.store, offset as usize) };
     }
 
     fn write(&self, _req: &Request, offset: u64, data: &[u8], _fua: bool, reply: ReplyWrite) {
@@ -601,32 +601,36 @@ mod tests {
     }
 
     #[test]
-    fn a_first_write_gives_back_the_zero_page_a_read_mapped() {
-        // Chunks 1 and 3 hold data; a read across 0..5 answered from the
-        // store maps the zero page over 0, 2 and 4.
+    fn reads_never_touch_unwritten_chunks() {
+        // Chunks 1 and 3 hold data; a read across 0..5 is answered from
+        // them and zeros, and maps nothing over 0, 2 and 4.
         let (dev, h) = setup(8 * C, 512);
         h.write(C, &pattern(3, 4096), false).unwrap();
         h.write(3 * C, &pattern(4, 4096), false).unwrap();
-        h.read(0, (5 * C) as u32).unwrap();
-        let zero_paged =
-            |dev: &MemDevice| (0..5).map(|c| dev.zero_paged.get(c)).collect::<Vec<_>>();
-        assert_eq!(zero_paged(&dev), [true, false, true, false, true]);
-        assert!(store_page_mapped(&dev, 2 * C));
-        // A write of part of chunk 2 and all of chunk 4 gives both back
-        // first: the rest of chunk 2 still reads as zeros.
-        h.write(2 * C + 1024, &pattern(5, 512), false).unwrap();
-        h.write(4 * C, &pattern(6, 4096), false).unwrap();
-        assert_eq!(zero_paged(&dev), [true, false, false, false, false]);
-        let mut expected = vec![0; C as usize];
-        expected[1024..1536].copy_from_slice(&pattern(5, 512));
-        assert_eq!(h.read(2 * C, C as u32).unwrap(), expected);
-        assert_eq!(h.read(4 * C, C as u32).unwrap(), pattern(6, 4096));
-        // A discard gives chunks back too.
-        h.discard(0, C).unwrap();
-        assert!(!dev.zero_paged.get(0) && !store_page_mapped(&dev, 0));
+        let mut expected = vec![0; (5 * C) as usize];
+        expected[C as usize..2 * C as usize].copy_from_slice(&pattern(3, 4096));
+        expected[3 * C as usize..4 * C as usize].copy_from_slice(&pattern(4, 4096));
+        assert_eq!(h.read(0, (5 * C) as u32).unwrap(), expected);
+        let mapped = |dev: &MemDevice| {
+            (0..5)
+                .map(|c| store_page_mapped(dev, c * C))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(mapped(&dev), [false, true, false, true, false]);
+        // Reads inside one chunk of either kind, and of ragged ranges.
+        assert_eq!(h.read(2 * C, C as u32).unwrap(), vec![0; C as usize]);
+        assert_eq!(h.read(C + 512, 1024).unwrap(), pattern(3, 4096)[512..1536]);
         assert_eq!(
-            h.read(0, (2 * C) as u32).unwrap()[C as usize..],
-            pattern(3, 4096)[..]
+            h.read(C + 512, (3 * C) as u32).unwrap(),
+            expected[(C + 512) as usize..(4 * C + 512) as usize]
+        );
+        assert_eq!(mapped(&dev), [false, true, false, true, false]);
+        // A discard gives chunks back.
+        h.discard(C, C).unwrap();
+        assert!(!store_page_mapped(&dev, C));
+        assert_eq!(
+            h.read(0, (4 * C) as u32).unwrap()[3 * C as usize..],
+            pattern(4, 4096)[..]
         );
     }
 

@@ -34,7 +34,7 @@ pub mod session;
 
 pub use channel::{Channel, FdChannel};
 pub use handler::{BlockDevice, Features, Geometry, GeometryError, Request};
-pub use reply::{ReplyData, ReplyEmpty, ReplySink, ReplyWrite, Responder};
+pub use reply::{Extent, ReplyData, ReplyEmpty, ReplySink, ReplyWrite, Responder};
 pub use session::{IoMode, Namespace, Session, SessionConfig, DEFAULT_RING_POLL};
 
 pub use fuse_blk_proto as proto;

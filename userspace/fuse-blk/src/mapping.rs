@@ -1,6 +1,7 @@
 //! An anonymous private memory mapping: its pages cost memory only once
 //! touched, and ranges of it can be given back. The io_uring transport's
-//! buffers and the `mem:` backend's store are such mappings.
+//! buffers and the `mem:` backend's store are such mappings, and gathered
+//! replies take zeros from a read-only one.
 
 use std::io;
 use std::ptr::NonNull;
@@ -23,12 +24,23 @@ impl Mapping {
     /// (`MAP_NORESERVE`): a mapping may be far larger than memory, only
     /// what is written is ever backed.
     pub fn new(len: usize) -> io::Result<Mapping> {
+        Self::map(len, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    /// Maps `len` bytes of zeros that can only be read: memory to point
+    /// at for zeros, which never costs more than page tables (every page
+    /// is the kernel's shared zero page).
+    pub fn zeros(len: usize) -> io::Result<Mapping> {
+        Self::map(len, libc::PROT_READ)
+    }
+
+    fn map(len: usize, prot: libc::c_int) -> io::Result<Mapping> {
         // SAFETY: a fresh anonymous mapping; no existing memory is affected.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
                 0,

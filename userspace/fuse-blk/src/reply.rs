@@ -49,22 +49,155 @@ pub trait ReplySink: Send + Sync {
         })
     }
 
-    /// Answers request `unique` with the `len` bytes at `offset` in
-    /// `mapping` (the range was checked to lie within it). A transport
-    /// whose kernel can copy a reply's data from anywhere in the daemon's
-    /// memory (the kernel module's io_uring channels, ABI 4) hands over
-    /// the address and keeps `mapping` alive until the kernel has read it,
-    /// so the data is copied once, into the request's pages; the default
-    /// sends it with `send_reply`, which copies once as well.
+    /// Answers request `unique` with the `len` bytes `extents` describe,
+    /// in order: ranges of `mapping` (checked to lie within it) and zeros.
+    /// A transport whose kernel can copy a reply's data from anywhere in
+    /// the daemon's memory (the kernel module's io_uring channels, ABI 4
+    /// for one range, ABI 5 for several) hands over where the data is and
+    /// keeps `mapping` alive until the kernel has read it, so the data is
+    /// copied once, into the request's pages; the default sends it with
+    /// `send_reply`, which copies once as well. Zeros come from a region
+    /// of zeros of their own, so the holes of a sparse store are never
+    /// read (which would map pages into them).
     ///
     /// # Safety
-    /// As for [`ReplyData::mapped`].
-    unsafe fn send_mapped(&self, unique: u64, mapping: &Arc<Mapping>, offset: usize, len: usize) {
-        // SAFETY: within the mapping (checked by the caller), and nothing
-        // writes the range while this runs (the caller's contract).
-        let data = unsafe { std::slice::from_raw_parts(mapping.as_ptr().add(offset), len) };
+    /// As for [`ReplyData::gathered`].
+    unsafe fn send_gathered(
+        &self,
+        unique: u64,
+        mapping: &Arc<Mapping>,
+        extents: &[Extent],
+        len: usize,
+    ) {
         let header = success_header(unique, len);
-        self.send_reply(&[IoSlice::new(header.as_bytes()), IoSlice::new(data)]);
+        let mut parts = Vec::with_capacity(extents.len() + 1);
+        parts.push(IoSlice::new(header.as_bytes()));
+        // SAFETY: passed on from the caller.
+        let complete = unsafe {
+            gather(mapping, extents, MAX_REPLY_PARTS - 1, |part| {
+                parts.push(IoSlice::new(part))
+            })
+        };
+        if complete {
+            return self.send_reply(&parts);
+        }
+        drop(parts);
+        self.send_filled(unique, len, &mut |buf| {
+            // SAFETY: passed on from the caller.
+            unsafe { copy_extents(mapping, extents, buf) };
+            Ok(())
+        });
+    }
+}
+
+/// One part of a READ reply gathered with [`ReplyData::gathered`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// `len` bytes at `offset` in the mapping.
+    Mapped { offset: usize, len: usize },
+    /// `len` bytes of zeros.
+    Zeros { len: usize },
+}
+
+impl Extent {
+    pub fn len(&self) -> usize {
+        match *self {
+            Extent::Mapped { len, .. } | Extent::Zeros { len } => len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Pieces a gathered reply is sent in at most (`IOV_MAX`, and the kernel
+/// module's limit on a commit's iovecs); one needing more is assembled.
+pub const MAX_REPLY_PARTS: usize = 1024;
+
+/// Bytes of the zeros that gathered replies point into.
+const ZERO_REGION_LEN: usize = 1 << 20;
+
+/// A read-only region of zeros (all of it the shared zero page once read,
+/// none of it counted as resident memory), or None if it could not be
+/// mapped.
+fn zero_region() -> Option<&'static [u8]> {
+    static ZEROS: std::sync::OnceLock<Option<Mapping>> = std::sync::OnceLock::new();
+    let zeros = ZEROS
+        .get_or_init(|| Mapping::zeros(ZERO_REGION_LEN).ok())
+        .as_ref()?;
+    // SAFETY: a read-only mapping that lives as long as the process.
+    Some(unsafe { std::slice::from_raw_parts(zeros.as_ptr(), zeros.len()) })
+}
+
+/// Hands `push` the memory `extents` name, in order, zeros as pieces of
+/// [`zero_region`]; returns false, having stopped, rather than push more
+/// than `limit` pieces, or when there is no zero region.
+///
+/// # Safety
+/// Mapped extents lie within `mapping`, and nothing writes them while the
+/// pieces are in use (the contract of [`ReplyData::gathered`]).
+pub(crate) unsafe fn gather<'a>(
+    mapping: &'a Mapping,
+    extents: &[Extent],
+    limit: usize,
+    mut push: impl FnMut(&'a [u8]),
+) -> bool {
+    let mut pieces = 0;
+    let mut push_piece = |piece: &'a [u8]| {
+        pieces += 1;
+        if pieces > limit {
+            return false;
+        }
+        push(piece);
+        true
+    };
+    for extent in extents {
+        match *extent {
+            Extent::Mapped { offset, len } => {
+                // SAFETY: within the mapping, and left alone meanwhile (the
+                // caller's contract).
+                let piece =
+                    unsafe { std::slice::from_raw_parts(mapping.as_ptr().add(offset), len) };
+                if !push_piece(piece) {
+                    return false;
+                }
+            }
+            Extent::Zeros { len } => {
+                let Some(zeros) = zero_region() else {
+                    return false;
+                };
+                let mut left = len;
+                while left > 0 {
+                    let piece = left.min(zeros.len());
+                    if !push_piece(&zeros[..piece]) {
+                        return false;
+                    }
+                    left -= piece;
+                }
+            }
+        }
+    }
+    true
+}
+
+/// Copies what `extents` name into `buf`, which is exactly as long.
+///
+/// # Safety
+/// As for [`gather`].
+pub(crate) unsafe fn copy_extents(mapping: &Mapping, extents: &[Extent], buf: &mut [u8]) {
+    let mut at = 0;
+    for extent in extents {
+        let piece = &mut buf[at..at + extent.len()];
+        match *extent {
+            // SAFETY: within the mapping, and left alone meanwhile (the
+            // caller's contract).
+            Extent::Mapped { offset, len } => piece.copy_from_slice(unsafe {
+                std::slice::from_raw_parts(mapping.as_ptr().add(offset), len)
+            }),
+            Extent::Zeros { .. } => piece.fill(0),
+        }
+        at += extent.len();
     }
 }
 
@@ -135,14 +268,15 @@ impl Responder {
         }
     }
 
-    /// Answers with the `len` bytes at `offset` in `mapping`.
+    /// Answers with the `len` bytes `extents` describe.
     ///
     /// # Safety
-    /// As for [`ReplyData::mapped`]; the range lies within the mapping.
-    pub unsafe fn mapped(mut self, mapping: &Arc<Mapping>, offset: usize, len: usize) {
+    /// As for [`ReplyData::gathered`]; the mapped extents lie within the
+    /// mapping and add up to `len` with the zeros.
+    pub unsafe fn gathered(mut self, mapping: &Arc<Mapping>, extents: &[Extent], len: usize) {
         if let Some(sink) = self.sink.take() {
             // SAFETY: passed on from the caller.
-            unsafe { sink.send_mapped(self.unique, mapping, offset, len) };
+            unsafe { sink.send_gathered(self.unique, mapping, extents, len) };
         }
     }
 
@@ -247,19 +381,49 @@ impl ReplyData {
     /// either way), never be reused for other data.
     pub unsafe fn mapped(self, mapping: &Arc<Mapping>, offset: usize) {
         let len = self.len as usize;
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > mapping.len())
-        {
+        // SAFETY: the caller's contract is the one gathered asks for.
+        unsafe { self.gathered(mapping, &[Extent::Mapped { offset, len }]) };
+    }
+
+    /// Like [`mapped`](Self::mapped), with the data gathered in order from
+    /// ranges of `mapping` and runs of zeros: a sparse store answers a
+    /// read over written blocks and holes without reading the holes (which
+    /// would map pages into them) and without assembling the data first.
+    /// Over the kernel module's io_uring channels (ABI 5) the kernel
+    /// gathers it straight into the request's pages. Extents that do not
+    /// add up to [`len`](Self::len) or leave the mapping are answered EIO.
+    ///
+    /// # Safety
+    /// As for [`mapped`](Self::mapped), for every mapped extent.
+    pub unsafe fn gathered(self, mapping: &Arc<Mapping>, extents: &[Extent]) {
+        let len = self.len as usize;
+        let outside = extents.iter().find(|extent| match **extent {
+            Extent::Mapped { offset, len } => offset
+                .checked_add(len)
+                .is_none_or(|end| end > mapping.len()),
+            Extent::Zeros { .. } => false,
+        });
+        if let Some(extent) = outside {
             log::error!(
-                "read {} answered from outside its mapping ({len} bytes at {offset} of {}); answering EIO",
+                "read {} answered from outside its mapping ({extent:?} of {} bytes); answering EIO",
                 self.responder.unique(),
                 mapping.len()
             );
             return self.responder.error(libc::EIO);
         }
-        // SAFETY: in range (checked above); the rest is the caller's.
-        unsafe { self.responder.mapped(mapping, offset, len) };
+        let total = extents
+            .iter()
+            .try_fold(0usize, |sum, extent| sum.checked_add(extent.len()));
+        if total != Some(len) {
+            log::error!(
+                "read {} answered with extents of {total:?} bytes instead of {len}; answering EIO",
+                self.responder.unique()
+            );
+            return self.responder.error(libc::EIO);
+        }
+        // SAFETY: in range and adding up (checked above); the rest is the
+        // caller's.
+        unsafe { self.responder.gathered(mapping, extents, len) };
     }
 
     /// Answers that the whole range reads as zeros, as a sparse backend
@@ -355,13 +519,18 @@ mod tests {
 
     /// Keeps every reply it is sent, as one byte string each.
     #[derive(Default)]
-    struct Recorder(parking_lot::Mutex<Vec<Vec<u8>>>);
+    /// Each reply sent, and the number of parts it was sent in.
+    struct Recorder(
+        parking_lot::Mutex<Vec<Vec<u8>>>,
+        parking_lot::Mutex<Vec<usize>>,
+    );
 
     impl ReplySink for Recorder {
         fn send_reply(&self, parts: &[IoSlice<'_>]) {
             self.0
                 .lock()
                 .push(parts.iter().flat_map(|p| p.iter().copied()).collect());
+            self.1.lock().push(parts.len());
         }
     }
 
@@ -414,6 +583,107 @@ mod tests {
             (header.error, header.unique, payload.len()),
             (-libc::EIO, 5, 0)
         );
+    }
+
+    #[test]
+    fn gathered_sends_mapped_ranges_and_zeros_in_order_without_copying() {
+        let mapping = Arc::new(Mapping::new(8192).unwrap());
+        // SAFETY: a fresh mapping of this test's own.
+        unsafe {
+            mapping.as_ptr().copy_from(b"head".as_ptr(), 4);
+            mapping.as_ptr().add(4096).copy_from(b"abcdef".as_ptr(), 6);
+        }
+        // More zeros than the zero region holds: sent as two pieces of it.
+        let zeros = ZERO_REGION_LEN + 100;
+        let extents = [
+            Extent::Mapped {
+                offset: 4096,
+                len: 6,
+            },
+            Extent::Zeros { len: zeros },
+            Extent::Mapped { offset: 0, len: 4 },
+        ];
+        let len = 10 + zeros as u32;
+        let sink = Arc::new(Recorder::default());
+        // SAFETY: nothing else uses the mapping.
+        unsafe {
+            ReplyData::new(Responder::new(3, sink.clone()), len).gathered(&mapping, &extents)
+        };
+        let reply = sink.0.lock().pop().unwrap();
+        let (header, payload) = OutHeader::read_from_prefix(&reply).unwrap();
+        assert_eq!((header.len, header.error, header.unique), (16 + len, 0, 3));
+        let mut expected = b"abcdef".to_vec();
+        expected.resize(6 + zeros, 0);
+        expected.extend_from_slice(b"head");
+        assert!(payload == expected);
+        assert_eq!(*sink.1.lock(), [1 + 4]);
+    }
+
+    #[test]
+    fn gathered_refuses_extents_outside_the_mapping_or_of_the_wrong_length() {
+        let mapping = Arc::new(Mapping::new(4096).unwrap());
+        let sink = Arc::new(Recorder::default());
+        // Past the mapping's end, offset overflowing, 11 bytes of 12.
+        let bad: [&[Extent]; 3] = [
+            &[
+                Extent::Zeros { len: 6 },
+                Extent::Mapped {
+                    offset: 4094,
+                    len: 6,
+                },
+            ],
+            &[
+                Extent::Mapped {
+                    offset: usize::MAX,
+                    len: 2,
+                },
+                Extent::Zeros { len: 10 },
+            ],
+            &[
+                Extent::Mapped { offset: 0, len: 6 },
+                Extent::Zeros { len: 5 },
+            ],
+        ];
+        for extents in bad {
+            // SAFETY: nothing else uses the mapping.
+            unsafe {
+                ReplyData::new(Responder::new(5, sink.clone()), 12).gathered(&mapping, extents)
+            };
+        }
+        for reply in sink.0.lock().iter() {
+            let (header, payload) = OutHeader::read_from_prefix(reply).unwrap();
+            assert_eq!(
+                (header.error, header.unique, payload.len()),
+                (-libc::EIO, 5, 0)
+            );
+        }
+        assert_eq!(sink.0.lock().len(), 3);
+    }
+
+    #[test]
+    fn gathered_replies_of_too_many_pieces_are_assembled() {
+        let mapping = Arc::new(Mapping::new(4096).unwrap());
+        // SAFETY: a fresh mapping of this test's own.
+        unsafe { mapping.as_ptr().write_bytes(7, 4096) };
+        let extents: Vec<Extent> = (0..MAX_REPLY_PARTS)
+            .flat_map(|_| {
+                [
+                    Extent::Mapped { offset: 10, len: 1 },
+                    Extent::Zeros { len: 1 },
+                ]
+            })
+            .collect();
+        let len = extents.len() as u32;
+        let sink = Arc::new(Recorder::default());
+        // SAFETY: nothing else uses the mapping.
+        unsafe {
+            ReplyData::new(Responder::new(6, sink.clone()), len).gathered(&mapping, &extents)
+        };
+        let reply = sink.0.lock().pop().unwrap();
+        let (header, payload) = OutHeader::read_from_prefix(&reply).unwrap();
+        assert_eq!((header.error, header.unique), (0, 6));
+        assert!(payload.chunks(2).all(|pair| pair == [7, 0]) && payload.len() == len as usize);
+        assert_eq!(*sink.1.lock(), [2]);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! request: the worker dispatches it to the engine, the handler's reply is
 //! written into the entry's buffers (READ data straight into the payload
 //! buffer, see [`ReplySink::send_filled`], or left where the handler keeps
-//! it for the commit to name, see [`ReplySink::send_mapped`]) and the
+//! it for the commit to name, see [`ReplySink::send_gathered`]) and the
 //! entry's index is queued;
 //! the worker then submits a commit-and-fetch for every queued entry with
 //! one `io_uring_enter`, which also waits for the next completions. In
@@ -47,7 +47,7 @@ use zerocopy::FromBytes;
 
 use crate::io_thread;
 use crate::mapping::Mapping;
-use crate::reply::ReplySink;
+use crate::reply::{self, Extent, ReplySink, MAX_REPLY_PARTS};
 use crate::session::Session;
 
 /// Bytes of a request's header and argument at most (what is copied out of
@@ -80,18 +80,23 @@ pub trait Wire: Send + Sync + 'static {
     fn fetch(&self, target: Target, entry: u16, iovecs: *const libc::iovec) -> Self::Sqe;
     /// The command, sent to `target`, that commits the reply in `entry` and
     /// waits for its next request; `commit_id` is what [`Wire::request`]
-    /// returned for it. With `read_data`, a READ reply's data is at that
-    /// address instead of in the payload buffer (only where
-    /// [`Wire::reads_from_address`]).
+    /// returned for it. With `read_data`, a READ reply's data is there
+    /// instead of in the payload buffer (only where
+    /// [`Wire::reads_from_address`], and [`Wire::gathers_reads`] for
+    /// [`ReadSource::Iovecs`]).
     fn commit(
         &self,
         target: Target,
         entry: u16,
         commit_id: u64,
-        read_data: Option<u64>,
+        read_data: Option<ReadSource>,
     ) -> Self::Sqe;
     /// Whether a commit can name where its READ data is.
     fn reads_from_address(&self) -> bool {
+        false
+    }
+    /// Whether a commit can name iovecs its READ data is gathered from.
+    fn gathers_reads(&self) -> bool {
         false
     }
     /// Copies the request in `header` (an entry's header buffer) into `head`
@@ -106,6 +111,15 @@ pub trait Wire: Send + Sync + 'static {
     /// Whether a completion result means the entry is over (rather than an
     /// error worth logging).
     fn ended(&self, errno: i32) -> bool;
+}
+
+/// Where a commit's READ data is, when not in the entry's payload buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadSource {
+    /// All of it at this address.
+    Addr(u64),
+    /// Gathered from `count` `struct iovec` at `iovecs`.
+    Iovecs { iovecs: u64, count: u32 },
 }
 
 /// Reads and writes of at least this many bytes go to the helper threads:
@@ -244,17 +258,28 @@ struct EntrySink<W> {
     /// (`IN_HELPER`) and has replied (`REPLIED_IN_HELPER`).
     commit: AtomicU8,
     /// Where the READ data of the reply is, when not in the payload buffer
-    /// (see [`ReplySink::send_mapped`]); taken by the worker as it commits.
+    /// (see [`ReplySink::send_gathered`]); taken by the worker as it commits.
     read_data: parking_lot::Mutex<Option<ReadData>>,
 }
 
-/// READ data a reply left in the handler's memory: its address, and the
-/// mapping it lies in, kept until the kernel has read it (the entry's
-/// next completion).
+/// READ data a reply left in the handler's memory: where it is, and what
+/// that points into, kept until the kernel has read it (the entry's next
+/// completion).
 struct ReadData {
-    addr: u64,
+    source: ReadSource,
+    _iovecs: Option<Iovecs>,
     _mapping: Arc<Mapping>,
 }
+
+/// The iovecs a [`ReadSource::Iovecs`] points at.
+struct Iovecs {
+    _kept: Vec<libc::iovec>,
+}
+
+// SAFETY: the iovecs only describe memory (the mapping and the zero
+// region) for the kernel to read; nothing dereferences them here, so they
+// may be held and dropped on any thread.
+unsafe impl Send for Iovecs {}
 
 const COMMIT_NOW: u8 = 0;
 const IN_HELPER: u8 = 1;
@@ -348,28 +373,57 @@ impl<W: Wire> ReplySink for EntrySink<W> {
         true
     }
 
-    unsafe fn send_mapped(&self, unique: u64, mapping: &Arc<Mapping>, offset: usize, len: usize) {
-        // SAFETY: within the mapping (checked by the caller).
-        let data = unsafe { mapping.as_ptr().add(offset) };
-        if !self.buffers.wire.reads_from_address()
-            || self.opcode() != opcode::READ
-            || len > self.buffers.max_io
-        {
+    unsafe fn send_gathered(
+        &self,
+        unique: u64,
+        mapping: &Arc<Mapping>,
+        extents: &[Extent],
+        len: usize,
+    ) {
+        let wire = &self.buffers.wire;
+        let named = wire.reads_from_address()
+            && self.opcode() == opcode::READ
+            && len <= self.buffers.max_io;
+        let read_data = match extents {
+            [Extent::Mapped { offset, .. }] if named => Some(ReadData {
+                // SAFETY: within the mapping (checked by the caller).
+                source: ReadSource::Addr(unsafe { mapping.as_ptr().add(*offset) } as u64),
+                _iovecs: None,
+                _mapping: Arc::clone(mapping),
+            }),
+            _ if named && wire.gathers_reads() => {
+                let mut iovecs = Vec::with_capacity(extents.len());
+                // SAFETY: passed on from the caller; the kernel reads the
+                // pieces while the mapping is kept alive (`ReadData`).
+                let complete = unsafe {
+                    reply::gather(mapping, extents, MAX_REPLY_PARTS, |piece| {
+                        iovecs.push(libc::iovec {
+                            iov_base: piece.as_ptr().cast_mut().cast(),
+                            iov_len: piece.len(),
+                        })
+                    })
+                };
+                complete.then(|| ReadData {
+                    source: ReadSource::Iovecs {
+                        iovecs: iovecs.as_ptr() as u64,
+                        count: iovecs.len() as u32,
+                    },
+                    _iovecs: Some(Iovecs { _kept: iovecs }),
+                    _mapping: Arc::clone(mapping),
+                })
+            }
+            _ => None,
+        };
+        let Some(read_data) = read_data else {
             return self.send_filled(unique, len, &mut |buf| {
-                // SAFETY: `len` bytes within the mapping that nothing
-                // writes while this runs (the caller's contract).
-                buf.copy_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
+                // SAFETY: passed on from the caller.
+                unsafe { reply::copy_extents(mapping, extents, buf) };
                 Ok(())
             });
-        }
+        };
         self.write_header(success_header(unique, len));
-        self.buffers
-            .wire
-            .set_body_len(self.buffers.header(self.entry), len);
-        *self.read_data.lock() = Some(ReadData {
-            addr: data as u64,
-            _mapping: Arc::clone(mapping),
-        });
+        wire.set_body_len(self.buffers.header(self.entry), len);
+        *self.read_data.lock() = Some(read_data);
         self.replied();
     }
 
@@ -696,12 +750,12 @@ impl<'a, W: Wire> Worker<'a, W> {
                 self.with_user -= 1;
                 let commit_id = self.commit_ids[usize::from(entry)];
                 let read_data = self.sinks[usize::from(entry)].read_data.lock().take();
-                let addr = read_data.as_ref().map(|data| data.addr);
+                let source = read_data.as_ref().map(|data| data.source);
                 self.committed_data[usize::from(entry)] = read_data;
                 let mut commit = self
                     .buffers
                     .wire
-                    .commit(self.target, entry, commit_id, addr);
+                    .commit(self.target, entry, commit_id, source);
                 squeue::EntryMarker::set_user_data(&mut commit, u64::from(entry));
                 self.push(commit)?;
             }

@@ -349,12 +349,12 @@ impl KmodDevice {
         }
         let session = Arc::new(session);
         let depth = params.queue_depth;
-        let data_addr = ring::reads_from_address(&features);
+        let read_sources = ring::ReadSources::offered(&features);
         let serve = move || {
             if uring {
                 session.serve_with(channels.len() as u16, move |session, queue| {
                     let channel = channels[usize::from(queue)].clone();
-                    ring::serve_queue(session, queue, channel, depth, data_addr)
+                    ring::serve_queue(session, queue, channel, depth, read_sources)
                 })
             } else {
                 session.serve(

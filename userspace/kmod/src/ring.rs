@@ -15,7 +15,7 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
 
 use fuse_blk::proto::abi::{opcode, InHeader, WriteIn};
-use fuse_blk::ring::{self, Target, Wire};
+use fuse_blk::ring::{self, ReadSource, Target, Wire};
 use fuse_blk::{Channel, FdChannel, Session};
 use io_uring::{opcode as op, squeue, types, IoUring};
 
@@ -26,16 +26,30 @@ pub fn supported(features: &uapi::Features) -> bool {
     features.features & uapi::F_URING != 0 && IoUring::<squeue::Entry>::new(2).is_ok()
 }
 
-/// Whether commits can name where their READ data is (ABI 4).
-pub fn reads_from_address(features: &uapi::Features) -> bool {
-    features.features & uapi::F_URING_DATA_ADDR != 0
+/// How a commit may name where its READ data is, if not in the entry's
+/// payload buffer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadSources {
+    /// At one address (`FUSE_BLK_URING_F_DATA_ADDR`, ABI 4).
+    pub addr: bool,
+    /// Gathered from iovecs (`FUSE_BLK_URING_F_DATA_IOVEC`, ABI 5).
+    pub iovecs: bool,
+}
+
+impl ReadSources {
+    /// What the running module offers.
+    pub fn offered(features: &uapi::Features) -> ReadSources {
+        ReadSources {
+            addr: features.features & uapi::F_URING_DATA_ADDR != 0,
+            iovecs: features.features & uapi::F_URING_DATA_IOVEC != 0,
+        }
+    }
 }
 
 /// The module's ring entries on one channel.
 struct ChannelWire {
     channel: Arc<FdChannel>,
-    /// The module takes `FUSE_BLK_URING_F_DATA_ADDR`.
-    data_addr: bool,
+    read_sources: ReadSources,
 }
 
 impl ChannelWire {
@@ -73,19 +87,28 @@ impl Wire for ChannelWire {
         target: Target,
         entry: u16,
         _commit_id: u64,
-        read_data: Option<u64>,
+        read_data: Option<ReadSource>,
     ) -> squeue::Entry {
+        let (flags, data_segs, data_addr) = match read_data {
+            None => (0, 0, 0),
+            Some(ReadSource::Addr(addr)) => (uapi::URING_F_DATA_ADDR, 0, addr),
+            Some(ReadSource::Iovecs { iovecs, count }) => (uapi::URING_F_DATA_IOVEC, count, iovecs),
+        };
         let cmd = uapi::UringCmd {
             entry,
-            flags: read_data.map_or(0, |_| uapi::URING_F_DATA_ADDR),
-            data_addr: read_data.unwrap_or(0),
-            ..uapi::UringCmd::default()
+            flags,
+            data_segs,
+            data_addr,
         };
         Self::command(target, uapi::URING_COMMIT_AND_FETCH, cmd).build()
     }
 
     fn reads_from_address(&self) -> bool {
-        self.data_addr
+        self.read_sources.addr
+    }
+
+    fn gathers_reads(&self) -> bool {
+        self.read_sources.iovecs
     }
 
     fn request(&self, header: &[u8], head: &mut [u8; 256]) -> (usize, u64) {
@@ -116,21 +139,24 @@ impl Wire for ChannelWire {
 }
 
 /// Serves `queue` of a device through `channel` with an io_uring of
-/// `depth` entries, until the device is destroyed or taken over. With
-/// `data_addr` (see [`reads_from_address`]), READ replies answered from
-/// the handler's own memory are copied by the kernel from there.
+/// `depth` entries, until the device is destroyed or taken over. READ
+/// replies answered from the handler's own memory are copied by the kernel
+/// from there as far as `read_sources` allows.
 pub fn serve_queue(
     session: &Session,
     queue: u16,
     channel: Arc<FdChannel>,
     depth: u16,
-    data_addr: bool,
+    read_sources: ReadSources,
 ) -> io::Result<()> {
     if !answer_init(session, queue, &channel)? {
         return Ok(());
     }
     let max_io = session.config().max_write as usize;
-    let wire = ChannelWire { channel, data_addr };
+    let wire = ChannelWire {
+        channel,
+        read_sources,
+    };
     ring::serve(session, queue, wire, depth, max_io)
 }
 

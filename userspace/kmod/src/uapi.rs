@@ -2,7 +2,7 @@
 //! ABI between the module and daemons. Field for field; the sizes are
 //! checked in the tests below.
 
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 pub const NAME_LEN: usize = 32;
 pub const MAX_QUEUES: u16 = 64;
 pub const MAX_QUEUE_DEPTH: u16 = 1024;
@@ -18,6 +18,7 @@ pub const F_FAIL_INFLIGHT: u64 = 1 << 7;
 pub const F_URING: u64 = 1 << 8;
 pub const F_PASSTHROUGH: u64 = 1 << 9;
 pub const F_URING_DATA_ADDR: u64 = 1 << 10;
+pub const F_URING_DATA_IOVEC: u64 = 1 << 11;
 
 pub const ATTACH_TAKEOVER: u16 = 1 << 0;
 
@@ -83,13 +84,18 @@ pub struct UringCmd {
     pub entry: u16,
     /// `URING_F_*`.
     pub flags: u16,
-    pub reserved0: u32,
-    /// With [`URING_F_DATA_ADDR`]: where a commit's READ data is.
+    /// With [`URING_F_DATA_IOVEC`]: how many iovecs are at `data_addr`.
+    pub data_segs: u32,
+    /// With [`URING_F_DATA_ADDR`]: where a commit's READ data is; with
+    /// [`URING_F_DATA_IOVEC`]: the iovecs it is gathered from.
     pub data_addr: u64,
 }
 
 /// `fuse_blk_uring_cmd.flags`: the READ data of a commit is at `data_addr`.
 pub const URING_F_DATA_ADDR: u16 = 1 << 0;
+/// `fuse_blk_uring_cmd.flags`: the READ data of a commit is gathered from
+/// the `data_segs` iovecs at `data_addr`.
+pub const URING_F_DATA_IOVEC: u16 = 1 << 1;
 
 impl UringCmd {
     /// The command as the 16 bytes of a 64-byte SQE's command area.
@@ -97,7 +103,7 @@ impl UringCmd {
         let mut bytes = [0u8; 16];
         bytes[..2].copy_from_slice(&self.entry.to_ne_bytes());
         bytes[2..4].copy_from_slice(&self.flags.to_ne_bytes());
-        bytes[4..8].copy_from_slice(&self.reserved0.to_ne_bytes());
+        bytes[4..8].copy_from_slice(&self.data_segs.to_ne_bytes());
         bytes[8..].copy_from_slice(&self.data_addr.to_ne_bytes());
         bytes
     }

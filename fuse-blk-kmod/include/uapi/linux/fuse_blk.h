@@ -5,6 +5,16 @@
  * This header is the one ABI between the fuse_blk module and its daemons.
  *
  * Changelog
+ *  ABI 5 (2026-12)
+ *   - READ data gathered from the daemon's memory: with
+ *     FUSE_BLK_F_URING_DATA_IOVEC (reported, echoed and asking nothing of
+ *     the device, as FUSE_BLK_F_URING_DATA_ADDR), a COMMIT_AND_FETCH with
+ *     FUSE_BLK_URING_F_DATA_IOVEC takes its READ reply's data from the
+ *     fuse_blk_uring_cmd.data_segs (was reserved0) iovecs at data_addr, in
+ *     order. A daemon whose data for one request lies in several places (a
+ *     RAM disk's written blocks between holes it answers from a zero
+ *     buffer) replies without assembling it first. Without the flag
+ *     data_segs must be zero, as reserved0 had to be.
  *  ABI 4 (2026-12)
  *   - READ data from the daemon's own memory: with FUSE_BLK_F_URING_DATA_ADDR
  *     (GET_FEATURES reports it; CREATE echoes it and it asks nothing of the
@@ -105,11 +115,19 @@
  *                         command is issued, before the request completes.
  *                         Only READ data is read there, but the address
  *                         must lie in user memory whatever the reply
- *                         (else EFAULT). FETCH takes no flags.
+ *                         (else EFAULT). With FUSE_BLK_URING_F_DATA_IOVEC
+ *                         instead, data_addr points to data_segs (1 to
+ *                         UIO_MAXIOV) struct iovec, read as the command is
+ *                         issued, and the data is gathered from them in
+ *                         order: as with data_addr, only the bytes the
+ *                         reply carries are read, and iovecs holding fewer
+ *                         than that refuse a READ reply with EINVAL. FETCH
+ *                         takes no flags.
  *  Either completes (CQE res) when a request is in the entry: 0. A commit
  *  whose request is gone (timed out, or taken back) fetches as if it had
  *  been answered. Other results end the command and leave the entry
- *  unregistered, except a refused reply (EINVAL, EFAULT), after which the
+ *  unregistered, except a refused reply (EINVAL, EFAULT, ENOMEM for an
+ *  iovec array the driver could not copy), after which the
  *  entry still holds its request and may be committed again:
  *   -ENODEV     the device is destroyed or a newer channel took over (where
  *               read(2) returns FUSE_DESTROY); committing what the entry
@@ -132,7 +150,7 @@
 #include <linux/types.h>
 #include <linux/ioctl.h>
 
-#define FUSE_BLK_ABI_VERSION	4
+#define FUSE_BLK_ABI_VERSION	5
 
 /* fuse_in_header.nodeid of every request on a channel */
 #define FUSE_BLK_NODE_ID	2
@@ -165,8 +183,10 @@
 #define FUSE_BLK_F_PASSTHROUGH	(1ULL << 9)
 /* COMMIT_AND_FETCH takes FUSE_BLK_URING_F_DATA_ADDR (as FUSE_BLK_F_URING). */
 #define FUSE_BLK_F_URING_DATA_ADDR	(1ULL << 10)
+/* COMMIT_AND_FETCH takes FUSE_BLK_URING_F_DATA_IOVEC (as FUSE_BLK_F_URING). */
+#define FUSE_BLK_F_URING_DATA_IOVEC	(1ULL << 11)
 
-#define FUSE_BLK_F_ALL		((1ULL << 11) - 1)
+#define FUSE_BLK_F_ALL		((1ULL << 12) - 1)
 
 struct fuse_blk_features {
 	__u32	abi_version;		/* out: FUSE_BLK_ABI_VERSION */
@@ -232,12 +252,16 @@ struct fuse_blk_attach {
 struct fuse_blk_uring_cmd {
 	__u16	entry;			/* 0..queue_depth-1 */
 	__u16	flags;			/* FUSE_BLK_URING_F_* */
-	__u32	reserved0;		/* must be zero */
-	__u64	data_addr;		/* with FUSE_BLK_URING_F_DATA_ADDR, else 0 */
+	__u32	data_segs;		/* with FUSE_BLK_URING_F_DATA_IOVEC, else 0 */
+	__u64	data_addr;		/* with either FUSE_BLK_URING_F_DATA_*, else 0 */
 };
 
-/* fuse_blk_uring_cmd.flags: READ reply data is at data_addr (COMMIT only) */
+/*
+ * fuse_blk_uring_cmd.flags, COMMIT only and one at most: READ reply data is
+ * at data_addr, or in the data_segs struct iovec at data_addr.
+ */
 #define FUSE_BLK_URING_F_DATA_ADDR	(1 << 0)
+#define FUSE_BLK_URING_F_DATA_IOVEC	(1 << 1)
 
 #define FUSE_BLK_URING_FETCH		_IOW(FUSE_BLK_IOC_MAGIC, 0x20, struct fuse_blk_uring_cmd)
 #define FUSE_BLK_URING_COMMIT_AND_FETCH	_IOW(FUSE_BLK_IOC_MAGIC, 0x21, struct fuse_blk_uring_cmd)

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use fuse_blk::proto::abi::{opcode, InHeader, InitOut, OutHeader};
 use fuse_blk::Geometry;
 use fuse_blk_kmod::uapi::{
-    self, UringCmd, URING_COMMIT_AND_FETCH, URING_FETCH, URING_F_DATA_ADDR, URING_HEADER_SIZE,
+    self, UringCmd, URING_COMMIT_AND_FETCH, URING_FETCH, URING_F_DATA_ADDR, URING_F_DATA_IOVEC,
+    URING_HEADER_SIZE,
 };
 use fuse_blk_kmod::{attach_channel, Control, KmodOptions};
 use io_uring::{opcode as op, squeue, types, IoUring};
@@ -84,18 +85,19 @@ impl Probe {
     }
 
     fn commit(&self, entry: u16) -> squeue::Entry {
-        self.commit_with(entry, 0, 0)
+        self.commit_with(entry, 0, 0, 0)
     }
 
-    /// A COMMIT_AND_FETCH with `flags` and `data_addr` as given.
-    fn commit_with(&self, entry: u16, flags: u16, data_addr: u64) -> squeue::Entry {
+    /// A COMMIT_AND_FETCH with `flags`, `data_segs` and `data_addr` as
+    /// given.
+    fn commit_with(&self, entry: u16, flags: u16, data_segs: u32, data_addr: u64) -> squeue::Entry {
         self.sqe(
             URING_COMMIT_AND_FETCH,
             UringCmd {
                 entry,
                 flags,
+                data_segs,
                 data_addr,
-                ..UringCmd::default()
             },
             None,
         )
@@ -201,13 +203,12 @@ impl Probe {
     /// Answers READs with zeros (through their entries) until `reader` is
     /// done; fails on anything else.
     fn serve_zeros_until(&mut self, reader: &mut Child) -> io::Result<()> {
-        self.serve_reads_until(reader, None)
+        self.serve_reads_until(reader, ReadAnswer::Zeros)
     }
 
-    /// Answers READs until `reader` is done, with zeros from the entries'
-    /// payload buffers or, given `data`, with its first bytes, named by
-    /// the commit (`URING_F_DATA_ADDR`); fails on anything else.
-    fn serve_reads_until(&mut self, reader: &mut Child, data: Option<&[u8]>) -> io::Result<()> {
+    /// Answers READs until `reader` is done as `answer` says; fails on
+    /// anything else.
+    fn serve_reads_until(&mut self, reader: &mut Child, answer: ReadAnswer) -> io::Result<()> {
         loop {
             if let Some(status) = reader.try_wait()? {
                 return if status.success() {
@@ -233,19 +234,75 @@ impl Probe {
                 )));
             }
             let size = u32::from_ne_bytes(body[16..20].try_into().unwrap()) as usize;
-            let commit = match data {
-                None => {
+            let commit = match answer {
+                ReadAnswer::Zeros => {
                     self.write_reply(entry as u16, header.unique, 0, &vec![0; size], None);
                     self.commit(entry as u16)
                 }
-                Some(data) => {
+                ReadAnswer::At(data) => {
                     self.write_reply(entry as u16, header.unique, 0, &[], Some(16 + size as u32));
-                    self.commit_with(entry as u16, URING_F_DATA_ADDR, data.as_ptr() as u64)
+                    self.commit_with(entry as u16, URING_F_DATA_ADDR, 0, data.as_ptr() as u64)
+                }
+                ReadAnswer::Gathered(iovecs) => {
+                    self.write_reply(entry as u16, header.unique, 0, &[], Some(16 + size as u32));
+                    self.commit_with(
+                        entry as u16,
+                        URING_F_DATA_IOVEC,
+                        iovecs.len() as u32,
+                        iovecs.as_ptr() as u64,
+                    )
                 }
             };
             self.submit(commit)?;
         }
     }
+}
+
+/// How [`Probe::serve_reads_until`] answers READs.
+#[derive(Clone, Copy)]
+enum ReadAnswer<'a> {
+    /// Zeros, from the entry's payload buffer.
+    Zeros,
+    /// The first bytes at this address (`URING_F_DATA_ADDR`).
+    At(&'a [u8]),
+    /// The first bytes gathered from these iovecs (`URING_F_DATA_IOVEC`).
+    Gathered(&'a [libc::iovec]),
+}
+
+/// A 4 KiB direct read of block `block` of `device`, to stdout.
+fn block_reader(device: &str, block: u64) -> io::Result<Child> {
+    Command::new("dd")
+        .args([
+            format!("if={device}"),
+            "bs=4096".into(),
+            "count=1".into(),
+            format!("skip={block}"),
+            "iflag=direct".into(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+}
+
+/// Serves one [`block_reader`] with `answer` and checks it read `expected`.
+fn expect_block(
+    probe: &mut Probe,
+    mut dd: Child,
+    answer: ReadAnswer,
+    expected: &[u8],
+    what: &str,
+) -> io::Result<()> {
+    probe.serve_reads_until(&mut dd, answer)?;
+    let mut got = Vec::new();
+    io::Read::read_to_end(&mut dd.stdout.take().expect("piped"), &mut got)?;
+    if got != expected {
+        return Err(io::Error::other(format!(
+            "READ data {what}: got {} bytes, not what was sent",
+            got.len()
+        )));
+    }
+    println!("READ data taken {what}");
+    Ok(())
 }
 
 fn reader(device: &str, skip_blocks: u64) -> io::Result<Child> {
@@ -290,10 +347,10 @@ fn answer_init(channel: &File) -> io::Result<()> {
 
 pub fn run() -> io::Result<()> {
     let control = Control::open()?;
-    let wanted = uapi::F_URING | uapi::F_URING_DATA_ADDR;
+    let wanted = uapi::F_URING | uapi::F_URING_DATA_ADDR | uapi::F_URING_DATA_IOVEC;
     if control.features()?.features & wanted != wanted {
         return Err(io::Error::other(
-            "the module does not offer io_uring channels with data addresses",
+            "the module does not offer io_uring channels with data addresses and iovecs",
         ));
     }
     let params = control.create(&fuse_blk_kmod::params_for(
@@ -347,9 +404,18 @@ fn misbehave(id: u32) -> io::Result<()> {
             },
         ),
         (
-            "reserved0",
+            "data_segs",
             UringCmd {
-                reserved0: 1,
+                data_segs: 1,
+                ..UringCmd::default()
+            },
+        ),
+        (
+            "iovecs on a FETCH",
+            UringCmd {
+                flags: URING_F_DATA_IOVEC,
+                data_segs: 1,
+                data_addr: 1 << 40,
                 ..UringCmd::default()
             },
         ),
@@ -464,35 +530,103 @@ fn misbehave(id: u32) -> io::Result<()> {
     // Commits naming where the READ data is, wrongly.
     probe.write_reply(entry, read.unique, 0, &[], Some(16 + size as u32));
     let pattern: Vec<u8> = (0..MAX_IO).map(|i| (i % 251) as u8).collect();
+    let zeros = vec![0u8; MAX_IO];
+    let iovec = |data: &[u8], len: usize| libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: len,
+    };
+    let short = [iovec(&pattern, size / 2), iovec(&zeros, size / 2 - 1)];
+    let outside = [
+        iovec(&pattern, 512),
+        libc::iovec {
+            iov_base: (u64::MAX - 4095) as *mut _,
+            iov_len: 4096,
+        },
+    ];
+    let whole = [iovec(&pattern, size)];
     let bad_commits = [
         (
             "unknown commit flag",
-            1 << 1,
+            1 << 2,
+            0,
             pattern.as_ptr() as u64,
             libc::EINVAL,
         ),
         (
             "data_addr without its flag on a COMMIT",
             0,
+            0,
             pattern.as_ptr() as u64,
             libc::EINVAL,
         ),
-        ("NULL data_addr", URING_F_DATA_ADDR, 0, libc::EINVAL),
+        ("NULL data_addr", URING_F_DATA_ADDR, 0, 0, libc::EINVAL),
         (
             "READ data at an unmapped address",
             URING_F_DATA_ADDR,
+            0,
             8,
             libc::EFAULT,
         ),
         (
             "READ data outside user memory",
             URING_F_DATA_ADDR,
+            0,
             u64::MAX - 4095,
             libc::EFAULT,
         ),
+        (
+            "both ways of naming READ data",
+            URING_F_DATA_ADDR | URING_F_DATA_IOVEC,
+            1,
+            whole.as_ptr() as u64,
+            libc::EINVAL,
+        ),
+        (
+            "data_segs with a data address",
+            URING_F_DATA_ADDR,
+            1,
+            pattern.as_ptr() as u64,
+            libc::EINVAL,
+        ),
+        (
+            "iovecs without a count",
+            URING_F_DATA_IOVEC,
+            0,
+            whole.as_ptr() as u64,
+            libc::EINVAL,
+        ),
+        ("NULL iovecs", URING_F_DATA_IOVEC, 1, 0, libc::EINVAL),
+        (
+            "more iovecs than UIO_MAXIOV",
+            URING_F_DATA_IOVEC,
+            1025,
+            whole.as_ptr() as u64,
+            libc::EINVAL,
+        ),
+        (
+            "iovecs at an unmapped address",
+            URING_F_DATA_IOVEC,
+            1,
+            8,
+            libc::EFAULT,
+        ),
+        (
+            "an iovec outside user memory",
+            URING_F_DATA_IOVEC,
+            2,
+            outside.as_ptr() as u64,
+            libc::EFAULT,
+        ),
+        (
+            "iovecs one byte short of the READ data",
+            URING_F_DATA_IOVEC,
+            2,
+            short.as_ptr() as u64,
+            libc::EINVAL,
+        ),
     ];
-    for (what, flags, addr, errno) in bad_commits {
-        let commit = probe.commit_with(entry, flags, addr);
+    for (what, flags, segs, addr, errno) in bad_commits {
+        let commit = probe.commit_with(entry, flags, segs, addr);
         probe.expect_result(what, commit, errno)?;
     }
     // Now properly: the reader and the partition scan get zeros.
@@ -503,27 +637,44 @@ fn misbehave(id: u32) -> io::Result<()> {
     println!("device usable after bad commands");
 
     // A commit that names where its READ data is: the reader gets that.
-    let mut dd = Command::new("dd")
-        .args([
-            format!("if={device}"),
-            "bs=4096".into(),
-            "count=1".into(),
-            "skip=5".into(),
-            "iflag=direct".into(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    probe.serve_reads_until(&mut dd, Some(&pattern))?;
-    let mut got = Vec::new();
-    io::Read::read_to_end(&mut dd.stdout.take().expect("piped"), &mut got)?;
-    if got != pattern[..4096] {
-        return Err(io::Error::other(format!(
-            "READ data from a data address: got {} bytes, not the pattern",
-            got.len()
-        )));
-    }
-    println!("READ data taken from the address a commit names");
+    let dd = block_reader(&device, 5)?;
+    expect_block(
+        &mut probe,
+        dd,
+        ReadAnswer::At(&pattern),
+        &pattern[..4096],
+        "from the address a commit names",
+    )?;
+
+    // Gathered from more iovecs than the driver keeps on its stack (8),
+    // pieces of the pattern between zeros, and more than the READ needs.
+    let pieces: Vec<libc::iovec> = (0..12)
+        .map(|i| {
+            if i % 2 == 0 {
+                iovec(&pattern[i * 400..], 400)
+            } else {
+                iovec(&zeros, 400)
+            }
+        })
+        .collect();
+    let expected: Vec<u8> = (0..12)
+        .flat_map(|i| {
+            if i % 2 == 0 {
+                pattern[i * 400..i * 400 + 400].to_vec()
+            } else {
+                vec![0; 400]
+            }
+        })
+        .take(4096)
+        .collect();
+    let dd = block_reader(&device, 6)?;
+    expect_block(
+        &mut probe,
+        dd,
+        ReadAnswer::Gathered(&pieces),
+        &expected,
+        "from the iovecs a commit names",
+    )?;
 
     // The ring goes away while the driver holds a command: the command is
     // cancelled and the entry can be fetched again, on a ring that lives on
