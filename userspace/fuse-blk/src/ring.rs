@@ -899,6 +899,155 @@ impl<'a, W: Wire> Worker<'a, W> {
 mod tests {
     use super::*;
 
+    /// A wire that names READ data by address (`addr`) and by iovecs
+    /// (`iovecs`) as told; nothing is ever submitted.
+    struct FakeWire {
+        addr: bool,
+        iovecs: bool,
+    }
+
+    impl Wire for FakeWire {
+        type Sqe = squeue::Entry;
+        const HEADER_SIZE: usize = 128;
+        const ZEROS_REPLY: bool = true;
+
+        fn fd(&self) -> RawFd {
+            -1
+        }
+        fn fetch(&self, _: Target, _: u16, _: *const libc::iovec) -> squeue::Entry {
+            op::Nop::new().build()
+        }
+        fn commit(&self, _: Target, _: u16, _: u64, _: Option<ReadSource>) -> squeue::Entry {
+            op::Nop::new().build()
+        }
+        fn reads_from_address(&self) -> bool {
+            self.addr
+        }
+        fn gathers_reads(&self) -> bool {
+            self.iovecs
+        }
+        fn request(&self, _: &[u8], _: &mut [u8; MAX_HEAD]) -> (usize, u64) {
+            (0, 0)
+        }
+        fn body_in_payload(&self, opcode: u32) -> bool {
+            opcode == opcode::READ
+        }
+        fn set_body_len(&self, _: *mut u8, _: usize) {}
+        fn ended(&self, _: i32) -> bool {
+            true
+        }
+    }
+
+    /// Entry 0 of a one-entry ring on `wire`, holding a READ.
+    fn read_entry(wire: FakeWire) -> EntrySink<FakeWire> {
+        let buffers = Buffers {
+            wire,
+            headers: Mapping::new(FakeWire::HEADER_SIZE).unwrap(),
+            payloads: Mapping::new(8192).unwrap(),
+            max_io: 8192,
+            committed: parking_lot::Mutex::new(Vec::new()),
+            wake: std::fs::File::open("/dev/null").unwrap().into(),
+            worker: std::thread::current().id(),
+        };
+        EntrySink {
+            buffers: Arc::new(buffers),
+            entry: 0,
+            opcode: AtomicU32::new(opcode::READ),
+            commit: AtomicU8::new(COMMIT_NOW),
+            read_data: parking_lot::Mutex::new(None),
+        }
+    }
+
+    #[test]
+    fn gathered_reads_are_named_by_address_by_iovecs_or_copied_as_the_wire_allows() {
+        let mapping = Arc::new(Mapping::new(8192).unwrap());
+        // SAFETY: a fresh mapping of this test's own.
+        unsafe { mapping.as_ptr().write_bytes(7, 8192) };
+        let base = mapping.as_ptr() as u64;
+        let one = [Extent::Mapped {
+            offset: 4096,
+            len: 512,
+        }];
+        let mixed = [
+            Extent::Mapped {
+                offset: 100,
+                len: 8,
+            },
+            Extent::Zeros { len: 8 },
+        ];
+        let sent = |wire: FakeWire, extents: &[Extent]| {
+            let sink = read_entry(wire);
+            let len = extents.iter().map(Extent::len).sum();
+            // SAFETY: nothing else uses the mapping.
+            unsafe { sink.send_gathered(9, &mapping, extents, len) };
+            // SAFETY: the entry's header buffer, just written.
+            let header = unsafe { sink.buffers.header(0).cast::<OutHeader>().read_unaligned() };
+            assert_eq!(
+                (header.unique, header.error, header.len as usize),
+                (9, 0, 16 + len)
+            );
+            assert_eq!(*sink.buffers.committed.lock(), [0]);
+            let source = sink.read_data.lock().as_ref().map(|data| data.source);
+            // SAFETY: the payload buffer, which nothing else uses now.
+            let payload =
+                unsafe { std::slice::from_raw_parts(sink.buffers.payload(0), len) }.to_vec();
+            (sink, source, payload)
+        };
+
+        let (_, source, _) = sent(
+            FakeWire {
+                addr: true,
+                iovecs: true,
+            },
+            &one,
+        );
+        assert_eq!(source, Some(ReadSource::Addr(base + 4096)));
+
+        // The iovecs live with the entry (`_sink`) until its next commit.
+        let (_sink, source, _) = sent(
+            FakeWire {
+                addr: true,
+                iovecs: true,
+            },
+            &mixed,
+        );
+        let Some(ReadSource::Iovecs { iovecs, count }) = source else {
+            panic!("not gathered: {source:?}");
+        };
+        // SAFETY: `count` iovecs the entry keeps.
+        let iovecs =
+            unsafe { std::slice::from_raw_parts(iovecs as *const libc::iovec, count as usize) };
+        assert_eq!(iovecs.len(), 2);
+        assert_eq!(
+            (iovecs[0].iov_base as u64, iovecs[0].iov_len),
+            (base + 100, 8)
+        );
+        // SAFETY: 8 bytes of the zero region, readable for good.
+        let zeros = unsafe { std::slice::from_raw_parts(iovecs[1].iov_base as *const u8, 8) };
+        assert_eq!((zeros, iovecs[1].iov_len), (&[0u8; 8][..], 8));
+
+        // A module without iovecs (ABI 4): assembled in the payload buffer.
+        let (_, source, payload) = sent(
+            FakeWire {
+                addr: true,
+                iovecs: false,
+            },
+            &mixed,
+        );
+        assert_eq!(source, None);
+        assert_eq!(payload, [7, 7, 7, 7, 7, 7, 7, 7, 0, 0, 0, 0, 0, 0, 0, 0]);
+        // No address at all (FUSE over io_uring): the same.
+        let (_, source, payload) = sent(
+            FakeWire {
+                addr: false,
+                iovecs: false,
+            },
+            &one,
+        );
+        assert_eq!(source, None);
+        assert_eq!(payload, [7; 512]);
+    }
+
     #[test]
     fn the_idle_tick_is_handled_after_the_requests_of_its_batch() {
         let mut batch = vec![(TICK_TAG, 0), (3, 0), (WAKE_TAG, 8), (5, -4)];
