@@ -413,24 +413,30 @@ impl BlockDevice for MemDevice {
         // (see `store`): the kernel copies it into the request's pages (on
         // the module's io_uring channels, after the locks are dropped),
         // one copy in all.
+        let mut extents =
+            runs(offset, len, |p| self.is_written(p.chunk)).map(|(start, len, written)| {
+                match written {
+                    true => Extent::Mapped {
+                        offset: start as usize,
+                        len: len as usize,
+                    },
+                    false => Extent::Zeros { len: len as usize },
+                }
+            });
+        // (Not empty: an empty range has nothing written, answered above.)
+        let first = extents.next().expect("a read of at least one block");
+        // One run (all written, the common case) needs no allocation.
         // SAFETY: no writer holds these groups while the reply is made;
         // afterwards the written ranges only ever hold these blocks' data
         // (writes and discards of them racing with this read), for as long
         // as the store lives, which the reply keeps alive.
         unsafe {
-            if pieces(offset, len).all(|p| self.is_written(p.chunk)) {
-                reply.mapped(&self.store, offset as usize);
-            } else {
-                let extents: Vec<Extent> = runs(offset, len, |p| self.is_written(p.chunk))
-                    .map(|(start, len, written)| match written {
-                        true => Extent::Mapped {
-                            offset: start as usize,
-                            len: len as usize,
-                        },
-                        false => Extent::Zeros { len: len as usize },
-                    })
-                    .collect();
-                reply.gathered(&self.store, &extents);
+            match extents.next() {
+                None => reply.gathered(&self.store, &[first]),
+                Some(second) => {
+                    let all: Vec<Extent> = [first, second].into_iter().chain(extents).collect();
+                    reply.gathered(&self.store, &all);
+                }
             }
         }
     }

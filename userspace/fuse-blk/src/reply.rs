@@ -517,9 +517,9 @@ mod tests {
     use fuse_blk_proto::abi::OutHeader;
     use zerocopy::FromBytes;
 
-    /// Keeps every reply it is sent, as one byte string each.
+    /// Keeps every reply it is sent, as one byte string each, and the
+    /// number of parts each came in.
     #[derive(Default)]
-    /// Each reply sent, and the number of parts it was sent in.
     struct Recorder(
         parking_lot::Mutex<Vec<Vec<u8>>>,
         parking_lot::Mutex<Vec<usize>>,

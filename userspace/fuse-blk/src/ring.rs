@@ -266,20 +266,35 @@ struct EntrySink<W> {
 /// that points into, kept until the kernel has read it (the entry's next
 /// completion).
 struct ReadData {
-    source: ReadSource,
-    _iovecs: Option<Iovecs>,
+    at: ReadAt,
     _mapping: Arc<Mapping>,
 }
 
-/// The iovecs a [`ReadSource::Iovecs`] points at.
-struct Iovecs {
-    _kept: Vec<libc::iovec>,
+/// Where a [`ReadData`] is: one address, or the iovecs kept here.
+enum ReadAt {
+    Addr(u64),
+    Iovecs(Iovecs),
 }
+
+struct Iovecs(Vec<libc::iovec>);
 
 // SAFETY: the iovecs only describe memory (the mapping and the zero
 // region) for the kernel to read; nothing dereferences them here, so they
 // may be held and dropped on any thread.
 unsafe impl Send for Iovecs {}
+
+impl ReadData {
+    /// What a commit says of it.
+    fn source(&self) -> ReadSource {
+        match &self.at {
+            ReadAt::Addr(addr) => ReadSource::Addr(*addr),
+            ReadAt::Iovecs(Iovecs(iovecs)) => ReadSource::Iovecs {
+                iovecs: iovecs.as_ptr() as u64,
+                count: iovecs.len() as u32,
+            },
+        }
+    }
+}
 
 const COMMIT_NOW: u8 = 0;
 const IN_HELPER: u8 = 1;
@@ -387,8 +402,7 @@ impl<W: Wire> ReplySink for EntrySink<W> {
         let read_data = match extents {
             [Extent::Mapped { offset, .. }] if named => Some(ReadData {
                 // SAFETY: within the mapping (checked by the caller).
-                source: ReadSource::Addr(unsafe { mapping.as_ptr().add(*offset) } as u64),
-                _iovecs: None,
+                at: ReadAt::Addr(unsafe { mapping.as_ptr().add(*offset) } as u64),
                 _mapping: Arc::clone(mapping),
             }),
             _ if named && wire.gathers_reads() => {
@@ -404,11 +418,7 @@ impl<W: Wire> ReplySink for EntrySink<W> {
                     })
                 };
                 complete.then(|| ReadData {
-                    source: ReadSource::Iovecs {
-                        iovecs: iovecs.as_ptr() as u64,
-                        count: iovecs.len() as u32,
-                    },
-                    _iovecs: Some(Iovecs { _kept: iovecs }),
+                    at: ReadAt::Iovecs(Iovecs(iovecs)),
                     _mapping: Arc::clone(mapping),
                 })
             }
@@ -750,7 +760,7 @@ impl<'a, W: Wire> Worker<'a, W> {
                 self.with_user -= 1;
                 let commit_id = self.commit_ids[usize::from(entry)];
                 let read_data = self.sinks[usize::from(entry)].read_data.lock().take();
-                let source = read_data.as_ref().map(|data| data.source);
+                let source = read_data.as_ref().map(ReadData::source);
                 self.committed_data[usize::from(entry)] = read_data;
                 let mut commit = self
                     .buffers
@@ -987,7 +997,7 @@ mod tests {
                 (9, 0, 16 + len)
             );
             assert_eq!(*sink.buffers.committed.lock(), [0]);
-            let source = sink.read_data.lock().as_ref().map(|data| data.source);
+            let source = sink.read_data.lock().as_ref().map(ReadData::source);
             // SAFETY: the payload buffer, which nothing else uses now.
             let payload =
                 unsafe { std::slice::from_raw_parts(sink.buffers.payload(0), len) }.to_vec();

@@ -269,22 +269,7 @@ enum ReadAnswer<'a> {
     Gathered(&'a [libc::iovec]),
 }
 
-/// A 4 KiB direct read of block `block` of `device`, to stdout.
-fn block_reader(device: &str, block: u64) -> io::Result<Child> {
-    Command::new("dd")
-        .args([
-            format!("if={device}"),
-            "bs=4096".into(),
-            "count=1".into(),
-            format!("skip={block}"),
-            "iflag=direct".into(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-}
-
-/// Serves one [`block_reader`] with `answer` and checks it read `expected`.
+/// Serves one [`reader`] with `answer` and checks it read `expected`.
 fn expect_block(
     probe: &mut Probe,
     mut dd: Child,
@@ -305,16 +290,17 @@ fn expect_block(
     Ok(())
 }
 
-fn reader(device: &str, skip_blocks: u64) -> io::Result<Child> {
+/// A 4 KiB direct read of block `block` of `device`, to a pipe.
+fn reader(device: &str, block: u64) -> io::Result<Child> {
     Command::new("dd")
         .args([
             format!("if={device}"),
-            "of=/dev/null".into(),
             "bs=4096".into(),
             "count=1".into(),
-            format!("skip={skip_blocks}"),
+            format!("skip={block}"),
             "iflag=direct".into(),
         ])
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
 }
@@ -637,7 +623,7 @@ fn misbehave(id: u32) -> io::Result<()> {
     println!("device usable after bad commands");
 
     // A commit that names where its READ data is: the reader gets that.
-    let dd = block_reader(&device, 5)?;
+    let dd = reader(&device, 5)?;
     expect_block(
         &mut probe,
         dd,
@@ -667,7 +653,7 @@ fn misbehave(id: u32) -> io::Result<()> {
         })
         .take(4096)
         .collect();
-    let dd = block_reader(&device, 6)?;
+    let dd = reader(&device, 6)?;
     expect_block(
         &mut probe,
         dd,
