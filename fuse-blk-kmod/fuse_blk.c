@@ -50,7 +50,9 @@
  * delivery or commit), which finishes the command itself if the device
  * died meanwhile; the timeout handler re-arms their timer.
  *
- * io_uring entries move through these states, all under the queue lock:
+ * io_uring entries move through these states, under the queue lock but for
+ * a commit's USER -> KICKED (and back, if the reply is refused): a cmpxchg,
+ * since only a commit leaves USER:
  *
  *	FETCH            FREE -> KICKED
  *	nothing to do    KICKED -> IDLE (on chan->idle_ents, command held)
@@ -316,7 +318,7 @@ static void fblk_ring_take_idle(struct fblk_chan *chan, struct list_head *kick,
 	list_for_each_entry_safe(ent, next, &chan->idle_ents, entry) {
 		if (!max--)
 			break;
-		ent->state = FBLK_ENT_KICKED;
+		WRITE_ONCE(ent->state, FBLK_ENT_KICKED);
 		list_move_tail(&ent->entry, kick);
 	}
 }
@@ -528,7 +530,8 @@ static enum blk_eh_timer_return fblk_timeout(struct request *rq)
 	unsigned long flags;
 
 	spin_lock_irqsave(&queue->lock, flags);
-	switch (cmd->state) {
+	/* READ_ONCE: a reply's taker ends RECEIVING without the lock. */
+	switch (READ_ONCE(cmd->state)) {
 	case FBLK_CMD_SENT:
 		if (!cmd->interrupted) {
 			/* Ask the daemon to give up; fail one timeout later. */
@@ -1391,7 +1394,8 @@ static ssize_t fblk_send_request(struct fblk_chan *chan, struct iov_iter *head,
 		list_add_tail(&cmd->entry, &queue->sent);
 		if (ent) {
 			ent->unique = cmd->unique;
-			ent->state = FBLK_ENT_USER;
+			/* A commit takes the entry without the lock. */
+			smp_store_release(&ent->state, FBLK_ENT_USER);
 		}
 	}
 	spin_unlock_irqrestore(&queue->lock, flags);
@@ -1629,8 +1633,19 @@ static int fblk_take_reply(struct fblk_chan *chan,
 			ret = -EINVAL;
 	}
 
+	if (!ret) {
+		/*
+		 * RECEIVING is ours alone (the timeout handler only re-arms it,
+		 * destroy and release never see it on a list): no lock to end it.
+		 */
+		WRITE_ONCE(cmd->state, FBLK_CMD_DONE);
+		fblk_finish(rq, oh->error ? errno_to_blk_status(oh->error) :
+					    BLK_STS_OK);
+		return 0;
+	}
+
 	spin_lock_irqsave(&queue->lock, flags);
-	if (ret && !dev->dead) {
+	if (!dev->dead) {
 		/* Refused: the request stays with the daemon. */
 		cmd->state = FBLK_CMD_SENT;
 		list_add_tail(&cmd->entry, &queue->sent);
@@ -1639,12 +1654,7 @@ static int fblk_take_reply(struct fblk_chan *chan,
 	}
 	cmd->state = FBLK_CMD_DONE;
 	spin_unlock_irqrestore(&queue->lock, flags);
-
-	if (ret)
-		fblk_finish(rq, BLK_STS_IOERR);
-	else
-		fblk_finish(rq, oh->error ? errno_to_blk_status(oh->error) :
-					    BLK_STS_OK);
+	fblk_finish(rq, BLK_STS_IOERR);
 	return ret;
 }
 
@@ -1705,36 +1715,38 @@ static void fblk_ring_free_ent(struct fblk_ring_ent *ent)
 	unsigned long flags;
 
 	spin_lock_irqsave(&queue->lock, flags);
-	ent->state = FBLK_ENT_FREE;
+	WRITE_ONCE(ent->state, FBLK_ENT_FREE);
 	ent->ucmd = NULL;
 	spin_unlock_irqrestore(&queue->lock, flags);
 }
 
 /*
- * Copies the next request into a KICKED entry (ring task context), from
- * the entry's task work if @from_task_work. Returns 0 (the entry is USER
- * now), -ENOMSG if there is none, or the error that ends the entry's
- * command.
+ * Copies the next request into a KICKED entry (ring task context), with
+ * the queue lock held (taken with @flags), which it drops. With nothing to
+ * deliver, the entry, whose command is held (ent->ucmd), goes IDLE under
+ * the same lock. Returns 0 (the entry is USER now), -EIOCBQUEUED (IDLE),
+ * or the error that ends the entry's command.
  */
-static int fblk_ring_deliver(struct fblk_ring_ent *ent, bool from_task_work)
+static int fblk_ring_deliver_locked(struct fblk_ring_ent *ent,
+				    unsigned long flags)
+	__releases(&ent->chan->queue->lock)
 {
 	struct fblk_chan *chan = ent->chan;
 	struct fblk_queue *queue = chan->queue;
 	struct iov_iter head, data;
-	unsigned long flags;
 	ssize_t ret;
 
-	spin_lock_irqsave(&queue->lock, flags);
-	/* This task work serves what is pending now: later requests kick. */
-	if (from_task_work)
-		chan->ring_kicked = false;
+	lockdep_assert_held(&queue->lock);
 	if (chan->dev->dead || chan->retired) {
 		spin_unlock_irqrestore(&queue->lock, flags);
 		return -ENODEV;
 	}
 	if (chan != queue->active || list_empty(&queue->pending)) {
+		/* Work added later kicks an idle entry: this one. */
+		WRITE_ONCE(ent->state, FBLK_ENT_IDLE);
+		list_add(&ent->entry, &chan->idle_ents);
 		spin_unlock_irqrestore(&queue->lock, flags);
-		return -ENOMSG;
+		return -EIOCBQUEUED;
 	}
 	if (import_ubuf(ITER_DEST, ent->header, FUSE_BLK_URING_HEADER_SIZE,
 			&head) ||
@@ -1747,30 +1759,17 @@ static int fblk_ring_deliver(struct fblk_ring_ent *ent, bool from_task_work)
 	return ret < 0 ? ret : 0;
 }
 
-/*
- * Delivers to a KICKED entry, or makes it IDLE when there is nothing;
- * returns -EIOCBQUEUED then, else what to complete its command with.
- */
-static int fblk_ring_next(struct fblk_ring_ent *ent)
+/* fblk_ring_deliver_locked(), from the entry's task work if @from_task_work. */
+static int fblk_ring_deliver(struct fblk_ring_ent *ent, bool from_task_work)
 {
-	struct fblk_queue *queue = ent->chan->queue;
+	struct fblk_chan *chan = ent->chan;
 	unsigned long flags;
-	int ret;
 
-	for (;;) {
-		ret = fblk_ring_deliver(ent, true);
-		if (ret != -ENOMSG)
-			return ret;
-		spin_lock_irqsave(&queue->lock, flags);
-		/* Work added since was not kicked to us: we were KICKED. */
-		if (!fblk_ring_has_work(ent->chan)) {
-			ent->state = FBLK_ENT_IDLE;
-			list_add(&ent->entry, &ent->chan->idle_ents);
-			spin_unlock_irqrestore(&queue->lock, flags);
-			return -EIOCBQUEUED;
-		}
-		spin_unlock_irqrestore(&queue->lock, flags);
-	}
+	spin_lock_irqsave(&chan->queue->lock, flags);
+	/* This task work serves what is pending now: later requests kick. */
+	if (from_task_work)
+		chan->ring_kicked = false;
+	return fblk_ring_deliver_locked(ent, flags);
 }
 
 /* The io_uring instance a command was issued on. */
@@ -1812,12 +1811,10 @@ static void fblk_ring_drain(struct fblk_chan *chan, struct io_ring_ctx *ctx,
 			fblk_ring_kick(&kick);
 			return;
 		}
-		ent->state = FBLK_ENT_KICKED;
+		WRITE_ONCE(ent->state, FBLK_ENT_KICKED);
 		list_del_init(&ent->entry);
-		spin_unlock_irqrestore(&queue->lock, flags);
-
 		ucmd = ent->ucmd;
-		ret = fblk_ring_next(ent);
+		ret = fblk_ring_deliver_locked(ent, flags);
 		if (ret == -EIOCBQUEUED)	/* IDLE again: nothing left */
 			return;
 		if (ret)
@@ -1846,7 +1843,7 @@ static void fblk_ring_tw(struct io_uring_cmd *ucmd, unsigned int issue_flags)
 		spin_unlock_irqrestore(&chan->queue->lock, flags);
 		ret = -ECANCELED;
 	} else {
-		ret = fblk_ring_next(ent);
+		ret = fblk_ring_deliver(ent, true);
 	}
 	if (ret == -EIOCBQUEUED)
 		return;
@@ -1869,7 +1866,7 @@ static void fblk_ring_cancel(struct io_uring_cmd *ucmd, unsigned int issue_flags
 	idle = ent->state == FBLK_ENT_IDLE && ent->ucmd == ucmd;
 	if (idle) {
 		list_del_init(&ent->entry);
-		ent->state = FBLK_ENT_FREE;
+		WRITE_ONCE(ent->state, FBLK_ENT_FREE);
 		ent->ucmd = NULL;
 	}
 	spin_unlock_irqrestore(&queue->lock, flags);
@@ -1905,7 +1902,7 @@ static int fblk_ring_register(struct fblk_ring_ent *ent,
 	} else if (!chan->ready) {
 		ret = -EPROTO;
 	} else {
-		ent->state = FBLK_ENT_KICKED;
+		WRITE_ONCE(ent->state, FBLK_ENT_KICKED);
 		ent->header = iov[0].iov_base;
 		ent->payload = iov[1].iov_base;
 		ret = 0;
@@ -1964,26 +1961,23 @@ static int fblk_ring_take_reply(struct fblk_ring_ent *ent,
 static int fblk_ring_commit(struct fblk_ring_ent *ent,
 			    const struct fblk_ring_pdu *pdu)
 {
-	struct fblk_queue *queue = ent->chan->queue;
-	unsigned long flags;
+	enum fblk_ent_state user = FBLK_ENT_USER;
 	int ret;
 
-	spin_lock_irqsave(&queue->lock, flags);
-	ret = ent->state == FBLK_ENT_USER ? 0 : -EINVAL;
-	if (!ret)
-		ent->state = FBLK_ENT_KICKED;
-	spin_unlock_irqrestore(&queue->lock, flags);
-	if (ret)
-		return ret;
+	/*
+	 * Only a commit leaves USER, and only the one that moved the entry
+	 * there enters it: of two commits of one entry (two rings sharing
+	 * the channel), one wins, without the queue lock.
+	 */
+	if (!try_cmpxchg(&ent->state, &user, FBLK_ENT_KICKED))
+		return -EINVAL;
 
 	ret = fblk_ring_take_reply(ent, pdu);
 	if (ret == -ENOENT)	/* the request is gone: fetch all the same */
 		ret = 0;
 	if (ret == -EINVAL || ret == -EFAULT || ret == -ENOMEM) {
 		/* Refused: the entry keeps its request. */
-		spin_lock_irqsave(&queue->lock, flags);
-		ent->state = FBLK_ENT_USER;
-		spin_unlock_irqrestore(&queue->lock, flags);
+		smp_store_release(&ent->state, FBLK_ENT_USER);
 	} else if (ret) {
 		fblk_ring_free_ent(ent);
 	}
@@ -1995,9 +1989,6 @@ static int fblk_ring_issue(struct io_uring_cmd *ucmd, unsigned int issue_flags)
 {
 	struct fblk_ring_pdu *pdu = fblk_ring_pdu(ucmd);
 	struct fblk_ring_ent *ent = pdu->ent;
-	struct fblk_queue *queue = ent->chan->queue;
-	unsigned long flags;
-	bool kick;
 	int ret;
 
 	if (pdu->op == FUSE_BLK_URING_FETCH)
@@ -2007,28 +1998,20 @@ static int fblk_ring_issue(struct io_uring_cmd *ucmd, unsigned int issue_flags)
 	if (ret)
 		return ret;
 
-	/* The entry is KICKED and ours: a request waiting goes straight in. */
-	ret = fblk_ring_deliver(ent, false);
-	if (ret != -ENOMSG) {
-		if (ret)
-			fblk_ring_free_ent(ent);
-		return ret;
-	}
-
-	/* Hold the command until there is work for it. */
+	/*
+	 * The entry is KICKED and ours: a request waiting goes straight in,
+	 * else the command is held until there is work for it. Nothing can
+	 * complete it before it is marked cancelable: kicks run as task work
+	 * of this task, and cancellation holds the ring's lock, as we do.
+	 */
 	ent->ucmd = ucmd;
 	ent->task = current;
-	io_uring_cmd_mark_cancelable(ucmd, issue_flags);
-	spin_lock_irqsave(&queue->lock, flags);
-	kick = fblk_ring_has_work(ent->chan);
-	if (!kick) {
-		ent->state = FBLK_ENT_IDLE;
-		list_add(&ent->entry, &ent->chan->idle_ents);
-	}
-	spin_unlock_irqrestore(&queue->lock, flags);
-	if (kick)
-		io_uring_cmd_complete_in_task(ucmd, fblk_ring_tw);
-	return -EIOCBQUEUED;
+	ret = fblk_ring_deliver(ent, false);
+	if (ret == -EIOCBQUEUED)
+		io_uring_cmd_mark_cancelable(ucmd, issue_flags);
+	else if (ret)
+		fblk_ring_free_ent(ent);
+	return ret;
 }
 
 static void fblk_ring_issue_tw(struct io_uring_cmd *ucmd,
