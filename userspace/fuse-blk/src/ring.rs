@@ -754,21 +754,18 @@ impl<'a, W: Wire> Worker<'a, W> {
                     .completion()
                     .map(|cqe| (cqe.user_data(), cqe.result())),
             );
-            let requests = reaped
-                .iter()
-                .filter(|&&(tag, result)| tag < u64::from(self.depth) && result == 0)
-                .count();
-            self.poller.waited(waited, requests);
             ticks_last(&mut reaped);
+            let mut requests = 0;
             for &(tag, result) in &reaped {
                 if tag == WAKE_TAG {
                     self.arm_wake()?;
                 } else if tag == TICK_TAG {
                     self.ticked()?;
-                } else {
-                    self.completed(tag as u16, result);
+                } else if self.completed(tag as u16, result) {
+                    requests += 1;
                 }
             }
+            self.poller.waited(waited, requests);
             reaped.clear();
             self.reaped = reaped;
             let mut committed = std::mem::take(&mut self.committing);
@@ -828,15 +825,19 @@ impl<'a, W: Wire> Worker<'a, W> {
         }
     }
 
-    fn completed(&mut self, entry: u16, result: i32) {
+    /// Handles an entry's completion; returns whether it brought a request.
+    fn completed(&mut self, entry: u16, result: i32) -> bool {
         if entry >= self.depth {
             log::error!("queue {}: completion for unknown entry {entry}", self.queue);
-            return;
+            return false;
         }
         // The commit that named it has run: the kernel is done with it.
         self.committed_data[usize::from(entry)] = None;
         match -result {
-            0 => self.dispatch(entry),
+            0 => {
+                self.dispatch(entry);
+                return true;
+            }
             errno if self.buffers.wire.ended(errno) => self.live -= 1,
             errno => {
                 log::error!(
@@ -847,6 +848,7 @@ impl<'a, W: Wire> Worker<'a, W> {
                 self.live -= 1;
             }
         }
+        false
     }
 
     fn dispatch(&mut self, entry: u16) {
