@@ -343,7 +343,18 @@ impl MemDevice {
                 continue;
             }
             // A chunk's first data needs no clearing around it: an
-            // unwritten chunk holds zeros (see `store`).
+            // unwritten chunk holds zeros (see `store`). Its memory comes
+            // from the kernel, which for more than a chunk costs less
+            // asked for at once than faulted in page by page (fresh
+            // 1 MiB writes on the stock path, host: +18 % and +32 % in
+            // two series of A/B runs; in the guest within noise, where
+            // the kernel's clearing of each page dominates).
+            for (fresh_start, fresh_len, fresh) in runs(start, len, |p| !self.is_written(p.chunk)) {
+                if fresh && fresh_len > CHUNK_SIZE {
+                    self.store
+                        .populate(fresh_start as usize, fresh_len as usize);
+                }
+            }
             for piece in pieces(start, len) {
                 self.written.set(piece.chunk, true);
             }
