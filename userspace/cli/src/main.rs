@@ -124,8 +124,8 @@ pub struct AttachArgs {
     no_passthrough: bool,
     /// io_uring: a queue's thread polls for the next request instead of
     /// sleeping while requests come at most this many microseconds apart
-    /// on average (it spins for twice that gap: CPU time for lower
-    /// latency); 0 never polls.
+    /// on average (it spins for twice its average wait, at most four
+    /// times this: CPU time for fewer wake-ups); 0 never polls.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = fuse_blk::DEFAULT_RING_POLL.as_micros() as u64)]
     ring_poll_us: u64,
     /// Kernel module: hardware queues, each served by a thread of its own
