@@ -1086,6 +1086,16 @@ mod tests {
         assert_eq!(alone, vec![(TICK_TAG, -62)]);
     }
 
+    /// Asserts that `poller` polls, for a number of microseconds in `range`.
+    fn assert_polls_for(poller: &Poller, range: std::ops::RangeInclusive<u64>) {
+        let poll = poller.poll_for().expect("polls");
+        let (low, high) = (
+            Duration::from_micros(*range.start()),
+            Duration::from_micros(*range.end()),
+        );
+        assert!(poll >= low && poll <= high, "{poll:?}");
+    }
+
     #[test]
     fn the_poller_polls_while_requests_come_close_for_twice_their_wait() {
         let max_gap = Duration::from_micros(100);
@@ -1094,11 +1104,7 @@ mod tests {
         for _ in 0..16 {
             poller.waited(Duration::from_micros(20), 1);
         }
-        let poll = poller.poll_for().expect("polls");
-        assert!(
-            poll >= Duration::from_micros(40) && poll <= Duration::from_micros(60),
-            "{poll:?}"
-        );
+        assert_polls_for(&poller, 40..=60);
         // A pause of a second counts as four max_gaps: polling stops, and
         // a few close requests start it again.
         poller.waited(Duration::from_secs(1), 1);
@@ -1130,11 +1136,7 @@ mod tests {
         for _ in 0..16 {
             poller.waited(Duration::from_micros(300), 16);
         }
-        let poll = poller.poll_for().expect("polls");
-        assert!(
-            poll >= Duration::from_micros(380) && poll <= Duration::from_micros(400),
-            "{poll:?}"
-        );
+        assert_polls_for(&poller, 380..=400);
         // Batches of one as far apart sleep; a wait that brought nothing
         // (the idle tick, a wake-up) counts as a gap of its own.
         for _ in 0..8 {
@@ -1144,11 +1146,7 @@ mod tests {
         for _ in 0..16 {
             poller.waited(Duration::from_micros(30), 0);
         }
-        let poll = poller.poll_for().expect("polls");
-        assert!(
-            poll >= Duration::from_micros(60) && poll <= Duration::from_micros(70),
-            "{poll:?}"
-        );
+        assert_polls_for(&poller, 60..=70);
     }
 
     #[test]
