@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Tests of report.py's arithmetic and verdicts on small CSV fixtures
+(run by tests/run)."""
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+REPORT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.py")
+HEADER = "target,job,iops,bw_mib_s,lat_p50_us,lat_p99_us,round\n"
+
+
+def report(rows, host=False):
+    """The markdown report.py writes for these CSV rows."""
+    with tempfile.TemporaryDirectory() as d:
+        csv_path, md, svg = (os.path.join(d, n) for n in ("r.csv", "r.md", "r.svg"))
+        with open(csv_path, "w") as f:
+            f.write(HEADER + "".join(f"{r}\n" for r in rows))
+        subprocess.run([sys.executable, REPORT] + (["--host"] if host else []) + [csv_path, md, svg],
+                       check=True)
+        with open(svg) as f:
+            assert f.read().startswith("<svg")
+        with open(md) as f:
+            return f.read()
+
+
+def target_line(md, pair):
+    return next(line for line in md.splitlines() if line.startswith(f"| {pair} |"))
+
+
+def rows_for(a, b, job, rounds):
+    """Rows of targets `a` and `b` running `job`, one (a_iops, b_iops) per round."""
+    out = []
+    for name, (ia, ib) in rounds.items():
+        out += [f"{a},{job},{ia},0,0,0,{name}", f"{b},{job},{ib},0,0,0,{name}"]
+    return out
+
+
+MEM, NBD = "fuse-blk-mem-uring", "nbd-nbdkit-memory-1conn"
+
+
+class GuestVerdicts(unittest.TestCase):
+    def test_median_of_within_round_ratios_decides(self):
+        # Rounds 6x, 4x, 5.5x: the median is 5.5x, met; the IOPS medians
+        # (600 / 110) would say otherwise, which is why ratios are taken
+        # within rounds.
+        md = report(rows_for(MEM, NBD, "randread-4k-qd1",
+                             {"1.1": (600, 100), "1.2": (400, 100), "2.1": (1100, 200)}))
+        line = target_line(md, f"{MEM} / {NBD}")
+        self.assertIn("| yes |", line)
+        self.assertIn("randread-4k-qd1 5.50x", line)
+
+    def test_one_job_below_the_threshold_misses(self):
+        md = report(rows_for(MEM, NBD, "randread-4k-qd1", {"1.1": (600, 100)})
+                    + rows_for(MEM, NBD, "write-1m-qd8", {"1.1": (490, 100)}))
+        line = target_line(md, f"{MEM} / {NBD}")
+        self.assertIn("| no |", line)
+        self.assertIn("write-1m-qd8 4.90x", line)
+
+    def test_the_first_write_is_shown_and_not_judged(self):
+        md = report(rows_for(MEM, NBD, "first-write-1m-qd8", {"1.0": (300, 100), "2.0": (200, 100)})
+                    + rows_for(MEM, NBD, "write-1m-qd8", {"1.1": (900, 100), "2.1": (700, 100)}))
+        line = target_line(md, f"{MEM} / {NBD}")
+        self.assertIn("| yes |", line)
+        self.assertIn("write-1m-qd8 8.00x", line)
+        self.assertTrue(line.endswith(" 2.50x |"), line)
+        self.assertIn("first-write-1m-qd8 (not judged)", md)
+        # Still in the tables.
+        self.assertIn("| first-write-1m-qd8 | 250 |", md)
+
+    def test_a_job_without_the_pair_is_not_met(self):
+        # The reference ran no depth-1 job: no ratio, so not met.
+        md = report(rows_for(MEM, NBD, "write-1m-qd8", {"1.1": (900, 100)})
+                    + [f"{MEM},randread-4k-qd1,5000,0,0,0,1.1"])
+        self.assertIn("| no |", target_line(md, f"{MEM} / {NBD}"))
+
+
+class HostVerdicts(unittest.TestCase):
+    def test_host_pairs(self):
+        md = report(rows_for("stock-file-tmpfs-passthrough", "qsd-fuse-loop", "write-1m-qd8",
+                             {"1": (160, 100), "2": (140, 100), "3": (150, 100)}), host=True)
+        line = target_line(md, "stock-file-tmpfs-passthrough / qsd-fuse-loop")
+        self.assertIn("| yes |", line)
+        self.assertIn("write-1m-qd8 1.50x", line)
+
+
+if __name__ == "__main__":
+    unittest.main()
