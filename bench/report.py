@@ -72,10 +72,10 @@ def main(args):
     if host:
         where = f"median of {len(rounds)} host rounds"
     else:
-        # Guest rounds are named BOOT.ROUND (older results: BOOT); round 0
-        # of a boot holds only its first-write pass.
+        # Guest rounds are named BOOT.ROUND (older results: BOOT); a boot's
+        # first-write pass is a round of its own.
         boots = len({r.split(".")[0] for r in rounds})
-        measured = [r for r in rounds if not r.endswith(".0")]
+        measured = [r for r in rounds if set(iops[r]) - UNJUDGED_JOBS]
         where = f"software emulation; median of {len(measured)} rounds in {boots} guest boots"
         if len(measured) < len(rounds):
             where += ", after a first write of every device"

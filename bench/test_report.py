@@ -66,6 +66,8 @@ class GuestVerdicts(unittest.TestCase):
         self.assertIn("write-1m-qd8 8.00x", line)
         self.assertTrue(line.endswith(" 2.50x |"), line)
         self.assertIn("first-write-1m-qd8 (not judged)", md)
+        # The first-write passes are not counted as measured rounds.
+        self.assertIn("median of 2 rounds in 2 guest boots, after a first write of every device", md)
         # Still in the tables.
         self.assertIn("| first-write-1m-qd8 | 250 |", md)
 
