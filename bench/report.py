@@ -2,7 +2,7 @@
 """Turns bench/run's (or bench/host's) CSV into a markdown table of ratios
 and an SVG chart.
 
-Usage: report.py [--host] CSV MD SVG
+Usage: report.py [--host] [--memory MEMORY_CSV] CSV MD SVG
 
 Rows may carry a `round` column (one guest boot, or one host round). A
 ratio is taken within each round, where the two targets ran side by side;
@@ -11,7 +11,12 @@ of each target, and whether each of the project's targets is met (the
 median ratio reaches the threshold for every job). The guest's round 0
 is the pass that writes every device whole once before the rounds
 (bench/guest, `fill`): shown, and kept out of the verdicts, which are on
-the steady state the rounds measure."""
+the steady state the rounds measure.
+
+MEMORY_CSV (bench/guest's `rss` rows: target, when, rss_kib, boot) adds
+the daemons' resident memory while idle, before any I/O and after the
+rounds, and the verdict on the idle-memory target, which every boot's
+figure must meet."""
 import csv
 import statistics
 import sys
@@ -34,6 +39,9 @@ GUEST_PAIRS = [
 ]
 # Measured, shown and not judged: the first write of a fresh device.
 UNJUDGED_JOBS = {"first-write-1m-qd8"}
+# The idle-memory goal: daemons of these targets, idle, stay under this.
+IDLE_MEMORY_TARGETS = "fuse-blk-file-"
+IDLE_MEMORY_LIMIT_KIB = 8 * 1024
 HOST_PAIRS = [
     ("stock-file-tmpfs-passthrough", "qsd-fuse-loop", 1.5),
     ("stock-file-tmpfs-uring", "qsd-fuse-loop", 1.5),
@@ -46,11 +54,38 @@ HOST_PAIRS = [
 ]
 
 
+def memory_lines(path):
+    """The report's lines on daemon memory, and the idle-memory verdict's
+    row of the Targets table."""
+    # kib[target][when] = [one per boot]
+    kib = defaultdict(lambda: defaultdict(list))
+    for row in csv.DictReader(open(path)):
+        kib[row["target"]][row["when"]].append(int(row["rss_kib"]))
+    whens = list(dict.fromkeys(w for t in kib.values() for w in t))
+    lines = ["", "## Daemon memory while idle (VmRSS in MiB: median over boots, highest boot)", "",
+             "| target | " + " | ".join(whens) + " |", "|---|" + "---|" * len(whens)]
+    for target, by_when in kib.items():
+        lines.append(f"| {target} | " + " | ".join(
+            f"{statistics.median(v) / 1024:.1f} ({max(v) / 1024:.1f})" if (v := by_when.get(w)) else "n/a"
+            for w in whens) + " |")
+    judged = [(max(v), target, when) for target, by_when in kib.items() if target.startswith(IDLE_MEMORY_TARGETS)
+              for when, v in by_when.items()]
+    if not judged:
+        return lines, "no data |"
+    worst, target, when = max(judged)
+    met = worst < IDLE_MEMORY_LIMIT_KIB
+    return lines, f"{'yes' if met else 'no'} | {target} {when} {worst / 1024:.1f} MiB |"
+
+
 def main(args):
     host = args[0] == "--host"
     if host:
         args = args[1:]
+    memory_path = None
+    if args[0] == "--memory":
+        memory_path, args = args[1], args[2:]
     csv_path, md_path, svg_path = args
+    memory, verdict = memory_lines(memory_path) if memory_path else ([], None)
     pairs = HOST_PAIRS if host else GUEST_PAIRS
     rows = list(csv.DictReader(open(csv_path)))
     # iops[round][job][target]
@@ -113,6 +148,9 @@ def main(args):
             met = all(v >= threshold for v in medians.values()) and len(medians) == len(judged)
             lines.append(f"| {a} / {b} | {threshold}x | {'yes' if met else 'no'} | "
                          f"{worst} {medians[worst]:.2f}x |" + shown)
+        if memory_path:
+            lines.append(f"| {IDLE_MEMORY_TARGETS}* daemons idle, VmRSS | < {IDLE_MEMORY_LIMIT_KIB // 1024} MiB | "
+                         + verdict + " |" * len(unjudged))
 
     if len(rounds) > 1:
         lines += ["", "## Ratios per round", ""]
@@ -122,6 +160,7 @@ def main(args):
                 if r:
                     lines.append(f"- {a} / {b}, {job}: " + ", ".join(f"{x:.2f}x" for x in r))
 
+    lines += memory
     qd1 = [r for r in rows if r["job"] == "randread-4k-qd1"]
     if qd1:
         lines += ["", "## 4k random read, queue depth 1 (median 1e6/IOPS; fio total latency p50/p99)", "",

@@ -11,14 +11,20 @@ REPORT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.py")
 HEADER = "target,job,iops,bw_mib_s,lat_p50_us,lat_p99_us,round\n"
 
 
-def report(rows, host=False):
-    """The markdown report.py writes for these CSV rows."""
+def report(rows, host=False, memory=None):
+    """The markdown report.py writes for these CSV rows (and, given,
+    memory rows "target,when,rss_kib,boot")."""
     with tempfile.TemporaryDirectory() as d:
-        csv_path, md, svg = (os.path.join(d, n) for n in ("r.csv", "r.md", "r.svg"))
+        csv_path, md, svg, memory_path = (os.path.join(d, n) for n in ("r.csv", "r.md", "r.svg", "m.csv"))
         with open(csv_path, "w") as f:
             f.write(HEADER + "".join(f"{r}\n" for r in rows))
-        subprocess.run([sys.executable, REPORT] + (["--host"] if host else []) + [csv_path, md, svg],
-                       check=True)
+        memory_args = []
+        if memory is not None:
+            with open(memory_path, "w") as f:
+                f.write("target,when,rss_kib,boot\n" + "".join(f"{r}\n" for r in memory))
+            memory_args = ["--memory", memory_path]
+        subprocess.run([sys.executable, REPORT] + (["--host"] if host else []) + memory_args
+                       + [csv_path, md, svg], check=True)
         with open(svg) as f:
             assert f.read().startswith("<svg")
         with open(md) as f:
@@ -76,6 +82,31 @@ class GuestVerdicts(unittest.TestCase):
         md = report(rows_for(MEM, NBD, "write-1m-qd8", {"1.1": (900, 100)})
                     + [f"{MEM},randread-4k-qd1,5000,0,0,0,1.1"])
         self.assertIn("| no |", target_line(md, f"{MEM} / {NBD}"))
+
+
+class IdleMemory(unittest.TestCase):
+    FILE = "fuse-blk-file-tmpfs-uring"
+    JOBS = rows_for(MEM, NBD, "write-1m-qd8", {"1.1": (900, 100)})
+
+    def test_every_boot_of_a_file_daemon_counts(self):
+        # The median boot is under 8 MiB, one boot is not: not met.
+        md = report(self.JOBS, memory=[f"{self.FILE},idle after I/O,{kib},{boot}"
+                                       for boot, kib in enumerate((2048, 2100, 8200), 1)])
+        line = target_line(md, "fuse-blk-file-* daemons idle, VmRSS")
+        self.assertIn("| no |", line)
+        self.assertIn(f"{self.FILE} idle after I/O 8.0 MiB", line)
+        self.assertIn(f"| {self.FILE} | 2.1 (8.0) |", md)
+
+    def test_only_file_daemons_are_judged(self):
+        # mem: and nbdkit hold the device's data; they are shown only.
+        md = report(self.JOBS, memory=[f"{self.FILE},idle before I/O,2048,1",
+                                       f"{self.FILE},idle after I/O,3072,1",
+                                       f"{MEM},idle after I/O,300000,1",
+                                       f"{NBD},idle after I/O,290000,1"])
+        line = target_line(md, "fuse-blk-file-* daemons idle, VmRSS")
+        self.assertIn("| yes |", line)
+        self.assertIn(f"{self.FILE} idle after I/O 3.0 MiB", line)
+        self.assertIn(f"| {MEM} | n/a | 293.0 (293.0) |", md)
 
 
 class HostVerdicts(unittest.TestCase):
