@@ -52,16 +52,15 @@ def split_ios(trace, device):
     current = None
     for time, task, pid, name, rest in trace:
         if name == "sys_io_submit" and task == "fio":
-            if current and current.get("got") is not None:
+            if current and "got" in current:
                 ios.append((current, time))
-            current = {"pid": pid, "submit": time, "in_flight": 0}
+            current = {"pid": pid, "submit": time}
         elif current is None or (name.startswith("block_rq_") and not rest.lstrip().startswith(ours)):
             continue
         elif name == "block_rq_issue":
-            current["in_flight"] += 1
-            if current["in_flight"] > 1:
+            if "issue" in current:
                 sys.exit("timeline: more than one request in flight: the job must run at depth 1")
-            current.setdefault("issue", time)
+            current["issue"] = time
         elif name == "block_rq_complete" and "issue" in current:
             current.setdefault("complete", time)
         elif name == "sys_io_getevents->" and pid == current["pid"] and "complete" in current:
