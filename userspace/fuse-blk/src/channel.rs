@@ -2,6 +2,7 @@
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
 
 use nix::errno::Errno;
 
@@ -15,6 +16,15 @@ pub trait Channel: ReplySink + Send + Sync + 'static {
     /// the channel has ended (the filesystem was unmounted or the device
     /// destroyed). A signal may end the wait with `ErrorKind::Interrupted`.
     fn receive(&self, buf: &mut [u8]) -> io::Result<Option<usize>>;
+
+    /// Waits at most `timeout` for a request (or the channel's end) to be
+    /// ready for `receive`; false if none came. A signal may end the wait
+    /// as it ends `receive`'s. A channel that cannot wait so says true: its
+    /// worker then blocks in `receive` and never counts itself idle.
+    fn wait_ready(&self, timeout: Duration) -> io::Result<bool> {
+        let _ = timeout;
+        Ok(true)
+    }
 
     /// Sends one reply gathered from `parts`.
     fn send(&self, parts: &[IoSlice<'_>]) -> io::Result<()>;
@@ -59,6 +69,21 @@ impl Channel for FdChannel {
                 Err(Errno::ENODEV) => return Ok(None),
                 Err(e) => return Err(e.into()),
             }
+        }
+    }
+
+    fn wait_ready(&self, timeout: Duration) -> io::Result<bool> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        // Longer waits than poll(2) takes are cut short: the caller only
+        // learns it was not idle for that long.
+        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, timeout) {
+            // POLLERR or POLLHUP (the channel ended) count as ready too:
+            // `receive` reports the end.
+            Ok(ready) => Ok(ready > 0),
+            Err(Errno::EINTR) => Err(io::ErrorKind::Interrupted.into()),
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -34,8 +34,11 @@ pub trait ReplySink: Send + Sync {
         len: usize,
         fill: &mut dyn FnMut(&mut [u8]) -> Result<(), i32>,
     ) {
-        FILL_BUF.with_borrow_mut(|buf| {
-            buf.resize(len, 0);
+        FILL_BUF.with_borrow_mut(|fill_buf| {
+            let Some(buf) = fill_buf.get(len) else {
+                let header = error_header(unique, libc::ENOMEM);
+                return self.send_reply(&[IoSlice::new(header.as_bytes())]);
+            };
             match fill(buf) {
                 Ok(()) => {
                     let header = success_header(unique, len);
@@ -215,12 +218,76 @@ impl dyn ReplySink {
     }
 }
 
+/// Where [`ReplySink::send_filled`] assembles replies by default: one per
+/// thread, mapped once for the largest read it has answered rather than
+/// allocated per request, and whose pages a worker gives back when it has
+/// been idle a while ([`release_fill_buffer`]). A reply is sent before
+/// `send_filled` returns, so the buffer is free again for the next.
+#[derive(Default)]
+struct FillBuffer {
+    mapping: Option<Mapping>,
+    /// How far replies have written into it since its pages were last
+    /// given back.
+    touched: usize,
+}
+
+/// A thread's first fill buffer is at least this long (the engine's
+/// default largest request): mapping costs nothing until it is written,
+/// and a buffer this size is seldom mapped again.
+const FILL_BUFFER_MIN: usize = 1 << 20;
+
+impl FillBuffer {
+    /// The first `len` bytes of the buffer, mapped larger first if need
+    /// be; None if that mapping failed.
+    fn get(&mut self, len: usize) -> Option<&mut [u8]> {
+        if self
+            .mapping
+            .as_ref()
+            .is_none_or(|mapping| mapping.len() < len)
+        {
+            // The old buffer goes first: the two need not both be mapped.
+            self.mapping = None;
+            self.touched = 0;
+            let size = len.next_power_of_two().max(FILL_BUFFER_MIN);
+            match Mapping::new(size) {
+                Ok(mapping) => self.mapping = Some(mapping.without_huge_pages()),
+                Err(e) => {
+                    log::error!("mapping a {size}-byte reply buffer: {e}");
+                    return None;
+                }
+            }
+        }
+        let mapping = self.mapping.as_ref()?;
+        self.touched = self.touched.max(len);
+        // SAFETY: the mapping is at least `len` long (above) and is this
+        // thread's alone; the slice borrows `self` mutably, so no other
+        // reference into it is made while the slice lives.
+        Some(unsafe { std::slice::from_raw_parts_mut(mapping.as_ptr(), len) })
+    }
+}
+
 thread_local! {
-    /// Where [`ReplySink::send_filled`] assembles replies by default: a
-    /// thread allocates once for the largest read it has answered, not once
-    /// per request. A reply is sent before `send_filled` returns, so the
-    /// buffer is free again for the next.
-    static FILL_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static FILL_BUF: RefCell<FillBuffer> = RefCell::new(FillBuffer::default());
+}
+
+/// Bytes of this thread's reply buffer written since its pages were last
+/// given back.
+pub fn fill_buffer_touched() -> usize {
+    FILL_BUF.with_borrow(|fill_buf| fill_buf.touched)
+}
+
+/// Gives back the pages of this thread's reply buffer (see
+/// [`ReplySink::send_filled`]): for a worker that has been idle a while.
+pub fn release_fill_buffer() {
+    FILL_BUF.with_borrow_mut(|fill_buf| {
+        if let Some(mapping) = &fill_buf.mapping {
+            // SAFETY: the buffer is borrowed only while a reply is being
+            // assembled in it, and this borrows it mutably: no reference
+            // into it is live.
+            unsafe { mapping.release(0, fill_buf.touched) };
+        }
+        fill_buf.touched = 0;
+    })
 }
 
 /// The untyped answer to one request: a payload or an errno. Transports and

@@ -48,7 +48,7 @@ use zerocopy::FromBytes;
 use crate::io_thread;
 use crate::mapping::Mapping;
 use crate::reply::{self, Extent, ReplySink, MAX_REPLY_PARTS};
-use crate::session::Session;
+use crate::session::{Session, IDLE_TICK};
 
 /// Bytes of a request's header and argument at most (what is copied out of
 /// an entry before the reply is written over it).
@@ -145,11 +145,6 @@ fn ticks_last(reaped: &mut [(u64, i32)]) {
     // Stable: the other completions keep their order.
     reaped.sort_by_key(|&(tag, _)| tag == TICK_TAG);
 }
-
-/// A worker that saw no request for a whole tick gives the pages of its
-/// payload buffers back (the idle daemon stays small). A timeout in the
-/// ring rather than on each wait: no timer is armed per request.
-const IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// Decides whether a worker polls its ring for a while before it sleeps
 /// on it, and for how long. Sleeping costs a wake-up per batch of requests
@@ -709,6 +704,8 @@ impl<'a, W: Wire> Worker<'a, W> {
         self.push(read.into())
     }
 
+    /// Arms the idle tick (see [`IDLE_TICK`]): a timeout in the ring rather
+    /// than on each wait, so no timer is armed per request.
     fn arm_tick(&mut self) -> io::Result<()> {
         let timeout = op::Timeout::new(&self.tick).build().user_data(TICK_TAG);
         self.push(timeout.into())

@@ -30,7 +30,8 @@ use zerocopy::IntoBytes;
 
 use crate::channel::Channel;
 use crate::handler::{BlockDevice, Geometry, GeometryError, Request};
-use crate::reply::{ReplyData, ReplyEmpty, ReplySink, ReplyWrite, Responder};
+use crate::mapping::Mapping;
+use crate::reply::{self, ReplyData, ReplyEmpty, ReplySink, ReplyWrite, Responder};
 
 /// Answers the requests that are not block I/O: the stock path presents the
 /// device as one file in a directory and needs LOOKUP, GETATTR, OPEN, ...
@@ -42,6 +43,16 @@ pub trait Namespace: Send + Sync + 'static {
 /// one, a backing file on an ordinary file system. A backing file on
 /// another stacking file system is refused when it is registered.
 const PASSTHROUGH_STACK_DEPTH: u32 = 1;
+
+/// A worker that saw no request for this long gives back the pages its
+/// buffers took for large requests: an idle daemon stays small however
+/// many queues it has.
+pub(crate) const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// A read/write-channel worker keeps this much of its buffers touched
+/// without counting itself as holding memory: small requests alone never
+/// make it wait for idleness (a poll(2) before each read) to give it back.
+const IDLE_KEEP: usize = 64 * 1024;
 
 /// `Session::granted_flags2` before FUSE_INIT (no real flags2 has all bits).
 const NO_INIT: u32 = u32::MAX;
@@ -221,12 +232,12 @@ impl Session {
 
     /// Receives and dispatches requests from one channel until it ends.
     pub fn run_worker(&self, queue: u16, channel: Arc<dyn Channel>) -> io::Result<()> {
-        let mut buf = vec![0u8; self.config.buffer_size()];
+        let buffer = Mapping::new(self.config.buffer_size())?.without_huge_pages();
         // SAFETY: pthread_self has no preconditions.
         self.waiting_workers
             .lock()
             .insert(queue, unsafe { libc::pthread_self() });
-        let result = self.worker_loop(queue, &channel, &mut buf);
+        let result = self.worker_loop(queue, &channel, &buffer);
         self.waiting_workers.lock().remove(&queue);
         result
     }
@@ -235,11 +246,34 @@ impl Session {
         &self,
         queue: u16,
         channel: &Arc<dyn Channel>,
-        buf: &mut [u8],
+        buffer: &Mapping,
     ) -> io::Result<()> {
+        // How far requests reached into `buffer` since its pages were last
+        // given back.
+        let mut touched = 0;
         while !self.stopping.load(Ordering::Acquire) {
+            if touched.max(reply::fill_buffer_touched()) > IDLE_KEEP {
+                match channel.wait_ready(IDLE_TICK) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // SAFETY: no request is being handled, and none
+                        // refers into the buffer afterwards (a handler sees
+                        // WRITE data only for the length of its call).
+                        unsafe { buffer.release(0, touched) };
+                        reply::release_fill_buffer();
+                        touched = 0;
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            // SAFETY: the mapping is this worker's alone, and the slice
+            // ends with this turn, before the buffer can be released.
+            let buf = unsafe { std::slice::from_raw_parts_mut(buffer.as_ptr(), buffer.len()) };
             match channel.receive(buf) {
                 Ok(Some(len)) => {
+                    touched = touched.max(len);
                     if !self.dispatch(queue, &buf[..len], channel) {
                         break;
                     }

@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use fuse_blk::proto::abi::{
     self, falloc, init_flags, init_flags2, opcode, InitIn, InitOut, WriteOut,
@@ -115,6 +116,8 @@ enum ReadMode {
     WrongLength(i64),
     /// Parks the reply in `pending` for the test to answer later.
     Later,
+    /// With the stored data, written in place (`ReplyData::fill`).
+    Fill,
 }
 
 /// How `flush` answers, through `ReplyEmpty::outcome`.
@@ -182,6 +185,10 @@ impl BlockDevice for TestDevice {
             ReadMode::Drop => drop(reply),
             ReadMode::WrongLength(delta) => reply.data(&vec![0; (i64::from(len) + delta) as usize]),
             ReadMode::Later => self.pending.lock().unwrap().push((offset, len, reply)),
+            ReadMode::Fill => reply.fill(|buf| {
+                buf.copy_from_slice(&self.range(offset, buf.len()));
+                Ok(())
+            }),
         }
     }
 
@@ -1527,4 +1534,120 @@ fn malformed_forget_is_never_answered() {
         0,
         &[abi::BatchForgetIn { count: 2, dummy: 0 }.as_bytes()],
     ));
+}
+
+/// One step of what [`IdleChannel`] plays: a message, or a wait for a
+/// request that times out.
+enum Step {
+    Message(Vec<u8>),
+    Idle,
+}
+
+/// What the worker did, as [`IdleChannel`] saw it.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// A wait for a request, and whether one was ready.
+    Wait(bool),
+    /// A receive: whether the receive buffer held only zeros, and how far
+    /// replies had written into the thread's reply buffer.
+    Receive { zeros: bool, fill_touched: usize },
+}
+
+/// Plays `steps` to a worker and notes how it waits and what its buffers
+/// hold.
+struct IdleChannel {
+    steps: Mutex<VecDeque<Step>>,
+    seen: Mutex<Vec<Seen>>,
+}
+
+impl ReplySink for IdleChannel {
+    fn send_reply(&self, _parts: &[IoSlice<'_>]) {}
+}
+
+impl Channel for IdleChannel {
+    fn receive(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        self.seen.lock().unwrap().push(Seen::Receive {
+            zeros: buf.iter().all(|&b| b == 0),
+            // The worker's thread runs this.
+            fill_touched: fuse_blk::reply::fill_buffer_touched(),
+        });
+        match self.steps.lock().unwrap().pop_front() {
+            Some(Step::Message(message)) => {
+                buf[..message.len()].copy_from_slice(&message);
+                Ok(Some(message.len()))
+            }
+            Some(Step::Idle) => panic!("the worker read where it should have waited"),
+            None => Ok(None),
+        }
+    }
+
+    fn wait_ready(&self, timeout: Duration) -> io::Result<bool> {
+        assert!(timeout >= Duration::from_millis(100), "{timeout:?}");
+        let mut steps = self.steps.lock().unwrap();
+        let idle = matches!(steps.front(), Some(Step::Idle));
+        if idle {
+            steps.pop_front();
+        }
+        self.seen.lock().unwrap().push(Seen::Wait(!idle));
+        Ok(!idle)
+    }
+
+    fn send(&self, parts: &[IoSlice<'_>]) -> io::Result<()> {
+        self.send_reply(parts);
+        Ok(())
+    }
+}
+
+#[test]
+fn an_idle_worker_gives_its_buffers_back() {
+    let mut device = TestDevice::new(geometry(all_features()));
+    device.read_mode = ReadMode::Fill;
+    let session = Arc::new(Session::new(Arc::new(device), SessionConfig::default()).unwrap());
+    const LARGE: usize = 512 * 1024;
+    let channel = Arc::new(IdleChannel {
+        steps: Mutex::new(
+            [
+                Step::Message(init_request(1, 7, 31, u32::MAX)),
+                // Small requests: the worker reads on without waiting.
+                Step::Message(write_request(2, 0, &[0x11; 4096], 0)),
+                Step::Message(read_request(3, 0, 4096)),
+                // A large WRITE fills the receive buffer: the worker waits
+                // a while before reading again, and as nothing comes it
+                // gives the pages back (they read as zeros again).
+                Step::Message(write_request(4, 0, &[0x22; LARGE], 0)),
+                Step::Idle,
+                Step::Message(read_request(5, 0, 4096)),
+                // A large read fills the reply buffer, likewise.
+                Step::Message(read_request(6, 0, LARGE as u32)),
+                // A request that comes in time is read at once.
+                Step::Message(read_request(7, 0, 4096)),
+                Step::Idle,
+                Step::Message(read_request(8, 0, 4096)),
+            ]
+            .into(),
+        ),
+        seen: Mutex::new(Vec::new()),
+    });
+    session.serve(vec![channel.clone()]).unwrap();
+    let receive = |zeros, fill_touched| Seen::Receive {
+        zeros,
+        fill_touched,
+    };
+    assert_eq!(
+        *channel.seen.lock().unwrap(),
+        [
+            receive(true, 0),
+            receive(false, 0),
+            receive(false, 0),
+            receive(false, 4096),
+            Seen::Wait(false),
+            receive(true, 0),
+            receive(false, 4096),
+            Seen::Wait(true),
+            receive(false, LARGE),
+            Seen::Wait(false),
+            receive(true, 0),
+            receive(false, 4096),
+        ]
+    );
 }
