@@ -8,9 +8,24 @@ use std::path::{Path, PathBuf};
 
 const LOOP_CONTROL: &str = "/dev/loop-control";
 
-const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
-const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
-const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+/// The loop ioctls of `<linux/loop.h>`. The header gives plain numbers,
+/// which are `_IO(0x4C, nr)` (no direction, no size) although
+/// LOOP_CONFIGURE passes a pointer: hence the `_bad` macros, which take
+/// the number as it is.
+mod ioctl {
+    use super::LoopConfig;
+
+    pub const LOOP_CLR_FD: libc::c_ulong = nix::request_code_none!(0x4C, 0x01);
+    pub const LOOP_CONFIGURE: libc::c_ulong = nix::request_code_none!(0x4C, 0x0A);
+    pub const LOOP_CTL_GET_FREE: libc::c_ulong = nix::request_code_none!(0x4C, 0x82);
+
+    // No argument.
+    nix::ioctl_none_bad!(loop_clr_fd, LOOP_CLR_FD);
+    // A `struct loop_config`.
+    nix::ioctl_write_ptr_bad!(loop_configure, LOOP_CONFIGURE, LoopConfig);
+    // On /dev/loop-control, no argument; returns the index of a free device.
+    nix::ioctl_none_bad!(loop_ctl_get_free, LOOP_CTL_GET_FREE);
+}
 
 const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_DIRECT_IO: u32 = 16;
@@ -63,13 +78,8 @@ pub struct LoopDevice {
     file: File,
 }
 
-fn ioctl_errno(what: &str, ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        let e = io::Error::last_os_error();
-        Err(io::Error::new(e.kind(), format!("{what}: {e}")))
-    } else {
-        Ok(ret)
-    }
+fn ioctl_error(what: &str, e: nix::errno::Errno) -> io::Error {
+    io::Error::new(io::Error::from(e).kind(), format!("{what}: {}", e.desc()))
 }
 
 impl LoopDevice {
@@ -90,9 +100,8 @@ impl LoopDevice {
         for _ in 0..16 {
             // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns an
             // index; the fd is a valid open loop-control file.
-            let index = ioctl_errno("LOOP_CTL_GET_FREE", unsafe {
-                libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE)
-            })?;
+            let index = unsafe { ioctl::loop_ctl_get_free(control.as_raw_fd()) }
+                .map_err(|e| ioctl_error("LOOP_CTL_GET_FREE", e))?;
             let path = PathBuf::from(format!("/dev/loop{index}"));
             let file = OpenOptions::new()
                 .read(true)
@@ -132,22 +141,15 @@ impl LoopDevice {
             config.info.lo_file_name[..n].copy_from_slice(&label.as_bytes()[..n]);
             // SAFETY: LOOP_CONFIGURE reads a `struct loop_config`, which
             // `LoopConfig` mirrors field for field; it lives across the call.
-            let ret = unsafe {
-                libc::ioctl(
-                    file.as_raw_fd(),
-                    LOOP_CONFIGURE,
-                    &config as *const LoopConfig,
-                )
-            };
-            if ret == 0 {
-                return Ok(LoopDevice { path, file });
-            }
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EBUSY) {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("LOOP_CONFIGURE on {}: {e}", path.display()),
-                ));
+            match unsafe { ioctl::loop_configure(file.as_raw_fd(), &config) } {
+                Ok(_) => return Ok(LoopDevice { path, file }),
+                Err(nix::errno::Errno::EBUSY) => {}
+                Err(e) => {
+                    return Err(ioctl_error(
+                        &format!("LOOP_CONFIGURE on {}", path.display()),
+                        e,
+                    ))
+                }
             }
         }
         Err(io::Error::other("no free loop device could be bound"))
@@ -214,12 +216,11 @@ pub fn in_use(device: &Path) -> bool {
 
 fn clear(file: &File, path: &Path) -> io::Result<()> {
     // SAFETY: LOOP_CLR_FD takes no argument; the fd is an open loop device.
-    let ret = unsafe { libc::ioctl(file.as_raw_fd(), LOOP_CLR_FD) };
-    match ioctl_errno("LOOP_CLR_FD", ret) {
+    match unsafe { ioctl::loop_clr_fd(file.as_raw_fd()) } {
         Ok(_) => Ok(()),
         // ENXIO: not bound (any more).
-        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(()),
-        Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+        Err(nix::errno::Errno::ENXIO) => Ok(()),
+        Err(e) => Err(ioctl_error(&format!("{}: LOOP_CLR_FD", path.display()), e)),
     }
 }
 
@@ -242,6 +243,13 @@ pub fn backing_file(loop_name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel() {
+        assert_eq!(ioctl::LOOP_CLR_FD, 0x4C01);
+        assert_eq!(ioctl::LOOP_CONFIGURE, 0x4C0A);
+        assert_eq!(ioctl::LOOP_CTL_GET_FREE, 0x4C82);
+    }
 
     #[test]
     fn structures_match_the_kernel() {

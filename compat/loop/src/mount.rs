@@ -11,8 +11,11 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 const FUSE_DEVICE: &str = "/dev/fuse";
 
-/// `FUSE_DEV_IOC_CLONE`: `_IOR(229, 0, uint32_t)`.
-const FUSE_DEV_IOC_CLONE: libc::c_ulong = 0x8004_e500;
+/// `FUSE_DEV_IOC_CLONE`: `_IOR(229, 0, uint32_t)`, although the kernel
+/// reads the u32 (the descriptor to clone) rather than writing it.
+const FUSE_DEV_IOC_CLONE: libc::c_ulong =
+    nix::request_code_read!(229, 0, std::mem::size_of::<u32>());
+nix::ioctl_write_ptr_bad!(fuse_dev_ioc_clone, FUSE_DEV_IOC_CLONE, u32);
 
 /// A FUSE mount of ours. Dropping it unmounts (lazily, as a last resort).
 #[derive(Debug)]
@@ -119,11 +122,12 @@ pub fn clone_channel(session_fd: &OwnedFd) -> io::Result<OwnedFd> {
     let source = session_fd.as_raw_fd() as u32;
     // SAFETY: FUSE_DEV_IOC_CLONE reads one u32 (the fd to clone) from the
     // pointer, which points at a live local.
-    let ret = unsafe { libc::ioctl(clone.as_raw_fd(), FUSE_DEV_IOC_CLONE, &source as *const u32) };
-    if ret < 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(e.kind(), format!("FUSE_DEV_IOC_CLONE: {e}")));
-    }
+    unsafe { fuse_dev_ioc_clone(clone.as_raw_fd(), &source) }.map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("FUSE_DEV_IOC_CLONE: {}", e.desc()),
+        )
+    })?;
     Ok(clone.into())
 }
 
@@ -141,4 +145,14 @@ pub fn is_mountpoint(path: &Path) -> bool {
             == Some(libc::ENOTCONN);
     };
     own.dev() != parent.dev()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel() {
+        assert_eq!(FUSE_DEV_IOC_CLONE, 0x8004_e500);
+    }
 }
