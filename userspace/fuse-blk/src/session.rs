@@ -13,10 +13,10 @@
 //! | FSYNC                                  | `flush`                            |
 //! | FALLOCATE ZERO_RANGE                   | `write_zeroes(may_unmap = false)`  |
 //! | FALLOCATE PUNCH_HOLE\|KEEP_SIZE         | `discard`, or `write_zeroes(may_unmap = true)` where a punched hole must read as zeros (stock path) |
-//! | DESTROY                                | `destroy`                          |
+//! | DESTROY (ends its channel's worker)    | `destroy`, once every worker has ended |
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -123,6 +123,9 @@ pub struct Session {
     namespace: Option<Arc<dyn Namespace>>,
     config: SessionConfig,
     destroyed: AtomicBool,
+    /// Calls of `serve_with` under way: while there are any, the handler is
+    /// destroyed when their last worker has ended, not at a FUSE_DESTROY.
+    serving: AtomicUsize,
     /// Set by `stop`: workers leave at their next wait for a request.
     stopping: AtomicBool,
     /// `flags2` of the FUSE_INIT reply once it has been sent (and, as the
@@ -147,6 +150,7 @@ impl Session {
             namespace: None,
             config,
             destroyed: AtomicBool::new(false),
+            serving: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             granted_flags2: AtomicU32::new(NO_INIT),
             waiting_workers: parking_lot::Mutex::new(std::collections::HashMap::new()),
@@ -198,7 +202,31 @@ impl Session {
     /// of its own, until all have returned, then tells the handler the
     /// device is gone. Transports with their own receive loop (io_uring)
     /// serve through this.
+    ///
+    /// A FUSE_DESTROY ends only the worker that read it: the kernel module
+    /// retires a handed-over daemon's channels one queue at a time, and the
+    /// other queues still dispatch to the handler meanwhile.
     pub fn serve_with<W>(self: &Arc<Self>, queues: u16, worker: W) -> io::Result<()>
+    where
+        W: Fn(&Session, u16) -> io::Result<()> + Send + Sync + 'static,
+    {
+        self.serving.fetch_add(1, Ordering::AcqRel);
+        let result = self
+            .spawn_workers(queues, worker)
+            .map(|workers| Session::join_workers(workers));
+        self.serving.fetch_sub(1, Ordering::AcqRel);
+        // A worker that could not be started leaves the others running,
+        // with the handler.
+        let result = result?;
+        self.destroy();
+        result
+    }
+
+    fn spawn_workers<W>(
+        self: &Arc<Self>,
+        queues: u16,
+        worker: W,
+    ) -> io::Result<Vec<thread::JoinHandle<io::Result<()>>>>
     where
         W: Fn(&Session, u16) -> io::Result<()> + Send + Sync + 'static,
     {
@@ -216,6 +244,11 @@ impl Session {
                     })?,
             );
         }
+        Ok(workers)
+    }
+
+    /// Waits for every worker; the first error of any.
+    fn join_workers(workers: Vec<thread::JoinHandle<io::Result<()>>>) -> io::Result<()> {
         let mut result = Ok(());
         for worker in workers {
             let outcome = worker
@@ -226,7 +259,6 @@ impl Session {
                 result = result.and(Err(e));
             }
         }
-        self.destroy();
         result
     }
 
@@ -373,8 +405,13 @@ impl Session {
         match request.operation {
             Operation::Init(init) => self.init(&init, responder),
             Operation::Destroy => {
-                self.destroy();
                 responder.ok(&[]);
+                // Served by workers, the handler goes when the last of them
+                // ends (see `serve_with`); a caller driving `dispatch`
+                // itself has one channel, which this ends.
+                if self.serving.load(Ordering::Acquire) == 0 {
+                    self.destroy();
+                }
                 return false;
             }
             // Block requests are short; an interrupted one is simply

@@ -1365,6 +1365,103 @@ fn serve_with_destroy_on_one_channel() {
     assert_eq!(q1.take_replies().len(), 1);
 }
 
+/// A channel fed by the test while it is being served: `receive` waits
+/// for the next message, and ends once the test drops its sender.
+struct FedChannel {
+    incoming: Mutex<std::sync::mpsc::Receiver<Vec<u8>>>,
+    replies: Mutex<std::sync::mpsc::Sender<Vec<u8>>>,
+}
+
+/// What the test keeps of a [`FedChannel`]: where to send its requests and
+/// where its replies come.
+struct Feed {
+    requests: std::sync::mpsc::Sender<Vec<u8>>,
+    replies: std::sync::mpsc::Receiver<Vec<u8>>,
+}
+
+impl Feed {
+    /// Sends `message` and returns its reply.
+    fn call(&self, message: Vec<u8>) -> Answer {
+        self.requests.send(message).unwrap();
+        let reply = self
+            .replies
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a reply");
+        answer(&reply)
+    }
+}
+
+fn fed_channel() -> (Arc<FedChannel>, Feed) {
+    let (requests, incoming) = std::sync::mpsc::channel();
+    let (replies_in, replies) = std::sync::mpsc::channel();
+    let channel = FedChannel {
+        incoming: Mutex::new(incoming),
+        replies: Mutex::new(replies_in),
+    };
+    (Arc::new(channel), Feed { requests, replies })
+}
+
+impl ReplySink for FedChannel {
+    fn send_reply(&self, parts: &[IoSlice<'_>]) {
+        let message = parts.iter().flat_map(|p| p.iter().copied()).collect();
+        let _ = self.replies.lock().unwrap().send(message);
+    }
+}
+
+impl Channel for FedChannel {
+    fn receive(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let Ok(message) = self.incoming.lock().unwrap().recv() else {
+            return Ok(None);
+        };
+        buf[..message.len()].copy_from_slice(&message);
+        Ok(Some(message.len()))
+    }
+
+    fn send(&self, parts: &[IoSlice<'_>]) -> io::Result<()> {
+        self.send_reply(parts);
+        Ok(())
+    }
+}
+
+#[test]
+fn destroy_on_one_channel_leaves_the_handler_to_the_others_until_the_last_ends() {
+    let device = Arc::new(TestDevice::new(geometry(all_features())));
+    let session = Arc::new(Session::new(device.clone(), SessionConfig::default()).unwrap());
+    let (channels, feeds): (Vec<_>, Vec<_>) = (0..3).map(|_| fed_channel()).unzip();
+    let serving = {
+        let session = session.clone();
+        let channels = channels
+            .into_iter()
+            .map(|c| c as Arc<dyn Channel>)
+            .collect();
+        std::thread::spawn(move || session.serve(channels))
+    };
+    let mut feeds = feeds.into_iter();
+    let retired = feeds.next().unwrap();
+    // The module retires a handed-over daemon's queues one at a time: the
+    // first reads DESTROY and its worker ends ...
+    assert_eq!(retired.call(destroy_request(1)).result, Ok(vec![]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while session.workers_waiting() > 2 {
+        assert!(std::time::Instant::now() < deadline, "the worker stayed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(device.destroyed(), 0, "destroyed with two queues left");
+    // ... while the others still dispatch to a live handler.
+    for (queue, feed) in (1..).zip(feeds.by_ref().collect::<Vec<_>>()) {
+        let offset = 4096 * queue;
+        let written = feed.call(write_request(10 + queue, offset, &[0x5a; 512], 0));
+        assert!(written.result.is_ok(), "{written:?}");
+        let read = feed.call(read_request(20 + queue, offset, 512));
+        assert_eq!(read.result, Ok(vec![0x5a; 512]));
+        assert_eq!(device.destroyed(), 0);
+        // Dropping the feed ends the channel.
+    }
+    serving.join().unwrap().unwrap();
+    assert_eq!(device.destroyed(), 1, "destroyed once, after the last");
+    assert_eq!(device.calls().len(), 4);
+}
+
 #[test]
 fn serve_reports_a_channel_error_and_still_destroys() {
     let device = Arc::new(TestDevice::new(geometry(all_features())));
