@@ -55,7 +55,7 @@ fn a_fuser_filesystem_serves_a_block_device() {
     sh("mkfs.ext4", &["-q", path.to_str().unwrap()]);
     sh("e2fsck", &["-fn", path.to_str().unwrap()]);
 
-    stock.detacher().detach(false).expect("detach");
+    stock.detacher().detach().expect("detach");
     stock.wait().expect("session ends cleanly");
     assert!(!run.join("mnt").exists(), "mount point removed");
 }

@@ -72,29 +72,6 @@ pub fn session_config() -> SessionConfig {
     }
 }
 
-/// Why a detach did not happen.
-#[derive(Debug)]
-pub enum DetachError {
-    /// The device is mounted or otherwise held exclusively.
-    Busy(PathBuf),
-    Io(io::Error),
-}
-
-impl std::fmt::Display for DetachError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DetachError::Busy(path) => write!(
-                f,
-                "{} is in use (mounted?); unmount it first",
-                path.display()
-            ),
-            DetachError::Io(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-impl std::error::Error for DetachError {}
-
 struct Shared {
     loop_device: Mutex<Option<LoopDevice>>,
     mount: Mutex<Option<FuseMount>>,
@@ -404,6 +381,11 @@ impl Drop for StockDevice {
 }
 
 impl Detacher {
+    /// The loop device, e.g. `/dev/loop3`.
+    pub fn device_path(&self) -> &Path {
+        &self.device_path
+    }
+
     /// The FUSE connection for a successor daemon. Until [`retire`] this
     /// process keeps serving too.
     ///
@@ -435,23 +417,17 @@ impl Detacher {
         }
     }
 
-    /// Flushes, unbinds the loop device and unmounts. Unless `even_if_busy`,
-    /// a device that is mounted or held exclusively is left alone with
-    /// [`DetachError::Busy`]; with it, the loop driver defers the unbinding
-    /// to the last close and the daemon serves until then, so nothing
-    /// written is lost.
-    pub fn detach(&self, even_if_busy: bool) -> Result<(), DetachError> {
+    /// Flushes, unbinds the loop device and unmounts. A device still in
+    /// use (mounted, held) is unbound by the loop driver at its last close
+    /// and the daemon serves until then, so nothing written is lost;
+    /// whether to detach a busy device at all is the caller's choice.
+    pub fn detach(&self) -> io::Result<()> {
         let mut loop_slot = self.shared.loop_device.lock();
-        if let Some(loop_device) = loop_slot.as_ref() {
-            if !even_if_busy && loop_device.in_use() {
-                return Err(DetachError::Busy(self.device_path.clone()));
-            }
+        if let Some(loop_device) = loop_slot.take() {
             if let Err(e) = loop_device.flush() {
                 log::warn!("flushing {}: {e}", self.device_path.display());
             }
-        }
-        if let Some(loop_device) = loop_slot.take() {
-            loop_device.detach().map_err(DetachError::Io)?;
+            loop_device.detach()?;
         }
         drop(loop_slot);
         // The loop driver closes the file when its last opener goes; only
@@ -463,7 +439,7 @@ impl Detacher {
             );
         }
         if let Some(mount) = self.shared.mount.lock().take() {
-            mount.unmount().map_err(DetachError::Io)?;
+            mount.unmount()?;
         }
         Ok(())
     }

@@ -184,12 +184,6 @@ impl LoopDevice {
             .unwrap_or(false)
     }
 
-    /// Whether something holds the device exclusively (a mounted file
-    /// system, a device mapper table, ...).
-    pub fn in_use(&self) -> bool {
-        in_use(&self.path)
-    }
-
     /// Writes back what the device caches and flushes the backing file.
     pub fn flush(&self) -> io::Result<()> {
         self.file.sync_all()
@@ -199,18 +193,6 @@ impl LoopDevice {
     /// the unbinding to their last close.
     pub fn detach(self) -> io::Result<()> {
         clear(&self.file, &self.path)
-    }
-}
-
-/// Whether `device` is held exclusively (mounted, ...).
-pub fn in_use(device: &Path) -> bool {
-    match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
-        .open(device)
-    {
-        Ok(_) => false,
-        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
     }
 }
 

@@ -16,6 +16,7 @@ use fuse_blk_kmod::{Destroyer, Ended, KmodDevice, KmodOptions};
 use fuse_blk_loop::{Detacher, StockDevice, StockOptions};
 use nix::sys::signal::{SigSet, Signal};
 
+use crate::blockdev;
 use crate::state::{self, DeviceDir, DeviceState};
 use crate::AttachArgs;
 
@@ -72,24 +73,31 @@ enum DetachHandle {
 }
 
 impl DetachHandle {
+    fn device_path(&self) -> &Path {
+        match self {
+            DetachHandle::Stock(detacher) => detacher.device_path(),
+            DetachHandle::Kmod { path, .. } => path,
+        }
+    }
+
     /// Unless `even_if_busy`, a device that is mounted or held exclusively
     /// is left alone. With it, the device goes once it is no longer in use;
     /// nothing written to it is lost either way.
     fn detach(&self, even_if_busy: bool) -> Result<(), String> {
+        let path = self.device_path();
+        if !even_if_busy && blockdev::in_use(path) {
+            return Err(format!(
+                "{} is in use (mounted?); unmount it first",
+                path.display()
+            ));
+        }
         match self {
-            DetachHandle::Stock(detacher) => {
-                detacher.detach(even_if_busy).map_err(|e| e.to_string())
-            }
+            // The loop driver itself unbinds a busy device at its last close.
+            DetachHandle::Stock(detacher) => detacher.detach().map_err(|e| e.to_string()),
             DetachHandle::Kmod { destroyer, path } => {
-                if fuse_blk_loop::loopdev::in_use(path) {
-                    if !even_if_busy {
-                        return Err(format!(
-                            "{} is in use (mounted?); unmount it first",
-                            path.display()
-                        ));
-                    }
+                if blockdev::in_use(path) {
                     log::info!("{} is in use; detaching once it is not", path.display());
-                    while fuse_blk_loop::loopdev::in_use(path) {
+                    while blockdev::in_use(path) {
                         std::thread::sleep(Duration::from_millis(200));
                     }
                 }
