@@ -78,7 +78,9 @@ struct Shared {
     namespace: Arc<OneFileNamespace>,
     session: Arc<Session>,
     /// The connection's first descriptor, handed to a successor daemon.
-    primary: Arc<FdChannel>,
+    /// No worker reads it: a channel makes its open file non-blocking,
+    /// which a predecessor or successor sharing it may not expect.
+    primary: OwnedFd,
     /// Another daemon serves the connection now: leave mount and loop be.
     handed_over: AtomicBool,
 }
@@ -455,19 +457,16 @@ fn create_private_dir(dir: &Path) -> io::Result<bool> {
     }
 }
 
-/// The connection's first channel (kept to hand over) and all of them.
-type Channels = (Arc<FdChannel>, Vec<Arc<dyn Channel>>);
+/// The connection's first descriptor (kept to hand over) and the channels.
+type Channels = (OwnedFd, Vec<Arc<dyn Channel>>);
 
-/// Channels for `threads` workers: the connection's descriptor and clones
-/// of it.
+/// Channels for `threads` workers, each a clone of the connection with an
+/// open file of its own (see [`FdChannel::new`]).
 fn open_channels(fd: OwnedFd, threads: usize) -> io::Result<Channels> {
-    let mut channels: Vec<Arc<dyn Channel>> = Vec::with_capacity(threads);
-    for _ in 1..threads {
-        channels.push(Arc::new(FdChannel::new(mount::clone_channel(&fd)?)));
-    }
-    let primary = Arc::new(FdChannel::new(fd));
-    channels.push(primary.clone());
-    Ok((primary, channels))
+    let channels = (0..threads)
+        .map(|_| Ok(Arc::new(FdChannel::new(mount::clone_channel(&fd)?)) as Arc<dyn Channel>))
+        .collect::<io::Result<_>>()?;
+    Ok((fd, channels))
 }
 
 fn spawn_session(

@@ -25,6 +25,7 @@
 //! ```
 
 pub mod channel;
+mod event;
 pub mod handler;
 pub mod io_thread;
 pub mod mapping;

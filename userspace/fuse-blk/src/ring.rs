@@ -32,7 +32,7 @@
 //! [`BlockDevice::parallel_large_io`]: crate::BlockDevice::parallel_large_io
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::ThreadId;
@@ -45,6 +45,7 @@ use fuse_blk_proto::reply::{error_header, success_header};
 use io_uring::{cqueue, opcode as op, squeue, types, IoUring};
 use zerocopy::FromBytes;
 
+use crate::event::Event;
 use crate::io_thread;
 use crate::mapping::Mapping;
 use crate::reply::{self, Extent, ReplySink, MAX_REPLY_PARTS};
@@ -215,7 +216,7 @@ struct Buffers<W> {
     max_io: usize,
     /// Entries queued for COMMIT_AND_FETCH.
     committed: parking_lot::Mutex<Vec<u16>>,
-    wake: OwnedFd,
+    wake: Event,
     worker: ThreadId,
 }
 
@@ -244,10 +245,7 @@ impl<W: Wire> Buffers<W> {
     fn commit(&self, entry: u16) {
         self.committed.lock().push(entry);
         if std::thread::current().id() != self.worker {
-            let one = 1u64.to_ne_bytes();
-            if let Err(e) = nix::unistd::write(&self.wake, &one) {
-                log::error!("waking the io_uring worker: {e}");
-            }
+            self.wake.set();
         }
     }
 }
@@ -483,13 +481,7 @@ pub fn serve<W: Wire>(
 ) -> io::Result<()> {
     // Helpers inherit it.
     io_thread::mark_io_flusher();
-    // SAFETY: eventfd has no memory-safety preconditions.
-    let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    if wake < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor just created, owned by nothing else.
-    let wake = unsafe { OwnedFd::from_raw_fd(wake) };
+    let wake = Event::new()?;
     let buffers = Arc::new(Buffers {
         wire,
         headers: Mapping::new(usize::from(depth) * W::HEADER_SIZE)?,
@@ -695,7 +687,7 @@ impl<'a, W: Wire> Worker<'a, W> {
 
     fn arm_wake(&mut self) -> io::Result<()> {
         let read = op::Read::new(
-            types::Fd(self.buffers.wake.as_raw_fd()),
+            types::Fd(self.buffers.wake.as_fd().as_raw_fd()),
             self.wake_buf.as_mut_ptr(),
             self.wake_buf.len() as u32,
         )
@@ -971,7 +963,7 @@ mod tests {
             payloads: Mapping::new(8192).unwrap(),
             max_io: 8192,
             committed: parking_lot::Mutex::new(Vec::new()),
-            wake: std::fs::File::open("/dev/null").unwrap().into(),
+            wake: Event::new().unwrap(),
             worker: std::thread::current().id(),
         };
         EntrySink {

@@ -16,6 +16,7 @@
 //! | DESTROY (ends its channel's worker)    | `destroy`, once every worker has ended |
 
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -29,6 +30,7 @@ use fuse_blk_proto::request::{
 use zerocopy::IntoBytes;
 
 use crate::channel::Channel;
+use crate::event::Event;
 use crate::handler::{BlockDevice, Geometry, GeometryError, Request};
 use crate::mapping::Mapping;
 use crate::reply::{self, ReplyData, ReplyEmpty, ReplySink, ReplyWrite, Responder};
@@ -131,9 +133,9 @@ pub struct Session {
     /// `flags2` of the FUSE_INIT reply once it has been sent (and, as the
     /// kernel handles it inside the write, taken); `NO_INIT` before.
     granted_flags2: AtomicU32,
-    /// Worker threads blocked or about to block in `receive`, by queue;
-    /// a worker removes itself before it ends, so each entry is live.
-    waiting_workers: parking_lot::Mutex<std::collections::HashMap<u16, libc::pthread_t>>,
+    /// Worker threads in their receive loop, by queue, with the event that
+    /// `stop` sets to end their wait for a request.
+    waiting_workers: parking_lot::Mutex<std::collections::HashMap<u16, Arc<Event>>>,
 }
 
 impl Session {
@@ -213,7 +215,7 @@ impl Session {
         self.serving.fetch_add(1, Ordering::AcqRel);
         let result = self
             .spawn_workers(queues, worker)
-            .map(|workers| Session::join_workers(workers));
+            .map(Session::join_workers);
         self.serving.fetch_sub(1, Ordering::AcqRel);
         // A worker that could not be started leaves the others running,
         // with the handler.
@@ -265,11 +267,9 @@ impl Session {
     /// Receives and dispatches requests from one channel until it ends.
     pub fn run_worker(&self, queue: u16, channel: Arc<dyn Channel>) -> io::Result<()> {
         let buffer = Mapping::new(self.config.buffer_size())?.without_huge_pages();
-        // SAFETY: pthread_self has no preconditions.
-        self.waiting_workers
-            .lock()
-            .insert(queue, unsafe { libc::pthread_self() });
-        let result = self.worker_loop(queue, &channel, &buffer);
+        let stop = Arc::new(Event::new()?);
+        self.waiting_workers.lock().insert(queue, stop.clone());
+        let result = self.worker_loop(queue, &channel, &buffer, stop.as_fd());
         self.waiting_workers.lock().remove(&queue);
         result
     }
@@ -279,13 +279,14 @@ impl Session {
         queue: u16,
         channel: &Arc<dyn Channel>,
         buffer: &Mapping,
+        stop: BorrowedFd<'_>,
     ) -> io::Result<()> {
         // How far requests reached into `buffer` since its pages were last
         // given back.
         let mut touched = 0;
         while !self.stopping.load(Ordering::Acquire) {
             if touched.max(reply::fill_buffer_touched()) > IDLE_KEEP {
-                match channel.wait_ready(IDLE_TICK) {
+                match channel.wait_ready(IDLE_TICK, stop) {
                     Ok(true) => {}
                     Ok(false) => {
                         // SAFETY: no request is being handled, and none
@@ -303,7 +304,7 @@ impl Session {
             // SAFETY: the mapping is this worker's alone, and the slice
             // ends with this turn, before the buffer can be released.
             let buf = unsafe { std::slice::from_raw_parts_mut(buffer.as_ptr(), buffer.len()) };
-            match channel.receive(buf) {
+            match channel.receive_or_stop(buf, stop) {
                 Ok(Some(len)) => {
                     touched = touched.max(len);
                     if !self.dispatch(queue, &buf[..len], channel) {
@@ -327,25 +328,15 @@ impl Session {
     /// handling, without ending the channels: another process can go on
     /// serving them (handoff). Requests not yet read stay queued in the
     /// kernel. Call repeatedly until `serve` returns: a worker that was not
-    /// yet waiting when signalled notices at its next wait.
+    /// yet waiting when this was called notices at its next wait.
+    ///
+    /// No signal is involved: each worker waits for its next request on
+    /// the channel and on an event of its own together
+    /// ([`Channel::receive_or_stop`]), which this sets.
     pub fn stop(&self) {
-        static HANDLER: std::sync::Once = std::sync::Once::new();
-        HANDLER.call_once(|| {
-            use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-            extern "C" fn wake(_: libc::c_int) {}
-            // No SA_RESTART: a blocked read(2) returns EINTR.
-            let action =
-                SigAction::new(SigHandler::Handler(wake), SaFlags::empty(), SigSet::empty());
-            // SAFETY: the handler does nothing, which is async-signal-safe.
-            if let Err(e) = unsafe { sigaction(Signal::SIGUSR1, &action) } {
-                log::error!("installing the SIGUSR1 handler: {e}");
-            }
-        });
         self.stopping.store(true, Ordering::Release);
-        for thread in self.waiting_workers.lock().values() {
-            // SAFETY: the thread is alive: it removes itself from the map,
-            // under this lock, before it ends.
-            unsafe { libc::pthread_kill(*thread, libc::SIGUSR1) };
+        for stop in self.waiting_workers.lock().values() {
+            stop.set();
         }
     }
 

@@ -5,6 +5,7 @@ use std::io::IoSlice;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use fuse_blk::proto::abi::{self, opcode};
 use fuse_blk::proto::client::{encode_request, parse_reply};
@@ -104,4 +105,62 @@ fn serve_over_a_socket_until_the_peer_closes() {
     drop(peer);
     server.join().unwrap().unwrap();
     assert_eq!(device.destroyed.load(Ordering::SeqCst), 1);
+}
+
+/// The disposition of SIGUSR1 in this process.
+fn sigusr1_handler() -> libc::sighandler_t {
+    // SAFETY: sigaction only reads the current action into a zeroed local.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        assert_eq!(
+            libc::sigaction(libc::SIGUSR1, std::ptr::null(), &mut action),
+            0
+        );
+        action.sa_sigaction
+    }
+}
+
+#[test]
+fn stop_ends_every_waiting_worker_without_a_signal() {
+    let (ours, peers): (Vec<_>, Vec<_>) = (0..3).map(|_| pair()).unzip();
+    let device = Arc::new(Zeros {
+        destroyed: AtomicUsize::new(0),
+    });
+    let session = Arc::new(Session::new(device.clone(), SessionConfig::default()).unwrap());
+    let server = {
+        let session = session.clone();
+        let channels = ours
+            .into_iter()
+            .map(|fd| Arc::new(FdChannel::new(fd)) as Arc<dyn Channel>)
+            .collect();
+        std::thread::spawn(move || session.serve(channels))
+    };
+    // Every worker answers a request, then waits for the next.
+    let read = abi::ReadIn {
+        size: 512,
+        ..Default::default()
+    };
+    for (unique, peer) in (1..).zip(&peers) {
+        nix::unistd::write(
+            peer,
+            &encode_request(opcode::READ, unique, 2, &[read.as_bytes()]),
+        )
+        .unwrap();
+        let mut reply = vec![0u8; 4096];
+        let n = nix::unistd::read(peer, &mut reply).unwrap();
+        assert_eq!(parse_reply(&reply[..n]).unwrap().unique, unique);
+    }
+    while session.workers_waiting() < peers.len() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.is_finished() {
+        assert!(Instant::now() < deadline, "the workers did not stop");
+        session.stop();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    server.join().unwrap().unwrap();
+    assert_eq!(device.destroyed.load(Ordering::SeqCst), 1);
+    // A library must not take a process-wide signal.
+    assert_eq!(sigusr1_handler(), libc::SIG_DFL);
 }
