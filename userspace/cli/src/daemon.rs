@@ -273,10 +273,6 @@ fn attach(
     record.device = served.device_path().display().to_string();
     record.passthrough = served.passthrough();
     record_serving(&mut record, &served, args);
-    if let Err(e) = dir.write(&record) {
-        drop(served);
-        return Err(undo(format!("writing state: {e}")));
-    }
     log::info!("{name}: {} serves {}", record.device, record.backend);
     Ok((served, dir, record))
 }
@@ -332,8 +328,6 @@ fn recover(
     record.backend = backend.to_string();
     record.passthrough = served.passthrough();
     record_serving(&mut record, &served, args);
-    dir.write(&record)
-        .map_err(|e| format!("writing state: {e}"))?;
     log::info!(
         "{}: {} recovered by pid {}",
         record.name,
@@ -391,33 +385,42 @@ fn serve(
     readiness: Readiness,
     recovered: bool,
 ) -> Result<(), String> {
-    // A daemon taking over replaces its predecessor's socket.
-    if recovered {
-        let _ = std::fs::remove_file(dir.control_socket());
-    }
-    let handles = served.detach_handle().and_then(|detacher| {
-        UnixListener::bind(dir.control_socket())
-            .map(|listener| (detacher, listener))
-            .map_err(|e| format!("{}: {e}", dir.control_socket().display()))
-    });
-    let (detacher, listener) = match handles {
-        Ok(both) => both,
-        Err(message) => {
-            // A device this process created is not in use yet: dropping it
-            // removes it. A recovered one stays for the next daemon.
-            drop(served);
-            if !recovered {
-                let _ = dir.remove();
-            }
-            readiness.failed(&message);
-            return Err(message);
-        }
-    };
+    serve_with(served, dir, record, readiness, recovered, &spawn_thread)
+}
+
+/// Starts a named thread; a seam for tests, which make it fail.
+type Spawn = dyn Fn(&'static str, Box<dyn FnOnce() + Send>) -> std::io::Result<()>;
+
+fn spawn_thread(name: &'static str, body: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(body)
+        .map(drop)
+}
+
+/// [`serve`] with the threads started by `spawn`.
+fn serve_with(
+    served: Served,
+    dir: DeviceDir,
+    record: DeviceState,
+    readiness: Readiness,
+    recovered: bool,
+    spawn: &Spawn,
+) -> Result<(), String> {
     // Held while a control command runs, so that the daemon does not exit
     // between detaching and telling the client so.
     let answering = Arc::new(Mutex::new(()));
-    spawn_control(listener, detacher.clone(), answering.clone());
-    spawn_signal_thread(detacher);
+    if let Err(message) = start_serving(&served, &dir, &record, &answering, spawn) {
+        // A device this process created is not in use yet: dropping it
+        // removes it. A recovered one stays for the next daemon, with the
+        // state its previous daemon left.
+        drop(served);
+        if !recovered {
+            let _ = dir.remove();
+        }
+        readiness.failed(&message);
+        return Err(message);
+    }
     readiness.ready(&record.device);
 
     let result = served.wait();
@@ -434,36 +437,104 @@ fn serve(
     result.map(drop).map_err(|e| e.to_string())
 }
 
-fn spawn_signal_thread(detacher: DetachHandle) {
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let Ok(signal) = detach_signals().wait() else {
-                continue;
-            };
-            log::info!("{signal}: detaching once the device is no longer in use");
-            match detacher.detach(true) {
-                Ok(()) => return,
-                Err(e) => log::error!("detach: {e}"),
-            }
-        })
-        .expect("spawning the signal thread");
+/// Starts the signal and control threads and then publishes this daemon:
+/// its state and its control socket. Nothing is published unless all of
+/// it works, so that on an error the device's directory still names the
+/// daemon it named before.
+fn start_serving(
+    served: &Served,
+    dir: &DeviceDir,
+    record: &DeviceState,
+    answering: &Arc<Mutex<()>>,
+    spawn: &Spawn,
+) -> Result<(), String> {
+    let detacher = served.detach_handle()?;
+    let (socket, listener) = ControlSocket::bind(dir)?;
+    let signal_detacher = detacher.clone();
+    spawn("signals", Box::new(move || signal_loop(signal_detacher)))
+        .map_err(|e| format!("starting the signal thread: {e}"))?;
+    let answering = answering.clone();
+    spawn(
+        "control",
+        Box::new(move || control_loop(listener, detacher, answering)),
+    )
+    .map_err(|e| format!("starting the control thread: {e}"))?;
+    socket.publish(dir, record)
+}
+
+/// This daemon's control socket, bound at a path of its own until
+/// [`ControlSocket::publish`] moves it to the device's: two daemons taking
+/// a device over at once each bind their own, and the one that publishes
+/// last is the device's daemon.
+struct ControlSocket {
+    path: PathBuf,
+    published: bool,
+}
+
+impl ControlSocket {
+    fn bind(dir: &DeviceDir) -> Result<(ControlSocket, UnixListener), String> {
+        let path = dir
+            .path
+            .join(format!("control.{}.sock", std::process::id()));
+        // Left by a daemon of the same pid that did not get to publish.
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok((
+            ControlSocket {
+                path,
+                published: false,
+            },
+            listener,
+        ))
+    }
+
+    /// Writes the state and puts the socket in place, under the device
+    /// directory's lock so that state and socket name the same daemon.
+    fn publish(mut self, dir: &DeviceDir, record: &DeviceState) -> Result<(), String> {
+        let _lock = dir
+            .lock()
+            .map_err(|e| format!("locking {}: {e}", dir.path.display()))?;
+        dir.write(record)
+            .map_err(|e| format!("writing state: {e}"))?;
+        std::fs::rename(&self.path, dir.control_socket())
+            .map_err(|e| format!("{}: {e}", dir.control_socket().display()))?;
+        self.published = true;
+        Ok(())
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Detaches the device on SIGTERM, SIGINT or SIGHUP, once it is no longer
+/// in use.
+fn signal_loop(detacher: DetachHandle) {
+    loop {
+        let Ok(signal) = detach_signals().wait() else {
+            continue;
+        };
+        log::info!("{signal}: detaching once the device is no longer in use");
+        match detacher.detach(true) {
+            Ok(()) => return,
+            Err(e) => log::error!("detach: {e}"),
+        }
+    }
 }
 
 /// The control socket takes one command per connection, a line of text, and
 /// answers `ok` or `error MESSAGE`.
-fn spawn_control(listener: UnixListener, detacher: DetachHandle, answering: Arc<Mutex<()>>) {
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let _answering = answering.lock();
-                if let Err(e) = handle_control(stream, &detacher) {
-                    log::warn!("control connection: {e}");
-                }
-            }
-        })
-        .expect("spawning the control thread");
+fn control_loop(listener: UnixListener, detacher: DetachHandle, answering: Arc<Mutex<()>>) {
+    for stream in listener.incoming().flatten() {
+        let _answering = answering.lock();
+        if let Err(e) = handle_control(stream, &detacher) {
+            log::warn!("control connection: {e}");
+        }
+    }
 }
 
 fn handle_control(stream: UnixStream, detacher: &DetachHandle) -> std::io::Result<()> {
@@ -591,5 +662,112 @@ pub fn request_detach(dir: &DeviceDir) -> Result<(), String> {
             "unexpected answer from the daemon: {:?}",
             answer.trim_end()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A stock-path device of 16 MiB in memory with its directory, as
+    /// `attach` leaves them just before serving.
+    fn stock_device(test: &str) -> (Served, DeviceDir, DeviceState) {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        assert!(
+            root,
+            "this test mounts FUSE and binds a loop device: run it as root"
+        );
+        let dir = DeviceDir {
+            path: PathBuf::from(format!(
+                "/run/fuse-blk-test/unit-{test}-{}",
+                std::process::id()
+            )),
+        };
+        let _ = dir.remove();
+        std::fs::create_dir_all(&dir.path).expect("device directory");
+        let backend: BackendSpec = "mem:16M".parse().expect("backend");
+        let device = backend.open(false, 4096).expect("mem backend");
+        let options = StockOptions {
+            mountpoint: dir.mountpoint(),
+            name: test.into(),
+            threads: 2,
+            io: fuse_blk::IoMode::ReadWrite,
+            passthrough: false,
+            ring_poll: fuse_blk::DEFAULT_RING_POLL,
+        };
+        let stock = StockDevice::attach(device, &options).expect("attaching");
+        let record = DeviceState {
+            name: test.into(),
+            device: stock.device_path().display().to_string(),
+            transport: "loop".into(),
+            backend: backend.to_string(),
+            size: 16 << 20,
+            block_size: 4096,
+            read_only: false,
+            pid: std::process::id(),
+            start_time: None,
+            mountpoint: dir.mountpoint().display().to_string(),
+            dev_id: None,
+            passthrough: false,
+            io: None,
+            ring_poll_us: None,
+            threads: None,
+        };
+        dir.write(&record).expect("state");
+        (Served::Stock(stock), dir, record)
+    }
+
+    #[test]
+    fn a_thread_that_cannot_start_leaves_nothing_behind() {
+        for (failing, what) in [("signals", "signal"), ("control", "control")] {
+            let test = format!("spawn-{failing}");
+            let test = test.as_str();
+            let (served, dir, record) = stock_device(test);
+            let loop_name = Path::new(&record.device)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .expect("loop name")
+                .to_owned();
+            assert!(fuse_blk_loop::loopdev::backing_file(&loop_name).is_some());
+            let (ready_read, ready_write) = nix::unistd::pipe().expect("pipe");
+            let spawn = move |name: &'static str, body: Box<dyn FnOnce() + Send>| {
+                if name == failing {
+                    return Err(std::io::Error::from_raw_os_error(libc::EAGAIN));
+                }
+                spawn_thread(name, body)
+            };
+            let result = serve_with(
+                served,
+                dir.clone(),
+                record.clone(),
+                Readiness::Pipe(File::from(ready_write)),
+                false,
+                &spawn,
+            );
+            let message = result.expect_err("serving without its thread");
+            assert!(
+                message.starts_with(&format!("starting the {what} thread: ")),
+                "{message}"
+            );
+            assert!(!message.contains('\n'), "one line: {message:?}");
+            let mut told = String::new();
+            File::from(ready_read)
+                .read_to_string(&mut told)
+                .expect("readiness");
+            assert_eq!(told, format!("error {message}\n"));
+            assert_eq!(
+                fuse_blk_loop::loopdev::backing_file(&loop_name),
+                None,
+                "{}: loop device still bound",
+                record.device
+            );
+            assert!(
+                !fuse_blk_loop::mount::is_mountpoint(Path::new(&record.mountpoint)),
+                "FUSE still mounted"
+            );
+            assert!(!dir.path.exists(), "{} left", dir.path.display());
+        }
     }
 }

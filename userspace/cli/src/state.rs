@@ -94,10 +94,23 @@ impl DeviceDir {
     }
 
     /// Replaces the state file atomically, so readers never see half of it.
+    /// The new file is written under a name of this process's, since two
+    /// daemons taking a device over at once both write.
     pub fn write(&self, state: &DeviceState) -> io::Result<()> {
-        let tmp = self.path.join("state.json.tmp");
+        let tmp = self
+            .path
+            .join(format!("state.json.{}.tmp", std::process::id()));
         fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
         fs::rename(&tmp, self.state_file())
+    }
+
+    /// Locks the directory (flock) until the returned lock is dropped, so
+    /// that changes of several of its files by different processes (two
+    /// daemons taking a device over at once) do not interleave.
+    pub fn lock(&self) -> io::Result<nix::fcntl::Flock<fs::File>> {
+        let dir = fs::File::open(&self.path)?;
+        nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| io::Error::from(errno))
     }
 
     pub fn remove(&self) -> io::Result<()> {
