@@ -11,6 +11,7 @@
 //! over, `ECANCELED` when the ring goes away.
 
 use std::io;
+use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ use fuse_blk::proto::abi::{opcode, InHeader, WriteIn};
 use fuse_blk::ring::{self, ReadSource, Target, Wire};
 use fuse_blk::{Channel, FdChannel, Session};
 use io_uring::{opcode as op, squeue, types, IoUring};
+use zerocopy::FromBytes;
 
 use crate::uapi;
 
@@ -115,12 +117,12 @@ impl Wire for ChannelWire {
         // Header and argument lie together at the start; only WRITE data is
         // in the payload buffer.
         head[..Self::HEADER_SIZE].copy_from_slice(&header[..Self::HEADER_SIZE]);
-        let len = u32::from_ne_bytes(head[0..4].try_into().expect("4 bytes")) as usize;
-        let opcode = u32::from_ne_bytes(head[4..8].try_into().expect("4 bytes"));
-        let data = if opcode == opcode::WRITE {
-            len.saturating_sub(std::mem::size_of::<InHeader>() + std::mem::size_of::<WriteIn>())
-        } else {
-            0
+        let data = match InHeader::read_from_prefix(header) {
+            // `len` counts the data in the payload buffer too.
+            Ok((request, _)) if request.opcode == opcode::WRITE => {
+                (request.len as usize).saturating_sub(size_of::<InHeader>() + size_of::<WriteIn>())
+            }
+            _ => 0,
         };
         (data, 0)
     }
@@ -172,5 +174,84 @@ fn answer_init(session: &Session, queue: u16, channel: &Arc<FdChannel>) -> io::R
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fuse_blk::proto::abi::ReadIn;
+    use std::fs::File;
+    use zerocopy::IntoBytes;
+
+    /// A wire on /dev/null: `request` only reads the buffers it is given.
+    fn wire() -> ChannelWire {
+        let null = File::open("/dev/null").expect("/dev/null");
+        ChannelWire {
+            channel: Arc::new(FdChannel::new(null.into())),
+            read_sources: ReadSources::default(),
+        }
+    }
+
+    /// An entry's header buffer holding `header` and then `arg`.
+    fn entry_header(header: InHeader, arg: &[u8]) -> [u8; uapi::URING_HEADER_SIZE] {
+        let mut buf = [0u8; uapi::URING_HEADER_SIZE];
+        let at = size_of::<InHeader>();
+        buf[..at].copy_from_slice(header.as_bytes());
+        buf[at..at + arg.len()].copy_from_slice(arg);
+        buf
+    }
+
+    #[test]
+    fn only_a_write_has_data_in_the_payload_buffer() {
+        let wire = wire();
+        let fixed = size_of::<InHeader>() + size_of::<WriteIn>();
+        let write = WriteIn {
+            size: 8192,
+            ..WriteIn::default()
+        };
+        let buf = entry_header(
+            InHeader {
+                len: (fixed + 8192) as u32,
+                opcode: opcode::WRITE,
+                unique: 2,
+                ..InHeader::default()
+            },
+            write.as_bytes(),
+        );
+        let mut head = [0u8; 256];
+        assert_eq!(wire.request(&buf, &mut head), (8192, 0));
+        assert_eq!(&head[..buf.len()], &buf[..], "header and argument copied");
+
+        let read = ReadIn {
+            size: 8192,
+            ..ReadIn::default()
+        };
+        let buf = entry_header(
+            InHeader {
+                len: (size_of::<InHeader>() + size_of::<ReadIn>()) as u32,
+                opcode: opcode::READ,
+                unique: 4,
+                ..InHeader::default()
+            },
+            read.as_bytes(),
+        );
+        assert_eq!(
+            wire.request(&buf, &mut head),
+            (0, 0),
+            "a READ's data goes out"
+        );
+
+        // A WRITE whose length does not even cover its argument has none.
+        let buf = entry_header(
+            InHeader {
+                len: size_of::<InHeader>() as u32,
+                opcode: opcode::WRITE,
+                unique: 6,
+                ..InHeader::default()
+            },
+            &[],
+        );
+        assert_eq!(wire.request(&buf, &mut head), (0, 0));
     }
 }

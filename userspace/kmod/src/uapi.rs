@@ -2,6 +2,8 @@
 //! ABI between the module and daemons. Field for field; the sizes are
 //! checked in the tests below.
 
+use zerocopy::{Immutable, IntoBytes};
+
 pub const ABI_VERSION: u32 = 5;
 pub const NAME_LEN: usize = 32;
 pub const MAX_QUEUES: u16 = 64;
@@ -79,7 +81,7 @@ pub struct Attach {
 
 /// The io_uring command area of an SQE (`struct fuse_blk_uring_cmd`).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, IntoBytes, Immutable)]
 pub struct UringCmd {
     pub entry: u16,
     /// `URING_F_*`.
@@ -100,12 +102,7 @@ pub const URING_F_DATA_IOVEC: u16 = 1 << 1;
 impl UringCmd {
     /// The command as the 16 bytes of a 64-byte SQE's command area.
     pub fn to_bytes(self) -> [u8; 16] {
-        let mut bytes = [0u8; 16];
-        bytes[..2].copy_from_slice(&self.entry.to_ne_bytes());
-        bytes[2..4].copy_from_slice(&self.flags.to_ne_bytes());
-        bytes[4..8].copy_from_slice(&self.data_segs.to_ne_bytes());
-        bytes[8..].copy_from_slice(&self.data_addr.to_ne_bytes());
-        bytes
+        zerocopy::transmute!(self)
     }
 }
 
@@ -148,8 +145,15 @@ mod tests {
         assert_eq!(URING_COMMIT_AND_FETCH, 0x4010_fb21);
         let cmd = UringCmd {
             entry: 0x0102,
-            ..UringCmd::default()
+            flags: 0x0304,
+            data_segs: 0x0506_0708,
+            data_addr: 0x1112_1314_1516_1718,
         };
-        assert_eq!(&cmd.to_bytes()[..4], &[0x02, 0x01, 0, 0][..]);
+        let mut fields = Vec::new();
+        fields.extend_from_slice(&cmd.entry.to_ne_bytes());
+        fields.extend_from_slice(&cmd.flags.to_ne_bytes());
+        fields.extend_from_slice(&cmd.data_segs.to_ne_bytes());
+        fields.extend_from_slice(&cmd.data_addr.to_ne_bytes());
+        assert_eq!(&cmd.to_bytes()[..], &fields[..], "the header's field order");
     }
 }
