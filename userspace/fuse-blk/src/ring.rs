@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use std::io::IoSlice;
 
-use fuse_blk_proto::abi::{opcode, InHeader, OutHeader, ReadIn};
+use fuse_blk_proto::abi::{opcode, InHeader, OutHeader, ReadIn, WriteOut};
 use fuse_blk_proto::reply::{error_header, success_header};
 use io_uring::{cqueue, opcode as op, squeue, types, IoUring};
 use zerocopy::FromBytes;
@@ -265,6 +265,28 @@ struct EntrySink<W> {
     /// Where the READ data of the reply is, when not in the payload buffer
     /// (see [`ReplySink::send_gathered`]); taken by the worker as it commits.
     read_data: parking_lot::Mutex<Option<ReadData>>,
+    /// The body of a reply to a WRITE on a wire that wants it in the
+    /// payload buffer (FUSE over io_uring: `fuse_write_out` over the first
+    /// bytes of the data). The handler may still be reading that data, and
+    /// a reply can come before it is done: the body waits here, and the
+    /// worker copies it in as it commits (see [`EntrySink::prepare_commit`]).
+    staged: parking_lot::Mutex<Staged>,
+}
+
+/// A reply body waiting for its entry's commit.
+#[derive(Debug, Default)]
+struct Staged {
+    bytes: [u8; STAGED_MAX],
+    len: usize,
+}
+
+/// The largest body a WRITE's reply has.
+const STAGED_MAX: usize = std::mem::size_of::<WriteOut>();
+
+/// Whether a request's handler borrows the entry's payload buffer for its
+/// call (a WRITE's data; the rest of any other request is copied out).
+fn borrows_payload(opcode: u32) -> bool {
+    opcode == opcode::WRITE
 }
 
 /// READ data a reply left in the handler's memory: where it is, and what
@@ -328,6 +350,29 @@ impl<W: Wire> EntrySink<W> {
         }
     }
 
+    /// Readies the entry for its commit and returns the READ data the
+    /// commit names, if any. Called by the worker as it commits, which is
+    /// after the handler of the entry's request has returned: the worker
+    /// commits only between dispatches, and a helper queues its entry only
+    /// once its handler call is over (see [`help`]). So a body staged for
+    /// the payload buffer can go there now, over data nobody borrows.
+    fn prepare_commit(&self) -> Option<ReadData> {
+        let mut staged = self.staged.lock();
+        if staged.len > 0 {
+            // SAFETY: the entry's payload buffer, which userspace owns
+            // until this commit and no handler reads any more (see above).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    staged.bytes.as_ptr(),
+                    self.buffers.payload(self.entry),
+                    staged.len,
+                )
+            };
+            staged.len = 0;
+        }
+        self.read_data.lock().take()
+    }
+
     fn write_header(&self, header: OutHeader) {
         // SAFETY: the header buffer of an entry this reply owns (see
         // `Buffers`); `OutHeader` is 16 plain bytes, within the 128.
@@ -342,42 +387,50 @@ impl<W: Wire> EntrySink<W> {
 
 impl<W: Wire> ReplySink for EntrySink<W> {
     fn send_reply(&self, parts: &[IoSlice<'_>]) {
-        let header_len = std::mem::size_of::<OutHeader>();
-        let wire = &self.buffers.wire;
-        let (dest, room) = if wire.body_in_payload(self.opcode()) {
-            (self.buffers.payload(self.entry), self.buffers.max_io)
-        } else {
-            // SAFETY: within the entry's header buffer.
-            let args = unsafe { self.buffers.header(self.entry).add(header_len) };
-            (args, W::HEADER_SIZE - header_len)
-        };
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let Some(first) = parts.first().filter(|p| p.len() == header_len) else {
+        let Some(header) = parts
+            .first()
+            .and_then(|h| OutHeader::read_from_bytes(h).ok())
+        else {
             log::error!("reply without its header; not sent");
             return;
         };
-        if total - header_len > room {
-            log::error!("reply of {total} bytes does not fit its ring entry; answering EIO");
-            let unique = u64::from_ne_bytes(first[8..16].try_into().expect("8 bytes"));
-            self.write_header(error_header(unique, libc::EIO));
+        let body = &parts[1..];
+        let len: usize = body.iter().map(|p| p.len()).sum();
+        let wire = &self.buffers.wire;
+        let opcode = self.opcode();
+        let mut staged = None;
+        let (dest, room) = if !wire.body_in_payload(opcode) {
+            let header_len = std::mem::size_of::<OutHeader>();
+            // SAFETY: within the entry's header buffer.
+            let args = unsafe { self.buffers.header(self.entry).add(header_len) };
+            (args, W::HEADER_SIZE - header_len)
+        } else if borrows_payload(opcode) {
+            let staged = staged.insert(self.staged.lock());
+            (staged.bytes.as_mut_ptr(), STAGED_MAX)
+        } else {
+            (self.buffers.payload(self.entry), self.buffers.max_io)
+        };
+        if len > room {
+            log::error!("a reply body of {len} bytes does not fit its ring entry; answering EIO");
+            self.write_header(error_header(header.unique, libc::EIO));
             wire.set_body_len(self.buffers.header(self.entry), 0);
         } else {
-            // SAFETY: the entry's buffers are this reply's (see `Buffers`);
-            // the header is 16 bytes and the rest was checked to fit `room`.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    first.as_ptr(),
-                    self.buffers.header(self.entry),
-                    header_len,
-                );
-                let mut at = dest;
-                for part in &parts[1..] {
+            self.write_header(header);
+            let mut at = dest;
+            for part in body {
+                // SAFETY: `dest` is this reply's (the entry's buffers, see
+                // `Buffers`, or `staged`, locked) and the parts fit `room`.
+                unsafe {
                     std::ptr::copy_nonoverlapping(part.as_ptr(), at, part.len());
                     at = at.add(part.len());
                 }
             }
-            wire.set_body_len(self.buffers.header(self.entry), total - header_len);
+            if let Some(staged) = &mut staged {
+                staged.len = len;
+            }
+            wire.set_body_len(self.buffers.header(self.entry), len);
         }
+        drop(staged);
         self.replied();
     }
 
@@ -644,6 +697,7 @@ impl<'a, W: Wire> Worker<'a, W> {
                     opcode: AtomicU32::new(0),
                     commit: AtomicU8::new(COMMIT_NOW),
                     read_data: parking_lot::Mutex::new(None),
+                    staged: parking_lot::Mutex::default(),
                 })
             })
             .collect();
@@ -762,7 +816,7 @@ impl<'a, W: Wire> Worker<'a, W> {
             for &entry in &committed {
                 self.with_user -= 1;
                 let commit_id = self.commit_ids[usize::from(entry)];
-                let read_data = self.sinks[usize::from(entry)].read_data.lock().take();
+                let read_data = self.sinks[usize::from(entry)].prepare_commit();
                 let source = read_data.as_ref().map(ReadData::source);
                 self.committed_data[usize::from(entry)] = read_data;
                 let mut commit = self
@@ -859,12 +913,13 @@ impl<'a, W: Wire> Worker<'a, W> {
         let in_payload = in_payload.min(self.buffers.max_io);
         // SAFETY: within the entry's payload buffer, which userspace owns
         // until the commit. Only a WRITE's data is borrowed while the
-        // request is handled, and the reply to a WRITE is a few bytes that
-        // never reach the data; any other request's bytes are copied out.
+        // request is handled, and nothing writes the payload buffer until
+        // its handler has returned (a reply body bound there waits in
+        // `EntrySink::staged`); any other request's bytes are copied out.
         let payload =
             unsafe { std::slice::from_raw_parts(self.buffers.payload(entry), in_payload) };
         let joined;
-        let (head, payload): (&[u8], &[u8]) = if opcode == opcode::WRITE || in_payload == 0 {
+        let (head, payload): (&[u8], &[u8]) = if borrows_payload(opcode) || in_payload == 0 {
             (&head_copy[..], payload)
         } else {
             // A name or the like: one contiguous message.
@@ -917,10 +972,16 @@ mod tests {
     use super::*;
 
     /// A wire that names READ data by address (`addr`) and by iovecs
-    /// (`iovecs`) as told; nothing is ever submitted.
+    /// (`iovecs`) as told, and puts every reply body in the payload buffer
+    /// as FUSE over io_uring does (`fuse`, else only READ data, as the
+    /// module does); nothing is ever submitted.
+    #[derive(Default)]
     struct FakeWire {
         addr: bool,
         iovecs: bool,
+        fuse: bool,
+        /// What the last `set_body_len` said.
+        body_len: std::sync::atomic::AtomicUsize,
     }
 
     impl Wire for FakeWire {
@@ -947,16 +1008,18 @@ mod tests {
             (0, 0)
         }
         fn body_in_payload(&self, opcode: u32) -> bool {
-            opcode == opcode::READ
+            self.fuse || opcode == opcode::READ
         }
-        fn set_body_len(&self, _: *mut u8, _: usize) {}
+        fn set_body_len(&self, _: *mut u8, len: usize) {
+            self.body_len.store(len, Ordering::Relaxed);
+        }
         fn ended(&self, _: i32) -> bool {
             true
         }
     }
 
-    /// Entry 0 of a one-entry ring on `wire`, holding a READ.
-    fn read_entry(wire: FakeWire) -> EntrySink<FakeWire> {
+    /// Entry 0 of a one-entry ring on `wire`, holding a request of `opcode`.
+    fn entry(wire: FakeWire, opcode: u32) -> EntrySink<FakeWire> {
         let buffers = Buffers {
             wire,
             headers: Mapping::new(FakeWire::HEADER_SIZE).unwrap(),
@@ -969,9 +1032,10 @@ mod tests {
         EntrySink {
             buffers: Arc::new(buffers),
             entry: 0,
-            opcode: AtomicU32::new(opcode::READ),
+            opcode: AtomicU32::new(opcode),
             commit: AtomicU8::new(COMMIT_NOW),
             read_data: parking_lot::Mutex::new(None),
+            staged: parking_lot::Mutex::default(),
         }
     }
 
@@ -993,7 +1057,7 @@ mod tests {
             Extent::Zeros { len: 8 },
         ];
         let sent = |wire: FakeWire, extents: &[Extent]| {
-            let sink = read_entry(wire);
+            let sink = entry(wire, opcode::READ);
             let len = extents.iter().map(Extent::len).sum();
             // SAFETY: nothing else uses the mapping.
             unsafe { sink.send_gathered(9, &mapping, extents, len) };
@@ -1015,6 +1079,7 @@ mod tests {
             FakeWire {
                 addr: true,
                 iovecs: true,
+                ..FakeWire::default()
             },
             &one,
         );
@@ -1025,6 +1090,7 @@ mod tests {
             FakeWire {
                 addr: true,
                 iovecs: true,
+                ..FakeWire::default()
             },
             &mixed,
         );
@@ -1047,22 +1113,105 @@ mod tests {
         let (_, source, payload) = sent(
             FakeWire {
                 addr: true,
-                iovecs: false,
+                ..FakeWire::default()
             },
             &mixed,
         );
         assert_eq!(source, None);
         assert_eq!(payload, [7, 7, 7, 7, 7, 7, 7, 7, 0, 0, 0, 0, 0, 0, 0, 0]);
         // No address at all (FUSE over io_uring): the same.
-        let (_, source, payload) = sent(
-            FakeWire {
-                addr: false,
-                iovecs: false,
-            },
-            &one,
-        );
+        let (_, source, payload) = sent(FakeWire::default(), &one);
         assert_eq!(source, None);
         assert_eq!(payload, [7; 512]);
+    }
+
+    /// A device whose `write` answers first and only then stores the data,
+    /// as a handler that replies early (or from another thread) may.
+    #[derive(Default)]
+    struct ReplyFirst {
+        stored: parking_lot::Mutex<Vec<u8>>,
+    }
+
+    impl crate::BlockDevice for ReplyFirst {
+        fn geometry(&self) -> crate::Geometry {
+            crate::Geometry::new(1 << 20, 512)
+        }
+        fn read(&self, _: &crate::Request, _: u64, _: u32, reply: crate::ReplyData) {
+            reply.error(libc::EIO);
+        }
+        fn write(
+            &self,
+            _: &crate::Request,
+            _: u64,
+            data: &[u8],
+            _: bool,
+            reply: crate::ReplyWrite,
+        ) {
+            reply.ok();
+            *self.stored.lock() = data.to_vec();
+        }
+    }
+
+    #[test]
+    fn a_write_reply_in_the_payload_buffer_waits_until_the_handler_is_done_with_the_data() {
+        use zerocopy::IntoBytes;
+        let sink = Arc::new(entry(
+            FakeWire {
+                fuse: true,
+                ..FakeWire::default()
+            },
+            opcode::WRITE,
+        ));
+        let data: Vec<u8> = (0..4096).map(|i| (i % 251) as u8 + 1).collect();
+        // SAFETY: the entry's payload buffer, 8192 bytes nothing else uses.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), sink.buffers.payload(0), 4096) };
+        let head = [
+            crate::proto::abi::InHeader {
+                len: (std::mem::size_of::<InHeader>()
+                    + std::mem::size_of::<crate::proto::abi::WriteIn>()
+                    + data.len()) as u32,
+                opcode: opcode::WRITE,
+                unique: 5,
+                nodeid: 2,
+                ..Default::default()
+            }
+            .as_bytes(),
+            crate::proto::abi::WriteIn {
+                size: 4096,
+                ..Default::default()
+            }
+            .as_bytes(),
+        ]
+        .concat();
+        let device = Arc::new(ReplyFirst::default());
+        let session = Session::new(device.clone(), Default::default()).unwrap();
+        {
+            // SAFETY: as in `Worker::dispatch`: the data, borrowed for the
+            // handler's call only.
+            let payload = unsafe { std::slice::from_raw_parts(sink.buffers.payload(0), 4096) };
+            assert!(session.dispatch_split(0, &head, payload, sink.clone()));
+        }
+        assert!(
+            *device.stored.lock() == data,
+            "the reply overwrote the data"
+        );
+        // SAFETY: the entry's header buffer, written by the reply.
+        let header = unsafe { sink.buffers.header(0).cast::<OutHeader>().read_unaligned() };
+        assert_eq!((header.unique, header.error, header.len), (5, 0, 24));
+        assert_eq!(sink.buffers.wire.body_len.load(Ordering::Relaxed), 8);
+        assert_eq!(*sink.buffers.committed.lock(), [0]);
+        // The worker's commit puts `fuse_write_out` where FUSE reads it.
+        assert!(sink.prepare_commit().is_none());
+        // SAFETY: the entry's payload buffer, which nothing else uses now.
+        let body = unsafe { std::slice::from_raw_parts(sink.buffers.payload(0), 8) };
+        assert_eq!(
+            body,
+            WriteOut {
+                size: 4096,
+                padding: 0
+            }
+            .as_bytes()
+        );
     }
 
     #[test]
