@@ -12,20 +12,53 @@
 //! and LOOKUP names in, every reply body out, is in the payload buffer.
 
 use std::io;
+use std::mem::{offset_of, size_of};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use fuse_blk::proto::abi::{init_flags2, InHeader};
 use fuse_blk::ring::{self, ReadSource, Target, Wire, MAX_HEAD};
 use fuse_blk::Session;
 use io_uring::{opcode as op, squeue, types};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-/// `sizeof(struct fuse_uring_req_header)`.
-const HEADER_SIZE: usize = 288;
-/// Offsets in it: `op_in`, and in `ring_ent_in_out` the commit id and the
-/// payload size.
-const OP_IN: usize = 128;
-const COMMIT_ID: usize = 256 + 8;
-const PAYLOAD_SZ: usize = 256 + 16;
+// The structures of FUSE's io_uring ABI (include/uapi/linux/fuse.h, Linux
+// 6.14), which the proto crate does not know.
+
+/// `struct fuse_uring_req_header`: an entry's header buffer.
+#[repr(C)]
+struct ReqHeader {
+    /// The request's `fuse_in_header`, then the reply's `fuse_out_header`.
+    in_out: [u8; 128],
+    /// The opcode's argument.
+    op_in: [u8; 128],
+    ring_ent_in_out: EntInOut,
+}
+
+/// `struct fuse_uring_ent_in_out`.
+#[derive(FromBytes, Immutable, KnownLayout)]
+#[repr(C)]
+struct EntInOut {
+    flags: u64,
+    /// Which request the entry holds, for its COMMIT_AND_FETCH.
+    commit_id: u64,
+    /// Bytes in the payload buffer: of the request, then of the reply.
+    payload_sz: u32,
+    padding: u32,
+    reserved: u64,
+}
+
+/// `struct fuse_uring_cmd_req`: the command area of an SQE.
+#[derive(IntoBytes, Immutable)]
+#[repr(C)]
+struct CmdReq {
+    flags: u64,
+    commit_id: u64,
+    qid: u16,
+    padding: [u8; 6],
+}
+
+const HEADER_SIZE: usize = size_of::<ReqHeader>();
+const _: () = assert!(HEADER_SIZE == 288 && size_of::<CmdReq>() == 24);
 
 /// `enum fuse_uring_cmd`.
 const CMD_REGISTER: u32 = 1;
@@ -67,10 +100,14 @@ struct FuseWire {
 
 impl FuseWire {
     fn command(&self, target: Target, cmd_op: u32, commit_id: u64) -> op::UringCmd80 {
-        // struct fuse_uring_cmd_req: flags, commit_id, qid.
+        let req = CmdReq {
+            flags: 0,
+            commit_id,
+            qid: self.qid,
+            padding: [0; 6],
+        };
         let mut cmd = [0u8; 80];
-        cmd[8..16].copy_from_slice(&commit_id.to_ne_bytes());
-        cmd[16..18].copy_from_slice(&self.qid.to_ne_bytes());
+        cmd[..size_of::<CmdReq>()].copy_from_slice(req.as_bytes());
         match target {
             Target::Registered => op::UringCmd80::new(types::Fixed(0), cmd_op),
             Target::Fd(fd) => op::UringCmd80::new(types::Fd(fd), cmd_op),
@@ -114,26 +151,22 @@ impl Wire for FuseWire {
     }
 
     fn request(&self, header: &[u8], head: &mut [u8; MAX_HEAD]) -> (usize, u64) {
-        let in_header = std::mem::size_of::<InHeader>();
-        let len = u32::from_ne_bytes(header[0..4].try_into().expect("4 bytes")) as usize;
-        let in_payload = u32::from_ne_bytes(
-            header[PAYLOAD_SZ..PAYLOAD_SZ + 4]
-                .try_into()
-                .expect("4 bytes"),
-        ) as usize;
-        let commit_id = u64::from_ne_bytes(
-            header[COMMIT_ID..COMMIT_ID + 8]
-                .try_into()
-                .expect("8 bytes"),
-        );
+        let in_header_len = size_of::<InHeader>();
+        let (in_header, _) =
+            InHeader::read_from_prefix(header).expect("a header buffer holds fuse_in_header");
+        let (ent, _) =
+            EntInOut::read_from_prefix(&header[offset_of!(ReqHeader, ring_ent_in_out)..])
+                .expect("a header buffer holds fuse_uring_ent_in_out");
+        let in_payload = ent.payload_sz as usize;
         // What is neither header nor payload is the argument, in op_in.
-        let arg = len
-            .saturating_sub(in_header + in_payload)
-            .min(MAX_HEAD - in_header)
-            .min(HEADER_SIZE - OP_IN);
-        head[..in_header].copy_from_slice(&header[..in_header]);
-        head[in_header..in_header + arg].copy_from_slice(&header[OP_IN..OP_IN + arg]);
-        (in_payload, commit_id)
+        let op_in = &header[offset_of!(ReqHeader, op_in)..offset_of!(ReqHeader, ring_ent_in_out)];
+        let arg = (in_header.len as usize)
+            .saturating_sub(in_header_len + in_payload)
+            .min(MAX_HEAD - in_header_len)
+            .min(op_in.len());
+        head[..in_header_len].copy_from_slice(in_header.as_bytes());
+        head[in_header_len..in_header_len + arg].copy_from_slice(&op_in[..arg]);
+        (in_payload, ent.commit_id)
     }
 
     fn body_in_payload(&self, _opcode: u32) -> bool {
@@ -141,13 +174,11 @@ impl Wire for FuseWire {
     }
 
     fn set_body_len(&self, header: *mut u8, len: usize) {
+        let header = header.cast::<ReqHeader>();
         // SAFETY: `header` is an entry's header buffer of HEADER_SIZE bytes,
-        // owned by the reply being written.
+        // owned by the reply being written; no reference is made to it.
         unsafe {
-            header
-                .add(PAYLOAD_SZ)
-                .cast::<u32>()
-                .write_unaligned(len as u32)
+            std::ptr::addr_of_mut!((*header).ring_ent_in_out.payload_sz).write_unaligned(len as u32)
         };
     }
 
@@ -181,4 +212,62 @@ pub fn serve_queue(session: &Session, qid: u16, fd: OwnedFd, depth: u16) -> io::
     }
     let max_io = session.config().max_write as usize;
     ring::serve(session, qid, FuseWire { fd, qid }, depth, max_io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fuse_blk::proto::abi::{opcode, WriteIn};
+
+    /// FUSE's layout, as the kernel's offsets give it: the structures above
+    /// must put everything here.
+    const OP_IN: usize = 128;
+    const COMMIT_ID: usize = 256 + 8;
+    const PAYLOAD_SZ: usize = 256 + 16;
+    /// Where an SQE's command area starts, and in it `commit_id` and `qid`.
+    const SQE_CMD: usize = 48;
+
+    fn wire() -> FuseWire {
+        FuseWire {
+            fd: std::fs::File::open("/dev/null").unwrap().into(),
+            qid: 3,
+        }
+    }
+
+    #[test]
+    fn requests_replies_and_commands_sit_where_fuse_puts_them() {
+        let wire = wire();
+        let in_header = InHeader {
+            len: (size_of::<InHeader>() + size_of::<WriteIn>() + 4096) as u32,
+            opcode: opcode::WRITE,
+            unique: 77,
+            ..InHeader::default()
+        };
+        let arg = WriteIn {
+            offset: 8192,
+            size: 4096,
+            ..WriteIn::default()
+        };
+        let mut header = [0u8; HEADER_SIZE];
+        header[..size_of::<InHeader>()].copy_from_slice(in_header.as_bytes());
+        header[OP_IN..OP_IN + size_of::<WriteIn>()].copy_from_slice(arg.as_bytes());
+        header[COMMIT_ID..COMMIT_ID + 8].copy_from_slice(&0x1122_u64.to_ne_bytes());
+        header[PAYLOAD_SZ..PAYLOAD_SZ + 4].copy_from_slice(&4096_u32.to_ne_bytes());
+
+        let mut head = [0u8; MAX_HEAD];
+        assert_eq!(wire.request(&header, &mut head), (4096, 0x1122));
+        assert_eq!(&head[..size_of::<InHeader>()], in_header.as_bytes());
+        let arg_at = size_of::<InHeader>();
+        assert_eq!(&head[arg_at..arg_at + size_of::<WriteIn>()], arg.as_bytes());
+
+        wire.set_body_len(header.as_mut_ptr(), 8);
+        assert_eq!(header[PAYLOAD_SZ..PAYLOAD_SZ + 4], 8_u32.to_ne_bytes());
+
+        let sqe = wire.commit(Target::Fd(5), 0, 0x1122, None);
+        // SAFETY: Entry128 is #[repr(C)], 128 bytes of plain integers.
+        let sqe: [u8; 128] = unsafe { std::mem::transmute(sqe) };
+        let cmd = &sqe[SQE_CMD..];
+        assert_eq!(cmd[8..16], 0x1122_u64.to_ne_bytes());
+        assert_eq!(cmd[16..18], 3_u16.to_ne_bytes());
+    }
 }

@@ -907,9 +907,9 @@ impl<'a, W: Wire> Worker<'a, W> {
             unsafe { std::slice::from_raw_parts(self.buffers.header(entry), W::HEADER_SIZE) };
         let (in_payload, commit_id) = self.buffers.wire.request(header, &mut head_copy);
         self.commit_ids[usize::from(entry)] = commit_id;
-        // fuse_in_header: len, then opcode.
-        let len = u32::from_ne_bytes(head_copy[0..4].try_into().expect("4 bytes")) as usize;
-        let opcode = u32::from_ne_bytes(head_copy[4..8].try_into().expect("4 bytes"));
+        let (in_header, _) =
+            InHeader::read_from_prefix(&head_copy).expect("MAX_HEAD holds fuse_in_header");
+        let (len, opcode) = (in_header.len as usize, in_header.opcode);
         let in_payload = in_payload.min(self.buffers.max_io);
         // SAFETY: within the entry's payload buffer, which userspace owns
         // until the commit. Only a WRITE's data is borrowed while the
