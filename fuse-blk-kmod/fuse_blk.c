@@ -21,9 +21,19 @@
  *			queue's list of channels until the file is released.
  *			Of a queue's channels, the newest that has answered
  *			FUSE_INIT is the active one and takes new requests;
- *			older ones are retired: they read FUSE_DESTROY and may
- *			still answer what they took (daemon handoff).
- *  struct fblk_cmd	the blk-mq payload of each request.
+ *			the ones attached before it are retired: they read
+ *			FUSE_DESTROY and may still answer what they took
+ *			(daemon handoff). A channel retired before it answered
+ *			FUSE_INIT lost a takeover race: its INIT reply fails
+ *			with ESTALE.
+ *  struct fblk_cmd	the record of one tag of a queue (fblk_queue.cmds,
+ *			allocated with the device): the request holding the
+ *			tag and where it stands. A reply names its request by
+ *			tag and unique and is checked against this record
+ *			under the queue lock before the request is touched, so
+ *			a stale or forged reply never reaches a request that
+ *			has ended (whose memory an I/O scheduler switch may
+ *			have freed).
  *  backing file		of a FUSE_BLK_F_PASSTHROUGH device (fblk_dev.backing):
  *			taken at CREATE, put at DESTROY once every request
  *			has ended. Its reads and writes run in the device's
@@ -79,8 +89,11 @@
  * (or, without FUSE_BLK_F_RECOVERY, when no channel is left) fails them.
  *
  * Lock order: fblk_mutex -> fblk_dev.mutex -> fblk_queue.lock.
- * fblk_queue.lock is taken with interrupts disabled: blk-mq may run a
- * queue from completion context.
+ * fblk_queue.lock is only ever taken in process context: blk-mq runs
+ * queue_rq from the submitting task or kblockd (this driver completes
+ * requests in process context, so no queue is run from an interrupt), the
+ * timeout handler from a work item, and everything else from system calls,
+ * io_uring task work and work items. It leaves interrupts on.
  */
 
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
@@ -138,15 +151,17 @@
 				 FUSE_BLK_URING_F_DATA_IOVEC)
 
 enum fblk_cmd_state {
+	FBLK_CMD_DONE,		/* ended, or the tag has no request yet */
 	FBLK_CMD_PENDING,
 	FBLK_CMD_SENDING,
 	FBLK_CMD_SENT,
 	FBLK_CMD_RECEIVING,
 	FBLK_CMD_BACKING,
-	FBLK_CMD_DONE,
 };
 
+/* The record of a queue's tag: the request that holds the tag, if any. */
 struct fblk_cmd {
+	struct request *rq;		/* valid while not DONE */
 	struct list_head entry;		/* on queue->pending or queue->sent */
 	struct list_head int_entry;	/* on owner->interrupts */
 	struct fblk_chan *owner;	/* the channel that read it (SENT) */
@@ -197,6 +212,7 @@ struct fblk_queue {
 	unsigned long orphaned_at;	/* jiffies */
 	u32 seq;			/* upper half of uniques */
 	wait_queue_head_t waitq;	/* the channel's readers and pollers */
+	struct fblk_cmd *cmds;		/* one per tag (params.queue_depth) */
 };
 
 struct fblk_chan {
@@ -233,9 +249,8 @@ struct fblk_dev {
 	bool sized;		/* capacity published (under mutex) */
 	struct fuse_blk_params params;
 	size_t min_read;	/* smallest read buffer a channel may use */
-	atomic_t active;	/* requests started and not completed */
 	struct delayed_work recovery_work;	/* fails what waited too long */
-	wait_queue_head_t idle;
+	struct fblk_cmd *cmds;	/* every queue's, queue after queue */
 	struct blk_mq_tag_set tag_set;
 	struct gendisk *disk;
 	struct file *backing;		/* FUSE_BLK_F_PASSTHROUGH, or NULL */
@@ -257,6 +272,7 @@ static void fblk_dev_release(struct kref *ref)
 {
 	struct fblk_dev *dev = container_of(ref, struct fblk_dev, ref);
 
+	kvfree(dev->cmds);
 	kfree(dev);
 	module_put(THIS_MODULE);
 }
@@ -296,11 +312,20 @@ static u64 fblk_next_unique(struct fblk_queue *queue, u32 tag)
  */
 static void fblk_finish(struct request *rq, blk_status_t status)
 {
-	struct fblk_dev *dev = rq->q->queuedata;
-
 	blk_mq_end_request(rq, status);
-	if (atomic_dec_and_test(&dev->active))
-		wake_up_all(&dev->idle);
+}
+
+/*
+ * The record of @rq's tag. blk-mq hands each queue tags below queue_depth
+ * and a request keeps its tag from queue_rq until it ends: a reply names
+ * its request by tag and is checked against this record, not against
+ * whatever request blk_mq_tag_to_rq() would find for that tag.
+ */
+static struct fblk_cmd *fblk_cmd_of(struct request *rq)
+{
+	struct fblk_queue *queue = rq->mq_hctx->driver_data;
+
+	return &queue->cmds[rq->tag];
 }
 
 static void fblk_ring_tw(struct io_uring_cmd *ucmd, unsigned int issue_flags);
@@ -370,19 +395,24 @@ static blk_status_t fblk_backing_rw(struct fblk_dev *dev, struct request *rq)
 			      nr_bvecs, len);
 		iter.iov_offset = bio->bi_iter.bi_bvec_done;
 
-		if (write)
-			done = vfs_iter_write(dev->backing, &iter, &pos, flags);
-		else
-			done = vfs_iter_read(dev->backing, &iter, &pos, 0);
-		if (done < 0)
-			return errno_to_blk_status(done);
-		if (done < len) {
-			/* A write that stops short is out of space. */
+		/*
+		 * A short transfer is not the end: a file system may stop at
+		 * a boundary of its own. Only a transfer of nothing is: for a
+		 * write, no space; for a read, the file's end, past which the
+		 * device reads zeros.
+		 */
+		do {
+			done = write ?
+				vfs_iter_write(dev->backing, &iter, &pos, flags) :
+				vfs_iter_read(dev->backing, &iter, &pos, 0);
+			if (done < 0)
+				return errno_to_blk_status(done);
+		} while (done > 0 && iov_iter_count(&iter));
+		if (iov_iter_count(&iter)) {
 			if (write)
 				return BLK_STS_NOSPC;
-			/* Past the file's end: zeros, and on to the next bio. */
-			iov_iter_zero(len - done, &iter);
-			pos += len - done;
+			pos += iov_iter_count(&iter);
+			iov_iter_zero(iov_iter_count(&iter), &iter);
 		}
 	}
 	return BLK_STS_OK;
@@ -391,7 +421,7 @@ static blk_status_t fblk_backing_rw(struct fblk_dev *dev, struct request *rq)
 static void fblk_backing_work(struct work_struct *work)
 {
 	struct fblk_cmd *cmd = container_of(work, struct fblk_cmd, work);
-	struct request *rq = blk_mq_rq_from_pdu(cmd);
+	struct request *rq = cmd->rq;
 	unsigned int noio;
 	blk_status_t status;
 
@@ -402,7 +432,7 @@ static void fblk_backing_work(struct work_struct *work)
 	noio = memalloc_noio_save();
 	status = fblk_backing_rw(rq->q->queuedata, rq);
 	memalloc_noio_restore(noio);
-	cmd->state = FBLK_CMD_DONE;
+	WRITE_ONCE(cmd->state, FBLK_CMD_DONE);
 	fblk_finish(rq, status);
 }
 
@@ -465,8 +495,7 @@ static blk_status_t fblk_queue_rq(struct blk_mq_hw_ctx *hctx,
 {
 	struct fblk_queue *queue = hctx->driver_data;
 	struct request *rq = bd->rq;
-	struct fblk_cmd *cmd = blk_mq_rq_to_pdu(rq);
-	unsigned long flags;
+	struct fblk_cmd *cmd = fblk_cmd_of(rq);
 	LIST_HEAD(kick);
 
 	switch (req_op(rq)) {
@@ -489,21 +518,21 @@ static blk_status_t fblk_queue_rq(struct blk_mq_hw_ctx *hctx,
 		if (READ_ONCE(queue->dev->dead))
 			return BLK_STS_IOERR;
 		blk_mq_start_request(rq);
-		atomic_inc(&queue->dev->active);
-		cmd->state = FBLK_CMD_BACKING;
+		cmd->rq = rq;
+		WRITE_ONCE(cmd->state, FBLK_CMD_BACKING);
 		queue_work(blk_rq_bytes(rq) < FBLK_BACKING_LOCAL_MAX ?
 			   queue->dev->backing_local_wq :
 			   queue->dev->backing_wq, &cmd->work);
 		return BLK_STS_OK;
 	}
 
-	spin_lock_irqsave(&queue->lock, flags);
+	spin_lock(&queue->lock);
 	if (queue->dev->dead || fblk_recovery_over(queue)) {
-		spin_unlock_irqrestore(&queue->lock, flags);
+		spin_unlock(&queue->lock);
 		return BLK_STS_IOERR;
 	}
 	blk_mq_start_request(rq);
-	atomic_inc(&queue->dev->active);
+	cmd->rq = rq;
 	cmd->unique = fblk_next_unique(queue, rq->tag);
 	cmd->interrupted = false;
 	cmd->state = FBLK_CMD_PENDING;
@@ -514,7 +543,7 @@ static blk_status_t fblk_queue_rq(struct blk_mq_hw_ctx *hctx,
 		fblk_ring_take_idle(queue->active, &kick, 1);
 		queue->active->ring_kicked = !list_empty(&kick);
 	}
-	spin_unlock_irqrestore(&queue->lock, flags);
+	spin_unlock(&queue->lock);
 
 	fblk_ring_kick(&kick);
 	/* Only read() and poll() sleep here; io_uring channels never do. */
@@ -526,10 +555,9 @@ static blk_status_t fblk_queue_rq(struct blk_mq_hw_ctx *hctx,
 static enum blk_eh_timer_return fblk_timeout(struct request *rq)
 {
 	struct fblk_queue *queue = rq->mq_hctx->driver_data;
-	struct fblk_cmd *cmd = blk_mq_rq_to_pdu(rq);
-	unsigned long flags;
+	struct fblk_cmd *cmd = fblk_cmd_of(rq);
 
-	spin_lock_irqsave(&queue->lock, flags);
+	spin_lock(&queue->lock);
 	/* READ_ONCE: a reply's taker ends RECEIVING without the lock. */
 	switch (READ_ONCE(cmd->state)) {
 	case FBLK_CMD_SENT:
@@ -537,7 +565,7 @@ static enum blk_eh_timer_return fblk_timeout(struct request *rq)
 			/* Ask the daemon to give up; fail one timeout later. */
 			cmd->interrupted = true;
 			list_add_tail(&cmd->int_entry, &cmd->owner->interrupts);
-			spin_unlock_irqrestore(&queue->lock, flags);
+			spin_unlock(&queue->lock);
 			wake_up(&queue->waitq);
 			return BLK_EH_RESET_TIMER;
 		}
@@ -547,14 +575,14 @@ static enum blk_eh_timer_return fblk_timeout(struct request *rq)
 		if (!queue->active && queue->orphaned &&
 		    fblk_has(queue->dev, FUSE_BLK_F_RECOVERY) &&
 		    !fblk_recovery_over(queue)) {
-			spin_unlock_irqrestore(&queue->lock, flags);
+			spin_unlock(&queue->lock);
 			return BLK_EH_RESET_TIMER;
 		}
 fail:
 		list_del_init(&cmd->entry);
 		list_del_init(&cmd->int_entry);
 		cmd->state = FBLK_CMD_DONE;
-		spin_unlock_irqrestore(&queue->lock, flags);
+		spin_unlock(&queue->lock);
 		pr_warn_ratelimited("fuseblk%d: request %llu timed out\n",
 				    queue->dev->id, cmd->unique);
 		fblk_finish(rq, BLK_STS_IOERR);
@@ -563,11 +591,11 @@ fail:
 	case FBLK_CMD_RECEIVING:
 	case FBLK_CMD_BACKING:
 		/* A read()/write() or work item owns it and will finish it. */
-		spin_unlock_irqrestore(&queue->lock, flags);
+		spin_unlock(&queue->lock);
 		return BLK_EH_RESET_TIMER;
 	case FBLK_CMD_DONE:
 	default:
-		spin_unlock_irqrestore(&queue->lock, flags);
+		spin_unlock(&queue->lock);
 		return BLK_EH_DONE;
 	}
 }
@@ -581,20 +609,10 @@ static int fblk_init_hctx(struct blk_mq_hw_ctx *hctx, void *data,
 	return 0;
 }
 
-static int fblk_init_request(struct blk_mq_tag_set *set, struct request *rq,
-			     unsigned int hctx_idx, unsigned int numa_node)
-{
-	struct fblk_cmd *cmd = blk_mq_rq_to_pdu(rq);
-
-	INIT_WORK(&cmd->work, fblk_backing_work);
-	return 0;
-}
-
 static const struct blk_mq_ops fblk_mq_ops = {
 	.queue_rq	= fblk_queue_rq,
 	.timeout	= fblk_timeout,
 	.init_hctx	= fblk_init_hctx,
-	.init_request	= fblk_init_request,
 };
 
 /* Moves every PENDING and SENT command of @queue on @list to DONE. */
@@ -617,7 +635,7 @@ static void fblk_finish_all(struct list_head *list, blk_status_t status)
 
 	list_for_each_entry_safe(cmd, next, list, entry) {
 		list_del_init(&cmd->entry);
-		fblk_finish(blk_mq_rq_from_pdu(cmd), status);
+		fblk_finish(cmd->rq, status);
 	}
 }
 
@@ -634,10 +652,10 @@ static void fblk_recovery_work(struct work_struct *work)
 
 	for (i = 0; i < fblk_nr_queues(dev); i++) {
 		struct fblk_queue *queue = &dev->queues[i];
-		unsigned long flags, deadline;
+		unsigned long deadline;
 		LIST_HEAD(failed);
 
-		spin_lock_irqsave(&queue->lock, flags);
+		spin_lock(&queue->lock);
 		if (!dev->dead && fblk_recovery_over(queue)) {
 			fblk_take_all(queue, &queue->pending, &failed);
 		} else if (!dev->dead && queue->orphaned) {
@@ -646,7 +664,7 @@ static void fblk_recovery_work(struct work_struct *work)
 			if (!rearm || time_before(deadline, rearm))
 				rearm = deadline;
 		}
-		spin_unlock_irqrestore(&queue->lock, flags);
+		spin_unlock(&queue->lock);
 		fblk_finish_all(&failed, BLK_STS_IOERR);
 	}
 	if (rearm)
@@ -664,27 +682,61 @@ static struct fblk_dev *fblk_dev_of(struct device *d)
 static u32 fblk_state(struct fblk_dev *dev, u32 *nr_channels)
 {
 	unsigned int i, served = 0, attached = 0;
-	unsigned long flags;
 
 	for (i = 0; i < fblk_nr_queues(dev); i++) {
 		struct fblk_queue *queue = &dev->queues[i];
 
 		struct fblk_chan *chan;
 
-		spin_lock_irqsave(&queue->lock, flags);
+		spin_lock(&queue->lock);
 		list_for_each_entry(chan, &queue->chans, entry)
 			attached++;
 		if (queue->active)
 			served++;
-		spin_unlock_irqrestore(&queue->lock, flags);
+		spin_unlock(&queue->lock);
 	}
 	if (nr_channels)
 		*nr_channels = attached;
 	if (READ_ONCE(dev->dead))
 		return FUSE_BLK_STATE_DEAD;
-	if (served == fblk_nr_queues(dev))
+	/*
+	 * LIVE also means the capacity is published: a daemon that sees it
+	 * may hand the device to users, who must find its real size.
+	 */
+	if (served == fblk_nr_queues(dev) && smp_load_acquire(&dev->sized))
 		return FUSE_BLK_STATE_LIVE;
 	return served ? FUSE_BLK_STATE_PARTIAL : FUSE_BLK_STATE_WAITING;
+}
+
+/* Whether every queue has an active channel. */
+static bool fblk_all_served(struct fblk_dev *dev)
+{
+	unsigned int i;
+	bool served = true;
+
+	for (i = 0; i < fblk_nr_queues(dev) && served; i++) {
+		struct fblk_queue *queue = &dev->queues[i];
+
+		spin_lock(&queue->lock);
+		served = queue->active;
+		spin_unlock(&queue->lock);
+	}
+	return served;
+}
+
+/*
+ * Requests started and not ended: a snapshot for GET_INFO and sysfs, read
+ * without the queue locks (passthrough and replies end theirs without).
+ */
+static u32 fblk_inflight(struct fblk_dev *dev)
+{
+	unsigned int i, n = fblk_nr_queues(dev) * dev->params.queue_depth;
+	u32 inflight = 0;
+
+	for (i = 0; i < n; i++)
+		if (READ_ONCE(dev->cmds[i].state) != FBLK_CMD_DONE)
+			inflight++;
+	return inflight;
 }
 
 static ssize_t dev_id_show(struct device *d, struct device_attribute *attr,
@@ -718,7 +770,7 @@ static DEVICE_ATTR_RO(state);
 static ssize_t inflight_show(struct device *d, struct device_attribute *attr,
 			     char *buf)
 {
-	return sysfs_emit(buf, "%d\n", atomic_read(&fblk_dev_of(d)->active));
+	return sysfs_emit(buf, "%u\n", fblk_inflight(fblk_dev_of(d)));
 }
 static DEVICE_ATTR_RO(inflight);
 
@@ -795,6 +847,14 @@ static void fblk_init_limits(const struct fuse_blk_params *p,
 	lim->physical_block_size = p->physical_block_size;
 	lim->io_min = p->physical_block_size;
 	lim->max_hw_sectors = p->max_io_bytes >> SECTOR_SHIFT;
+	/*
+	 * Data is copied by the CPU (or handed to the backing file's
+	 * read_iter/write_iter), never mapped for DMA: a request may have as
+	 * many segments of any size as fit in max_io_bytes. The defaults (128
+	 * segments of 64 KiB) split a 1 MiB request of scattered pages.
+	 */
+	lim->max_segments = USHRT_MAX;
+	lim->max_segment_size = UINT_MAX;
 	if (p->features & FUSE_BLK_F_DISCARD) {
 		lim->max_hw_discard_sectors = UINT_MAX >> SECTOR_SHIFT;
 		lim->discard_granularity = p->physical_block_size;
@@ -837,10 +897,16 @@ static int fblk_create(struct fuse_blk_params __user *uparams)
 		ret = -ENOMEM;
 		goto out_module;
 	}
+	dev->cmds = kvcalloc(p.nr_queues * p.queue_depth, sizeof(*dev->cmds),
+			     GFP_KERNEL);
+	if (!dev->cmds) {
+		ret = -ENOMEM;
+		goto out_free;
+	}
+	for (i = 0; i < p.nr_queues * p.queue_depth; i++)
+		INIT_WORK(&dev->cmds[i].work, fblk_backing_work);
 	kref_init(&dev->ref);
 	mutex_init(&dev->mutex);
-	atomic_set(&dev->active, 0);
-	init_waitqueue_head(&dev->idle);
 	INIT_DELAYED_WORK(&dev->recovery_work, fblk_recovery_work);
 	dev->params = p;
 	dev->params.backing_fd = 0;	/* meaningless to anyone else */
@@ -851,6 +917,7 @@ static int fblk_create(struct fuse_blk_params __user *uparams)
 
 		queue->dev = dev;
 		queue->index = i;
+		queue->cmds = &dev->cmds[i * p.queue_depth];
 		spin_lock_init(&queue->lock);
 		INIT_LIST_HEAD(&queue->pending);
 		INIT_LIST_HEAD(&queue->sent);
@@ -889,7 +956,6 @@ static int fblk_create(struct fuse_blk_params __user *uparams)
 	dev->tag_set.nr_hw_queues = p.nr_queues;
 	dev->tag_set.queue_depth = p.queue_depth;
 	dev->tag_set.numa_node = NUMA_NO_NODE;
-	dev->tag_set.cmd_size = sizeof(struct fblk_cmd);
 	dev->tag_set.flags = FBLK_TAG_SET_FLAGS;
 	dev->tag_set.timeout = msecs_to_jiffies(p.io_timeout_ms);
 	dev->tag_set.driver_data = dev;
@@ -943,6 +1009,7 @@ out_id:
 	idr_remove(&fblk_idr, dev->id);
 	mutex_unlock(&fblk_mutex);
 out_free:
+	kvfree(dev->cmds);
 	kfree(dev);
 out_module:
 	module_put(THIS_MODULE);
@@ -980,18 +1047,17 @@ static int fblk_destroy(u32 id)
 	WRITE_ONCE(dev->dead, true);
 	for (i = 0; i < fblk_nr_queues(dev); i++) {
 		struct fblk_queue *queue = &dev->queues[i];
-		unsigned long flags;
 		LIST_HEAD(failed);
 
 		struct fblk_chan *chan;
 		LIST_HEAD(kick);
 
-		spin_lock_irqsave(&queue->lock, flags);
+		spin_lock(&queue->lock);
 		fblk_take_all(queue, &queue->pending, &failed);
 		fblk_take_all(queue, &queue->sent, &failed);
 		list_for_each_entry(chan, &queue->chans, entry)
 			fblk_ring_take_idle(chan, &kick, UINT_MAX);
-		spin_unlock_irqrestore(&queue->lock, flags);
+		spin_unlock(&queue->lock);
 		fblk_finish_all(&failed, BLK_STS_IOERR);
 		/* Readers get FUSE_DESTROY, then ENODEV; entries ENODEV. */
 		fblk_ring_kick(&kick);
@@ -1001,12 +1067,12 @@ static int fblk_destroy(u32 id)
 	/* dead is set: nothing queues the work again. */
 	cancel_delayed_work_sync(&dev->recovery_work);
 
-	del_gendisk(dev->disk);
 	/*
-	 * Commands owned by a read()/write() in progress or by a passthrough
-	 * work item finish on their own.
+	 * Waits for every request to end (it freezes the queue): commands
+	 * owned by a read()/write() in progress or by a passthrough work item
+	 * finish on their own, the rest were failed above.
 	 */
-	wait_event(dev->idle, !atomic_read(&dev->active));
+	del_gendisk(dev->disk);
 	put_disk(dev->disk);
 	blk_mq_free_tag_set(&dev->tag_set);
 	fblk_put_backing(dev);
@@ -1033,17 +1099,16 @@ static int fblk_get_info(struct fuse_blk_info __user *uinfo)
 	memset(&info, 0, sizeof(info));
 	info.dev_id = dev_id;
 	info.state = fblk_state(dev, &info.nr_channels);
-	info.inflight = atomic_read(&dev->active);
+	info.inflight = fblk_inflight(dev);
 	info.params = dev->params;
 	for (i = 0; i < fblk_nr_queues(dev); i++) {
 		struct fblk_queue *queue = &dev->queues[i];
 		struct fblk_cmd *cmd;
-		unsigned long flags;
 
-		spin_lock_irqsave(&queue->lock, flags);
+		spin_lock(&queue->lock);
 		list_for_each_entry(cmd, &queue->pending, entry)
 			info.waiting++;
-		spin_unlock_irqrestore(&queue->lock, flags);
+		spin_unlock(&queue->lock);
 	}
 	fblk_dev_put(dev);
 	return copy_to_user(uinfo, &info, sizeof(info)) ? -EFAULT : 0;
@@ -1055,7 +1120,6 @@ static int fblk_attach(struct file *file, struct fuse_blk_attach __user *uarg)
 	struct fblk_queue *queue;
 	struct fblk_chan *chan;
 	struct fblk_dev *dev;
-	unsigned long flags;
 	unsigned int i;
 	int ret;
 
@@ -1083,7 +1147,7 @@ static int fblk_attach(struct file *file, struct fuse_blk_attach __user *uarg)
 	INIT_LIST_HEAD(&chan->idle_ents);
 
 	mutex_lock(&dev->mutex);
-	spin_lock_irqsave(&queue->lock, flags);
+	spin_lock(&queue->lock);
 	if (dev->dead)
 		ret = -ENODEV;
 	else if (!list_empty(&queue->chans) &&
@@ -1098,7 +1162,7 @@ static int fblk_attach(struct file *file, struct fuse_blk_attach __user *uarg)
 		chan->init_unique = fblk_next_unique(queue, FBLK_CONTROL_TAG);
 		ret = 0;
 	}
-	spin_unlock_irqrestore(&queue->lock, flags);
+	spin_unlock(&queue->lock);
 	mutex_unlock(&dev->mutex);
 	if (ret)
 		goto out_free;
@@ -1353,8 +1417,7 @@ static void fblk_zero_data(struct request *rq)
  * lock held, returns unlocked.
  */
 static ssize_t fblk_send_request(struct fblk_chan *chan, struct iov_iter *head,
-				 struct iov_iter *data, struct fblk_ring_ent *ent,
-				 unsigned long flags)
+				 struct iov_iter *data, struct fblk_ring_ent *ent)
 	__releases(&chan->queue->lock)
 {
 	struct fblk_queue *queue = chan->queue;
@@ -1368,19 +1431,19 @@ static ssize_t fblk_send_request(struct fblk_chan *chan, struct iov_iter *head,
 	cmd = list_first_entry(&queue->pending, struct fblk_cmd, entry);
 	list_del_init(&cmd->entry);
 	cmd->state = FBLK_CMD_SENDING;
-	rq = blk_mq_rq_from_pdu(cmd);
+	rq = cmd->rq;
 	head_len = fblk_build_io(rq, cmd->unique, buf, &data_len);
-	spin_unlock_irqrestore(&queue->lock, flags);
+	spin_unlock(&queue->lock);
 
 	if (copy_to_iter(buf, head_len, head) != head_len)
 		ret = -EFAULT;
 	else if (data_len)
 		ret = fblk_copy_data_out(rq, data);
 
-	spin_lock_irqsave(&queue->lock, flags);
+	spin_lock(&queue->lock);
 	if (chan->dev->dead) {
 		cmd->state = FBLK_CMD_DONE;
-		spin_unlock_irqrestore(&queue->lock, flags);
+		spin_unlock(&queue->lock);
 		fblk_finish(rq, BLK_STS_IOERR);
 		return ret ? ret : -ENODEV;
 	}
@@ -1398,7 +1461,7 @@ static ssize_t fblk_send_request(struct fblk_chan *chan, struct iov_iter *head,
 			smp_store_release(&ent->state, FBLK_ENT_USER);
 		}
 	}
-	spin_unlock_irqrestore(&queue->lock, flags);
+	spin_unlock(&queue->lock);
 	return ret ? ret : head_len + data_len;
 }
 
@@ -1411,7 +1474,6 @@ static ssize_t fblk_read_iter(struct kiocb *iocb, struct iov_iter *to)
 {
 	struct fblk_chan *chan = iocb->ki_filp->private_data;
 	struct fblk_queue *queue;
-	unsigned long flags;
 	int ret;
 
 	if (!chan)
@@ -1421,23 +1483,23 @@ static ssize_t fblk_read_iter(struct kiocb *iocb, struct iov_iter *to)
 		return -EINVAL;
 
 	for (;;) {
-		spin_lock_irqsave(&queue->lock, flags);
+		spin_lock(&queue->lock);
 		if (chan->dev->dead || chan->retired) {
 			struct fuse_in_header msg = { };
 
 			if (chan->destroy_sent) {
-				spin_unlock_irqrestore(&queue->lock, flags);
+				spin_unlock(&queue->lock);
 				return -ENODEV;
 			}
 			chan->destroy_sent = true;
 			fblk_header(&msg, FUSE_DESTROY,
 				    fblk_next_unique(queue, FBLK_CONTROL_TAG),
 				    sizeof(msg));
-			spin_unlock_irqrestore(&queue->lock, flags);
+			spin_unlock(&queue->lock);
 			return fblk_send_small(to, &msg, sizeof(msg));
 		}
 		if (chan->failed) {
-			spin_unlock_irqrestore(&queue->lock, flags);
+			spin_unlock(&queue->lock);
 			return -EPROTO;
 		}
 		if (!chan->init_sent) {
@@ -1453,12 +1515,12 @@ static ssize_t fblk_read_iter(struct kiocb *iocb, struct iov_iter *to)
 			msg.in.minor = FBLK_FUSE_MINOR;
 			msg.in.flags = FUSE_ASYNC_READ | FUSE_BIG_WRITES |
 				       FUSE_MAX_PAGES;
-			spin_unlock_irqrestore(&queue->lock, flags);
+			spin_unlock(&queue->lock);
 			ret = fblk_send_small(to, &msg, sizeof(msg));
 			if (ret < 0) {
-				spin_lock_irqsave(&queue->lock, flags);
+				spin_lock(&queue->lock);
 				chan->init_sent = false;
-				spin_unlock_irqrestore(&queue->lock, flags);
+				spin_unlock(&queue->lock);
 			}
 			return ret;
 		}
@@ -1476,14 +1538,15 @@ static ssize_t fblk_read_iter(struct kiocb *iocb, struct iov_iter *to)
 				    cmd->unique | FBLK_INTERRUPT_BIT,
 				    sizeof(msg));
 			msg.in.unique = cmd->unique;
-			spin_unlock_irqrestore(&queue->lock, flags);
+			spin_unlock(&queue->lock);
 			return fblk_send_small(to, &msg, sizeof(msg));
 		}
 		if (chan == queue->active && !list_empty(&queue->pending))
-			return fblk_send_request(chan, to, to, NULL, flags);
-		spin_unlock_irqrestore(&queue->lock, flags);
+			return fblk_send_request(chan, to, to, NULL);
+		spin_unlock(&queue->lock);
 
-		if (iocb->ki_filp->f_flags & O_NONBLOCK)
+		if ((iocb->ki_filp->f_flags & O_NONBLOCK) ||
+		    (iocb->ki_flags & IOCB_NOWAIT))
 			return -EAGAIN;
 		ret = wait_event_interruptible(queue->waitq,
 					       fblk_chan_has_work(chan));
@@ -1496,13 +1559,16 @@ static ssize_t fblk_read_iter(struct kiocb *iocb, struct iov_iter *to)
 static void fblk_maybe_go_live(struct fblk_dev *dev)
 {
 	mutex_lock(&dev->mutex);
-	if (!dev->dead && !dev->sized &&
-	    fblk_state(dev, NULL) == FUSE_BLK_STATE_LIVE) {
-		dev->sized = true;
+	if (!dev->dead && !dev->sized && fblk_all_served(dev)) {
+		/*
+		 * Partitions are read on the next open, such as udev's on the
+		 * change uevent of set_capacity_and_notify(): mark them first.
+		 */
+		set_bit(GD_NEED_PART_SCAN, &dev->disk->state);
 		set_capacity_and_notify(dev->disk,
 					dev->params.size >> SECTOR_SHIFT);
-		/* Partitions are read on the next open. */
-		set_bit(GD_NEED_PART_SCAN, &dev->disk->state);
+		/* Only now may GET_INFO and sysfs say LIVE (fblk_state()). */
+		smp_store_release(&dev->sized, true);
 	}
 	mutex_unlock(&dev->mutex);
 }
@@ -1513,7 +1579,6 @@ static ssize_t fblk_init_reply(struct fblk_chan *chan,
 {
 	struct fblk_queue *queue = chan->queue;
 	struct fuse_init_out out = { };
-	unsigned long flags;
 	bool refused = false;
 	LIST_HEAD(kick);
 
@@ -1533,10 +1598,18 @@ static ssize_t fblk_init_reply(struct fblk_chan *chan,
 		return -EINVAL;
 	}
 
-	spin_lock_irqsave(&queue->lock, flags);
+	spin_lock(&queue->lock);
 	if (!chan->init_sent || chan->ready || chan->failed) {
-		spin_unlock_irqrestore(&queue->lock, flags);
+		spin_unlock(&queue->lock);
 		return -ENOENT;
+	}
+	/*
+	 * A newer channel answered INIT first: this takeover lost the race
+	 * and must not take the queue back from the winner.
+	 */
+	if (chan->retired) {
+		spin_unlock(&queue->lock);
+		return -ESTALE;
 	}
 	if (refused) {
 		chan->failed = true;
@@ -1544,17 +1617,22 @@ static ssize_t fblk_init_reply(struct fblk_chan *chan,
 		struct fblk_chan *older;
 
 		chan->ready = true;
-		/* The newest initialised channel takes over the queue. */
+		/*
+		 * The newest initialised channel takes over the queue: every
+		 * channel attached before this one is retired, none after it
+		 * (chans is oldest first), so of two takeovers racing, the
+		 * later attach wins whichever answers INIT first.
+		 */
 		list_for_each_entry(older, &queue->chans, entry) {
 			if (older == chan)
-				continue;
+				break;
 			older->retired = true;
 			fblk_ring_take_idle(older, &kick, UINT_MAX);
 		}
 		queue->active = chan;
 		queue->orphaned = false;
 	}
-	spin_unlock_irqrestore(&queue->lock, flags);
+	spin_unlock(&queue->lock);
 	fblk_ring_kick(&kick);
 	wake_up_all(&queue->waitq);
 	if (!refused)
@@ -1589,34 +1667,34 @@ static int fblk_take_reply(struct fblk_chan *chan,
 	struct fblk_dev *dev = chan->dev;
 	struct fblk_cmd *cmd;
 	struct request *rq;
-	unsigned long flags;
 	u32 tag = (u32)oh->unique >> 1;
 	int ret = 0;
 
 	if (tag >= dev->params.queue_depth)
 		return -ENOENT;
 
-	spin_lock_irqsave(&queue->lock, flags);
+	spin_lock(&queue->lock);
 	if (dev->dead) {
-		spin_unlock_irqrestore(&queue->lock, flags);
+		spin_unlock(&queue->lock);
 		return -ENODEV;
 	}
-	rq = blk_mq_tag_to_rq(dev->tag_set.tags[queue->index], tag);
-	cmd = rq ? blk_mq_rq_to_pdu(rq) : NULL;
-	if (!cmd || cmd->state != FBLK_CMD_SENT || cmd->unique != oh->unique ||
+	/* Only a SENT record's request is known to be alive. */
+	cmd = &queue->cmds[tag];
+	if (cmd->state != FBLK_CMD_SENT || cmd->unique != oh->unique ||
 	    cmd->owner != chan) {
-		spin_unlock_irqrestore(&queue->lock, flags);
+		spin_unlock(&queue->lock);
 		return -ENOENT;
 	}
+	rq = cmd->rq;
 	if ((!oh->error && !fblk_reply_fits(rq, payload)) ||
 	    (oh->error && payload)) {
-		spin_unlock_irqrestore(&queue->lock, flags);
+		spin_unlock(&queue->lock);
 		return -EINVAL;
 	}
 	cmd->state = FBLK_CMD_RECEIVING;
 	list_del_init(&cmd->entry);
 	list_del_init(&cmd->int_entry);
-	spin_unlock_irqrestore(&queue->lock, flags);
+	spin_unlock(&queue->lock);
 
 	if (!oh->error && req_op(rq) == REQ_OP_READ && !payload) {
 		fblk_zero_data(rq);
@@ -1644,16 +1722,16 @@ static int fblk_take_reply(struct fblk_chan *chan,
 		return 0;
 	}
 
-	spin_lock_irqsave(&queue->lock, flags);
+	spin_lock(&queue->lock);
 	if (!dev->dead) {
 		/* Refused: the request stays with the daemon. */
 		cmd->state = FBLK_CMD_SENT;
 		list_add_tail(&cmd->entry, &queue->sent);
-		spin_unlock_irqrestore(&queue->lock, flags);
+		spin_unlock(&queue->lock);
 		return ret;
 	}
 	cmd->state = FBLK_CMD_DONE;
-	spin_unlock_irqrestore(&queue->lock, flags);
+	spin_unlock(&queue->lock);
 	fblk_finish(rq, BLK_STS_IOERR);
 	return ret;
 }
@@ -1712,23 +1790,21 @@ static bool fblk_ring_has_work(struct fblk_chan *chan)
 static void fblk_ring_free_ent(struct fblk_ring_ent *ent)
 {
 	struct fblk_queue *queue = ent->chan->queue;
-	unsigned long flags;
 
-	spin_lock_irqsave(&queue->lock, flags);
+	spin_lock(&queue->lock);
 	WRITE_ONCE(ent->state, FBLK_ENT_FREE);
 	ent->ucmd = NULL;
-	spin_unlock_irqrestore(&queue->lock, flags);
+	spin_unlock(&queue->lock);
 }
 
 /*
  * Copies the next request into a KICKED entry (ring task context), with
- * the queue lock held (taken with @flags), which it drops. With nothing to
+ * the queue lock held, which it drops. With nothing to
  * deliver, the entry, whose command is held (ent->ucmd), goes IDLE under
  * the same lock. Returns 0 (the entry is USER now), -EIOCBQUEUED (IDLE),
  * or the error that ends the entry's command.
  */
-static int fblk_ring_deliver_locked(struct fblk_ring_ent *ent,
-				    unsigned long flags)
+static int fblk_ring_deliver_locked(struct fblk_ring_ent *ent)
 	__releases(&ent->chan->queue->lock)
 {
 	struct fblk_chan *chan = ent->chan;
@@ -1738,24 +1814,24 @@ static int fblk_ring_deliver_locked(struct fblk_ring_ent *ent,
 
 	lockdep_assert_held(&queue->lock);
 	if (chan->dev->dead || chan->retired) {
-		spin_unlock_irqrestore(&queue->lock, flags);
+		spin_unlock(&queue->lock);
 		return -ENODEV;
 	}
 	if (chan != queue->active || list_empty(&queue->pending)) {
 		/* Work added later kicks an idle entry: this one. */
 		WRITE_ONCE(ent->state, FBLK_ENT_IDLE);
 		list_add(&ent->entry, &chan->idle_ents);
-		spin_unlock_irqrestore(&queue->lock, flags);
+		spin_unlock(&queue->lock);
 		return -EIOCBQUEUED;
 	}
 	if (import_ubuf(ITER_DEST, ent->header, FUSE_BLK_URING_HEADER_SIZE,
 			&head) ||
 	    import_ubuf(ITER_DEST, ent->payload, chan->dev->params.max_io_bytes,
 			&data)) {
-		spin_unlock_irqrestore(&queue->lock, flags);
+		spin_unlock(&queue->lock);
 		return -EFAULT;
 	}
-	ret = fblk_send_request(chan, &head, &data, ent, flags);
+	ret = fblk_send_request(chan, &head, &data, ent);
 	return ret < 0 ? ret : 0;
 }
 
@@ -1763,13 +1839,12 @@ static int fblk_ring_deliver_locked(struct fblk_ring_ent *ent,
 static int fblk_ring_deliver(struct fblk_ring_ent *ent, bool from_task_work)
 {
 	struct fblk_chan *chan = ent->chan;
-	unsigned long flags;
 
-	spin_lock_irqsave(&chan->queue->lock, flags);
+	spin_lock(&chan->queue->lock);
 	/* This task work serves what is pending now: later requests kick. */
 	if (from_task_work)
 		chan->ring_kicked = false;
-	return fblk_ring_deliver_locked(ent, flags);
+	return fblk_ring_deliver_locked(ent);
 }
 
 /* The io_uring instance a command was issued on. */
@@ -1793,28 +1868,27 @@ static void fblk_ring_drain(struct fblk_chan *chan, struct io_ring_ctx *ctx,
 	struct fblk_queue *queue = chan->queue;
 	struct fblk_ring_ent *ent;
 	struct io_uring_cmd *ucmd;
-	unsigned long flags;
 	LIST_HEAD(kick);
 	int ret;
 
 	for (;;) {
-		spin_lock_irqsave(&queue->lock, flags);
+		spin_lock(&queue->lock);
 		ent = list_first_entry_or_null(&chan->idle_ents,
 					       struct fblk_ring_ent, entry);
 		if (!ent || !fblk_ring_has_work(chan)) {
-			spin_unlock_irqrestore(&queue->lock, flags);
+			spin_unlock(&queue->lock);
 			return;
 		}
 		if (ent->task != current || fblk_ring_ctx(ent->ucmd) != ctx) {
 			fblk_ring_take_idle(chan, &kick, 1);
-			spin_unlock_irqrestore(&queue->lock, flags);
+			spin_unlock(&queue->lock);
 			fblk_ring_kick(&kick);
 			return;
 		}
 		WRITE_ONCE(ent->state, FBLK_ENT_KICKED);
 		list_del_init(&ent->entry);
 		ucmd = ent->ucmd;
-		ret = fblk_ring_deliver_locked(ent, flags);
+		ret = fblk_ring_deliver_locked(ent);
 		if (ret == -EIOCBQUEUED)	/* IDLE again: nothing left */
 			return;
 		if (ret)
@@ -1834,13 +1908,12 @@ static void fblk_ring_tw(struct io_uring_cmd *ucmd, unsigned int issue_flags)
 {
 	struct fblk_ring_ent *ent = fblk_ring_pdu(ucmd)->ent;
 	struct fblk_chan *chan = ent->chan;
-	unsigned long flags;
 	int ret;
 
 	if (issue_flags & IO_URING_F_TASK_DEAD) {
-		spin_lock_irqsave(&chan->queue->lock, flags);
+		spin_lock(&chan->queue->lock);
 		chan->ring_kicked = false;
-		spin_unlock_irqrestore(&chan->queue->lock, flags);
+		spin_unlock(&chan->queue->lock);
 		ret = -ECANCELED;
 	} else {
 		ret = fblk_ring_deliver(ent, true);
@@ -1859,17 +1932,16 @@ static void fblk_ring_cancel(struct io_uring_cmd *ucmd, unsigned int issue_flags
 {
 	struct fblk_ring_ent *ent = fblk_ring_pdu(ucmd)->ent;
 	struct fblk_queue *queue = ent->chan->queue;
-	unsigned long flags;
 	bool idle;
 
-	spin_lock_irqsave(&queue->lock, flags);
+	spin_lock(&queue->lock);
 	idle = ent->state == FBLK_ENT_IDLE && ent->ucmd == ucmd;
 	if (idle) {
 		list_del_init(&ent->entry);
 		WRITE_ONCE(ent->state, FBLK_ENT_FREE);
 		ent->ucmd = NULL;
 	}
-	spin_unlock_irqrestore(&queue->lock, flags);
+	spin_unlock(&queue->lock);
 	/* A KICKED one completes from its task work. */
 	if (idle)
 		io_uring_cmd_done(ucmd, -ECANCELED, 0, issue_flags);
@@ -1882,7 +1954,6 @@ static int fblk_ring_register(struct fblk_ring_ent *ent,
 	struct fblk_chan *chan = ent->chan;
 	size_t max_io = chan->dev->params.max_io_bytes;
 	struct iovec iov[2];
-	unsigned long flags;
 	int ret;
 
 	if (pdu->len)	/* sqe->len: reserved */
@@ -1896,7 +1967,7 @@ static int fblk_ring_register(struct fblk_ring_ent *ent,
 	    !access_ok(iov[1].iov_base, max_io))
 		return -EFAULT;
 
-	spin_lock_irqsave(&chan->queue->lock, flags);
+	spin_lock(&chan->queue->lock);
 	if (ent->state != FBLK_ENT_FREE) {
 		ret = -EBUSY;
 	} else if (!chan->ready) {
@@ -1907,7 +1978,7 @@ static int fblk_ring_register(struct fblk_ring_ent *ent,
 		ent->payload = iov[1].iov_base;
 		ret = 0;
 	}
-	spin_unlock_irqrestore(&chan->queue->lock, flags);
+	spin_unlock(&chan->queue->lock);
 	return ret;
 }
 
@@ -2030,7 +2101,6 @@ static struct fblk_ring_ent *fblk_ring_ents(struct fblk_chan *chan)
 {
 	unsigned int depth = chan->dev->params.queue_depth;
 	struct fblk_ring_ent *ents;
-	unsigned long flags;
 	unsigned int i;
 
 	ents = READ_ONCE(chan->ents);
@@ -2043,14 +2113,14 @@ static struct fblk_ring_ent *fblk_ring_ents(struct fblk_chan *chan)
 		INIT_LIST_HEAD(&ents[i].entry);
 		ents[i].chan = chan;
 	}
-	spin_lock_irqsave(&chan->queue->lock, flags);
+	spin_lock(&chan->queue->lock);
 	if (chan->ents) {
 		kfree(ents);
 		ents = chan->ents;
 	} else {
 		WRITE_ONCE(chan->ents, ents);
 	}
-	spin_unlock_irqrestore(&chan->queue->lock, flags);
+	spin_unlock(&chan->queue->lock);
 	return ents;
 }
 
@@ -2119,19 +2189,18 @@ static __poll_t fblk_poll(struct file *file, poll_table *wait)
 {
 	struct fblk_chan *chan = file->private_data;
 	struct fblk_queue *queue;
-	unsigned long flags;
 	__poll_t mask = EPOLLOUT | EPOLLWRNORM;
 
 	if (!chan)
 		return EPOLLERR;
 	queue = chan->queue;
 	poll_wait(file, &queue->waitq, wait);
-	spin_lock_irqsave(&queue->lock, flags);
+	spin_lock(&queue->lock);
 	if ((chan->dev->dead || chan->retired) && chan->destroy_sent)
 		mask |= EPOLLERR | EPOLLHUP;
 	else if (fblk_chan_has_work(chan))
 		mask |= EPOLLIN | EPOLLRDNORM;
-	spin_unlock_irqrestore(&queue->lock, flags);
+	spin_unlock(&queue->lock);
 	return mask;
 }
 
@@ -2141,7 +2210,6 @@ static int fblk_release(struct inode *inode, struct file *file)
 	struct fblk_cmd *cmd, *next;
 	struct fblk_queue *queue;
 	struct fblk_dev *dev;
-	unsigned long flags;
 	LIST_HEAD(failed);
 	LIST_HEAD(kick);
 	bool requeue;
@@ -2150,7 +2218,7 @@ static int fblk_release(struct inode *inode, struct file *file)
 		return 0;
 	queue = chan->queue;
 	dev = chan->dev;
-	spin_lock_irqsave(&queue->lock, flags);
+	spin_lock(&queue->lock);
 	list_del(&chan->entry);
 	if (queue->active == chan)
 		queue->active = NULL;
@@ -2183,7 +2251,7 @@ static int fblk_release(struct inode *inode, struct file *file)
 		fblk_take_all(queue, &queue->pending, &failed);
 	else if (queue->active)
 		fblk_ring_take_idle(queue->active, &kick, UINT_MAX);
-	spin_unlock_irqrestore(&queue->lock, flags);
+	spin_unlock(&queue->lock);
 	fblk_finish_all(&failed, BLK_STS_IOERR);
 	fblk_ring_kick(&kick);
 	wake_up_all(&queue->waitq);
@@ -2198,6 +2266,12 @@ static int fblk_open(struct inode *inode, struct file *file)
 {
 	/* misc_open() left the miscdevice here; NULL marks a control fd. */
 	file->private_data = NULL;
+	/*
+	 * Reads honour IOCB_NOWAIT (EAGAIN rather than waiting for a
+	 * request) and writes never wait: io_uring may issue both inline and
+	 * poll the channel instead of parking a worker thread in read().
+	 */
+	file->f_mode |= FMODE_NOWAIT;
 	return nonseekable_open(inode, file);
 }
 

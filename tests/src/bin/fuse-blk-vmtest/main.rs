@@ -5,9 +5,17 @@
 //! Usage:
 //!   fuse-blk-vmtest recorder SIZE LOG     serve a recording memory device
 //!   fuse-blk-vmtest fuser SIZE            serve ImageFs through the adapter
+//!   fuse-blk-vmtest fuser-file IMAGE QUEUES
+//!                                         serve ImageFs on a host file through the
+//!                                         adapter, over read/write channels
+//!   fuse-blk-vmtest fuser-file-takeover IMAGE ID
+//!                                         take device ID over from such a daemon,
+//!                                         one queue at a time
 //!   fuse-blk-vmtest garbage               misbehave on a device; check the refusals
 //!   fuse-blk-vmtest ring-garbage          the same through io_uring commands, and
 //!                                         rings that go away at every stage
+//!   fuse-blk-vmtest takeover              racing takeovers, RWF_NOWAIT reads and stale
+//!                                         replies, message by message
 //!   fuse-blk-vmtest passthrough-refusals  CREATE refuses backing files it cannot use
 //!   fuse-blk-vmtest hold SIZE [fail-inflight]
 //!                                         serve a memory device with recovery on
@@ -22,6 +30,7 @@
 
 mod passthrough;
 mod ring_garbage;
+mod takeover;
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
@@ -29,7 +38,9 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use fuse_blk::proto::abi::{self, opcode, InHeader, InitOut, OutHeader, WriteOut};
-use fuse_blk::{BlockDevice, Features, Geometry, ReplyData, ReplyEmpty, ReplyWrite, Request};
+use fuse_blk::{
+    BlockDevice, Features, Geometry, IoMode, ReplyData, ReplyEmpty, ReplyWrite, Request, Session,
+};
 use fuse_blk_backends::MemDevice;
 use fuse_blk_fuser::{FuserDevice, FuserOptions};
 use fuse_blk_kmod::{attach_channel, Control, KmodDevice, KmodOptions};
@@ -42,8 +53,11 @@ fn main() -> ExitCode {
     let result = match args.as_slice() {
         ["recorder", size, log] => recorder(parse(size), log),
         ["fuser", size] => serve_fuser(parse(size)),
+        ["fuser-file", image, queues] => serve_fuser_file(image, parse(queues) as u16),
+        ["fuser-file-takeover", image, id] => take_over_fuser_file(image, parse(id) as u32),
         ["garbage"] => garbage(),
         ["ring-garbage"] => ring_garbage::run(),
+        ["takeover"] => takeover::run(),
         ["passthrough-refusals"] => passthrough::refusals(),
         ["hold", size] => hold(parse(size), false),
         ["hold", size, "fail-inflight"] => hold(parse(size), true),
@@ -55,11 +69,7 @@ fn main() -> ExitCode {
                 Default::default(),
                 fuse_blk::DEFAULT_RING_POLL,
             );
-            resumed.and_then(|kmod| {
-                println!("{}", kmod.device_path().display());
-                io::stdout().flush()?;
-                kmod.wait().map(drop)
-            })
+            resumed.and_then(wait_serving)
         }
         ["destroy", id] => Control::open().and_then(|c| c.destroy(parse(id) as u32)),
         ["info", id] => Control::open()
@@ -92,7 +102,12 @@ fn parse(text: &str) -> u64 {
 }
 
 fn serve(device: Arc<dyn BlockDevice>, options: KmodOptions) -> io::Result<()> {
-    let kmod = KmodDevice::create(device, &options)?;
+    wait_serving(KmodDevice::create(device, &options)?)
+}
+
+/// Prints the device's path, then serves it until it is destroyed or
+/// handed over.
+fn wait_serving(kmod: KmodDevice) -> io::Result<()> {
     println!("{}", kmod.device_path().display());
     io::stdout().flush()?;
     kmod.wait().map(drop)
@@ -227,6 +242,54 @@ fn serve_fuser(size: u64) -> io::Result<()> {
             ..KmodOptions::default()
         },
     )
+}
+
+/// ImageFs on the host file IMAGE through the adapter, with 4 KiB blocks.
+fn fuser_file(image: &str) -> io::Result<Arc<dyn BlockDevice>> {
+    let file = OpenOptions::new().read(true).write(true).open(image)?;
+    let options = FuserOptions {
+        logical_block_size: 4096,
+        threads: 2,
+        ..FuserOptions::new("disk.img")
+    };
+    Ok(Arc::new(FuserDevice::new(
+        ImageFs::on_file(file)?,
+        options,
+    )?))
+}
+
+/// Serves [`fuser_file`] with `queues` read/write channels, for
+/// [`take_over_fuser_file`] to take over.
+fn serve_fuser_file(image: &str, queues: u16) -> io::Result<()> {
+    serve(
+        fuser_file(image)?,
+        KmodOptions {
+            name: "fuserfile".into(),
+            queues,
+            max_io_bytes: fuse_blk_fuser::MAX_CHUNK,
+            io: IoMode::ReadWrite,
+            ..KmodOptions::default()
+        },
+    )
+}
+
+/// Takes device `id` over with [`fuser_file`], queue by queue, a pause
+/// between two: the old daemon's queues are retired one at a time, and
+/// those still its own keep serving requests for a while after the first
+/// has gone (as the module allows; `KmodDevice::resume` takes all at once,
+/// which leaves hardly any time in between).
+fn take_over_fuser_file(image: &str, id: u32) -> io::Result<()> {
+    const PAUSE: std::time::Duration = std::time::Duration::from_millis(300);
+    let params = Control::open()?.info(id)?.params;
+    let config = fuse_blk_kmod::session_config(params.max_io_bytes, fuse_blk::DEFAULT_RING_POLL);
+    let session = Arc::new(Session::new(fuser_file(image)?, config)?);
+    println!("/dev/fuseblk{id}");
+    io::stdout().flush()?;
+    session.serve_with(params.nr_queues, move |session, queue| {
+        std::thread::sleep(PAUSE * u32::from(queue));
+        let channel = attach_channel(id, queue, true)?;
+        session.run_worker(queue, Arc::new(channel))
+    })
 }
 
 /// Writes one reply and returns the errno the driver answered, if any.
