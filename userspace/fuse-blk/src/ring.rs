@@ -21,26 +21,19 @@
 //! a read outstanding on. The worker ends when every entry's command has
 //! ended (the device or connection is gone, or the ring is cancelled).
 //!
-//! Large reads and writes go to helper threads instead, unless the device
-//! declines ([`BlockDevice::parallel_large_io`]): the kernel copies a
-//! request's data in the worker's thread, the device copies it again in
-//! its handler, and with helpers the two overlap across requests and one
-//! queue's large requests use more than one CPU. A helper commits the
-//! entry only once the handler has returned, since a WRITE's data stays
-//! borrowed for the whole call.
-//!
-//! [`BlockDevice::parallel_large_io`]: crate::BlockDevice::parallel_large_io
+//! Large reads and writes go to a queue's helper threads instead (see
+//! `helpers`), and a worker about to sleep may poll first (see `poller`).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use std::io::IoSlice;
 
-use fuse_blk_proto::abi::{opcode, InHeader, OutHeader, ReadIn, WriteOut};
+use fuse_blk_proto::abi::{opcode, InHeader, OutHeader, WriteOut};
 use fuse_blk_proto::reply::{error_header, success_header};
 use io_uring::{cqueue, opcode as op, squeue, types, IoUring};
 use zerocopy::FromBytes;
@@ -50,6 +43,12 @@ use crate::io_thread;
 use crate::mapping::Mapping;
 use crate::reply::{self, Extent, ReplySink, MAX_REPLY_PARTS};
 use crate::session::{Session, IDLE_TICK};
+
+mod helpers;
+mod poller;
+
+use helpers::Helpers;
+use poller::Poller;
 
 /// Bytes of a request's header and argument at most (what is copied out of
 /// an entry before the reply is written over it).
@@ -123,13 +122,6 @@ pub enum ReadSource {
     Iovecs { iovecs: u64, count: u32 },
 }
 
-/// Reads and writes of at least this many bytes go to the helper threads:
-/// below it the hand-over costs more than the overlap gains.
-const OFFLOAD_MIN: usize = 128 * 1024;
-
-/// Helper threads per queue at most (at most one per CPU).
-const MAX_HELPERS: usize = 4;
-
 /// `user_data` of the eventfd read and of the idle tick; entries use their
 /// index.
 const WAKE_TAG: u64 = u64::MAX;
@@ -145,67 +137,6 @@ const TICK_TAG: u64 = u64::MAX - 1;
 fn ticks_last(reaped: &mut [(u64, i32)]) {
     // Stable: the other completions keep their order.
     reaped.sort_by_key(|&(tag, _)| tag == TICK_TAG);
-}
-
-/// Decides whether a worker polls its ring for a while before it sleeps
-/// on it, and for how long. Sleeping costs a wake-up per batch of requests
-/// (the kernel's delivery has to wake the worker, on whichever CPU the
-/// scheduler picks); polling costs CPU time. The worker polls while its
-/// requests come at most `max_gap` apart on average, counting every
-/// request a wait brought (a deep queue's requests come in batches, whose
-/// gaps are longer than any one request's), for twice the average wait:
-/// long enough to catch the next batch of a busy queue. Both scale with
-/// how fast the machine turns requests around, so the same setting serves
-/// real hardware and an emulated guest. A queue that is idle or sees
-/// sparse requests never spins, no spin lasts over `GAP_CAP` times
-/// `max_gap`, and the spin yields the CPU on every turn.
-#[derive(Debug, Clone, Copy)]
-struct Poller {
-    /// Poll only while the average gap is at most this; zero: never.
-    max_gap: Duration,
-    /// Moving average of the gap between requests: a wait's length over
-    /// the requests it brought.
-    typical_gap: Duration,
-    /// Moving average of how long a wait took.
-    typical_wait: Duration,
-}
-
-/// At most this many `max_gap`s of one wait count towards the averages,
-/// so that one long pause is soon forgotten; no poll lasts longer.
-const GAP_CAP: u32 = 4;
-
-/// The shortest poll worth starting.
-const MIN_POLL: Duration = Duration::from_micros(10);
-
-impl Poller {
-    fn new(max_gap: Duration) -> Poller {
-        Poller {
-            max_gap,
-            // Start asleep: polling begins once requests come close.
-            typical_gap: max_gap * GAP_CAP,
-            typical_wait: max_gap * GAP_CAP,
-        }
-    }
-
-    /// How long to poll before sleeping, if at all.
-    fn poll_for(&self) -> Option<Duration> {
-        (!self.max_gap.is_zero() && self.typical_gap <= self.max_gap).then(|| {
-            (self.typical_wait * 2)
-                .min(self.max_gap * GAP_CAP)
-                .max(MIN_POLL)
-        })
-    }
-
-    /// Records that a wait lasted `wait` (polling and sleeping) and brought
-    /// `requests` requests.
-    fn waited(&mut self, wait: Duration, requests: usize) {
-        let wait = wait.min(self.max_gap * GAP_CAP);
-        let gap = wait / u32::try_from(requests.max(1)).unwrap_or(u32::MAX);
-        // Weight 1/4: a few close requests start polling, a few far apart
-        // stop it.
-        self.typical_gap = (self.typical_gap * 3 + gap) / 4;
-        self.typical_wait = (self.typical_wait * 3 + wait) / 4;
-    }
 }
 
 /// Every entry's buffers, shared by the worker and the replies' sinks.
@@ -544,73 +475,13 @@ pub fn serve<W: Wire>(
         wake,
         worker: std::thread::current().id(),
     });
-    let reads = session.parallel_large_io(false);
-    let writes = session.parallel_large_io(true);
-    let helpers = if reads || writes {
-        std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(MAX_HELPERS)
-    } else {
-        0
-    };
-    let (jobs, receiver) = mpsc::channel::<Job<W>>();
-    let receiver = parking_lot::Mutex::new(receiver);
-    std::thread::scope(|scope| {
-        for index in 0..helpers {
-            let receiver = &receiver;
-            std::thread::Builder::new()
-                .name(format!("fuse-blk-q{queue}h{index}"))
-                .spawn_scoped(scope, move || help(session, queue, receiver))?;
-        }
-        let offload = (helpers > 0).then_some(Offload {
-            jobs,
-            reads,
-            writes,
-        });
+    helpers::with_helpers(session, queue, |helpers| {
         let poll = session.config().ring_poll;
-        let mut worker = Worker::new(session, queue, buffers, depth, poll, offload)?;
-        // Dropping the worker (and its sender) ends the helpers.
+        let mut worker = Worker::new(session, queue, buffers, depth, poll, helpers)?;
+        // Dropping the worker (and with it the helpers' queue) ends the
+        // helpers.
         worker.run()
     })
-}
-
-/// Where a worker hands large requests.
-struct Offload<W> {
-    jobs: mpsc::Sender<Job<W>>,
-    /// Whether large reads, and large writes, go there.
-    reads: bool,
-    writes: bool,
-}
-
-/// A large request handed to a helper thread.
-struct Job<W> {
-    sink: Arc<EntrySink<W>>,
-    head: [u8; MAX_HEAD],
-    /// Bytes of WRITE data in the entry's payload buffer.
-    payload_len: usize,
-}
-
-/// A helper thread: runs the handler for the jobs it takes until the
-/// worker goes.
-fn help<W: Wire>(session: &Session, queue: u16, jobs: &parking_lot::Mutex<mpsc::Receiver<Job<W>>>) {
-    loop {
-        // The guard goes at the end of the statement: one helper waits in
-        // recv(), the others for the lock.
-        let Ok(job) = jobs.lock().recv() else {
-            return;
-        };
-        let sink = job.sink;
-        // SAFETY: as in `Worker::dispatch`; the entry is committed only
-        // after this call returns (`EntrySink::replied`), so the kernel
-        // does not reuse the payload while the handler may still read it.
-        let payload = unsafe {
-            std::slice::from_raw_parts(sink.buffers.payload(sink.entry), job.payload_len)
-        };
-        session.dispatch_split(queue, &job.head, payload, sink.clone());
-        if sink.commit.swap(COMMIT_NOW, Ordering::AcqRel) == REPLIED_IN_HELPER {
-            sink.buffers.commit(sink.entry);
-        }
-    }
 }
 
 struct Worker<'a, W: Wire> {
@@ -645,7 +516,7 @@ struct Worker<'a, W: Wire> {
     wake_buf: [u8; 8],
     poller: Poller,
     /// Where large requests go, if anywhere.
-    offload: Option<Offload<W>>,
+    helpers: Option<Helpers<W>>,
 }
 
 impl<'a, W: Wire> Worker<'a, W> {
@@ -655,7 +526,7 @@ impl<'a, W: Wire> Worker<'a, W> {
         buffers: Arc<Buffers<W>>,
         depth: u16,
         poll: Duration,
-        offload: Option<Offload<W>>,
+        helpers: Option<Helpers<W>>,
     ) -> io::Result<Worker<'a, W>> {
         let entries = (u32::from(depth) + 1).next_power_of_two();
         // Task work (the kernel's deliveries) runs when this thread asks for
@@ -721,7 +592,7 @@ impl<'a, W: Wire> Worker<'a, W> {
             tick: types::Timespec::from(IDLE_TICK),
             wake_buf: [0; 8],
             poller: Poller::new(poll),
-            offload,
+            helpers,
         })
     }
 
@@ -929,41 +800,14 @@ impl<'a, W: Wire> Worker<'a, W> {
         };
         let sink = &self.sinks[usize::from(entry)];
         sink.opcode.store(opcode, Ordering::Release);
-        if let Some(payload_len) = self.offloaded(opcode, &head_copy, payload.len()) {
-            sink.commit.store(IN_HELPER, Ordering::Release);
-            let job = Job {
-                sink: sink.clone(),
-                head: head_copy,
-                payload_len,
-            };
-            let sent = self
-                .offload
-                .as_ref()
-                .is_some_and(|offload| offload.jobs.send(job).is_ok());
-            if sent {
-                return;
-            }
-            // The helpers are gone (one panicked): handled here.
-            sink.commit.store(COMMIT_NOW, Ordering::Release);
+        let handed = self
+            .helpers
+            .as_ref()
+            .is_some_and(|helpers| helpers.take(sink, opcode, &head_copy, payload.len()));
+        if !handed {
+            self.session
+                .dispatch_split(self.queue, head, payload, sink.clone());
         }
-        self.session
-            .dispatch_split(self.queue, head, payload, sink.clone());
-    }
-
-    /// Whether a request goes to the helpers: a large READ or WRITE, when
-    /// there are helpers. Returns the bytes of its data in the payload.
-    fn offloaded(&self, opcode: u32, head: &[u8; MAX_HEAD], in_payload: usize) -> Option<usize> {
-        let offload = self.offload.as_ref()?;
-        // (bytes moved, bytes of it in the payload buffer)
-        let (size, payload_len) = match opcode {
-            opcode::WRITE if offload.writes => (in_payload, in_payload),
-            opcode::READ if offload.reads => {
-                let arg = &head[std::mem::size_of::<InHeader>()..];
-                (ReadIn::read_from_prefix(arg).ok()?.0.size as usize, 0)
-            }
-            _ => return None,
-        };
-        (size >= OFFLOAD_MIN).then_some(payload_len)
     }
 }
 
@@ -1222,77 +1066,5 @@ mod tests {
         let mut alone = vec![(TICK_TAG, -62)];
         ticks_last(&mut alone);
         assert_eq!(alone, vec![(TICK_TAG, -62)]);
-    }
-
-    /// Asserts that `poller` polls, for a number of microseconds in `range`.
-    fn assert_polls_for(poller: &Poller, range: std::ops::RangeInclusive<u64>) {
-        let poll = poller.poll_for().expect("polls");
-        let (low, high) = (
-            Duration::from_micros(*range.start()),
-            Duration::from_micros(*range.end()),
-        );
-        assert!(poll >= low && poll <= high, "{poll:?}");
-    }
-
-    #[test]
-    fn the_poller_polls_while_requests_come_close_for_twice_their_wait() {
-        let max_gap = Duration::from_micros(100);
-        let mut poller = Poller::new(max_gap);
-        assert_eq!(poller.poll_for(), None, "a fresh worker sleeps");
-        for _ in 0..16 {
-            poller.waited(Duration::from_micros(20), 1);
-        }
-        assert_polls_for(&poller, 40..=60);
-        // A pause of a second counts as four max_gaps: polling stops, and
-        // a few close requests start it again.
-        poller.waited(Duration::from_secs(1), 1);
-        assert_eq!(poller.poll_for(), None);
-        let mut waits = 0;
-        while poller.poll_for().is_none() {
-            poller.waited(Duration::from_micros(20), 1);
-            waits += 1;
-        }
-        assert!(waits <= 4, "{waits} waits to poll again");
-        // Requests that keep coming further apart than max_gap stop it.
-        for _ in 0..8 {
-            poller.waited(Duration::from_micros(300), 1);
-        }
-        assert_eq!(poller.poll_for(), None);
-        // Back-to-back requests still poll for a little while.
-        for _ in 0..16 {
-            poller.waited(Duration::ZERO, 1);
-        }
-        assert_eq!(poller.poll_for(), Some(MIN_POLL));
-    }
-
-    #[test]
-    fn the_poller_counts_every_request_of_a_batch() {
-        let max_gap = Duration::from_micros(100);
-        let mut poller = Poller::new(max_gap);
-        // Waits longer than max_gap, each bringing 16 requests: 19 us
-        // apart. It polls for twice such a wait, up to four max_gaps.
-        for _ in 0..16 {
-            poller.waited(Duration::from_micros(300), 16);
-        }
-        assert_polls_for(&poller, 380..=400);
-        // Batches of one as far apart sleep; a wait that brought nothing
-        // (the idle tick, a wake-up) counts as a gap of its own.
-        for _ in 0..8 {
-            poller.waited(Duration::from_micros(300), 1);
-        }
-        assert_eq!(poller.poll_for(), None);
-        for _ in 0..16 {
-            poller.waited(Duration::from_micros(30), 0);
-        }
-        assert_polls_for(&poller, 60..=70);
-    }
-
-    #[test]
-    fn a_zero_window_never_polls() {
-        let mut poller = Poller::new(Duration::ZERO);
-        for _ in 0..8 {
-            poller.waited(Duration::ZERO, 4);
-        }
-        assert_eq!(poller.poll_for(), None);
     }
 }
