@@ -101,10 +101,10 @@
 #include <linux/blk-mq.h>
 #include <linux/blkdev.h>
 #include <linux/falloc.h>
+#include <linux/file.h>
 #include <linux/fs.h>
 #include <linux/fuse.h>
 #include <linux/idr.h>
-#include <linux/io_uring/cmd.h>
 #include <linux/miscdevice.h>
 #include <linux/module.h>
 #include <linux/poll.h>
@@ -328,7 +328,7 @@ static struct fblk_cmd *fblk_cmd_of(struct request *rq)
 	return &queue->cmds[rq->tag];
 }
 
-static void fblk_ring_tw(struct io_uring_cmd *ucmd, unsigned int issue_flags);
+FBLK_RING_TW(fblk_ring_tw);
 
 /*
  * Takes up to @max idle io_uring entries of @chan onto @kick, for
@@ -355,7 +355,7 @@ static void fblk_ring_kick(struct list_head *kick)
 
 	list_for_each_entry_safe(ent, next, kick, entry) {
 		list_del_init(&ent->entry);
-		io_uring_cmd_complete_in_task(ent->ucmd, fblk_ring_tw);
+		fblk_complete_in_task(ent->ucmd, fblk_ring_tw);
 	}
 }
 
@@ -393,7 +393,7 @@ static blk_status_t fblk_backing_rw(struct fblk_dev *dev, struct request *rq)
 		iov_iter_bvec(&iter, write ? ITER_SOURCE : ITER_DEST,
 			      __bvec_iter_bvec(bio->bi_io_vec, bio->bi_iter),
 			      nr_bvecs, len);
-		iter.iov_offset = bio->bi_iter.bi_bvec_done;
+		iter.iov_offset = fblk_bvec_iter_done(bio->bi_iter);
 
 		/*
 		 * A short transfer is not the end: a file system may stop at
@@ -828,7 +828,7 @@ static int fblk_check_params(struct fuse_blk_params *p)
 		p->io_timeout_ms = FBLK_DEFAULT_TIMEOUT_MS;
 	if (p->io_timeout_ms > FBLK_LIMIT_TIMEOUT_MS)
 		return -EINVAL;
-	p->features &= FUSE_BLK_F_ALL;
+	p->features &= FBLK_FEATURES;
 	if (!(p->features & FUSE_BLK_F_PASSTHROUGH) && p->backing_fd)
 		return -EINVAL;
 	if (!(p->features & FUSE_BLK_F_RECOVERY)) {
@@ -841,7 +841,7 @@ static int fblk_check_params(struct fuse_blk_params *p)
 }
 
 static void fblk_init_limits(const struct fuse_blk_params *p,
-			     struct queue_limits *lim)
+			     struct fblk_limits *lim)
 {
 	lim->logical_block_size = p->logical_block_size;
 	lim->physical_block_size = p->physical_block_size;
@@ -874,7 +874,7 @@ static void fblk_init_limits(const struct fuse_blk_params *p,
 
 static int fblk_create(struct fuse_blk_params __user *uparams)
 {
-	struct queue_limits lim = { };
+	struct fblk_limits lim = { };
 	struct fuse_blk_params p;
 	struct fblk_dev *dev;
 	struct gendisk *disk;
@@ -964,7 +964,7 @@ static int fblk_create(struct fuse_blk_params __user *uparams)
 		goto out_backing;
 
 	fblk_init_limits(&dev->params, &lim);
-	disk = blk_mq_alloc_disk(&dev->tag_set, &lim, dev);
+	disk = fblk_alloc_disk(&dev->tag_set, &lim, dev);
 	if (IS_ERR(disk)) {
 		ret = PTR_ERR(disk);
 		goto out_tag_set;
@@ -1188,7 +1188,7 @@ static long fblk_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 	case FUSE_BLK_IOC_GET_FEATURES: {
 		struct fuse_blk_features features = {
 			.abi_version = FUSE_BLK_ABI_VERSION,
-			.features = FUSE_BLK_F_ALL,
+			.features = FBLK_FEATURES,
 		};
 
 		return copy_to_user(argp, &features, sizeof(features)) ?
@@ -1326,13 +1326,12 @@ static int fblk_copy_user(struct request *rq, struct iov_iter *uiter,
 
 			if (used == got) {
 				if (got)
-					unpin_user_pages_dirty_lock(pages,
+					fblk_put_user_pages(pages,
 						DIV_ROUND_UP(start + got, PAGE_SIZE),
 						to_user);
 				used = 0;
-				got = iov_iter_extract_pages(uiter, &pages, left,
-							     FBLK_PIN_BATCH, 0,
-							     &start);
+				got = fblk_get_user_pages(uiter, pages, left,
+							  FBLK_PIN_BATCH, &start);
 				if (got <= 0) {
 					got = 0;
 					ret = -EFAULT;
@@ -1359,9 +1358,8 @@ static int fblk_copy_user(struct request *rq, struct iov_iter *uiter,
 	}
 out:
 	if (got)
-		unpin_user_pages_dirty_lock(pages,
-					    DIV_ROUND_UP(start + got, PAGE_SIZE),
-					    to_user);
+		fblk_put_user_pages(pages,
+				    DIV_ROUND_UP(start + got, PAGE_SIZE), to_user);
 	return ret;
 }
 
@@ -1771,6 +1769,8 @@ static ssize_t fblk_write_iter(struct kiocb *iocb, struct iov_iter *from)
 
 /* ---- io_uring channels ---- */
 
+#if FBLK_URING
+
 static struct fblk_ring_pdu *fblk_ring_pdu(struct io_uring_cmd *ucmd)
 {
 	return io_uring_cmd_to_pdu(ucmd, struct fblk_ring_pdu);
@@ -1893,7 +1893,7 @@ static void fblk_ring_drain(struct fblk_chan *chan, struct io_ring_ctx *ctx,
 			return;
 		if (ret)
 			fblk_ring_free_ent(ent);
-		io_uring_cmd_done(ucmd, ret, 0, issue_flags);
+		fblk_uring_cmd_done(ucmd, ret, issue_flags);
 		if (ret)
 			return;
 	}
@@ -1910,7 +1910,7 @@ static void fblk_ring_tw(struct io_uring_cmd *ucmd, unsigned int issue_flags)
 	struct fblk_chan *chan = ent->chan;
 	int ret;
 
-	if (issue_flags & IO_URING_F_TASK_DEAD) {
+	if (issue_flags & FBLK_TW_CANCEL) {
 		spin_lock(&chan->queue->lock);
 		chan->ring_kicked = false;
 		spin_unlock(&chan->queue->lock);
@@ -1924,7 +1924,7 @@ static void fblk_ring_tw(struct io_uring_cmd *ucmd, unsigned int issue_flags)
 		fblk_ring_free_ent(ent);
 	else
 		fblk_ring_drain(chan, fblk_ring_ctx(ucmd), issue_flags);
-	io_uring_cmd_done(ucmd, ret, 0, issue_flags);
+	fblk_uring_cmd_done(ucmd, ret, issue_flags);
 }
 
 /* The ring is going away: completes the command if its entry waits. */
@@ -1944,7 +1944,7 @@ static void fblk_ring_cancel(struct io_uring_cmd *ucmd, unsigned int issue_flags
 	spin_unlock(&queue->lock);
 	/* A KICKED one completes from its task work. */
 	if (idle)
-		io_uring_cmd_done(ucmd, -ECANCELED, 0, issue_flags);
+		fblk_uring_cmd_done(ucmd, -ECANCELED, issue_flags);
 }
 
 /* FETCH: registers a FREE entry's buffers; the entry is KICKED after. */
@@ -2085,15 +2085,14 @@ static int fblk_ring_issue(struct io_uring_cmd *ucmd, unsigned int issue_flags)
 	return ret;
 }
 
-static void fblk_ring_issue_tw(struct io_uring_cmd *ucmd,
-			       unsigned int issue_flags)
+FBLK_RING_TW(fblk_ring_issue_tw)
 {
 	int ret = -ECANCELED;
 
-	if (!(issue_flags & IO_URING_F_TASK_DEAD))
+	if (!(issue_flags & FBLK_TW_CANCEL))
 		ret = fblk_ring_issue(ucmd, issue_flags);
 	if (ret != -EIOCBQUEUED)
-		io_uring_cmd_done(ucmd, ret, 0, issue_flags);
+		fblk_uring_cmd_done(ucmd, ret, issue_flags);
 }
 
 /* The channel's entries, allocated at its first io_uring command. */
@@ -2146,7 +2145,7 @@ static int fblk_uring_cmd(struct io_uring_cmd *ucmd, unsigned int issue_flags)
 	if (ucmd->cmd_op != FUSE_BLK_URING_FETCH &&
 	    ucmd->cmd_op != FUSE_BLK_URING_COMMIT_AND_FETCH)
 		return -EINVAL;
-	arg = io_uring_sqe_cmd(ucmd->sqe);
+	arg = fblk_uring_sqe_cmd(ucmd->sqe, struct fuse_blk_uring_cmd);
 	entry = READ_ONCE(arg->entry);
 	flags = READ_ONCE(arg->flags);
 	data_segs = READ_ONCE(arg->data_segs);
@@ -2179,11 +2178,17 @@ static int fblk_uring_cmd(struct io_uring_cmd *ucmd, unsigned int issue_flags)
 
 	/* From io-wq: go to the ring's task, where entries are handled. */
 	if (issue_flags & IO_URING_F_UNLOCKED) {
-		io_uring_cmd_complete_in_task(ucmd, fblk_ring_issue_tw);
+		fblk_complete_in_task(ucmd, fblk_ring_issue_tw);
 		return -EIOCBQUEUED;
 	}
 	return fblk_ring_issue(ucmd, issue_flags);
 }
+#else
+static int fblk_uring_cmd(struct io_uring_cmd *ucmd, unsigned int issue_flags)
+{
+	return -EOPNOTSUPP;
+}
+#endif /* FBLK_URING */
 
 static __poll_t fblk_poll(struct file *file, poll_table *wait)
 {
