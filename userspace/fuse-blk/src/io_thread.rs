@@ -46,7 +46,8 @@ mod tests {
     /// Says on the terminal, past the test harness's capture, that `test`
     /// did not run, and why.
     fn skipped(test: &str, why: &str) {
-        let _ = writeln!(io::stderr(), "SKIPPED {test}: {why}");
+        // On a line of its own: the harness may be half way through one.
+        let _ = writeln!(io::stderr(), "\nSKIPPED {test}: {why}");
     }
 
     #[test]
