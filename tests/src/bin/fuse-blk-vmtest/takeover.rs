@@ -125,10 +125,7 @@ fn answer_init(channel: &File, buf: &mut [u8]) -> io::Result<()> {
 /// `dd` reading the device's first 4 KiB directly, after switching the
 /// queue's I/O scheduler to `scheduler`.
 fn reader(id: u32, scheduler: &str) -> io::Result<Child> {
-    std::fs::write(
-        format!("/sys/block/fuseblk{id}/queue/scheduler"),
-        scheduler,
-    )?;
+    std::fs::write(format!("/sys/block/fuseblk{id}/queue/scheduler"), scheduler)?;
     Command::new("dd")
         .args([
             format!("if=/dev/fuseblk{id}"),
