@@ -10,14 +10,15 @@
 //! `ENODEV` when the device is destroyed or a newer daemon took the queue
 //! over, `ECANCELED` when the ring goes away.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use fuse_blk::proto::abi::{opcode, InHeader, WriteIn};
 use fuse_blk::ring::{self, ReadSource, Target, Wire};
-use fuse_blk::{Channel, FdChannel, Session};
+use fuse_blk::{Channel, FdChannel, ReplySink, Session};
 use io_uring::{opcode as op, squeue, types, IoUring};
 use zerocopy::FromBytes;
 
@@ -151,7 +152,7 @@ pub fn serve_queue(
     depth: u16,
     read_sources: ReadSources,
 ) -> io::Result<()> {
-    if !answer_init(session, queue, &channel)? {
+    if !answer_init(session, queue, channel.clone())? {
         return Ok(());
     }
     let max_io = session.config().max_write as usize;
@@ -163,16 +164,48 @@ pub fn serve_queue(
 }
 
 /// Reads and answers FUSE_INIT, the first message of a new channel; false
-/// if the channel ended instead.
-fn answer_init(session: &Session, queue: u16, channel: &Arc<FdChannel>) -> io::Result<bool> {
+/// if the channel ended instead, or if the module refused the answer
+/// because a newer channel took the queue over first (a takeover racing
+/// this one): such a channel reads FUSE_DESTROY next and has nothing to
+/// serve, and its ring commands would only be refused.
+fn answer_init(session: &Session, queue: u16, channel: Arc<dyn Channel>) -> io::Result<bool> {
     let mut buf = vec![0u8; session.config().buffer_size()];
-    let channel: Arc<dyn Channel> = channel.clone();
     loop {
         match channel.receive(&mut buf) {
-            Ok(Some(len)) => return Ok(session.dispatch(queue, &buf[..len], &channel)),
+            Ok(Some(len)) => {
+                let reply = Arc::new(InitReply {
+                    channel,
+                    lost: AtomicBool::new(false),
+                });
+                let going_on = session.dispatch_split(queue, &buf[..len], &[], reply.clone());
+                if reply.lost.load(Ordering::Relaxed) {
+                    log::info!("queue {queue}: a newer daemon took the queue over first");
+                    return Ok(false);
+                }
+                return Ok(going_on);
+            }
             Ok(None) => return Ok(false),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sends the answer to FUSE_INIT and notes whether the module refused it
+/// with ESTALE: the channel lost a takeover race (ABI.md, handoff).
+struct InitReply {
+    channel: Arc<dyn Channel>,
+    lost: AtomicBool,
+}
+
+impl ReplySink for InitReply {
+    fn send_reply(&self, parts: &[IoSlice<'_>]) {
+        match self.channel.send(parts) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ESTALE) => {
+                self.lost.store(true, Ordering::Relaxed)
+            }
+            Err(e) => log::error!("answering FUSE_INIT: {e}"),
         }
     }
 }
@@ -200,6 +233,91 @@ mod tests {
         buf[..at].copy_from_slice(header.as_bytes());
         buf[at..at + arg.len()].copy_from_slice(arg);
         buf
+    }
+
+    /// A channel that delivers one FUSE_INIT and answers its reply with
+    /// `reply_errno` (0: taken).
+    struct InitChannel {
+        init: parking_lot::Mutex<Option<Vec<u8>>>,
+        reply_errno: i32,
+        replies: std::sync::atomic::AtomicUsize,
+    }
+
+    impl InitChannel {
+        fn new(reply_errno: i32) -> Arc<InitChannel> {
+            let init = fuse_blk::proto::abi::InitIn {
+                major: fuse_blk::proto::abi::KERNEL_VERSION,
+                minor: fuse_blk::proto::abi::KERNEL_MINOR_VERSION,
+                ..Default::default()
+            };
+            let message =
+                fuse_blk::proto::client::encode_request(opcode::INIT, 2, 0, &[init.as_bytes()]);
+            Arc::new(InitChannel {
+                init: parking_lot::Mutex::new(Some(message)),
+                reply_errno,
+                replies: Default::default(),
+            })
+        }
+    }
+
+    // Every reply goes through `InitReply`; this one is never used.
+    impl ReplySink for InitChannel {
+        fn send_reply(&self, parts: &[IoSlice<'_>]) {
+            let _ = self.send(parts);
+        }
+    }
+
+    impl Channel for InitChannel {
+        fn receive(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+            Ok(self.init.lock().take().map(|message| {
+                buf[..message.len()].copy_from_slice(&message);
+                message.len()
+            }))
+        }
+
+        fn send(&self, _parts: &[IoSlice<'_>]) -> io::Result<()> {
+            self.replies.fetch_add(1, Ordering::Relaxed);
+            match self.reply_errno {
+                0 => Ok(()),
+                errno => Err(io::Error::from_raw_os_error(errno)),
+            }
+        }
+    }
+
+    struct Zeros;
+
+    impl fuse_blk::BlockDevice for Zeros {
+        fn geometry(&self) -> fuse_blk::Geometry {
+            fuse_blk::Geometry::new(1 << 20, 4096)
+        }
+        fn read(&self, _: &fuse_blk::Request, _: u64, _: u32, reply: fuse_blk::ReplyData) {
+            reply.zeros();
+        }
+        fn write(
+            &self,
+            _: &fuse_blk::Request,
+            _: u64,
+            _: &[u8],
+            _: bool,
+            reply: fuse_blk::ReplyWrite,
+        ) {
+            reply.ok();
+        }
+    }
+
+    #[test]
+    fn a_channel_whose_init_answer_is_refused_as_stale_has_nothing_to_serve() {
+        let session = Session::new(
+            Arc::new(Zeros),
+            crate::session_config(1 << 20, std::time::Duration::ZERO),
+        )
+        .expect("session");
+        for (errno, serves) in [(0, true), (libc::ESTALE, false)] {
+            let channel = InitChannel::new(errno);
+            let served = answer_init(&session, 0, channel.clone()).expect("answering INIT");
+            assert_eq!(channel.replies.load(Ordering::Relaxed), 1, "one answer");
+            assert_eq!(served, serves, "INIT answered, errno {errno}");
+        }
     }
 
     #[test]
