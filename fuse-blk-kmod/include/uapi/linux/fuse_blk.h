@@ -5,6 +5,16 @@
  * This header is the one ABI between the fuse_blk module and its daemons.
  *
  * Changelog
+ *  ABI 6 (2026-12)
+ *   - No new fields; three rules made exact. Of overlapping takeovers of a
+ *     queue, the channel attached last wins: a FUSE_INIT reply retires
+ *     only channels attached before its own, and the INIT reply of a
+ *     channel already retired fails with ESTALE. GET_INFO and sysfs report
+ *     FUSE_BLK_STATE_LIVE only once the disk's capacity is set (it could
+ *     be seen LIVE with capacity 0). Channel reads honour RWF_NOWAIT /
+ *     IOCB_NOWAIT (EAGAIN with nothing to read; it was refused with
+ *     EOPNOTSUPP), so io_uring reads of a channel poll instead of blocking
+ *     a worker.
  *  ABI 5 (2026-12)
  *   - READ data gathered from the daemon's memory: with
  *     FUSE_BLK_F_URING_DATA_IOVEC (reported, echoed and asking nothing of
@@ -150,7 +160,7 @@
 #include <linux/types.h>
 #include <linux/ioctl.h>
 
-#define FUSE_BLK_ABI_VERSION	5
+#define FUSE_BLK_ABI_VERSION	6
 
 /* fuse_in_header.nodeid of every request on a channel */
 #define FUSE_BLK_NODE_ID	2
