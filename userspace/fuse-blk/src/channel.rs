@@ -184,6 +184,12 @@ impl ReplySink for FdChannel {
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV)) => {
                 log::debug!("reply not delivered: {e}")
             }
+            // The fuse-blk module refuses the INIT reply of a channel that a
+            // newer daemon's takeover retired first: this worker reads
+            // FUSE_DESTROY next and ends; the newer daemon serves the queue.
+            Err(e) if e.raw_os_error() == Some(libc::ESTALE) => {
+                log::info!("another daemon took this queue over first: {e}")
+            }
             Err(e) => log::error!("failed to send reply: {e}"),
         }
     }
