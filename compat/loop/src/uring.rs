@@ -15,8 +15,8 @@ use std::io;
 use std::mem::{offset_of, size_of};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use fuse_blk::proto::abi::{init_flags2, InHeader};
-use fuse_blk::ring::{self, ReadSource, Target, Wire, MAX_HEAD};
+use fuse_blk::proto::abi::{init_flags2, InHeader, OutHeader};
+use fuse_blk::ring::{self, ReadSource, ReadSources, Target, Wire, MAX_HEAD};
 use fuse_blk::Session;
 use io_uring::{opcode as op, squeue, types};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -58,6 +58,8 @@ struct CmdReq {
 }
 
 const HEADER_SIZE: usize = size_of::<ReqHeader>();
+/// Where `payload_sz` is in a header buffer.
+const PAYLOAD_SZ: usize = offset_of!(ReqHeader, ring_ent_in_out) + offset_of!(EntInOut, payload_sz);
 const _: () = assert!(HEADER_SIZE == 288 && size_of::<CmdReq>() == 24);
 
 /// `enum fuse_uring_cmd`.
@@ -144,8 +146,18 @@ impl Wire for FuseWire {
         target: Target,
         _entry: u16,
         commit_id: u64,
+        header: &mut [u8],
+        // Never set: FUSE takes READ data from the payload buffer only, so
+        // this wire is served with no `ReadSources`.
         _read_data: Option<ReadSource>,
     ) -> squeue::Entry128 {
+        // FUSE copies the reply's body from the payload buffer by
+        // `payload_sz`, not by `fuse_out_header.len`; every body is there
+        // (`body_in_payload`), so it is what follows the header.
+        let (out_header, _) =
+            OutHeader::read_from_prefix(header).expect("a header buffer holds fuse_out_header");
+        let body = (out_header.len as usize).saturating_sub(size_of::<OutHeader>());
+        header[PAYLOAD_SZ..PAYLOAD_SZ + 4].copy_from_slice(&(body as u32).to_ne_bytes());
         self.command(target, CMD_COMMIT_AND_FETCH, commit_id)
             .build()
     }
@@ -171,15 +183,6 @@ impl Wire for FuseWire {
 
     fn body_in_payload(&self, _opcode: u32) -> bool {
         true
-    }
-
-    fn set_body_len(&self, header: *mut u8, len: usize) {
-        let header = header.cast::<ReqHeader>();
-        // SAFETY: `header` is an entry's header buffer of HEADER_SIZE bytes,
-        // owned by the reply being written; no reference is made to it.
-        unsafe {
-            std::ptr::addr_of_mut!((*header).ring_ent_in_out.payload_sz).write_unaligned(len as u32)
-        };
     }
 
     fn ended(&self, errno: i32) -> bool {
@@ -211,7 +214,8 @@ pub fn serve_queue(session: &Session, qid: u16, fd: OwnedFd, depth: u16) -> io::
         return Ok(());
     }
     let max_io = session.config().max_write as usize;
-    ring::serve(session, qid, FuseWire { fd, qid }, depth, max_io)
+    let wire = FuseWire { fd, qid };
+    ring::serve(session, qid, wire, depth, max_io, ReadSources::default())
 }
 
 #[cfg(test)]
@@ -223,7 +227,7 @@ mod tests {
     /// must put everything here.
     const OP_IN: usize = 128;
     const COMMIT_ID: usize = 256 + 8;
-    const PAYLOAD_SZ: usize = 256 + 16;
+    const PAYLOAD_SZ_AT: usize = 256 + 16;
     /// Where an SQE's command area starts, and in it `commit_id` and `qid`.
     const SQE_CMD: usize = 48;
 
@@ -252,7 +256,7 @@ mod tests {
         header[..size_of::<InHeader>()].copy_from_slice(in_header.as_bytes());
         header[OP_IN..OP_IN + size_of::<WriteIn>()].copy_from_slice(arg.as_bytes());
         header[COMMIT_ID..COMMIT_ID + 8].copy_from_slice(&0x1122_u64.to_ne_bytes());
-        header[PAYLOAD_SZ..PAYLOAD_SZ + 4].copy_from_slice(&4096_u32.to_ne_bytes());
+        header[PAYLOAD_SZ_AT..PAYLOAD_SZ_AT + 4].copy_from_slice(&4096_u32.to_ne_bytes());
 
         let mut head = [0u8; MAX_HEAD];
         assert_eq!(wire.request(&header, &mut head), (4096, 0x1122));
@@ -260,10 +264,25 @@ mod tests {
         let arg_at = size_of::<InHeader>();
         assert_eq!(&head[arg_at..arg_at + size_of::<WriteIn>()], arg.as_bytes());
 
-        wire.set_body_len(header.as_mut_ptr(), 8);
-        assert_eq!(header[PAYLOAD_SZ..PAYLOAD_SZ + 4], 8_u32.to_ne_bytes());
+        // The reply to it: `fuse_write_out` (8 bytes) after the header.
+        let out_header = OutHeader {
+            len: (size_of::<OutHeader>() + 8) as u32,
+            error: 0,
+            unique: 77,
+        };
+        header[..size_of::<OutHeader>()].copy_from_slice(out_header.as_bytes());
+        let sqe = wire.commit(Target::Fd(5), 0, 0x1122, &mut header, None);
+        assert_eq!(
+            header[PAYLOAD_SZ_AT..PAYLOAD_SZ_AT + 4],
+            8_u32.to_ne_bytes()
+        );
+        // An error has no body.
+        let mut error = header;
+        error[..size_of::<OutHeader>()]
+            .copy_from_slice(fuse_blk::proto::reply::error_header(77, libc::EIO).as_bytes());
+        wire.commit(Target::Fd(5), 0, 0x1122, &mut error, None);
+        assert_eq!(error[PAYLOAD_SZ_AT..PAYLOAD_SZ_AT + 4], 0_u32.to_ne_bytes());
 
-        let sqe = wire.commit(Target::Fd(5), 0, 0x1122, None);
         // SAFETY: Entry128 is #[repr(C)], 128 bytes of plain integers.
         let sqe: [u8; 128] = unsafe { std::mem::transmute(sqe) };
         let cmd = &sqe[SQE_CMD..];

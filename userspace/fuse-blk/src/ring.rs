@@ -64,7 +64,10 @@ pub enum Target {
     Fd(RawFd),
 }
 
-/// What one kind of ring entry looks like.
+/// What one kind of ring entry looks like: its commands and where a
+/// request and its reply sit in its buffers. What a transport offers
+/// besides, and may differ from one kernel to the next, is given to
+/// [`serve`] instead ([`ReadSources`]).
 pub trait Wire: Send + Sync + 'static {
     /// The submission queue entry its commands need.
     type Sqe: squeue::EntryMarker;
@@ -80,25 +83,21 @@ pub trait Wire: Send + Sync + 'static {
     fn fetch(&self, target: Target, entry: u16, iovecs: *const libc::iovec) -> Self::Sqe;
     /// The command, sent to `target`, that commits the reply in `entry` and
     /// waits for its next request; `commit_id` is what [`Wire::request`]
-    /// returned for it. With `read_data`, a READ reply's data is there
-    /// instead of in the payload buffer (only where
-    /// [`Wire::reads_from_address`], and [`Wire::gathers_reads`] for
-    /// [`ReadSource::Iovecs`]).
+    /// returned for it. `header` is the entry's header buffer, the reply's
+    /// `fuse_out_header` at its start (and its body after that unless
+    /// [`Wire::body_in_payload`]): the wire adds there whatever else its
+    /// kernel reads of a reply (FUSE over io_uring: the size of the body in
+    /// the payload buffer). With `read_data`, a READ reply's data is there
+    /// instead of in the payload buffer (only as the [`ReadSources`]
+    /// given to [`serve`] allow).
     fn commit(
         &self,
         target: Target,
         entry: u16,
         commit_id: u64,
+        header: &mut [u8],
         read_data: Option<ReadSource>,
     ) -> Self::Sqe;
-    /// Whether a commit can name where its READ data is.
-    fn reads_from_address(&self) -> bool {
-        false
-    }
-    /// Whether a commit can name iovecs its READ data is gathered from.
-    fn gathers_reads(&self) -> bool {
-        false
-    }
     /// Copies the request in `header` (an entry's header buffer) into `head`
     /// as `fuse_in_header` followed by its argument; returns the bytes of it
     /// that are in the payload buffer and the request's commit id.
@@ -106,11 +105,21 @@ pub trait Wire: Send + Sync + 'static {
     /// Whether what follows a reply's `fuse_out_header` goes into the
     /// payload buffer (else after the header in the header buffer).
     fn body_in_payload(&self, opcode: u32) -> bool;
-    /// Records a reply body of `len` bytes where the kernel looks for it.
-    fn set_body_len(&self, header: *mut u8, len: usize);
     /// Whether a completion result means the entry is over (rather than an
     /// error worth logging).
     fn ended(&self, errno: i32) -> bool;
+}
+
+/// How a commit may name a READ reply's data other than in the entry's
+/// payload buffer: what the transport offers, which for the module depends
+/// on its ABI version. Neither (the default): the data is copied into the
+/// payload buffer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadSources {
+    /// At one address ([`ReadSource::Addr`]).
+    pub addr: bool,
+    /// Gathered from iovecs ([`ReadSource::Iovecs`]); only used with `addr`.
+    pub iovecs: bool,
 }
 
 /// Where a commit's READ data is, when not in the entry's payload buffer.
@@ -145,6 +154,7 @@ struct Buffers<W> {
     headers: Mapping,
     payloads: Mapping,
     max_io: usize,
+    read_sources: ReadSources,
     /// Entries queued for COMMIT_AND_FETCH.
     committed: parking_lot::Mutex<Vec<u16>>,
     wake: Event,
@@ -344,7 +354,6 @@ impl<W: Wire> ReplySink for EntrySink<W> {
         if len > room {
             log::error!("a reply body of {len} bytes does not fit its ring entry; answering EIO");
             self.write_header(error_header(header.unique, libc::EIO));
-            wire.set_body_len(self.buffers.header(self.entry), 0);
         } else {
             self.write_header(header);
             let mut at = dest;
@@ -359,7 +368,6 @@ impl<W: Wire> ReplySink for EntrySink<W> {
             if let Some(staged) = &mut staged {
                 staged.len = len;
             }
-            wire.set_body_len(self.buffers.header(self.entry), len);
         }
         drop(staged);
         self.replied();
@@ -370,9 +378,6 @@ impl<W: Wire> ReplySink for EntrySink<W> {
             return false;
         }
         self.write_header(success_header(unique, 0));
-        self.buffers
-            .wire
-            .set_body_len(self.buffers.header(self.entry), 0);
         self.replied();
         true
     }
@@ -384,17 +389,15 @@ impl<W: Wire> ReplySink for EntrySink<W> {
         extents: &[Extent],
         len: usize,
     ) {
-        let wire = &self.buffers.wire;
-        let named = wire.reads_from_address()
-            && self.opcode() == opcode::READ
-            && len <= self.buffers.max_io;
+        let sources = self.buffers.read_sources;
+        let named = sources.addr && self.opcode() == opcode::READ && len <= self.buffers.max_io;
         let read_data = match extents {
             [Extent::Mapped { offset, .. }] if named => Some(ReadData {
                 // SAFETY: within the mapping (checked by the caller).
                 at: ReadAt::Addr(unsafe { mapping.as_ptr().add(*offset) } as u64),
                 _mapping: Arc::clone(mapping),
             }),
-            _ if named && wire.gathers_reads() => {
+            _ if named && sources.iovecs => {
                 let mut iovecs = Vec::with_capacity(extents.len());
                 // SAFETY: passed on from the caller; the kernel reads the
                 // pieces while the mapping is kept alive (`ReadData`).
@@ -421,7 +424,6 @@ impl<W: Wire> ReplySink for EntrySink<W> {
             });
         };
         self.write_header(success_header(unique, len));
-        wire.set_body_len(self.buffers.header(self.entry), len);
         *self.read_data.lock() = Some(read_data);
         self.replied();
     }
@@ -445,23 +447,22 @@ impl<W: Wire> ReplySink for EntrySink<W> {
                 Err(errno) => error_header(unique, errno),
             }
         };
-        let body = header.len as usize - std::mem::size_of::<OutHeader>();
         self.write_header(header);
-        self.buffers
-            .wire
-            .set_body_len(self.buffers.header(self.entry), body);
         self.replied();
     }
 }
 
 /// Serves `queue` with a ring of `depth` entries of `wire`'s kind whose
-/// payload buffers hold `max_io` bytes, until every entry has ended.
+/// payload buffers hold `max_io` bytes, until every entry has ended. Its
+/// commits name READ data outside the payload buffer as far as
+/// `read_sources` allows.
 pub fn serve<W: Wire>(
     session: &Session,
     queue: u16,
     wire: W,
     depth: u16,
     max_io: usize,
+    read_sources: ReadSources,
 ) -> io::Result<()> {
     // Helpers inherit it.
     io_thread::mark_io_flusher();
@@ -471,6 +472,7 @@ pub fn serve<W: Wire>(
         headers: Mapping::new(usize::from(depth) * W::HEADER_SIZE)?,
         payloads: Mapping::new(usize::from(depth) * max_io)?,
         max_io,
+        read_sources,
         committed: parking_lot::Mutex::new(Vec::with_capacity(usize::from(depth))),
         wake,
         worker: std::thread::current().id(),
@@ -690,10 +692,17 @@ impl<'a, W: Wire> Worker<'a, W> {
                 let read_data = self.sinks[usize::from(entry)].prepare_commit();
                 let source = read_data.as_ref().map(ReadData::source);
                 self.committed_data[usize::from(entry)] = read_data;
-                let mut commit = self
-                    .buffers
-                    .wire
-                    .commit(self.target, entry, commit_id, source);
+                // SAFETY: the entry's header buffer. Its reply is written
+                // and its handler has returned (see `prepare_commit`), so
+                // nothing else refers to it until the kernel takes it at
+                // this commit.
+                let header = unsafe {
+                    std::slice::from_raw_parts_mut(self.buffers.header(entry), W::HEADER_SIZE)
+                };
+                let mut commit =
+                    self.buffers
+                        .wire
+                        .commit(self.target, entry, commit_id, header, source);
                 squeue::EntryMarker::set_user_data(&mut commit, u64::from(entry));
                 self.push(commit)?;
             }
@@ -815,17 +824,12 @@ impl<'a, W: Wire> Worker<'a, W> {
 mod tests {
     use super::*;
 
-    /// A wire that names READ data by address (`addr`) and by iovecs
-    /// (`iovecs`) as told, and puts every reply body in the payload buffer
-    /// as FUSE over io_uring does (`fuse`, else only READ data, as the
-    /// module does); nothing is ever submitted.
+    /// A wire that puts every reply body in the payload buffer as FUSE
+    /// over io_uring does (`fuse`, else only READ data, as the module
+    /// does); nothing is ever submitted.
     #[derive(Default)]
     struct FakeWire {
-        addr: bool,
-        iovecs: bool,
         fuse: bool,
-        /// What the last `set_body_len` said.
-        body_len: std::sync::atomic::AtomicUsize,
     }
 
     impl Wire for FakeWire {
@@ -839,14 +843,15 @@ mod tests {
         fn fetch(&self, _: Target, _: u16, _: *const libc::iovec) -> squeue::Entry {
             op::Nop::new().build()
         }
-        fn commit(&self, _: Target, _: u16, _: u64, _: Option<ReadSource>) -> squeue::Entry {
+        fn commit(
+            &self,
+            _: Target,
+            _: u16,
+            _: u64,
+            _: &mut [u8],
+            _: Option<ReadSource>,
+        ) -> squeue::Entry {
             op::Nop::new().build()
-        }
-        fn reads_from_address(&self) -> bool {
-            self.addr
-        }
-        fn gathers_reads(&self) -> bool {
-            self.iovecs
         }
         fn request(&self, _: &[u8], _: &mut [u8; MAX_HEAD]) -> (usize, u64) {
             (0, 0)
@@ -854,21 +859,20 @@ mod tests {
         fn body_in_payload(&self, opcode: u32) -> bool {
             self.fuse || opcode == opcode::READ
         }
-        fn set_body_len(&self, _: *mut u8, len: usize) {
-            self.body_len.store(len, Ordering::Relaxed);
-        }
         fn ended(&self, _: i32) -> bool {
             true
         }
     }
 
-    /// Entry 0 of a one-entry ring on `wire`, holding a request of `opcode`.
-    fn entry(wire: FakeWire, opcode: u32) -> EntrySink<FakeWire> {
+    /// Entry 0 of a one-entry ring on `wire` served with `read_sources`,
+    /// holding a request of `opcode`.
+    fn entry(wire: FakeWire, read_sources: ReadSources, opcode: u32) -> EntrySink<FakeWire> {
         let buffers = Buffers {
             wire,
             headers: Mapping::new(FakeWire::HEADER_SIZE).unwrap(),
             payloads: Mapping::new(8192).unwrap(),
             max_io: 8192,
+            read_sources,
             committed: parking_lot::Mutex::new(Vec::new()),
             wake: Event::new().unwrap(),
             worker: std::thread::current().id(),
@@ -900,8 +904,8 @@ mod tests {
             },
             Extent::Zeros { len: 8 },
         ];
-        let sent = |wire: FakeWire, extents: &[Extent]| {
-            let sink = entry(wire, opcode::READ);
+        let sent = |read_sources: ReadSources, extents: &[Extent]| {
+            let sink = entry(FakeWire::default(), read_sources, opcode::READ);
             let len = extents.iter().map(Extent::len).sum();
             // SAFETY: nothing else uses the mapping.
             unsafe { sink.send_gathered(9, &mapping, extents, len) };
@@ -919,25 +923,15 @@ mod tests {
             (sink, source, payload)
         };
 
-        let (_, source, _) = sent(
-            FakeWire {
-                addr: true,
-                iovecs: true,
-                ..FakeWire::default()
-            },
-            &one,
-        );
+        let both = ReadSources {
+            addr: true,
+            iovecs: true,
+        };
+        let (_, source, _) = sent(both, &one);
         assert_eq!(source, Some(ReadSource::Addr(base + 4096)));
 
         // The iovecs live with the entry (`_sink`) until its next commit.
-        let (_sink, source, _) = sent(
-            FakeWire {
-                addr: true,
-                iovecs: true,
-                ..FakeWire::default()
-            },
-            &mixed,
-        );
+        let (_sink, source, _) = sent(both, &mixed);
         let Some(ReadSource::Iovecs { iovecs, count }) = source else {
             panic!("not gathered: {source:?}");
         };
@@ -955,16 +949,16 @@ mod tests {
 
         // A module without iovecs (ABI 4): assembled in the payload buffer.
         let (_, source, payload) = sent(
-            FakeWire {
+            ReadSources {
                 addr: true,
-                ..FakeWire::default()
+                iovecs: false,
             },
             &mixed,
         );
         assert_eq!(source, None);
         assert_eq!(payload, [7, 7, 7, 7, 7, 7, 7, 7, 0, 0, 0, 0, 0, 0, 0, 0]);
         // No address at all (FUSE over io_uring): the same.
-        let (_, source, payload) = sent(FakeWire::default(), &one);
+        let (_, source, payload) = sent(ReadSources::default(), &one);
         assert_eq!(source, None);
         assert_eq!(payload, [7; 512]);
     }
@@ -1000,10 +994,8 @@ mod tests {
     fn a_write_reply_in_the_payload_buffer_waits_until_the_handler_is_done_with_the_data() {
         use zerocopy::IntoBytes;
         let sink = Arc::new(entry(
-            FakeWire {
-                fuse: true,
-                ..FakeWire::default()
-            },
+            FakeWire { fuse: true },
+            ReadSources::default(),
             opcode::WRITE,
         ));
         let data: Vec<u8> = (0..4096).map(|i| (i % 251) as u8 + 1).collect();
@@ -1042,7 +1034,6 @@ mod tests {
         // SAFETY: the entry's header buffer, written by the reply.
         let header = unsafe { sink.buffers.header(0).cast::<OutHeader>().read_unaligned() };
         assert_eq!((header.unique, header.error, header.len), (5, 0, 24));
-        assert_eq!(sink.buffers.wire.body_len.load(Ordering::Relaxed), 8);
         assert_eq!(*sink.buffers.committed.lock(), [0]);
         // The worker's commit puts `fuse_write_out` where FUSE reads it.
         assert!(sink.prepare_commit().is_none());

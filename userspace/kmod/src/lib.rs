@@ -349,7 +349,7 @@ impl KmodDevice {
         }
         let session = Arc::new(session);
         let depth = params.queue_depth;
-        let read_sources = ring::ReadSources::offered(&features);
+        let read_sources = ring::read_sources_offered(&features);
         let serve = move || {
             if uring {
                 session.serve_with(channels.len() as u16, move |session, queue| {

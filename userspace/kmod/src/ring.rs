@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use fuse_blk::proto::abi::{opcode, InHeader, WriteIn};
+pub use fuse_blk::ring::ReadSources;
 use fuse_blk::ring::{self, ReadSource, Target, Wire};
 use fuse_blk::{Channel, FdChannel, ReplySink, Session};
 use io_uring::{opcode as op, squeue, types, IoUring};
@@ -29,30 +30,20 @@ pub fn supported(features: &uapi::Features) -> bool {
     features.features & uapi::F_URING != 0 && IoUring::<squeue::Entry>::new(2).is_ok()
 }
 
-/// How a commit may name where its READ data is, if not in the entry's
-/// payload buffer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ReadSources {
-    /// At one address (`FUSE_BLK_URING_F_DATA_ADDR`, ABI 4).
-    pub addr: bool,
-    /// Gathered from iovecs (`FUSE_BLK_URING_F_DATA_IOVEC`, ABI 5).
-    pub iovecs: bool,
-}
-
-impl ReadSources {
-    /// What the running module offers.
-    pub fn offered(features: &uapi::Features) -> ReadSources {
-        ReadSources {
-            addr: features.features & uapi::F_URING_DATA_ADDR != 0,
-            iovecs: features.features & uapi::F_URING_DATA_IOVEC != 0,
-        }
+/// How the running module lets a commit name where its READ data is, if
+/// not in the entry's payload buffer: at one address
+/// (`FUSE_BLK_URING_F_DATA_ADDR`, ABI 4), gathered from iovecs
+/// (`FUSE_BLK_URING_F_DATA_IOVEC`, ABI 5).
+pub fn read_sources_offered(features: &uapi::Features) -> ReadSources {
+    ReadSources {
+        addr: features.features & uapi::F_URING_DATA_ADDR != 0,
+        iovecs: features.features & uapi::F_URING_DATA_IOVEC != 0,
     }
 }
 
 /// The module's ring entries on one channel.
 struct ChannelWire {
     channel: Arc<FdChannel>,
-    read_sources: ReadSources,
 }
 
 impl ChannelWire {
@@ -90,6 +81,8 @@ impl Wire for ChannelWire {
         target: Target,
         entry: u16,
         _commit_id: u64,
+        // fuse_out_header.len says all the module reads of a reply.
+        _header: &mut [u8],
         read_data: Option<ReadSource>,
     ) -> squeue::Entry {
         let (flags, data_segs, data_addr) = match read_data {
@@ -104,14 +97,6 @@ impl Wire for ChannelWire {
             data_addr,
         };
         Self::command(target, uapi::URING_COMMIT_AND_FETCH, cmd).build()
-    }
-
-    fn reads_from_address(&self) -> bool {
-        self.read_sources.addr
-    }
-
-    fn gathers_reads(&self) -> bool {
-        self.read_sources.iovecs
     }
 
     fn request(&self, header: &[u8], head: &mut [u8; 256]) -> (usize, u64) {
@@ -130,10 +115,6 @@ impl Wire for ChannelWire {
 
     fn body_in_payload(&self, opcode: u32) -> bool {
         opcode == opcode::READ
-    }
-
-    fn set_body_len(&self, _header: *mut u8, _len: usize) {
-        // fuse_out_header.len says it all.
     }
 
     fn ended(&self, errno: i32) -> bool {
@@ -156,11 +137,8 @@ pub fn serve_queue(
         return Ok(());
     }
     let max_io = session.config().max_write as usize;
-    let wire = ChannelWire {
-        channel,
-        read_sources,
-    };
-    ring::serve(session, queue, wire, depth, max_io)
+    let wire = ChannelWire { channel };
+    ring::serve(session, queue, wire, depth, max_io, read_sources)
 }
 
 /// Reads and answers FUSE_INIT, the first message of a new channel; false
@@ -222,7 +200,6 @@ mod tests {
         let null = File::open("/dev/null").expect("/dev/null");
         ChannelWire {
             channel: Arc::new(FdChannel::new(null.into())),
-            read_sources: ReadSources::default(),
         }
     }
 
