@@ -20,7 +20,9 @@
  *    flags, and before 6.9 blk_mq_alloc_disk() took no queue_limits: the
  *    driver fills a struct fblk_limits, which fblk_alloc_disk() applies;
  *  - before 6.3, user pages are taken with references, not pinned;
- *  - 6.14 dropped BLK_MQ_F_SHOULD_MERGE (merging became the default).
+ *  - 6.14 dropped BLK_MQ_F_SHOULD_MERGE (merging became the default);
+ *  - 6.17 added WQ_PERCPU, and 7.3 warns when alloc_workqueue() is given
+ *    neither WQ_PERCPU nor WQ_UNBOUND: FBLK_WQ_PERCPU.
  */
 #ifndef FUSE_BLK_COMPAT_H
 #define FUSE_BLK_COMPAT_H
@@ -30,6 +32,7 @@
 #include <linux/blkdev.h>
 #include <linux/mm.h>
 #include <linux/uio.h>
+#include <linux/workqueue.h>
 
 #if LINUX_VERSION_CODE < KERNEL_VERSION(6, 1, 0)
 #error "fuse_blk needs Linux 6.1 or later; see compat.h to port it"
@@ -39,6 +42,13 @@
 #define FBLK_TAG_SET_FLAGS	BLK_MQ_F_SHOULD_MERGE
 #else
 #define FBLK_TAG_SET_FLAGS	0
+#endif
+
+/* A workqueue bound to CPUs (the default, which 7.3 wants named). */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 17, 0)
+#define FBLK_WQ_PERCPU		WQ_PERCPU
+#else
+#define FBLK_WQ_PERCPU		0
 #endif
 
 /* ---- io_uring channels ---- */

@@ -941,6 +941,7 @@ static int fblk_create(struct fuse_blk_params __user *uparams)
 			goto out_id;
 		}
 		dev->backing_local_wq = alloc_workqueue("fuseblk%d",
+							FBLK_WQ_PERCPU |
 							WQ_MEM_RECLAIM, 0,
 							dev->id);
 		dev->backing_wq = alloc_workqueue("fuseblk%d_large",
