@@ -461,10 +461,15 @@ fn create_private_dir(dir: &Path) -> io::Result<bool> {
 type Channels = (OwnedFd, Vec<Arc<dyn Channel>>);
 
 /// Channels for `threads` workers, each a clone of the connection with an
-/// open file of its own (see [`FdChannel::new`]).
+/// open file of its own (see [`FdChannel::new`]); the clones read from the
+/// connection's one queue, so a request wakes one idle worker of them
+/// ([`FdChannel::new_shared`]).
 fn open_channels(fd: OwnedFd, threads: usize) -> io::Result<Channels> {
     let channels = (0..threads)
-        .map(|_| Ok(Arc::new(FdChannel::new(mount::clone_channel(&fd)?)) as Arc<dyn Channel>))
+        .map(|_| {
+            let clone = mount::clone_channel(&fd)?;
+            Ok(Arc::new(FdChannel::new_shared(clone)) as Arc<dyn Channel>)
+        })
         .collect::<io::Result<_>>()?;
     Ok((fd, channels))
 }

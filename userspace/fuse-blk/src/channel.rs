@@ -2,11 +2,15 @@
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 
+use crate::event::Event;
 use crate::reply::ReplySink;
 
 /// A FUSE-style message channel: each `receive` yields one whole request and
@@ -19,12 +23,12 @@ pub trait Channel: ReplySink + Send + Sync + 'static {
     fn receive(&self, buf: &mut [u8]) -> io::Result<Option<usize>>;
 
     /// As `receive`, but a wait for the next request also ends, with
-    /// `ErrorKind::Interrupted`, once `stop` is readable: how
-    /// [`Session::stop`](crate::Session::stop) ends a worker's wait without
-    /// a signal. The default cannot watch `stop` and only receives; a
-    /// channel whose `receive` may wait for long provides this, or its
-    /// workers cannot be stopped while they wait.
-    fn receive_or_stop(&self, buf: &mut [u8], stop: BorrowedFd<'_>) -> io::Result<Option<usize>> {
+    /// `ErrorKind::Interrupted`, once `stop` is set (its descriptor
+    /// readable): how [`Session::stop`](crate::Session::stop) ends a
+    /// worker's wait without a signal. The default cannot watch `stop` and
+    /// only receives; a channel whose `receive` may wait for long provides
+    /// this, or its workers cannot be stopped while they wait.
+    fn receive_or_stop(&self, buf: &mut [u8], stop: &Stop) -> io::Result<Option<usize>> {
         let _ = stop;
         self.receive(buf)
     }
@@ -34,7 +38,7 @@ pub trait Channel: ReplySink + Send + Sync + 'static {
     /// ends `receive_or_stop`'s, and so may a signal. A channel that cannot
     /// wait so says true: its worker then blocks in `receive_or_stop` and
     /// never counts itself idle.
-    fn wait_ready(&self, timeout: Duration, stop: BorrowedFd<'_>) -> io::Result<bool> {
+    fn wait_ready(&self, timeout: Duration, stop: &Stop) -> io::Result<bool> {
         let _ = (timeout, stop);
         Ok(true)
     }
@@ -43,14 +47,56 @@ pub trait Channel: ReplySink + Send + Sync + 'static {
     fn send(&self, parts: &[IoSlice<'_>]) -> io::Result<()>;
 }
 
+/// What ends a worker's wait for its next request without a signal: an
+/// eventfd, readable once set ([`Session::stop`](crate::Session::stop)
+/// sets every waiting worker's) and from then on.
+#[derive(Debug)]
+pub struct Stop {
+    event: Event,
+    /// Tells stops apart where descriptor numbers cannot: a channel that
+    /// keeps a stop registered with the kernel between waits
+    /// ([`FdChannel::new_shared`]) must notice a new stop even if it has
+    /// the number of an old one, since closing that took its registration
+    /// with it.
+    id: u64,
+}
+
+impl Stop {
+    /// A stop not set yet.
+    pub fn new() -> io::Result<Stop> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Ok(Stop {
+            event: Event::new()?,
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// Ends the wait of whoever waits with this stop, now or later.
+    pub fn set(&self) {
+        self.event.set();
+    }
+}
+
+impl AsFd for Stop {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.event.as_fd()
+    }
+}
+
 /// A channel over a character-device file descriptor with FUSE semantics.
 ///
-/// Its reads do not block: a worker waits in poll(2), on the descriptor and
-/// on the stop event of [`Channel::receive_or_stop`] together, since a
-/// blocked read(2) would only end for a signal.
+/// Its reads do not block: a worker waits in poll(2) or epoll, on the
+/// descriptor and on the [`Stop`] of [`Channel::receive_or_stop`] together,
+/// since a blocked read(2) would only end for a signal.
 #[derive(Debug)]
 pub struct FdChannel {
     fd: OwnedFd,
+    /// Whether a worker waits in an epoll instance where the descriptor is
+    /// `EPOLLEXCLUSIVE` ([`FdChannel::new_shared`]) rather than in poll(2);
+    /// cleared if epoll cannot watch the descriptor.
+    exclusive: AtomicBool,
+    /// That epoll instance, for the stop it was last waited with.
+    waiter: parking_lot::Mutex<Option<Arc<Waiter>>>,
 }
 
 impl FdChannel {
@@ -58,7 +104,33 @@ impl FdChannel {
     /// every descriptor of that open file shares: give it a file of its own
     /// (a clone of a `/dev/fuse` connection, say), not one that another
     /// reader, perhaps in another process, reads expecting to block.
+    ///
+    /// A worker waits for requests in poll(2), which keeps the kernel's
+    /// wait queue of the descriptor free while the worker is not waiting
+    /// (the fuse-blk module wakes a queue only while someone waits there).
     pub fn new(fd: OwnedFd) -> FdChannel {
+        Self::with_wait(fd, false)
+    }
+
+    /// As [`FdChannel::new`], for one of several descriptors whose reads
+    /// take requests from one queue (clones of one `/dev/fuse` connection,
+    /// each with a worker of its own): a request then wakes one idle
+    /// worker, not all of them.
+    ///
+    /// Every such descriptor sleeps on the queue's one wait queue, and the
+    /// kernel wakes every poll(2) there for each request (only blocking
+    /// reads wait exclusively): all idle workers would wake, one would read
+    /// the request and the others go back to sleep. So a worker waits in
+    /// an epoll instance of its own instead, holding the descriptor with
+    /// `EPOLLEXCLUSIVE` (a request wakes only the first instance that has a
+    /// waiter) and its stop without (which wakes it alone anyway). The
+    /// instance stays registered on the wait queue between waits, and the
+    /// kernel calls into it at each request even while its worker is busy.
+    pub fn new_shared(fd: OwnedFd) -> FdChannel {
+        Self::with_wait(fd, true)
+    }
+
+    fn with_wait(fd: OwnedFd, exclusive: bool) -> FdChannel {
         use nix::fcntl::{fcntl, FcntlArg, OFlag};
         let nonblocking = fcntl(&fd, FcntlArg::F_GETFL).and_then(|flags| {
             let flags = OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK;
@@ -69,22 +141,22 @@ impl FdChannel {
             // stopped; everything else works.
             log::warn!("making a channel non-blocking: {e}");
         }
-        FdChannel { fd }
+        FdChannel {
+            fd,
+            exclusive: AtomicBool::new(exclusive),
+            waiter: parking_lot::Mutex::new(None),
+        }
     }
 
     /// Reads one message, waiting in poll(2) while none is there.
-    fn read_message(
-        &self,
-        buf: &mut [u8],
-        stop: Option<BorrowedFd<'_>>,
-    ) -> io::Result<Option<usize>> {
+    fn read_message(&self, buf: &mut [u8], stop: Option<&Stop>) -> io::Result<Option<usize>> {
         loop {
             match nix::unistd::read(&self.fd, buf) {
                 // EOF: the peer of a socket-backed channel has gone.
                 Ok(0) => return Ok(None),
                 Ok(n) => return Ok(Some(n)),
                 Err(Errno::EAGAIN) => {
-                    self.wait(PollFlags::POLLIN, None, stop)?;
+                    self.wait_readable(None, stop)?;
                 }
                 // ENOENT: the request was interrupted before it was read.
                 Err(Errno::ENOENT) => continue,
@@ -96,31 +168,114 @@ impl FdChannel {
         }
     }
 
-    /// Waits at most `timeout` (`None`: for as long as it takes) for the
-    /// descriptor to be ready for `events`; false if it was not. `stop`
-    /// readable, or a signal, end the wait with `ErrorKind::Interrupted`.
+    /// Waits at most `timeout` (`None`: for as long as it takes) for a
+    /// request or the channel's end; false if neither came. `stop` set, or
+    /// a signal, end the wait with `ErrorKind::Interrupted`.
+    fn wait_readable(&self, timeout: Option<Duration>, stop: Option<&Stop>) -> io::Result<bool> {
+        if self.exclusive.load(Ordering::Relaxed) {
+            match self.waiter(stop) {
+                Ok(waiter) => return waiter.wait(timeout),
+                Err(e) => {
+                    log::warn!(
+                        "a channel cannot be waited for in epoll ({e}): \
+                         every idle worker of its queue wakes for a request"
+                    );
+                    self.exclusive.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        self.wait(PollFlags::POLLIN, timeout, stop)
+    }
+
+    /// The epoll instance to wait in with `stop`: the last one, or a new
+    /// one if that was made for another stop (whose registration, once it
+    /// is closed, has gone).
+    fn waiter(&self, stop: Option<&Stop>) -> io::Result<Arc<Waiter>> {
+        let mut waiter = self.waiter.lock();
+        let stop_id = stop.map(|stop| stop.id);
+        match &*waiter {
+            Some(current) if current.stop_id == stop_id => Ok(Arc::clone(current)),
+            _ => {
+                let new = Arc::new(Waiter::new(self.fd.as_fd(), stop)?);
+                *waiter = Some(Arc::clone(&new));
+                Ok(new)
+            }
+        }
+    }
+
+    /// Waits in poll(2) at most `timeout` (`None`: for as long as it takes)
+    /// for the descriptor to be ready for `events`; false if it was not.
+    /// `stop` set, or a signal, end the wait with `ErrorKind::Interrupted`.
     fn wait(
         &self,
         events: PollFlags,
         timeout: Option<Duration>,
-        stop: Option<BorrowedFd<'_>>,
+        stop: Option<&Stop>,
     ) -> io::Result<bool> {
         let mut fds = [PollFd::new(self.fd.as_fd(), events)]
             .into_iter()
-            .chain(stop.map(|stop| PollFd::new(stop, PollFlags::POLLIN)))
+            .chain(stop.map(|stop| PollFd::new(stop.as_fd(), PollFlags::POLLIN)))
             .collect::<Vec<_>>();
-        // Longer waits than poll(2) takes are cut short: the caller only
-        // learns it was not idle for that long.
-        let timeout = timeout.map_or(PollTimeout::NONE, |timeout| {
-            PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX)
-        });
-        match poll(&mut fds, timeout) {
+        match poll(&mut fds, poll_timeout(timeout)) {
             Ok(_) if fds[1..].iter().any(|stop| stop.any() == Some(true)) => {
                 Err(io::ErrorKind::Interrupted.into())
             }
             // POLLERR or POLLHUP (the channel ended) count as ready too:
             // the read reports the end.
             Ok(_) => Ok(fds[0].any() == Some(true)),
+            Err(Errno::EINTR) => Err(io::ErrorKind::Interrupted.into()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Longer waits than poll(2) and epoll_wait(2) take are cut short: the
+/// caller only learns it was not idle for that long.
+fn poll_timeout(timeout: Option<Duration>) -> PollTimeout {
+    timeout.map_or(PollTimeout::NONE, |timeout| {
+        PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX)
+    })
+}
+
+/// An epoll instance holding a channel's descriptor (`EPOLLEXCLUSIVE`) and
+/// the stop it is waited with, if any (see [`FdChannel::new_shared`]).
+#[derive(Debug)]
+struct Waiter {
+    epoll: Epoll,
+    stop_id: Option<u64>,
+}
+
+/// `data` of the stop's events; the channel's are 0.
+const STOP_EVENT: u64 = 1;
+
+impl Waiter {
+    fn new(channel: BorrowedFd<'_>, stop: Option<&Stop>) -> io::Result<Waiter> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let exclusive = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE, 0);
+        match epoll.add(channel, exclusive) {
+            // Before Linux 4.5: every waiter wakes, as in poll(2).
+            Err(Errno::EINVAL) => epoll.add(channel, EpollEvent::new(EpollFlags::EPOLLIN, 0))?,
+            other => other?,
+        }
+        if let Some(stop) = stop {
+            epoll.add(stop, EpollEvent::new(EpollFlags::EPOLLIN, STOP_EVENT))?;
+        }
+        Ok(Waiter {
+            epoll,
+            stop_id: stop.map(|stop| stop.id),
+        })
+    }
+
+    /// As [`FdChannel::wait`] for reading.
+    fn wait(&self, timeout: Option<Duration>) -> io::Result<bool> {
+        let mut events = [EpollEvent::empty(); 2];
+        match self.epoll.wait(&mut events, poll_timeout(timeout)) {
+            Ok(n) if events[..n].iter().any(|e| e.data() == STOP_EVENT) => {
+                Err(io::ErrorKind::Interrupted.into())
+            }
+            // EPOLLERR or EPOLLHUP (the channel ended) count as ready too,
+            // as in `FdChannel::wait`.
+            Ok(n) => Ok(n > 0),
             Err(Errno::EINTR) => Err(io::ErrorKind::Interrupted.into()),
             Err(e) => Err(e.into()),
         }
@@ -144,12 +299,12 @@ impl Channel for FdChannel {
         self.read_message(buf, None)
     }
 
-    fn receive_or_stop(&self, buf: &mut [u8], stop: BorrowedFd<'_>) -> io::Result<Option<usize>> {
+    fn receive_or_stop(&self, buf: &mut [u8], stop: &Stop) -> io::Result<Option<usize>> {
         self.read_message(buf, Some(stop))
     }
 
-    fn wait_ready(&self, timeout: Duration, stop: BorrowedFd<'_>) -> io::Result<bool> {
-        self.wait(PollFlags::POLLIN, Some(timeout), Some(stop))
+    fn wait_ready(&self, timeout: Duration, stop: &Stop) -> io::Result<bool> {
+        self.wait_readable(Some(timeout), Some(stop))
     }
 
     fn send(&self, parts: &[IoSlice<'_>]) -> io::Result<()> {

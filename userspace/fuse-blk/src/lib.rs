@@ -33,7 +33,7 @@ pub mod reply;
 pub mod ring;
 pub mod session;
 
-pub use channel::{Channel, FdChannel};
+pub use channel::{Channel, FdChannel, Stop};
 pub use handler::{BlockDevice, Features, Geometry, GeometryError, Request};
 pub use reply::{Extent, ReplyData, ReplyEmpty, ReplySink, ReplyWrite, Responder};
 pub use session::{IoMode, Namespace, Session, SessionConfig, DEFAULT_RING_POLL};

@@ -16,7 +16,6 @@
 //! | DESTROY (ends its channel's worker)    | `destroy`, once every worker has ended |
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -29,8 +28,7 @@ use fuse_blk_proto::request::{
 };
 use zerocopy::IntoBytes;
 
-use crate::channel::Channel;
-use crate::event::Event;
+use crate::channel::{Channel, Stop};
 use crate::handler::{BlockDevice, Geometry, GeometryError, Request};
 use crate::mapping::Mapping;
 use crate::reply::{self, ReplyData, ReplyEmpty, ReplySink, ReplyWrite, Responder};
@@ -135,7 +133,7 @@ pub struct Session {
     granted_flags2: AtomicU32,
     /// Worker threads in their receive loop, by queue, with the event that
     /// `stop` sets to end their wait for a request.
-    waiting_workers: parking_lot::Mutex<std::collections::HashMap<u16, Arc<Event>>>,
+    waiting_workers: parking_lot::Mutex<std::collections::HashMap<u16, Arc<Stop>>>,
 }
 
 impl Session {
@@ -267,9 +265,9 @@ impl Session {
     /// Receives and dispatches requests from one channel until it ends.
     pub fn run_worker(&self, queue: u16, channel: Arc<dyn Channel>) -> io::Result<()> {
         let buffer = Mapping::new(self.config.buffer_size())?.without_huge_pages();
-        let stop = Arc::new(Event::new()?);
+        let stop = Arc::new(Stop::new()?);
         self.waiting_workers.lock().insert(queue, stop.clone());
-        let result = self.worker_loop(queue, &channel, &buffer, stop.as_fd());
+        let result = self.worker_loop(queue, &channel, &buffer, &stop);
         self.waiting_workers.lock().remove(&queue);
         result
     }
@@ -279,7 +277,7 @@ impl Session {
         queue: u16,
         channel: &Arc<dyn Channel>,
         buffer: &Mapping,
-        stop: BorrowedFd<'_>,
+        stop: &Stop,
     ) -> io::Result<()> {
         // How far requests reached into `buffer` since its pages were last
         // given back.
@@ -331,7 +329,7 @@ impl Session {
     /// yet waiting when this was called notices at its next wait.
     ///
     /// No signal is involved: each worker waits for its next request on
-    /// the channel and on an event of its own together
+    /// the channel and on a [`Stop`] of its own together
     /// ([`Channel::receive_or_stop`]), which this sets.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);

@@ -5,7 +5,6 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -1679,7 +1678,7 @@ impl Channel for IdleChannel {
         }
     }
 
-    fn wait_ready(&self, timeout: Duration, _stop: BorrowedFd<'_>) -> io::Result<bool> {
+    fn wait_ready(&self, timeout: Duration, _stop: &fuse_blk::Stop) -> io::Result<bool> {
         assert!(timeout >= Duration::from_millis(100), "{timeout:?}");
         let mut steps = self.steps.lock().unwrap();
         let idle = matches!(steps.front(), Some(Step::Idle));
