@@ -14,6 +14,9 @@
 //!   fuse-blk-vmtest garbage               misbehave on a device; check the refusals
 //!   fuse-blk-vmtest ring-garbage          the same through io_uring commands, and
 //!                                         rings that go away at every stage
+//!   fuse-blk-vmtest garbage-soak COUNT [SEED [SECONDS]]
+//!                                         COUNT seeded garbage replies and io_uring
+//!                                         commits, each checked against the driver's rules
 //!   fuse-blk-vmtest takeover              racing takeovers, RWF_NOWAIT reads and stale
 //!                                         replies, message by message
 //!   fuse-blk-vmtest passthrough-refusals  CREATE refuses backing files it cannot use
@@ -28,6 +31,7 @@
 //! Serving commands print the device path on stdout once it is ready and
 //! serve until the device is destroyed.
 
+mod garbage_soak;
 mod passthrough;
 mod ring_garbage;
 mod takeover;
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         ["fuser-file-takeover", image, id] => take_over_fuser_file(image, parse(id) as u32),
         ["garbage"] => garbage(),
         ["ring-garbage"] => ring_garbage::run(),
+        ["garbage-soak", rest @ ..] => garbage_soak::run(rest),
         ["takeover"] => takeover::run(),
         ["passthrough-refusals"] => passthrough::refusals(),
         ["hold", size] => hold(parse(size), false),
