@@ -61,6 +61,15 @@ const KNOWN_OPCODES: &[u32] = &[
     opcode::STATX,
 ];
 
+/// Cases per property: `PROPTEST_CASES` when set (tests/soak runs a
+/// million), else `default`. (`with_cases` alone would override it.)
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Parses and checks the invariants every result must satisfy.
 fn check(bytes: &[u8]) {
     match parse_request(bytes) {
@@ -249,7 +258,7 @@ fn apply(bytes: &mut Vec<u8>, mutation: &Mutation) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #![proptest_config(ProptestConfig::with_cases(cases(2000)))]
 
     /// (a) Arbitrary bytes never make the parser panic.
     #[test]
@@ -272,7 +281,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(1000))]
+    #![proptest_config(ProptestConfig::with_cases(cases(1000)))]
 
     /// (b) A valid header with a known opcode and any body: no panic, and
     /// an accepted message has `header.len` equal to its length.
