@@ -348,19 +348,7 @@ fn read_message(channel: &std::fs::File, buf: &mut [u8]) -> io::Result<(InHeader
 /// destroys it. A reader process (`dd`) supplies the requests.
 fn garbage() -> io::Result<()> {
     use zerocopy::IntoBytes;
-    let control = Control::open()?;
-    let geometry = Geometry::new(8 << 20, 512);
-    let params = control.create(&fuse_blk_kmod::params_for(
-        &geometry,
-        &KmodOptions {
-            name: "garbage".into(),
-            queues: 1,
-            io_timeout_ms: 60_000,
-            ..KmodOptions::default()
-        },
-    ))?;
-    let id = params.dev_id;
-    let result = (|| -> io::Result<()> {
+    with_raw_device("garbage", |id| {
         let channel: std::fs::File =
             std::fs::File::from(std::os::fd::OwnedFd::from(attach_channel(id, 0, false)?));
         let mut buf = vec![0u8; (2 << 20) + 4096];
@@ -588,7 +576,25 @@ fn garbage() -> io::Result<()> {
         }
         println!("device usable after garbage");
         Ok(())
-    })();
-    let destroyed = control.destroy(id);
+    })
+}
+
+/// Creates a device of one queue (8 MiB of 512-byte blocks, a 60 s I/O
+/// timeout) with no daemon, for `check` to drive its channels by hand
+/// with the device's id; destroys it afterwards, whatever `check` did.
+fn with_raw_device(name: &str, check: impl FnOnce(u32) -> io::Result<()>) -> io::Result<()> {
+    let control = Control::open()?;
+    let geometry = Geometry::new(8 << 20, 512);
+    let params = control.create(&fuse_blk_kmod::params_for(
+        &geometry,
+        &KmodOptions {
+            name: name.into(),
+            queues: 1,
+            io_timeout_ms: 60_000,
+            ..KmodOptions::default()
+        },
+    ))?;
+    let result = check(params.dev_id);
+    let destroyed = control.destroy(params.dev_id);
     result.and(destroyed)
 }

@@ -21,8 +21,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use fuse_blk::proto::abi::{self, opcode, InitOut};
-use fuse_blk::Geometry;
-use fuse_blk_kmod::{attach_channel, Control, KmodOptions};
+use fuse_blk_kmod::attach_channel;
 
 use super::{expect_refused, read_message, reply_bytes, write_reply};
 
@@ -30,21 +29,7 @@ use super::{expect_refused, read_message, reply_bytes, write_reply};
 const BUF_LEN: usize = (2 << 20) + 4096;
 
 pub fn run() -> io::Result<()> {
-    let control = Control::open()?;
-    let geometry = Geometry::new(8 << 20, 512);
-    let params = control.create(&fuse_blk_kmod::params_for(
-        &geometry,
-        &KmodOptions {
-            name: "takeover".into(),
-            queues: 1,
-            io_timeout_ms: 60_000,
-            ..KmodOptions::default()
-        },
-    ))?;
-    let id = params.dev_id;
-    let result = checks(id);
-    let destroyed = control.destroy(id);
-    result.and(destroyed)
+    super::with_raw_device("takeover", checks)
 }
 
 fn checks(id: u32) -> io::Result<()> {
