@@ -99,6 +99,13 @@ impl Control {
 /// the queue may already have a channel: once this one has answered
 /// FUSE_INIT it takes every new request and the older one is retired.
 pub fn attach_channel(dev_id: u32, queue: u16, takeover: bool) -> io::Result<FdChannel> {
+    attach_fd(dev_id, queue, takeover).map(FdChannel::new)
+}
+
+/// The descriptor of a channel to queue `queue` of device `dev_id`, as
+/// the driver made it: blocking, for a caller that reads and writes it
+/// itself ([`FdChannel::new`] makes it non-blocking to serve it).
+pub fn attach_fd(dev_id: u32, queue: u16, takeover: bool) -> io::Result<OwnedFd> {
     let control = Control::open()?;
     let arg = uapi::Attach {
         dev_id,
@@ -110,7 +117,7 @@ pub fn attach_channel(dev_id: u32, queue: u16, takeover: bool) -> io::Result<FdC
     // `uapi::Attach` mirrors, from a live local.
     unsafe { uapi::attach(control.file.as_raw_fd(), &arg) }
         .map_err(|e| errno_context(&format!("attaching to queue {queue} of fuseblk{dev_id}"), e))?;
-    Ok(FdChannel::new(OwnedFd::from(control.file)))
+    Ok(OwnedFd::from(control.file))
 }
 
 /// How to create a device beyond what its geometry says.

@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -28,7 +28,7 @@ use fuse_blk_kmod::uapi::{
     self, UringCmd, URING_COMMIT_AND_FETCH, URING_FETCH, URING_F_DATA_ADDR, URING_F_DATA_IOVEC,
     URING_HEADER_SIZE,
 };
-use fuse_blk_kmod::{attach_channel, Control, KmodOptions};
+use fuse_blk_kmod::{attach_fd, Control, KmodOptions};
 use io_uring::{opcode as op, squeue, types, IoUring};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -796,7 +796,7 @@ fn rw_phase(
 ) -> io::Result<()> {
     let control = Control::open()?;
     let max_io = control.info(id)?.params.max_io_bytes;
-    let channel = File::from(OwnedFd::from(attach_channel(id, 0, false)?));
+    let channel = File::from(attach_fd(id, 0, false)?);
     let mut rng = Rng::new(seed);
     let init_unique =
         init_with_garbage(&channel, &mut rng, (count / 50).min(20_000), max_io, stats)?;
@@ -1465,7 +1465,7 @@ fn ring_phase(
 ) -> io::Result<()> {
     let control = Control::open()?;
     let max_io = control.info(id)?.params.max_io_bytes;
-    let channel = File::from(OwnedFd::from(attach_channel(id, 0, false)?));
+    let channel = File::from(attach_fd(id, 0, false)?);
     let mut rng = Rng::new(seed);
     init_with_garbage(&channel, &mut rng, (count / 50).min(20_000), max_io, stats)?;
     let mut ring = Ring::new(channel, max_io as usize)?;

@@ -47,7 +47,7 @@ use fuse_blk::{
 };
 use fuse_blk_backends::MemDevice;
 use fuse_blk_fuser::{FuserDevice, FuserOptions};
-use fuse_blk_kmod::{attach_channel, Control, KmodDevice, KmodOptions};
+use fuse_blk_kmod::{attach_channel, attach_fd, Control, KmodDevice, KmodOptions};
 use fuse_blk_tests::image_fs::ImageFs;
 use fuse_blk_tests::random_bytes;
 
@@ -349,8 +349,7 @@ fn read_message(channel: &std::fs::File, buf: &mut [u8]) -> io::Result<(InHeader
 fn garbage() -> io::Result<()> {
     use zerocopy::IntoBytes;
     with_raw_device("garbage", |id| {
-        let channel: std::fs::File =
-            std::fs::File::from(std::os::fd::OwnedFd::from(attach_channel(id, 0, false)?));
+        let channel: std::fs::File = std::fs::File::from(attach_fd(id, 0, false)?);
         let mut buf = vec![0u8; (2 << 20) + 4096];
         // A buffer smaller than the largest message is refused.
         match nix::unistd::read(&channel, &mut buf[..4096]) {

@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use fuse_blk_kmod::uapi::{
     self, UringCmd, URING_COMMIT_AND_FETCH, URING_FETCH, URING_F_DATA_ADDR, URING_F_DATA_IOVEC,
     URING_HEADER_SIZE,
 };
-use fuse_blk_kmod::{attach_channel, Control, KmodOptions};
+use fuse_blk_kmod::{attach_fd, Control, KmodOptions};
 use io_uring::{opcode as op, squeue, types, IoUring};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -306,7 +306,7 @@ fn reader(device: &str, block: u64) -> io::Result<Child> {
 }
 
 fn channel(id: u32, takeover: bool) -> io::Result<File> {
-    Ok(File::from(OwnedFd::from(attach_channel(id, 0, takeover)?)))
+    Ok(File::from(attach_fd(id, 0, takeover)?))
 }
 
 /// Answers FUSE_INIT on a fresh channel over read/write.

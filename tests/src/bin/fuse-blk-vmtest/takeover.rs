@@ -15,13 +15,13 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use fuse_blk::proto::abi::{self, opcode, InitOut};
-use fuse_blk_kmod::attach_channel;
+use fuse_blk_kmod::attach_fd;
 
 use super::{expect_refused, read_message, reply_bytes, write_reply};
 
@@ -65,8 +65,7 @@ fn checks(id: u32) -> io::Result<()> {
     println!("takeover: the later attach keeps the queue");
 
     // The winner serves: a reader's request reaches `late`.
-    let mut reader = reader(id, "none")?;
-    serve_until_done(&late, &mut buf, &mut reader, None)?;
+    serve_reader(&late, &mut buf, &mut reader(id)?)?;
     println!("takeover: the winner serves the next request");
 
     nowait_read(&late)?;
@@ -74,7 +73,7 @@ fn checks(id: u32) -> io::Result<()> {
 }
 
 fn channel(id: u32, takeover: bool) -> io::Result<File> {
-    Ok(File::from(OwnedFd::from(attach_channel(id, 0, takeover)?)))
+    Ok(File::from(attach_fd(id, 0, takeover)?))
 }
 
 fn good_init() -> Vec<u8> {
@@ -107,10 +106,8 @@ fn answer_init(channel: &File, buf: &mut [u8]) -> io::Result<()> {
     }
 }
 
-/// `dd` reading the device's first 4 KiB directly, after switching the
-/// queue's I/O scheduler to `scheduler`.
-fn reader(id: u32, scheduler: &str) -> io::Result<Child> {
-    std::fs::write(format!("/sys/block/fuseblk{id}/queue/scheduler"), scheduler)?;
+/// `dd` reading the device's first 4 KiB directly.
+fn reader(id: u32) -> io::Result<Child> {
     Command::new("dd")
         .args([
             format!("if=/dev/fuseblk{id}"),
@@ -123,24 +120,42 @@ fn reader(id: u32, scheduler: &str) -> io::Result<Child> {
         .spawn()
 }
 
-/// Answers READs with zeros until `reader` exits (the partition scan may
-/// send some too); fails if nothing comes for 10 s. Returns the unique of
-/// the last request answered; `first` gets that of the first.
-fn serve_until_done(
+/// Answers READs with zeros until `reader` exits. Returns the unique of
+/// the first request answered.
+fn serve_reader(channel: &File, buf: &mut [u8], reader: &mut Child) -> io::Result<u64> {
+    serve_until(channel, buf, || match reader.try_wait()? {
+        None => Ok(false),
+        Some(status) if status.success() => Ok(true),
+        Some(status) => Err(io::Error::other(format!("reader failed: {status}"))),
+    })
+}
+
+/// Switches the queue's I/O scheduler, answering READs meanwhile: the
+/// switch freezes the queue, which waits for every request (the partition
+/// scan's, udev's probes) to end.
+fn switch_scheduler(id: u32, scheduler: &str, channel: &File, buf: &mut [u8]) -> io::Result<()> {
+    let path = format!("/sys/block/fuseblk{id}/queue/scheduler");
+    let scheduler = scheduler.to_owned();
+    let switch = std::thread::spawn(move || std::fs::write(path, scheduler));
+    serve_until(channel, buf, || Ok(switch.is_finished()))?;
+    switch
+        .join()
+        .map_err(|_| io::Error::other("the scheduler switch panicked"))?
+}
+
+/// Answers READs with zeros until `done` says so (the partition scan and
+/// udev may send some too); fails if nothing comes for 10 s before then.
+/// Returns the unique of the first request answered (0 if none).
+fn serve_until(
     channel: &File,
     buf: &mut [u8],
-    reader: &mut Child,
-    mut first: Option<&mut u64>,
+    mut done: impl FnMut() -> io::Result<bool>,
 ) -> io::Result<u64> {
-    let mut last = 0;
+    let mut first = 0;
     let mut idle = Duration::ZERO;
     loop {
-        if let Some(status) = reader.try_wait()? {
-            return if status.success() {
-                Ok(last)
-            } else {
-                Err(io::Error::other(format!("reader failed: {status}")))
-            };
+        if done()? {
+            return Ok(first);
         }
         let mut fds = [nix::poll::PollFd::new(
             channel.as_fd(),
@@ -169,10 +184,9 @@ fn serve_until_done(
                 "valid READ reply refused: {errno}"
             )));
         }
-        if let Some(first) = first.take() {
-            *first = request.unique;
+        if first == 0 {
+            first = request.unique;
         }
-        last = request.unique;
     }
 }
 
@@ -216,10 +230,9 @@ fn stale_reply_after_elevator_switch(id: u32, channel: &File, buf: &mut [u8]) ->
         println!("SKIP: stale reply after an elevator switch: no mq-deadline ({schedulers:?})");
         return Ok(());
     }
-    let mut served = 0;
-    let mut reader = reader(id, "mq-deadline")?;
-    serve_until_done(channel, buf, &mut reader, Some(&mut served))?;
-    std::fs::write(format!("/sys/block/fuseblk{id}/queue/scheduler"), "none")?;
+    switch_scheduler(id, "mq-deadline", channel, buf)?;
+    let served = serve_reader(channel, buf, &mut reader(id)?)?;
+    switch_scheduler(id, "none", channel, buf)?;
     let zeros = vec![0; 4096];
     expect_refused(
         "reply to a request ended before an elevator switch",
