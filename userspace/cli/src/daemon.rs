@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fuse_blk_backends::BackendSpec;
 use fuse_blk_kmod::{Destroyer, Ended, KmodDevice, KmodOptions};
 use fuse_blk_loop::{Detacher, StockDevice, StockOptions};
 use nix::sys::signal::{SigSet, Signal};
 
+use crate::backend::{self, Backend};
 use crate::blockdev;
 use crate::state::{self, DeviceDir, DeviceState};
 use crate::AttachArgs;
@@ -147,7 +147,7 @@ impl Readiness {
 /// attached (nothing is left behind then).
 pub fn run(
     args: &AttachArgs,
-    backend: &BackendSpec,
+    backend: &Backend,
     readiness: Readiness,
     detached: bool,
 ) -> Result<(), String> {
@@ -176,7 +176,7 @@ fn detach_signals() -> SigSet {
 
 fn attach(
     args: &AttachArgs,
-    backend: &BackendSpec,
+    backend: &Backend,
     detached: bool,
 ) -> Result<(Served, DeviceDir, DeviceState), String> {
     // Before any thread exists, so that every thread inherits the mask.
@@ -184,7 +184,7 @@ fn attach(
         .thread_block()
         .map_err(|e| format!("blocking signals: {e}"))?;
 
-    let (name, dir) = match &args.name {
+    let (name, dir) = match &args.name.clone().or_else(|| backend.default_name()) {
         Some(name) => {
             state::validate_name(name)?;
             match state::reserve(name)
@@ -198,6 +198,7 @@ fn attach(
             .map_err(|e| format!("{}: {e}", state::runtime_dir().display()))?,
     };
     let undo = |e: String| {
+        backend::finish();
         let _ = dir.remove();
         e
     };
@@ -282,7 +283,7 @@ fn attach(
 /// gets this process's pid. Errors leave the device and its state as they
 /// were.
 fn recover(
-    backend: &BackendSpec,
+    backend: &Backend,
     target: &str,
     detached: bool,
     args: &AttachArgs,
@@ -415,6 +416,7 @@ fn serve_with(
         // removes it. A recovered one stays for the next daemon, with the
         // state its previous daemon left.
         drop(served);
+        backend::finish();
         if !recovered {
             let _ = dir.remove();
         }
@@ -424,6 +426,7 @@ fn serve_with(
     readiness.ready(&record.device);
 
     let result = served.wait();
+    backend::finish();
     drop(answering.lock());
     match result {
         Ok(true) => log::info!("{}: handed over to another daemon", record.name),
@@ -687,7 +690,7 @@ mod tests {
         };
         let _ = dir.remove();
         std::fs::create_dir_all(&dir.path).expect("device directory");
-        let backend: BackendSpec = "mem:16M".parse().expect("backend");
+        let backend: fuse_blk_backends::BackendSpec = "mem:16M".parse().expect("backend");
         let device = backend.open(false, 4096).expect("mem backend");
         let options = StockOptions {
             mountpoint: dir.mountpoint(),

@@ -1,5 +1,6 @@
 //! `fuse-blk`: attach, detach and list block devices served from userspace.
 
+mod backend;
 mod blockdev;
 mod daemon;
 mod state;
@@ -12,8 +13,8 @@ use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::backend::Backend;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use fuse_blk_backends::BackendSpec;
 
 use crate::state::DeviceState;
 
@@ -160,7 +161,8 @@ pub struct AttachArgs {
     #[arg(long, hide = true)]
     ready_fd: Option<i32>,
     /// mem:SIZE (sparse memory), file:PATH (image file or block device),
-    /// null:SIZE (reads zeros, drops writes). SIZE takes K, M, G, T.
+    /// null:SIZE (reads zeros, drops writes), dm-user:NAME:SIZE (served by
+    /// a dm-user daemon on /dev/dm-user/NAME). SIZE takes K, M, G, T.
     backend: String,
 }
 
@@ -218,7 +220,7 @@ fn main() -> ExitCode {
 }
 
 fn attach(args: AttachArgs) -> Result<(), String> {
-    let backend: BackendSpec = args.backend.parse().map_err(|e| format!("{e}"))?;
+    let backend = Backend::parse(&args.backend, &args)?;
     if let Some(name) = &args.name {
         state::validate_name(name)?;
     }
@@ -292,6 +294,12 @@ fn spawn_daemon(args: Vec<std::ffi::OsString>) -> Result<(), String> {
 
 fn handoff(target: &str) -> Result<(), String> {
     let (_, record) = state::find(target)?;
+    if record.backend.starts_with("dm-user:") {
+        return Err(format!(
+            "{}: a dm-user device's node lives in its daemon and cannot be handed over yet",
+            record.name
+        ));
+    }
     if record.backend.starts_with("mem:") {
         return Err(format!(
             "{}: a mem: device's contents live in its daemon and cannot be handed over",

@@ -66,6 +66,8 @@ pub mod opcode {
     pub const SYNCFS: u32 = 50;
     pub const TMPFILE: u32 = 51;
     pub const STATX: u32 = 52;
+    /// CUSE's handshake, the first message on `/dev/cuse`.
+    pub const CUSE_INIT: u32 = 4096;
 }
 
 /// `fuse_init_in.flags` / `fuse_init_out.flags` bits (the low 32 bits).
@@ -472,6 +474,88 @@ pub struct DirentHeader {
     pub typ: u32,
 }
 
+/// `cuse_init_in.flags` / `cuse_init_out.flags` bits.
+pub mod cuse_flags {
+    /// CUSE_UNRESTRICTED_IOCTL: ioctls are passed on unchecked.
+    pub const UNRESTRICTED_IOCTL: u32 = 1 << 0;
+}
+
+/// Largest device-info string (`DEVNAME=...`) a CUSE_INIT reply may carry.
+pub const CUSE_INIT_INFO_MAX: usize = 4096;
+
+/// `struct cuse_init_in`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+#[repr(C)]
+pub struct CuseInitIn {
+    pub major: u32,
+    pub minor: u32,
+    pub unused: u32,
+    pub flags: u32,
+}
+
+/// `struct cuse_init_out`; the device info (`KEY=VALUE` strings, each
+/// NUL-terminated) follows it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+#[repr(C)]
+pub struct CuseInitOut {
+    pub major: u32,
+    pub minor: u32,
+    pub unused: u32,
+    pub flags: u32,
+    pub max_read: u32,
+    pub max_write: u32,
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    pub spare: [u32; 10],
+}
+
+/// `fuse_poll_in.flags` bits.
+pub mod poll_flags {
+    /// The caller waits: notify `kh` when the events may have changed.
+    pub const SCHEDULE_NOTIFY: u32 = 1 << 0;
+}
+
+/// `struct fuse_poll_in`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+#[repr(C)]
+pub struct PollIn {
+    pub fh: u64,
+    pub kh: u64,
+    pub flags: u32,
+    pub events: u32,
+}
+
+/// `struct fuse_poll_out`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+#[repr(C)]
+pub struct PollOut {
+    pub revents: u32,
+    pub padding: u32,
+}
+
+/// Notification codes (`enum fuse_notify_code`), sent in
+/// `fuse_out_header.error` with `unique` 0.
+pub mod notify {
+    pub const POLL: i32 = 1;
+}
+
+/// `struct fuse_notify_poll_wakeup_out`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+#[repr(C)]
+pub struct NotifyPollWakeupOut {
+    pub kh: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,5 +589,10 @@ mod tests {
         assert_eq!(size_of::<AccessIn>(), 8);
         assert_eq!(size_of::<StatfsOut>(), 80);
         assert_eq!(size_of::<DirentHeader>(), 24);
+        assert_eq!(size_of::<CuseInitIn>(), 16);
+        assert_eq!(size_of::<CuseInitOut>(), 72);
+        assert_eq!(size_of::<PollIn>(), 24);
+        assert_eq!(size_of::<PollOut>(), 8);
+        assert_eq!(size_of::<NotifyPollWakeupOut>(), 8);
     }
 }

@@ -8,10 +8,12 @@
 //! adapter and the tests share one definition of every message.
 //!
 //! Layers: [`abi`] holds the kernel structures, [`request`] parses what a
-//! daemon reads, [`reply`] encodes what it writes.
+//! daemon reads, [`reply`] encodes what it writes; [`cuse`] adds what a
+//! character device served through CUSE (`/dev/cuse`) speaks besides.
 
 pub mod abi;
 pub mod client;
+pub mod cuse;
 pub mod reply;
 pub mod request;
 

@@ -1,0 +1,109 @@
+//! What `attach` serves: one of the backends of `fuse-blk-backends`, or
+//! `dm-user:NAME:SIZE`, a block device whose requests go to a dm-user
+//! daemon on `/dev/dm-user/NAME` (compat/dm-user).
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuse_blk::BlockDevice;
+use fuse_blk_backends::{format_size, parse_size, BackendSpec};
+use fuse_blk_dm_user::{DmUser, Policy};
+use parking_lot::Mutex;
+
+use crate::AttachArgs;
+
+pub enum Backend {
+    Spec(BackendSpec),
+    DmUser {
+        name: String,
+        size: u64,
+        policy: Policy,
+    },
+}
+
+/// The dm-user node this process serves, ended by [`finish`].
+static DM_USER: Mutex<Option<DmUser>> = Mutex::new(None);
+
+/// How long a daemon has to close the node after its reads failed with
+/// ENOTBLK before the node goes regardless.
+const DM_USER_GRACE: Duration = Duration::from_secs(3);
+
+impl Backend {
+    pub fn parse(text: &str, args: &AttachArgs) -> Result<Backend, String> {
+        let Some(rest) = text.strip_prefix("dm-user:") else {
+            return text.parse().map(Backend::Spec).map_err(|e| format!("{e}"));
+        };
+        let (name, size) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{text}: dm-user takes dm-user:NAME:SIZE"))?;
+        crate::state::validate_name(name)?;
+        let size = parse_size(size).map_err(|e| format!("{text}: {e}"))?;
+        if args.recover.is_some() {
+            return Err(format!(
+                "{text}: a dm-user device cannot be recovered by another daemon yet"
+            ));
+        }
+        let policy = Policy {
+            fail_inflight: args.fail_inflight,
+            no_daemon_timeout: Duration::from_millis(
+                args.recovery_timeout_ms.unwrap_or(30_000).into(),
+            ),
+        };
+        Ok(Backend::DmUser {
+            name: name.to_owned(),
+            size,
+            policy,
+        })
+    }
+
+    /// The device's name when `--name` is not given: a dm-user device is
+    /// known by its node's name.
+    pub fn default_name(&self) -> Option<String> {
+        match self {
+            Backend::DmUser { name, .. } => Some(name.clone()),
+            Backend::Spec(_) => None,
+        }
+    }
+
+    pub fn open(&self, read_only: bool, block_size: u32) -> io::Result<Arc<dyn BlockDevice>> {
+        match self {
+            Backend::Spec(spec) => spec.open(read_only, block_size),
+            Backend::DmUser { name, size, policy } => {
+                if read_only {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "a dm-user device cannot be read-only",
+                    ));
+                }
+                let dm_user = DmUser::create(name, *size, block_size, *policy)
+                    .map_err(|e| io::Error::new(e.kind(), format!("dm-user: {e}")))?;
+                log::info!("dm-user: {} serves the device", dm_user.node().display());
+                let device = dm_user.device();
+                *DM_USER.lock() = Some(dm_user);
+                Ok(device)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Backend::Spec(spec) => spec.fmt(f),
+            Backend::DmUser { name, size, .. } => {
+                write!(f, "dm-user:{name}:{}", format_size(*size))
+            }
+        }
+    }
+}
+
+/// Ends the dm-user node of this process, if any: its daemons' reads fail
+/// with ENOTBLK, and the node goes once they have closed it.
+pub fn finish() {
+    let dm_user = DM_USER.lock().take();
+    if let Some(dm_user) = dm_user {
+        dm_user.finish(DM_USER_GRACE);
+    }
+}
