@@ -540,39 +540,7 @@ fn garbage() -> io::Result<()> {
         )?;
         // The partition scan and the reader may send more: answer zeros
         // until the reader is done.
-        let status = loop {
-            if let Some(status) = reader.try_wait()? {
-                break status;
-            }
-            let mut fds = [nix::poll::PollFd::new(
-                std::os::fd::AsFd::as_fd(&channel),
-                nix::poll::PollFlags::POLLIN,
-            )];
-            if nix::poll::poll(&mut fds, 100u16).map_err(io::Error::from)? == 0 {
-                continue;
-            }
-            let (request, body) = read_message(&channel, &mut buf)?;
-            if request.opcode != opcode::READ {
-                return Err(io::Error::other(format!(
-                    "unexpected opcode {}",
-                    request.opcode
-                )));
-            }
-            let read_in = <abi::ReadIn as zerocopy::FromBytes>::read_from_prefix(&body)
-                .map_err(|_| io::Error::other("short READ"))?
-                .0;
-            if let Some(errno) = write_reply(
-                &channel,
-                &reply_bytes(request.unique, 0, &vec![0; read_in.size as usize], None),
-            ) {
-                return Err(io::Error::other(format!(
-                    "valid READ reply refused: {errno}"
-                )));
-            }
-        };
-        if !status.success() {
-            return Err(io::Error::other(format!("reader failed: {status}")));
-        }
+        takeover::serve_reader(&channel, &mut buf, &mut reader)?;
         println!("device usable after garbage");
         Ok(())
     })

@@ -122,7 +122,7 @@ fn reader(id: u32) -> io::Result<Child> {
 
 /// Answers READs with zeros until `reader` exits. Returns the unique of
 /// the first request answered.
-fn serve_reader(channel: &File, buf: &mut [u8], reader: &mut Child) -> io::Result<u64> {
+pub(crate) fn serve_reader(channel: &File, buf: &mut [u8], reader: &mut Child) -> io::Result<u64> {
     serve_until(channel, buf, || match reader.try_wait()? {
         None => Ok(false),
         Some(status) if status.success() => Ok(true),
