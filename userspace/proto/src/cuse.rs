@@ -15,7 +15,7 @@
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::abi::{self, opcode, CuseInitIn, CuseInitOut, InHeader, OutHeader, PollIn};
-use crate::request::{parse_request, ParseError, ParseErrorKind, Request};
+use crate::request::{parse_request, split_message, ParseError, ParseErrorKind, Request};
 
 /// One message read from `/dev/cuse`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,21 +56,7 @@ fn fixed<T: FromBytes>(header: &InHeader, body: &[u8]) -> Result<T, ParseError> 
 
 /// Parses one whole message as read from `/dev/cuse`.
 pub fn parse_cuse_request(buf: &[u8]) -> Result<CuseRequest<'_>, ParseError> {
-    let Ok((header, body)) = InHeader::read_from_prefix(buf) else {
-        return Err(ParseError {
-            kind: ParseErrorKind::ShortHeader,
-            header: None,
-        });
-    };
-    if header.len as usize != buf.len() {
-        return Err(ParseError {
-            kind: ParseErrorKind::LengthMismatch {
-                header_len: header.len,
-                received: buf.len(),
-            },
-            header: None,
-        });
-    }
+    let (header, body) = split_message(buf)?;
     match header.opcode {
         opcode::CUSE_INIT => Ok(CuseRequest::Init {
             header,

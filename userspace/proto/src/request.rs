@@ -169,8 +169,11 @@ fn name<'a>(header: &InHeader, body: &'a [u8]) -> Result<&'a [u8], ParseError> {
     Ok(name)
 }
 
-/// Parses one whole message as read from the channel.
-pub fn parse_request(buf: &[u8]) -> Result<Request<'_>, ParseError> {
+/// Splits one whole message into its header and the rest, checking that
+/// the header's length is the message's: the framing every message read
+/// from a FUSE descriptor (`/dev/fuse`, a fuse-blk channel, `/dev/cuse`)
+/// shares, before its opcode says what follows.
+pub(crate) fn split_message(buf: &[u8]) -> Result<(InHeader, &[u8]), ParseError> {
     let Ok((header, body)) = InHeader::read_from_prefix(buf) else {
         return Err(ParseError {
             kind: ParseErrorKind::ShortHeader,
@@ -186,6 +189,12 @@ pub fn parse_request(buf: &[u8]) -> Result<Request<'_>, ParseError> {
             header: None,
         });
     }
+    Ok((header, body))
+}
+
+/// Parses one whole message as read from the channel.
+pub fn parse_request(buf: &[u8]) -> Result<Request<'_>, ParseError> {
+    let (header, body) = split_message(buf)?;
     let h = &header;
     let operation = match header.opcode {
         // Kernels before 7.36 send only major, minor, max_readahead, flags.
