@@ -957,22 +957,8 @@ struct Ring {
 
 impl Ring {
     fn new(channel: File, max_io: usize) -> io::Result<Ring> {
-        let mut headers = vec![0u8; usize::from(DEPTH) * URING_HEADER_SIZE];
-        let mut payloads = vec![0u8; usize::from(DEPTH) * max_io];
-        let iovecs = (0..usize::from(DEPTH))
-            .map(|i| {
-                [
-                    libc::iovec {
-                        iov_base: headers[i * URING_HEADER_SIZE..].as_mut_ptr().cast(),
-                        iov_len: URING_HEADER_SIZE,
-                    },
-                    libc::iovec {
-                        iov_base: payloads[i * max_io..].as_mut_ptr().cast(),
-                        iov_len: max_io,
-                    },
-                ]
-            })
-            .collect();
+        let (headers, payloads, iovecs) =
+            super::ring_garbage::entry_buffers(usize::from(DEPTH), max_io);
         Ok(Ring {
             ring: IoUring::new(64)?,
             channel,

@@ -36,24 +36,35 @@ struct Probe {
     early: Option<(u64, i32)>,
 }
 
+/// Header and payload buffers for `depth` ring entries, and the pair of
+/// iovecs naming each entry's two, as a FETCH takes them (the buffers'
+/// memory stays where it is when the vectors move).
+pub(crate) fn entry_buffers(
+    depth: usize,
+    max_io: usize,
+) -> (Vec<u8>, Vec<u8>, Vec<[libc::iovec; 2]>) {
+    let mut headers = vec![0u8; depth * URING_HEADER_SIZE];
+    let mut payloads = vec![0u8; depth * max_io];
+    let iovecs = (0..depth)
+        .map(|i| {
+            [
+                libc::iovec {
+                    iov_base: headers[i * URING_HEADER_SIZE..].as_mut_ptr().cast(),
+                    iov_len: URING_HEADER_SIZE,
+                },
+                libc::iovec {
+                    iov_base: payloads[i * max_io..].as_mut_ptr().cast(),
+                    iov_len: max_io,
+                },
+            ]
+        })
+        .collect();
+    (headers, payloads, iovecs)
+}
+
 impl Probe {
     fn new(channel: File) -> io::Result<Probe> {
-        let mut headers = vec![0u8; usize::from(DEPTH) * URING_HEADER_SIZE];
-        let mut payloads = vec![0u8; usize::from(DEPTH) * MAX_IO];
-        let iovecs = (0..usize::from(DEPTH))
-            .map(|i| {
-                [
-                    libc::iovec {
-                        iov_base: headers[i * URING_HEADER_SIZE..].as_mut_ptr().cast(),
-                        iov_len: URING_HEADER_SIZE,
-                    },
-                    libc::iovec {
-                        iov_base: payloads[i * MAX_IO..].as_mut_ptr().cast(),
-                        iov_len: MAX_IO,
-                    },
-                ]
-            })
-            .collect();
+        let (headers, payloads, iovecs) = entry_buffers(usize::from(DEPTH), MAX_IO);
         Ok(Probe {
             ring: IoUring::new(16)?,
             channel,
