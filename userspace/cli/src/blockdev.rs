@@ -4,6 +4,7 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::time::Duration;
 
 /// Whether something holds `device` exclusively: a mounted file system,
 /// swap, a device-mapper or md table, a mounted partition of it, or a
@@ -14,7 +15,26 @@ use std::path::Path;
 /// list). Plain opens, such as a daemon's or `dd`'s, do not count. The
 /// probe holds the device for the length of one open: a mount racing it
 /// may fail with `EBUSY` then, as it would against any exclusive opener.
+///
+/// Some claims last only a moment and are not use: a program binding a
+/// loop device claims its candidate while it checks that the candidate is
+/// free, even one that is bound already (LOOP_CONFIGURE without `O_EXCL`).
+/// So a device counts as held only if it stays held for a few tries.
 pub fn in_use(device: &Path) -> bool {
+    const TRIES: u32 = 5;
+    const APART: Duration = Duration::from_millis(20);
+    for attempt in 1..=TRIES {
+        if !held_now(device) {
+            return false;
+        }
+        if attempt < TRIES {
+            std::thread::sleep(APART);
+        }
+    }
+    true
+}
+
+fn held_now(device: &Path) -> bool {
     match OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
@@ -32,13 +52,23 @@ mod tests {
     use std::os::fd::AsFd;
     use std::path::PathBuf;
     use std::process::Command;
+    use std::sync::{Mutex, MutexGuard};
 
     use fuse_blk_loop::{LoopDevice, LoopOptions};
+
+    /// Held by every test's scratch device for its whole life. Binding a
+    /// loop device briefly claims the candidate device exclusively
+    /// (LOOP_CONFIGURE's `bd_prepare_to_claim`), even one that another test
+    /// has already bound and that the attempt then gives up with `EBUSY`;
+    /// a probe of that other test's device at that moment rightly says
+    /// "in use". Seen in CI: two tests asked LOOP_CTL_GET_FREE at once.
+    static ONE_SCRATCH_DEVICE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
     /// A loop device over a sparse file of its own, unbound when dropped.
     struct ScratchDevice {
         device: Option<LoopDevice>,
         image: PathBuf,
+        _alone: MutexGuard<'static, ()>,
     }
 
     impl ScratchDevice {
@@ -46,6 +76,11 @@ mod tests {
             // SAFETY: geteuid has no preconditions and cannot fail.
             let root = unsafe { libc::geteuid() } == 0;
             assert!(root, "this test binds a loop device and must run as root");
+            // A test that failed while holding the lock poisons it; the
+            // devices are still apart.
+            let alone = ONE_SCRATCH_DEVICE_AT_A_TIME
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             let image = std::env::temp_dir().join(format!(
                 "fuse-blk-blockdev-{test}-{}.img",
                 std::process::id()
@@ -65,6 +100,7 @@ mod tests {
             ScratchDevice {
                 device: Some(device),
                 image,
+                _alone: alone,
             }
         }
 
