@@ -340,11 +340,8 @@ impl KmodDevice {
             IoMode::ReadWrite => false,
             IoMode::Auto => ring::supported(&features),
             IoMode::Uring => {
-                if !ring::supported(&features) {
-                    return Err(io::Error::new(
-                        io::ErrorKind::Unsupported,
-                        "io_uring channels need the fuse_blk module of ABI 2 and a kernel with io_uring",
-                    ));
+                if let Some(reason) = ring::unsupported_reason(&features) {
+                    return Err(io::Error::new(io::ErrorKind::Unsupported, reason));
                 }
                 true
             }

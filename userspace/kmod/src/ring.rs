@@ -27,7 +27,28 @@ use crate::uapi;
 
 /// Whether the running kernel and module offer io_uring channels.
 pub fn supported(features: &uapi::Features) -> bool {
-    features.features & uapi::F_URING != 0 && IoUring::<squeue::Entry>::new(2).is_ok()
+    unsupported_reason(features).is_none()
+}
+
+/// Why io_uring channels cannot be used here, in one line, or `None` if
+/// they can.
+pub fn unsupported_reason(features: &uapi::Features) -> Option<String> {
+    if features.features & uapi::F_URING == 0 {
+        // The module leaves the flag out where the kernel lacks what its
+        // channels need (cancelable commands, task work that knows its
+        // task is dying: before 6.12; see fuse-blk-kmod/compat.h).
+        return Some(
+            "the fuse_blk module offers no io_uring channels on this kernel \
+             (FUSE_BLK_F_URING not set; they need Linux 6.12 or later): use --io rw"
+                .to_owned(),
+        );
+    }
+    match IoUring::<squeue::Entry>::new(2) {
+        Ok(_) => None,
+        Err(e) => Some(format!(
+            "io_uring cannot be set up here ({e}; see the kernel.io_uring_disabled sysctl): use --io rw"
+        )),
+    }
 }
 
 /// How the running module lets a commit name where its READ data is, if

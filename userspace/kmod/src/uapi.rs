@@ -4,7 +4,7 @@
 
 use zerocopy::{Immutable, IntoBytes};
 
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 pub const NAME_LEN: usize = 32;
 pub const MAX_QUEUES: u16 = 64;
 pub const MAX_QUEUE_DEPTH: u16 = 1024;
@@ -21,6 +21,38 @@ pub const F_URING: u64 = 1 << 8;
 pub const F_PASSTHROUGH: u64 = 1 << 9;
 pub const F_URING_DATA_ADDR: u64 = 1 << 10;
 pub const F_URING_DATA_IOVEC: u64 = 1 << 11;
+
+/// The feature flags by the names the header gives them (without
+/// `FUSE_BLK_F_`, in lower case), in bit order.
+pub const FEATURE_NAMES: [(u64, &str); 12] = [
+    (F_FLUSH, "flush"),
+    (F_FUA, "fua"),
+    (F_DISCARD, "discard"),
+    (F_WRITE_ZEROES, "write_zeroes"),
+    (F_ROTATIONAL, "rotational"),
+    (F_READ_ONLY, "read_only"),
+    (F_RECOVERY, "recovery"),
+    (F_FAIL_INFLIGHT, "fail_inflight"),
+    (F_URING, "uring"),
+    (F_PASSTHROUGH, "passthrough"),
+    (F_URING_DATA_ADDR, "uring_data_addr"),
+    (F_URING_DATA_IOVEC, "uring_data_iovec"),
+];
+
+/// The names of the flags set in `features`; bits this mirror does not
+/// know appear as `bitN`.
+pub fn feature_names(features: u64) -> Vec<String> {
+    (0..64)
+        .map(|bit| 1u64 << bit)
+        .filter(|flag| features & flag != 0)
+        .map(
+            |flag| match FEATURE_NAMES.iter().find(|(f, _)| *f == flag) {
+                Some((_, name)) => (*name).to_owned(),
+                None => format!("bit{}", flag.trailing_zeros()),
+            },
+        )
+        .collect()
+}
 
 pub const ATTACH_TAKEOVER: u16 = 1 << 0;
 
@@ -136,6 +168,78 @@ mod tests {
         assert_eq!(size_of::<Info>(), 16 + size_of::<Params>() + 32);
         assert_eq!(size_of::<Attach>(), 32);
         assert_eq!(size_of::<UringCmd>(), 16);
+    }
+
+    /// The value of `#define NAME VALUE` in the uapi header, with `(1ULL
+    /// << N)` and `(1 << N)` evaluated.
+    fn header_value(header: &str, name: &str) -> u64 {
+        let line = header
+            .lines()
+            .find(|line| line.split_whitespace().take(2).eq(["#define", name]))
+            .unwrap_or_else(|| panic!("{name} is not defined in the header"));
+        let value = line
+            .split_whitespace()
+            .skip(2)
+            .take_while(|word| !word.starts_with("/*"))
+            .collect::<String>();
+        let value = value.trim_start_matches('(').trim_end_matches(')');
+        match value.split_once("<<") {
+            Some((one, shift)) => {
+                assert!(one == "1ULL" || one == "1", "{name}: {line}");
+                1 << shift.parse::<u32>().expect("shift")
+            }
+            None => value.parse().unwrap_or_else(|_| panic!("{name}: {line}")),
+        }
+    }
+
+    #[test]
+    fn constants_match_the_header() {
+        let header = include_str!("../../../fuse-blk-kmod/include/uapi/linux/fuse_blk.h");
+        let value = |name: &str| header_value(header, name);
+        assert_eq!(value("FUSE_BLK_ABI_VERSION"), u64::from(ABI_VERSION));
+        assert_eq!(value("FUSE_BLK_NAME_LEN"), NAME_LEN as u64);
+        assert_eq!(value("FUSE_BLK_MAX_QUEUES"), u64::from(MAX_QUEUES));
+        assert_eq!(
+            value("FUSE_BLK_MAX_QUEUE_DEPTH"),
+            u64::from(MAX_QUEUE_DEPTH)
+        );
+        let mut all = 0;
+        for (flag, name) in FEATURE_NAMES {
+            let define = format!("FUSE_BLK_F_{}", name.to_uppercase());
+            assert_eq!(value(&define), flag, "{define}");
+            all |= flag;
+        }
+        let count = FEATURE_NAMES.len();
+        assert_eq!(all, (1 << count) - 1, "the flags are bits 0..{count}");
+        let every_flag = format!("#define FUSE_BLK_F_ALL\t\t((1ULL << {count}) - 1)");
+        assert!(header.contains(&every_flag), "a flag the mirror lacks");
+        assert_eq!(
+            value("FUSE_BLK_ATTACH_TAKEOVER"),
+            u64::from(ATTACH_TAKEOVER)
+        );
+        assert_eq!(value("FUSE_BLK_STATE_WAITING"), u64::from(STATE_WAITING));
+        assert_eq!(value("FUSE_BLK_STATE_LIVE"), u64::from(STATE_LIVE));
+        assert_eq!(value("FUSE_BLK_STATE_PARTIAL"), u64::from(STATE_PARTIAL));
+        assert_eq!(value("FUSE_BLK_STATE_DEAD"), u64::from(STATE_DEAD));
+        assert_eq!(
+            value("FUSE_BLK_URING_HEADER_SIZE"),
+            URING_HEADER_SIZE as u64
+        );
+        assert_eq!(
+            value("FUSE_BLK_URING_F_DATA_ADDR"),
+            u64::from(URING_F_DATA_ADDR)
+        );
+        assert_eq!(
+            value("FUSE_BLK_URING_F_DATA_IOVEC"),
+            u64::from(URING_F_DATA_IOVEC)
+        );
+    }
+
+    #[test]
+    fn feature_names_name_every_flag_set() {
+        assert_eq!(feature_names(F_URING | F_FLUSH), ["flush", "uring"]);
+        assert_eq!(feature_names(1 << 40), ["bit40"]);
+        assert!(feature_names(0).is_empty());
     }
 
     #[test]
