@@ -1,0 +1,1 @@
+//! A fuse-blk block device that serves a qcow2 image.
