@@ -26,8 +26,11 @@ mod bufs;
 mod file;
 mod mem;
 mod null;
-#[cfg(test)]
-mod testutil;
+/// Drives a device through the session engine without a kernel, for
+/// tests (also of devices in other crates, with the `testutil` feature).
+#[cfg(any(test, feature = "testutil"))]
+#[doc(hidden)]
+pub mod testutil;
 
 pub use file::FileDevice;
 pub use mem::{MemDevice, CHUNK_SIZE};

@@ -1,0 +1,397 @@
+//! The block device: requests become NBD commands on the device's links,
+//! split where the server limits their size.
+
+use std::io;
+use std::thread;
+
+use fuse_blk::{BlockDevice, Features, Geometry, ReplyData, ReplyEmpty, ReplyWrite, Request};
+
+use crate::handle::{Error, Export, Handle};
+use crate::link::{Expectations, Link, LinkStatus, ReconnectPolicy};
+use crate::uri;
+
+/// Largest read or write sent as one command when the server states no
+/// maximum: nbdkit and qemu-nbd refuse more than 32 MiB.
+const DEFAULT_MAX_REQUEST: u32 = 32 << 20;
+
+/// Largest trim or write-zeroes sent as one command: the wire's length is
+/// 32 bits, and a power of two keeps every piece aligned.
+const MAX_RANGE_COMMAND: u64 = 1 << 30;
+
+/// Largest physical block size reported, whatever the server prefers
+/// (nbdkit prefers 4 KiB, a server over a RAID may say megabytes, which
+/// the kernel would then align every write to).
+const MAX_PHYSICAL_BLOCK: u32 = 64 << 10;
+
+/// How the device is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Refuse writes even where the export allows them.
+    pub read_only: bool,
+    pub logical_block_size: u32,
+    pub reconnect: ReconnectPolicy,
+    /// Connections when the server allows several (multi-conn); one
+    /// otherwise.
+    pub connections: usize,
+}
+
+impl Options {
+    pub fn new(read_only: bool, logical_block_size: u32) -> Options {
+        Options {
+            read_only,
+            logical_block_size,
+            reconnect: ReconnectPolicy::default(),
+            connections: thread::available_parallelism().map_or(1, |n| n.get().min(8)),
+        }
+    }
+}
+
+/// A block device whose blocks are an NBD export.
+pub struct NbdDevice {
+    uri: String,
+    export: Export,
+    geometry: Geometry,
+    links: Vec<Link>,
+    /// Reads and writes larger than this are split.
+    max_request: u32,
+}
+
+fn failure(uri: &str, kind: io::ErrorKind, reason: impl std::fmt::Display) -> io::Error {
+    io::Error::new(kind, format!("{uri}: {reason}"))
+}
+
+/// libnbd's messages name the call that failed (`nbd_connect_uri: ...`),
+/// which says nothing to someone who typed a URI.
+fn connect_error(uri: &str, e: &Error) -> io::Error {
+    let reason = e
+        .message
+        .strip_prefix("nbd_connect_uri: ")
+        .unwrap_or(&e.message);
+    failure(uri, io::Error::from_raw_os_error(e.errno).kind(), reason)
+}
+
+/// The device's shape from the export's, refusing what a block device
+/// cannot be.
+fn geometry(uri: &str, export: &Export, options: &Options) -> io::Result<Geometry> {
+    let invalid = |reason: String| Err(failure(uri, io::ErrorKind::InvalidInput, reason));
+    let block = options.logical_block_size;
+    if export.minimum_block > block {
+        return if export.minimum_block <= 4096 {
+            invalid(format!(
+                "the server's smallest block is {} bytes: use --block-size {}",
+                export.minimum_block,
+                export.minimum_block.next_power_of_two()
+            ))
+        } else {
+            invalid(format!(
+                "the server's smallest block is {} bytes, larger than a block device's 4096",
+                export.minimum_block
+            ))
+        };
+    }
+    if export.size == 0 {
+        return invalid("the export is empty".to_owned());
+    }
+    if export.size % u64::from(block) != 0 {
+        return invalid(format!(
+            "the export's size {} is not a multiple of the block size {block}",
+            export.size
+        ));
+    }
+    let read_only = options.read_only || export.read_only;
+    let preferred = export.preferred_block.min(MAX_PHYSICAL_BLOCK);
+    let geometry = Geometry {
+        size: export.size,
+        logical_block_size: block,
+        physical_block_size: if preferred.is_power_of_two() && preferred > block {
+            preferred
+        } else {
+            block
+        },
+        read_only,
+        features: Features {
+            flush: export.can_flush,
+            fua: export.can_fua && !read_only,
+            discard: export.can_trim && !read_only,
+            write_zeroes: export.can_zero && !read_only,
+        },
+    };
+    geometry
+        .validate()
+        .map_err(|e| failure(uri, io::ErrorKind::InvalidInput, e))?;
+    Ok(geometry)
+}
+
+/// `(offset, length)` pieces of at most `max` covering `[offset, offset +
+/// len)`.
+fn pieces(offset: u64, len: u64, max: u64) -> impl Iterator<Item = (u64, u64)> {
+    let end = offset + len;
+    (offset..end)
+        .step_by(max as usize)
+        .map(move |start| (start, max.min(end - start)))
+}
+
+impl NbdDevice {
+    /// Connects to the export `uri` names (`nbd://HOST[:PORT]/EXPORT`,
+    /// `nbd+unix:///EXPORT?socket=PATH`, ...). Every failure is one line
+    /// naming the URI and the cause: malformed, no server, no such
+    /// export, a size no block device can have.
+    pub fn connect(uri: &str, options: &Options) -> io::Result<NbdDevice> {
+        uri::check(uri).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let handle = Handle::connect(uri).map_err(|e| connect_error(uri, &e))?;
+        let export = handle.export().map_err(|e| connect_error(uri, &e))?;
+        let geometry = geometry(uri, &export, options)?;
+        let multi_conn = export.can_multi_conn && options.connections > 1;
+        let count = if multi_conn { options.connections } else { 1 };
+        let expectations = Expectations {
+            export,
+            writable: !geometry.read_only,
+            multi_conn,
+        };
+        let mut first = Some(handle);
+        let links = (0..count)
+            .map(|index| Link::new(uri, index, options.reconnect, expectations, first.take()))
+            .collect();
+        let block = geometry.logical_block_size;
+        let max_request = match export.maximum_block {
+            0 => DEFAULT_MAX_REQUEST,
+            max => max.min(DEFAULT_MAX_REQUEST),
+        };
+        log::info!(
+            "{uri}: {} bytes{}, {count} connection(s), {:?}",
+            export.size,
+            if geometry.read_only {
+                ", read-only"
+            } else {
+                ""
+            },
+            geometry.features
+        );
+        Ok(NbdDevice {
+            uri: uri.to_owned(),
+            export,
+            geometry,
+            links,
+            max_request: (max_request / block * block).max(block),
+        })
+    }
+
+    /// The URI the device was connected with.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The export as the server described it at the first connection.
+    pub fn export(&self) -> &Export {
+        &self.export
+    }
+
+    /// How many connections serve the device.
+    pub fn connections(&self) -> usize {
+        self.links.len()
+    }
+
+    /// The worst state of the device's connections.
+    pub fn status(&self) -> LinkStatus {
+        let rank = |status: &LinkStatus| match status {
+            LinkStatus::Connected => 0,
+            LinkStatus::Reconnecting { .. } => 1,
+            LinkStatus::Down { .. } => 2,
+        };
+        self.links
+            .iter()
+            .map(Link::status)
+            .max_by_key(rank)
+            .unwrap_or(LinkStatus::Connected)
+    }
+
+    /// The connection for a request: with multi-conn each queue keeps to
+    /// one, so the requests of different queues overlap.
+    fn link(&self, req: &Request) -> &Link {
+        &self.links[usize::from(req.queue()) % self.links.len()]
+    }
+}
+
+impl BlockDevice for NbdDevice {
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    fn read(&self, req: &Request, offset: u64, len: u32, reply: ReplyData) {
+        let link = self.link(req);
+        let max = u64::from(self.max_request);
+        reply.fill(|buf| {
+            for (start, size) in pieces(offset, u64::from(len), max) {
+                let at = (start - offset) as usize;
+                let piece = &mut buf[at..at + size as usize];
+                link.run(|handle| handle.pread(piece, start))
+                    .map_err(io::Error::from_raw_os_error)?;
+            }
+            Ok(())
+        });
+    }
+
+    fn write(&self, req: &Request, offset: u64, data: &[u8], fua: bool, reply: ReplyWrite) {
+        let link = self.link(req);
+        let fua = fua && self.export.can_fua;
+        let max = u64::from(self.max_request);
+        let result = pieces(offset, data.len() as u64, max).try_for_each(|(start, size)| {
+            let at = (start - offset) as usize;
+            let piece = &data[at..at + size as usize];
+            link.run(|handle| handle.pwrite(piece, start, fua))
+        });
+        reply.outcome(result.map_err(io::Error::from_raw_os_error));
+    }
+
+    /// NBD_CMD_FLUSH covers every write the server answered, on any of
+    /// the connections when there are several (what multi-conn promises).
+    fn flush(&self, req: &Request, reply: ReplyEmpty) {
+        if !self.export.can_flush {
+            return reply.ok();
+        }
+        let result = self.link(req).run(Handle::flush);
+        reply.outcome(result.map_err(io::Error::from_raw_os_error));
+    }
+
+    fn discard(&self, req: &Request, offset: u64, len: u64, reply: ReplyEmpty) {
+        if !self.geometry.features.discard {
+            return reply.error(libc::EOPNOTSUPP);
+        }
+        let link = self.link(req);
+        let result = pieces(offset, len, MAX_RANGE_COMMAND)
+            .try_for_each(|(start, size)| link.run(|handle| handle.trim(size, start)));
+        reply.outcome(result.map_err(io::Error::from_raw_os_error));
+    }
+
+    /// NBD_CMD_WRITE_ZEROES, with NBD_CMD_FLAG_NO_HOLE unless the storage
+    /// may go.
+    fn write_zeroes(
+        &self,
+        req: &Request,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        reply: ReplyEmpty,
+    ) {
+        if !self.geometry.features.write_zeroes {
+            return reply.error(libc::EOPNOTSUPP);
+        }
+        let link = self.link(req);
+        let result = pieces(offset, len, MAX_RANGE_COMMAND)
+            .try_for_each(|(start, size)| link.run(|handle| handle.zero(size, start, !may_unmap)));
+        reply.outcome(result.map_err(io::Error::from_raw_os_error));
+    }
+
+    fn destroy(&self) {
+        for link in &self.links {
+            link.shutdown();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn export(size: u64) -> Export {
+        Export {
+            size,
+            can_flush: true,
+            can_fua: true,
+            can_trim: true,
+            can_zero: true,
+            ..Export::default()
+        }
+    }
+
+    #[test]
+    fn pieces_cover_the_range() {
+        let all: Vec<_> = pieces(4096, 10 << 20, 4 << 20).collect();
+        assert_eq!(
+            all,
+            [
+                (4096, 4 << 20),
+                (4096 + (4 << 20), 4 << 20),
+                (4096 + (8 << 20), 2 << 20)
+            ]
+        );
+        assert_eq!(pieces(0, 512, 4096).collect::<Vec<_>>(), [(0, 512)]);
+        assert_eq!(pieces(0, 0, 4096).count(), 0);
+    }
+
+    #[test]
+    fn geometry_follows_the_export() {
+        let options = Options::new(false, 512);
+        let g = geometry("u", &export(1 << 20), &options).unwrap();
+        assert_eq!(
+            (g.size, g.logical_block_size, g.physical_block_size),
+            (1 << 20, 512, 512)
+        );
+        assert_eq!(g.features, Features::ALL);
+        assert!(!g.read_only);
+
+        let read_only = Export {
+            read_only: true,
+            ..export(1 << 20)
+        };
+        let g = geometry("u", &read_only, &options).unwrap();
+        assert!(g.read_only);
+        assert_eq!(
+            g.features,
+            Features {
+                flush: true,
+                ..Features::default()
+            }
+        );
+        let g = geometry("u", &export(1 << 20), &Options::new(true, 4096)).unwrap();
+        assert!(g.read_only && !g.features.fua);
+
+        let preferred = Export {
+            preferred_block: 4096,
+            ..export(1 << 20)
+        };
+        assert_eq!(
+            geometry("u", &preferred, &options)
+                .unwrap()
+                .physical_block_size,
+            4096
+        );
+        let huge = Export {
+            preferred_block: 4 << 20,
+            ..export(1 << 20)
+        };
+        assert_eq!(
+            geometry("u", &huge, &options).unwrap().physical_block_size,
+            64 << 10
+        );
+    }
+
+    #[test]
+    fn geometry_refusals_name_the_cause() {
+        let options = Options::new(false, 512);
+        let error = |export: Export| {
+            geometry("nbd://h/e", &export, &options)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(error(export(0)), "nbd://h/e: the export is empty");
+        assert_eq!(
+            error(export(1000)),
+            "nbd://h/e: the export's size 1000 is not a multiple of the block size 512"
+        );
+        assert_eq!(
+            error(Export {
+                minimum_block: 4096,
+                ..export(1 << 20)
+            }),
+            "nbd://h/e: the server's smallest block is 4096 bytes: use --block-size 4096"
+        );
+        assert_eq!(
+            error(Export {
+                minimum_block: 65536,
+                ..export(1 << 20)
+            }),
+            "nbd://h/e: the server's smallest block is 65536 bytes, larger than a block device's 4096"
+        );
+    }
+}

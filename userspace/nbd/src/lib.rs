@@ -1,0 +1,24 @@
+//! `nbd://` and `nbd+unix://` backends: a fuse-blk block device whose
+//! blocks live on an NBD server (nbdkit, qemu-nbd, a storage appliance),
+//! reached through libnbd, the protocol's reference client library.
+//!
+//! The server may restart or the connection drop without failing a
+//! request: a command whose connection broke waits while the device
+//! reconnects with backoff, and is reissued on the new connection; only
+//! after [`ReconnectPolicy::timeout`] do requests fail, with EIO. An error
+//! the server answers (an I/O error of its storage, say) goes to the
+//! caller at once.
+//!
+//! - [`uri`]: recognising and checking NBD URIs.
+//! - [`handle`]: one libnbd handle (a connection), safely.
+//! - [`link`]: a connection that reconnects.
+//! - [`NbdDevice`]: the `BlockDevice`.
+
+mod device;
+mod ffi;
+pub mod handle;
+pub mod link;
+pub mod uri;
+
+pub use device::{NbdDevice, Options};
+pub use link::{LinkStatus, ReconnectPolicy};
