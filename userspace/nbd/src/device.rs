@@ -205,6 +205,12 @@ impl NbdDevice {
             .unwrap_or(LinkStatus::Connected)
     }
 
+    /// How many times the device's connections were made again after
+    /// breaking.
+    pub fn reconnections(&self) -> u64 {
+        self.links.iter().map(Link::reconnections).sum()
+    }
+
     /// The connection for a request: with multi-conn each queue keeps to
     /// one, so the requests of different queues overlap.
     fn link(&self, req: &Request) -> &Link {

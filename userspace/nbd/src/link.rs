@@ -180,6 +180,12 @@ impl Link {
         }
     }
 
+    /// How many times the link connected again after losing its
+    /// connection (its first connection not counted).
+    pub fn reconnections(&self) -> u64 {
+        self.state.lock().generation.saturating_sub(1)
+    }
+
     /// Ends the connection politely, if there is one.
     pub fn shutdown(&self) {
         let handle = self.state.lock().handle.take();
@@ -200,11 +206,10 @@ impl Link {
                 return Ok((handle.clone(), state.generation));
             }
             let now = Instant::now();
-            let first_delay = self.policy.first_delay;
-            let outage = state.outage.get_or_insert_with(|| Outage {
+            let outage = state.outage.get_or_insert(Outage {
                 since: now,
                 next_attempt: now,
-                delay: first_delay,
+                delay: self.policy.first_delay,
                 last_error: None,
                 expiry_logged: false,
             });

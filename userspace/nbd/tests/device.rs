@@ -1,0 +1,434 @@
+//! The device against real servers: nbdkit's memory and file plugins,
+//! its error, delay, blocksize-policy and exportname filters, and
+//! qemu-nbd, each started by the test on a unix socket. Requests go
+//! through the session engine (the backends' test harness) as the kernel
+//! would send them.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::Server;
+use fuse_blk::Features;
+use fuse_blk_backends::testutil::{pattern, Harness};
+use fuse_blk_nbd::{LinkStatus, NbdDevice, Options, ReconnectPolicy};
+
+/// Far above anything these tests wait for, far below a hang.
+const NO_HANG: Duration = Duration::from_secs(60);
+
+fn options(timeout: Duration) -> Options {
+    Options {
+        reconnect: ReconnectPolicy {
+            timeout,
+            first_delay: Duration::from_millis(5),
+            max_delay: Duration::from_millis(100),
+        },
+        ..Options::new(false, 512)
+    }
+}
+
+fn connect(uri: &str, options: &Options) -> (Arc<NbdDevice>, Harness) {
+    let device = Arc::new(NbdDevice::connect(uri, options).unwrap_or_else(|e| panic!("{e}")));
+    let harness = Harness::new(device.clone());
+    (device, harness)
+}
+
+fn image(dir: &std::path::Path, size: u64) -> std::path::PathBuf {
+    let path = dir.join("disk.img");
+    std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+    path
+}
+
+#[test]
+fn memory_export_serves_every_operation() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::nbdkit(dir.path(), &["memory", "size=16M"]);
+    let (device, harness) = connect(&server.uri(""), &options(NO_HANG));
+    let geometry = harness.geometry();
+    assert_eq!(geometry.size, 16 << 20);
+    assert!(!geometry.read_only);
+    assert_eq!(geometry.features, Features::ALL);
+    assert!(device.export().can_multi_conn);
+
+    let data = pattern(1, 64 << 10);
+    harness.write(1 << 20, &data, false).unwrap();
+    harness.write(2 << 20, &data, true).unwrap();
+    harness.flush().unwrap();
+    assert_eq!(harness.read(1 << 20, 64 << 10).unwrap(), data);
+    assert_eq!(harness.read(2 << 20, 64 << 10).unwrap(), data);
+    // Unwritten blocks of the memory plugin read as zeros.
+    assert_eq!(harness.read(0, 4096).unwrap(), vec![0; 4096]);
+
+    // Zeroes keeping the storage, zeroes that may release it, a discard.
+    harness.write_zeroes(1 << 20, 4096, false).unwrap();
+    harness.write_zeroes((1 << 20) + 8192, 4096, true).unwrap();
+    harness.discard(2 << 20, 64 << 10).unwrap();
+    let back = harness.read(1 << 20, 64 << 10).unwrap();
+    assert_eq!(&back[..4096], &[0; 4096][..]);
+    assert_eq!(&back[4096..8192], &data[4096..8192]);
+    assert_eq!(&back[8192..12288], &[0; 4096][..]);
+    assert_eq!(&back[12288..], &data[12288..]);
+    assert_eq!(harness.read(2 << 20, 64 << 10).unwrap(), vec![0; 64 << 10]);
+    assert_eq!(device.reconnections(), 0);
+}
+
+#[test]
+fn requests_larger_than_the_servers_maximum_are_split() {
+    let dir = tempfile::tempdir().unwrap();
+    // The policy filter advertises a 64 KiB maximum and fails anything
+    // larger with EINVAL, so only split requests succeed.
+    let server = Server::nbdkit(
+        dir.path(),
+        &[
+            "--filter=blocksize-policy",
+            "memory",
+            "size=8M",
+            "blocksize-minimum=512",
+            "blocksize-preferred=4096",
+            "blocksize-maximum=65536",
+            "blocksize-error-policy=error",
+        ],
+    );
+    let (device, harness) = connect(&server.uri(""), &options(NO_HANG));
+    assert_eq!(device.export().maximum_block, 65536);
+    assert_eq!(harness.geometry().physical_block_size, 4096);
+    let data = pattern(7, 1 << 20);
+    harness.write(512, &data, false).unwrap();
+    assert_eq!(harness.read(512, 1 << 20).unwrap(), data);
+}
+
+#[test]
+fn read_only_export_refuses_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::nbdkit(dir.path(), &["--readonly", "memory", "size=1M"]);
+    let (_device, harness) = connect(&server.uri(""), &options(NO_HANG));
+    let geometry = harness.geometry();
+    assert!(geometry.read_only);
+    assert!(!geometry.features.write_zeroes && !geometry.features.discard);
+    assert_eq!(harness.write(0, &[1; 512], false), Err(libc::EROFS));
+    assert_eq!(harness.read(0, 512).unwrap(), vec![0; 512]);
+}
+
+#[test]
+fn server_errors_reach_the_caller_without_reconnecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::nbdkit(
+        dir.path(),
+        &[
+            "--filter=error",
+            "memory",
+            "size=1M",
+            "error-pwrite=ENOSPC",
+            "error-pwrite-rate=100%",
+            "error-pread=EIO",
+            "error-pread-rate=100%",
+        ],
+    );
+    let (device, harness) = connect(&server.uri(""), &options(NO_HANG));
+    let start = Instant::now();
+    assert_eq!(harness.write(0, &[1; 4096], false), Err(libc::ENOSPC));
+    assert_eq!(harness.read(0, 4096), Err(libc::EIO));
+    // Not errors of the connection: nothing waited for a reconnection.
+    assert!(start.elapsed() < NO_HANG / 2, "took {:?}", start.elapsed());
+    assert_eq!(device.status(), LinkStatus::Connected);
+    assert_eq!(device.reconnections(), 0);
+    // The connection still serves what the filter lets through.
+    harness.flush().unwrap();
+    harness.write_zeroes(0, 4096, false).unwrap();
+}
+
+/// A read in flight when the server is killed waits, and is answered with
+/// the right data once the server is back.
+#[test]
+fn request_in_flight_when_the_server_dies_is_reissued() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), 4 << 20);
+    let data = pattern(3, 4096);
+    std::fs::write(dir.path().join("data"), &data).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(&data, 8192)
+            .unwrap();
+    }
+    // Every read takes 2 s at the server, so the one below is surely in
+    // flight when the server dies.
+    let mut server = Server::nbdkit(
+        dir.path(),
+        &["--filter=delay", "file", path.to_str().unwrap(), "rdelay=2"],
+    );
+    let (device, harness) = connect(&server.uri(""), &options(NO_HANG));
+    let harness = Arc::new(harness);
+    let reader = {
+        let harness = harness.clone();
+        thread::spawn(move || harness.read(8192, 4096))
+    };
+    thread::sleep(Duration::from_millis(300));
+    server.kill();
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        !reader.is_finished(),
+        "the read ended while the server was down"
+    );
+    assert!(matches!(device.status(), LinkStatus::Reconnecting { .. }));
+    server.restart();
+    assert_eq!(reader.join().unwrap().unwrap(), data);
+    assert_eq!(device.reconnections(), 1);
+    assert_eq!(device.status(), LinkStatus::Connected);
+}
+
+/// Writes and reads never stop while the server (file plugin, so the data
+/// persists) is killed and restarted: every request is answered
+/// correctly, and the image holds what was written.
+#[test]
+fn server_restarts_under_a_stream_of_io_lose_nothing() {
+    const WORKERS: usize = 3;
+    const REGION: u64 = 2 << 20;
+    const BLOCK: usize = 16 << 10;
+    const RESTARTS: u64 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), WORKERS as u64 * REGION);
+    // Writes take a moment at the server, so some are in flight at the
+    // kill.
+    let mut server = Server::nbdkit(
+        dir.path(),
+        &[
+            "--filter=delay",
+            "file",
+            path.to_str().unwrap(),
+            "wdelay=5ms",
+        ],
+    );
+    let (device, harness) = connect(&server.uri(""), &options(NO_HANG));
+    let harness = Arc::new(harness);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|worker| {
+            let (harness, stop, done) = (harness.clone(), stop.clone(), done.clone());
+            thread::spawn(move || {
+                let blocks = (REGION as usize) / BLOCK;
+                let base = worker as u64 * REGION;
+                let mut written: Vec<Option<u64>> = vec![None; blocks];
+                let mut errors = Vec::new();
+                let mut round = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let block = (round as usize * 7) % blocks;
+                    let offset = base + (block * BLOCK) as u64;
+                    let seed = (worker as u64) << 32 | round;
+                    let data = pattern(seed, BLOCK);
+                    if let Err(e) = harness.write(offset, &data, round % 5 == 0) {
+                        errors.push(format!("write at {offset}: errno {e}"));
+                    } else {
+                        written[block] = Some(seed);
+                    }
+                    match harness.read(offset, BLOCK as u32) {
+                        Ok(back) if back == data => {}
+                        Ok(_) => errors.push(format!("read at {offset}: wrong data")),
+                        Err(e) => errors.push(format!("read at {offset}: errno {e}")),
+                    }
+                    if round % 16 == 0 {
+                        if let Err(e) = harness.flush() {
+                            errors.push(format!("flush: errno {e}"));
+                        }
+                    }
+                    round += 1;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                (written, errors)
+            })
+        })
+        .collect();
+
+    let wait_for_progress = |count: u64| {
+        let start = done.load(Ordering::Relaxed);
+        let since = Instant::now();
+        while done.load(Ordering::Relaxed) < start + count {
+            assert!(since.elapsed() < NO_HANG, "no progress in {NO_HANG:?}");
+            thread::sleep(Duration::from_millis(10));
+        }
+    };
+    for _ in 0..RESTARTS {
+        wait_for_progress(20);
+        server.kill();
+        thread::sleep(Duration::from_millis(200));
+        server.restart();
+    }
+    wait_for_progress(20);
+    stop.store(true, Ordering::Relaxed);
+
+    let results: Vec<_> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    let image = std::fs::read(&path).unwrap();
+    for (worker, (written, errors)) in results.into_iter().enumerate() {
+        assert!(errors.is_empty(), "worker {worker}: {errors:?}");
+        for (block, seed) in written.iter().enumerate() {
+            let offset = worker * REGION as usize + block * BLOCK;
+            let expected = seed.map_or(vec![0; BLOCK], |seed| pattern(seed, BLOCK));
+            assert!(
+                image[offset..offset + BLOCK] == expected[..],
+                "worker {worker}: block {block} of the image differs"
+            );
+        }
+    }
+    // Each kill broke the connection once, and each restart mended it.
+    assert_eq!(device.reconnections(), RESTARTS);
+    assert_eq!(device.status(), LinkStatus::Connected);
+}
+
+#[test]
+fn requests_fail_with_eio_after_the_timeout_and_recover_with_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let timeout = Duration::from_millis(500);
+    let mut server = Server::nbdkit(dir.path(), &["memory", "size=1M"]);
+    let (device, harness) = connect(&server.uri(""), &options(timeout));
+    harness.read(0, 512).unwrap();
+    server.kill();
+
+    let start = Instant::now();
+    assert_eq!(harness.read(0, 512), Err(libc::EIO));
+    let waited = start.elapsed();
+    assert!(
+        waited >= timeout,
+        "failed after {waited:?}, before the timeout"
+    );
+    assert!(waited < NO_HANG, "took {waited:?}");
+    assert!(matches!(device.status(), LinkStatus::Down { .. }));
+    // Once down, requests do not wait again: flush (what detach sends)
+    // fails without a new timeout.
+    let start = Instant::now();
+    assert_eq!(harness.flush(), Err(libc::EIO));
+    assert_eq!(harness.write(0, &[1; 512], false), Err(libc::EIO));
+    assert!(start.elapsed() < NO_HANG, "took {:?}", start.elapsed());
+
+    // The server back, the device serves again (after the backoff).
+    server.restart();
+    let since = Instant::now();
+    loop {
+        match harness.write(0, &[2; 512], false) {
+            Ok(()) => break,
+            Err(e) => {
+                assert_eq!(e, libc::EIO);
+                assert!(since.elapsed() < NO_HANG, "no reconnection in {NO_HANG:?}");
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    assert_eq!(harness.read(0, 512).unwrap(), vec![2; 512]);
+    assert_eq!(device.status(), LinkStatus::Connected);
+}
+
+#[test]
+fn a_server_of_another_size_is_not_reconnected_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let timeout = Duration::from_millis(300);
+    let (device, harness) = {
+        let server = Server::nbdkit(dir.path(), &["memory", "size=1M"]);
+        let connected = connect(&server.uri(""), &options(timeout));
+        drop(server);
+        connected
+    };
+    let _other = Server::nbdkit(dir.path(), &["memory", "size=2M"]);
+    assert_eq!(harness.read(0, 512), Err(libc::EIO));
+    assert!(matches!(device.status(), LinkStatus::Down { .. }));
+    assert_eq!(device.reconnections(), 0);
+}
+
+#[test]
+fn multi_conn_opens_a_connection_per_queue_only_where_the_server_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let four = Options {
+        connections: 4,
+        ..options(NO_HANG)
+    };
+    let server = Server::nbdkit(dir.path(), &["memory", "size=1M"]);
+    let (device, harness) = connect(&server.uri(""), &four);
+    assert_eq!(device.connections(), 4);
+    harness.write(0, &[5; 512], false).unwrap();
+    assert_eq!(harness.read(0, 512).unwrap(), vec![5; 512]);
+    drop(server);
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::nbdkit(
+        dir.path(),
+        &[
+            "--filter=multi-conn",
+            "memory",
+            "size=1M",
+            "multi-conn-mode=disable",
+        ],
+    );
+    let (device, _harness) = connect(&server.uri(""), &four);
+    assert!(!device.export().can_multi_conn);
+    assert_eq!(device.connections(), 1);
+}
+
+#[test]
+fn qemu_nbd_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), 4 << 20);
+    let server = Server::qemu_nbd(dir.path(), &path, "disk", &["--cache=none"]);
+    let (_device, harness) = connect(&server.uri("disk"), &options(NO_HANG));
+    assert_eq!(harness.geometry().size, 4 << 20);
+    let data = pattern(9, 128 << 10);
+    harness.write(4096, &data, true).unwrap();
+    harness.flush().unwrap();
+    assert_eq!(harness.read(4096, 128 << 10).unwrap(), data);
+    harness.write_zeroes(4096, 4096, false).unwrap();
+    assert_eq!(harness.read(4096, 4096).unwrap(), vec![0; 4096]);
+    let image = std::fs::read(&path).unwrap();
+    assert_eq!(&image[8192..4096 + (128 << 10)], &data[4096..]);
+}
+
+fn connect_error(uri: &str) -> String {
+    match NbdDevice::connect(uri, &options(NO_HANG)) {
+        Ok(_) => panic!("{uri}: connected"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_input_is_one_line_naming_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let nobody = format!(
+        "nbd+unix:///disk?socket={}",
+        dir.path().join("nobody.sock").display()
+    );
+    let message = connect_error(&nobody);
+    assert!(
+        message.starts_with(&format!("{nobody}: "))
+            && message.contains("No such file or directory"),
+        "{message}"
+    );
+
+    let server = Server::nbdkit(
+        dir.path(),
+        &[
+            "--filter=exportname",
+            "memory",
+            "size=1M",
+            "exportname=disk",
+            "exportname-strict=true",
+        ],
+    );
+    NbdDevice::connect(&server.uri("disk"), &options(NO_HANG)).unwrap();
+    let unknown = server.uri("other");
+    let message = connect_error(&unknown);
+    assert!(message.starts_with(&format!("{unknown}: ")), "{message}");
+    assert!(message.contains("other"), "{message}");
+
+    assert_eq!(
+        connect_error("nbd+unix:///disk"),
+        "nbd+unix:///disk: no socket: expected nbd+unix:///EXPORT?socket=PATH"
+    );
+    let message = connect_error("nbd://127.0.0.1:1/disk");
+    assert!(message.contains("Connection refused"), "{message}");
+    for message in [message, connect_error(&unknown), connect_error(&nobody)] {
+        assert_eq!(message.lines().count(), 1, "{message}");
+    }
+}
