@@ -1,6 +1,7 @@
-//! What `attach` serves: one of the backends of `fuse-blk-backends`, or
+//! What `attach` serves: one of the backends of `fuse-blk-backends`,
 //! `dm-user:NAME:SIZE`, a block device whose requests go to a dm-user
-//! daemon on `/dev/dm-user/NAME` (compat/dm-user).
+//! daemon on `/dev/dm-user/NAME` (compat/dm-user), or an NBD URI, an
+//! export of an NBD server (userspace/nbd).
 
 use std::fmt;
 use std::io;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use fuse_blk::BlockDevice;
 use fuse_blk_backends::{format_size, parse_size, BackendSpec};
 use fuse_blk_dm_user::{DmUser, Policy};
+use fuse_blk_nbd::{NbdDevice, ReconnectPolicy};
 use parking_lot::Mutex;
 
 use crate::AttachArgs;
@@ -20,6 +22,12 @@ pub enum Backend {
         name: String,
         size: u64,
         policy: Policy,
+    },
+    Nbd {
+        uri: String,
+        reconnect: ReconnectPolicy,
+        /// Connections when the server allows several.
+        connections: Option<usize>,
     },
 }
 
@@ -32,6 +40,18 @@ const DM_USER_GRACE: Duration = Duration::from_secs(3);
 
 impl Backend {
     pub fn parse(text: &str, args: &AttachArgs) -> Result<Backend, String> {
+        if fuse_blk_nbd::uri::is_nbd_uri(text) {
+            fuse_blk_nbd::uri::check(text).map_err(|e| e.to_string())?;
+            let reconnect = ReconnectPolicy {
+                timeout: Duration::from_millis(args.reconnect_timeout_ms.unwrap_or(30_000).into()),
+                ..ReconnectPolicy::default()
+            };
+            return Ok(Backend::Nbd {
+                uri: text.to_owned(),
+                reconnect,
+                connections: args.queues.map(usize::from).or(args.threads()),
+            });
+        }
         let Some(rest) = text.strip_prefix("dm-user:") else {
             return text.parse().map(Backend::Spec).map_err(|e| format!("{e}"));
         };
@@ -63,13 +83,25 @@ impl Backend {
     pub fn default_name(&self) -> Option<String> {
         match self {
             Backend::DmUser { name, .. } => Some(name.clone()),
-            Backend::Spec(_) => None,
+            Backend::Spec(_) | Backend::Nbd { .. } => None,
         }
     }
 
     pub fn open(&self, read_only: bool, block_size: u32) -> io::Result<Arc<dyn BlockDevice>> {
         match self {
             Backend::Spec(spec) => spec.open(read_only, block_size),
+            Backend::Nbd {
+                uri,
+                reconnect,
+                connections,
+            } => {
+                let mut options = fuse_blk_nbd::Options::new(read_only, block_size);
+                options.reconnect = *reconnect;
+                if let Some(connections) = connections {
+                    options.connections = *connections;
+                }
+                Ok(Arc::new(NbdDevice::connect(uri, &options)?))
+            }
             Backend::DmUser { name, size, policy } => {
                 if read_only {
                     return Err(io::Error::new(
@@ -92,6 +124,7 @@ impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Backend::Spec(spec) => spec.fmt(f),
+            Backend::Nbd { uri, .. } => f.write_str(uri),
             Backend::DmUser { name, size, .. } => {
                 write!(f, "dm-user:{name}:{}", format_size(*size))
             }

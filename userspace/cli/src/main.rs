@@ -156,13 +156,21 @@ pub struct AttachArgs {
     /// waits for a daemon that is gone (default 30000).
     #[arg(long)]
     io_timeout_ms: Option<u32>,
+    /// nbd: how long requests wait while the connection to the server is
+    /// down (reconnecting with backoff, then reissued) before they fail
+    /// with EIO; 0 fails them after one reconnection attempt (default
+    /// 30000).
+    #[arg(long, value_name = "MILLISECONDS")]
+    reconnect_timeout_ms: Option<u32>,
     /// Internal: the descriptor on which a background daemon reports
     /// readiness to the `attach` that started it.
     #[arg(long, hide = true)]
     ready_fd: Option<i32>,
     /// mem:SIZE (sparse memory), file:PATH (image file or block device),
     /// null:SIZE (reads zeros, drops writes), dm-user:NAME:SIZE (served by
-    /// a dm-user daemon on /dev/dm-user/NAME). SIZE takes K, M, G, T.
+    /// a dm-user daemon on /dev/dm-user/NAME), nbd://HOST[:PORT]/EXPORT or
+    /// nbd+unix:///EXPORT?socket=PATH (an NBD server's export). SIZE takes
+    /// K, M, G, T.
     backend: String,
 }
 
