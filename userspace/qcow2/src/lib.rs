@@ -1,1 +1,238 @@
-//! A fuse-blk block device that serves a qcow2 image.
+//! A fuse-blk block device that serves a qcow2 image, as `qemu-img create
+//! -f qcow2` makes them (versions 2 and 3, clusters of 512 bytes to 2 MiB,
+//! any refcount width), with:
+//!
+//! - backing files (raw or qcow2, chains of them), opened read-only and
+//!   never written: unallocated clusters read from them, writes allocate
+//!   in the image, copying the rest of a partly written cluster;
+//! - compressed clusters (deflate, or zstd for `compression_type=zstd`),
+//!   read; writing into one allocates a normal cluster;
+//! - internal snapshots, left intact: clusters shared with them (refcount
+//!   above 1, no COPIED flag) are copied before being written;
+//! - discard and write-zeroes as zero clusters (version 3) or deallocation,
+//!   and flushes that write metadata back in crash-safe order (see
+//!   [`image`]'s documentation).
+//!
+//! Refused with a one-line error: encryption, external data files,
+//! extended L2 entries, unknown incompatible features, images marked
+//! corrupt, and dirty images (lazy refcounts left stale) unless read-only.
+//!
+//! ```no_run
+//! use fuse_blk::BlockDevice;
+//! use fuse_blk_qcow2::{Options, Qcow2Device};
+//!
+//! let device = Qcow2Device::open("disk.qcow2".as_ref(), false, 512, &Options::default())?;
+//! assert_eq!(device.geometry().logical_block_size, 512);
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use fuse_blk::{BlockDevice, Features, Geometry, ReplyData, ReplyEmpty, ReplyWrite, Request};
+
+mod backing;
+mod cache;
+mod compressed;
+pub mod header;
+pub mod image;
+mod refcount;
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod testutil;
+
+pub use image::Image;
+
+/// Tunables of an opened image (each layer of a backing chain has its own
+/// caches of this size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Bytes of L2 tables kept in memory (at least two tables are). One
+    /// byte of L2 table maps `cluster_size / 8` bytes of guest data: the
+    /// default 4 MiB maps 32 GiB with 64 KiB clusters.
+    pub l2_cache_bytes: usize,
+    /// Bytes of refcount blocks kept in memory (at least two blocks).
+    pub refcount_cache_bytes: usize,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            l2_cache_bytes: 4 << 20,
+            refcount_cache_bytes: 1 << 20,
+        }
+    }
+}
+
+/// An error for metadata found inconsistent while serving a request: the
+/// request fails with EIO, the reason goes to the log.
+pub(crate) fn corrupt(message: fmt::Arguments<'_>) -> io::Error {
+    log::error!("{message}");
+    io::Error::from_raw_os_error(libc::EIO)
+}
+
+/// Reads exactly `buf.len()` bytes; a file ending first is EIO (metadata
+/// that should be there is not).
+pub(crate) fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    file.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("file ends before {} bytes at {offset:#x}", buf.len()),
+            )
+        } else {
+            e
+        }
+    })
+}
+
+/// An OS error's description without Rust's "(os error N)" suffix, for
+/// messages shown as they are.
+pub(crate) fn path_error(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        // SAFETY: strerror returns a pointer to a static or thread-local
+        // NUL-terminated string, copied out before anything else runs.
+        Some(code) => unsafe { std::ffi::CStr::from_ptr(libc::strerror(code)) }
+            .to_string_lossy()
+            .into_owned(),
+        None => e.to_string(),
+    }
+}
+
+/// Takes an advisory lock on an image: exclusive for a writer, shared for a
+/// reader, so that two daemons never write one image (or one writes a base
+/// another reads). qemu's own locks are byte-range locks, which do not see
+/// this one.
+pub(crate) fn lock_file(file: &File, path: &Path, exclusive: bool) -> io::Result<()> {
+    let operation = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    } | libc::LOCK_NB;
+    // SAFETY: flock on a descriptor borrowed for the call.
+    if unsafe { libc::flock(file.as_raw_fd(), operation) } != 0 {
+        let e = io::Error::last_os_error();
+        let message = if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            "in use by another process (locked)".to_owned()
+        } else {
+            format!("locking: {}", path_error(&e))
+        };
+        return Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!("{}: {message}", path.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// A qcow2 image served as a block device.
+pub struct Qcow2Device {
+    image: Image,
+    geometry: Geometry,
+}
+
+impl fmt::Debug for Qcow2Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Qcow2Device")
+            .field("path", &self.image.path())
+            .field("geometry", &self.geometry)
+            .finish()
+    }
+}
+
+fn errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+impl Qcow2Device {
+    /// Opens the image at `path` (and its backing chain) as a device with
+    /// blocks of `logical_block_size` bytes. Errors are one line that names
+    /// the file at fault.
+    pub fn open(
+        path: &Path,
+        read_only: bool,
+        logical_block_size: u32,
+        options: &Options,
+    ) -> io::Result<Qcow2Device> {
+        let image = Image::open(path, read_only, options)?;
+        let geometry = Geometry {
+            size: image.size(),
+            logical_block_size,
+            physical_block_size: logical_block_size.max(4096),
+            read_only,
+            features: if read_only {
+                Features::default()
+            } else {
+                Features::ALL
+            },
+        };
+        geometry.validate().map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: {e}", path.display()),
+            )
+        })?;
+        Ok(Qcow2Device { image, geometry })
+    }
+
+    pub fn image(&self) -> &Image {
+        &self.image
+    }
+}
+
+impl BlockDevice for Qcow2Device {
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    fn read(&self, _req: &Request, offset: u64, _len: u32, reply: ReplyData) {
+        reply.fill(|buf| self.image.read(offset, buf));
+    }
+
+    fn write(&self, _req: &Request, offset: u64, data: &[u8], fua: bool, reply: ReplyWrite) {
+        let result =
+            self.image.write(offset, data).and_then(
+                |()| {
+                    if fua {
+                        self.image.flush()
+                    } else {
+                        Ok(())
+                    }
+                },
+            );
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, reply: ReplyEmpty) {
+        reply.outcome(self.image.flush());
+    }
+
+    fn discard(&self, _req: &Request, offset: u64, len: u64, reply: ReplyEmpty) {
+        reply.outcome(self.image.discard(offset, len));
+    }
+
+    fn write_zeroes(
+        &self,
+        _req: &Request,
+        offset: u64,
+        len: u64,
+        _may_unmap: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.outcome(self.image.write_zeroes(offset, len));
+    }
+
+    fn destroy(&self) {
+        if let Err(e) = self.image.flush() {
+            log::error!("{}: flushing: {e}", self.image.path().display());
+        }
+    }
+}

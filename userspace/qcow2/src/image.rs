@@ -1,0 +1,806 @@
+//! One qcow2 image: guest reads and writes mapped through its L1 and L2
+//! tables, cluster allocation with copy-on-write, discard, zeroing and
+//! ordered metadata write-back.
+//!
+//! Locking. Metadata changes (allocating writes, discards, zeroing,
+//! flushes) are serialised by `writer`; data I/O of allocating writes
+//! happens under it too. Reads, and writes into clusters this image owns
+//! alone (L2 entry with the COPIED flag), take no lock of their own on the
+//! data path: they look the cluster up under a shared lock on the tables
+//! and then read or write the file with positional I/O. So that such a
+//! reader never sees a cluster handed to other data between its lookup
+//! and its I/O, freed clusters are reused only after a flush, which waits
+//! (`reuse_gate`) for every lookup-to-I/O section that began before it.
+//!
+//! Crash ordering (what a flush writes, in order, with an fdatasync after
+//! each step that wrote something): refcount increments (and with them the
+//! guest data written so far), refcount table entries of new blocks, L2
+//! tables, the L1 table, then refcount decrements. The refcount of a
+//! cluster is therefore never below the number of durable references to
+//! it: a crash leaves leaked clusters at most.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::backing::Backing;
+use crate::cache::TableCache;
+use crate::compressed::{decompress, CompressedExtent};
+use crate::header::{Header, AUTOCLEAR_OFFSET};
+use crate::refcount::Refcounts;
+use crate::{corrupt, lock_file, path_error, read_exact_at, Options};
+
+/// Bits 9..=55 of L1 and standard L2 entries: a cluster's host offset.
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Refcount of the cluster is exactly 1: it may be written in place.
+const COPIED: u64 = 1 << 63;
+const COMPRESSED: u64 = 1 << 62;
+/// Version 3: the cluster reads as zeros.
+const ZERO: u64 = 1;
+/// Bits of a standard L2 entry that must be zero: 1..=8 and 56..=61.
+const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+/// Bits of an L1 entry that must be zero: 0..=8 and 56..=62.
+const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+
+/// What one L2 entry says about its guest cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cluster {
+    /// Not in this image: the backing file's data, or zeros.
+    Unallocated,
+    /// Reads as zeros; `host` is a cluster kept allocated for it.
+    Zero {
+        host: Option<u64>,
+        copied: bool,
+    },
+    Normal {
+        host: u64,
+        copied: bool,
+    },
+    Compressed(CompressedExtent),
+}
+
+struct Tables {
+    l1: Vec<u64>,
+    l1_dirty: bool,
+    l2: TableCache<Vec<u64>>,
+}
+
+pub struct Image {
+    path: PathBuf,
+    file: File,
+    header: Header,
+    read_only: bool,
+    backing: Option<Backing>,
+    tables: RwLock<Tables>,
+    refcounts: Mutex<Refcounts>,
+    writer: Mutex<()>,
+    reuse_gate: RwLock<()>,
+    /// End of the file as far as clusters go: the file's length rounded up
+    /// to a cluster, grown by allocations. No metadata may point past it.
+    file_end: AtomicU64,
+    /// Host ranges of the header, L1 table and refcount table, which no
+    /// data cluster may overlap.
+    fixed_metadata: Vec<(u64, u64)>,
+}
+
+/// A piece of a guest request lying in one cluster.
+struct Piece {
+    cluster: u64,
+    /// Offset inside the cluster.
+    start: usize,
+    len: usize,
+}
+
+impl Image {
+    /// Opens the image at `path` and its backing chain.
+    pub fn open(path: &Path, read_only: bool, options: &Options) -> io::Result<Image> {
+        let canonical = std::fs::canonicalize(path).map_err(|e| {
+            io::Error::new(e.kind(), format!("{}: {}", path.display(), path_error(&e)))
+        })?;
+        Image::open_in_chain(path, read_only, options, &mut vec![canonical])
+    }
+
+    pub(crate) fn open_in_chain(
+        path: &Path,
+        read_only: bool,
+        options: &Options,
+        chain: &mut Vec<PathBuf>,
+    ) -> io::Result<Image> {
+        let in_path = |e: io::Error| {
+            io::Error::new(e.kind(), format!("{}: {}", path.display(), path_error(&e)))
+        };
+        let invalid = |message: String| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: {message}", path.display()),
+            )
+        };
+        let metadata = std::fs::metadata(path).map_err(in_path)?;
+        if !metadata.is_file() {
+            return Err(invalid("not a regular file".into()));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(in_path)?;
+        lock_file(&file, path, !read_only)?;
+        let file_len = file.metadata().map_err(in_path)?.len();
+
+        // The header and its extensions sit in the first cluster; read the
+        // largest one qemu makes, or the file if shorter.
+        let mut first = vec![0u8; (2 << 20).min(file_len) as usize];
+        read_exact_at(&file, &mut first, 0).map_err(in_path)?;
+        let header = Header::parse(&first, file_len).map_err(|e| invalid(e.to_string()))?;
+        if header.is_dirty() && !read_only {
+            return Err(invalid(
+                "image is dirty (refcounts not up to date, lazy_refcounts was in use); attach it --read-only, or repair it with `qemu-img check -r all`".into(),
+            ));
+        }
+        if header.autoclear_features != 0 && !read_only {
+            // Autoclear features (bitmaps, ...) are ones a writer that does
+            // not keep them up to date must mark stale.
+            file.write_all_at(&0u64.to_be_bytes(), AUTOCLEAR_OFFSET)
+                .and_then(|()| file.sync_data())
+                .map_err(in_path)?;
+        }
+
+        let cluster_size = header.cluster_size();
+        let file_end = file_len.next_multiple_of(cluster_size);
+        let mut l1_raw = vec![0u8; header.l1_size as usize * 8];
+        read_exact_at(&file, &mut l1_raw, header.l1_table_offset).map_err(in_path)?;
+        let l1: Vec<u64> = l1_raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        let refcounts = Refcounts::load(
+            &file,
+            header.cluster_bits,
+            header.refcount_order,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+            options.refcount_cache_bytes / cluster_size as usize,
+            file_end,
+        )
+        .map_err(in_path)?;
+
+        let backing = match &header.backing_file {
+            Some(name) => Some(Backing::open(
+                path,
+                name,
+                header.backing_format.as_deref(),
+                options,
+                chain,
+            )?),
+            None => None,
+        };
+        let fixed_metadata = vec![
+            (0, cluster_size),
+            (
+                header.l1_table_offset,
+                (u64::from(header.l1_size) * 8).next_multiple_of(cluster_size),
+            ),
+            (
+                header.refcount_table_offset,
+                u64::from(header.refcount_table_clusters) * cluster_size,
+            ),
+        ];
+        Ok(Image {
+            path: path.to_owned(),
+            file,
+            read_only,
+            backing,
+            tables: RwLock::new(Tables {
+                l1,
+                l1_dirty: false,
+                l2: TableCache::new(options.l2_cache_bytes / cluster_size as usize),
+            }),
+            refcounts: Mutex::new(refcounts),
+            writer: Mutex::new(()),
+            reuse_gate: RwLock::new(()),
+            file_end: AtomicU64::new(file_end),
+            fixed_metadata,
+            header,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn cluster_bits(&self) -> u32 {
+        self.header.cluster_bits
+    }
+
+    fn cluster_size(&self) -> u64 {
+        self.header.cluster_size()
+    }
+
+    fn l2_entries(&self) -> u64 {
+        self.cluster_size() / 8
+    }
+
+    fn has_zero_flag(&self) -> bool {
+        self.header.version >= 3
+    }
+
+    /// Splits a guest range into per-cluster pieces.
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = Piece> + '_ {
+        let cluster_size = self.cluster_size();
+        let end = offset + len;
+        let mut at = offset;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let start = at % cluster_size;
+            let piece_len = (cluster_size - start).min(end - at);
+            let piece = Piece {
+                cluster: at / cluster_size,
+                start: start as usize,
+                len: piece_len as usize,
+            };
+            at += piece_len;
+            Some(piece)
+        })
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        }
+    }
+
+    /// Whether a data cluster at `host` would lie in the file and clear of
+    /// the header and fixed tables; a corrupt L2 entry fails this.
+    fn valid_data_cluster(&self, host: u64) -> bool {
+        let size = self.cluster_size();
+        host % size == 0
+            && host + size <= self.file_end.load(Ordering::Acquire)
+            && !self
+                .fixed_metadata
+                .iter()
+                .any(|&(start, len)| host < start + len && start < host + size)
+    }
+
+    fn classify(&self, guest_cluster: u64, entry: u64) -> io::Result<Cluster> {
+        if entry & COMPRESSED != 0 {
+            if entry & COPIED != 0 {
+                return Err(self.bad_l2(guest_cluster, entry));
+            }
+            let extent = CompressedExtent::from_entry(entry & !COMPRESSED, self.cluster_bits());
+            if extent.offset + extent.len > self.file_end.load(Ordering::Acquire) + 511
+                || extent.offset < self.cluster_size()
+            {
+                return Err(self.bad_l2(guest_cluster, entry));
+            }
+            return Ok(Cluster::Compressed(extent));
+        }
+        if entry & L2_RESERVED != 0 || (entry & ZERO != 0 && !self.has_zero_flag()) {
+            return Err(self.bad_l2(guest_cluster, entry));
+        }
+        let host = entry & OFFSET_MASK;
+        let copied = entry & COPIED != 0;
+        if host != 0 && !self.valid_data_cluster(host) {
+            return Err(self.bad_l2(guest_cluster, entry));
+        }
+        Ok(match (entry & ZERO != 0, host) {
+            (true, 0) => Cluster::Zero { host: None, copied },
+            (true, host) => Cluster::Zero {
+                host: Some(host),
+                copied,
+            },
+            (false, 0) => Cluster::Unallocated,
+            (false, host) => Cluster::Normal { host, copied },
+        })
+    }
+
+    fn bad_l2(&self, guest_cluster: u64, entry: u64) -> io::Error {
+        corrupt(format_args!(
+            "{}: L2 entry {entry:#018x} of guest cluster {guest_cluster} is invalid or points outside the image",
+            self.path.display()
+        ))
+    }
+
+    /// Loads the L2 table of `l1_index` into `tables` (whose L1 entry must
+    /// point at one).
+    fn load_l2(&self, tables: &mut Tables, l1_index: u64) -> io::Result<()> {
+        let l1_entry = tables.l1[l1_index as usize];
+        let host = l1_entry & OFFSET_MASK;
+        if l1_entry & L1_RESERVED != 0
+            || host % self.cluster_size() != 0
+            || host + self.cluster_size() > self.file_end.load(Ordering::Acquire)
+            || host < self.cluster_size()
+        {
+            return Err(corrupt(format_args!(
+                "{}: L1 entry {l1_index} ({l1_entry:#018x}) points outside the image or is invalid",
+                self.path.display()
+            )));
+        }
+        let mut raw = vec![0u8; self.cluster_size() as usize];
+        read_exact_at(&self.file, &mut raw, host)?;
+        let table = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        tables.l2.insert(l1_index, host, table, false);
+        Ok(())
+    }
+
+    /// The L2 entry of a guest cluster (0 when its L2 table is absent).
+    fn l2_entry(&self, guest_cluster: u64) -> io::Result<u64> {
+        let l1_index = guest_cluster / self.l2_entries();
+        let l2_index = (guest_cluster % self.l2_entries()) as usize;
+        {
+            let tables = self.tables.read();
+            if tables.l1[l1_index as usize] & OFFSET_MASK == 0 {
+                return Ok(0);
+            }
+            if let Some(table) = tables.l2.get(l1_index) {
+                return Ok(table.data[l2_index]);
+            }
+        }
+        let mut tables = self.tables.write();
+        if tables.l2.get(l1_index).is_none() {
+            if tables.l1[l1_index as usize] & OFFSET_MASK == 0 {
+                return Ok(0);
+            }
+            self.load_l2(&mut tables, l1_index)?;
+        }
+        Ok(tables.l2.get(l1_index).expect("loaded").data[l2_index])
+    }
+
+    /// Reads `buf.len()` guest bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let mut done = 0;
+        for piece in self.pieces(offset, buf.len() as u64) {
+            let out = &mut buf[done..done + piece.len];
+            done += piece.len;
+            let _gate = self.reuse_gate.read();
+            let entry = self.l2_entry(piece.cluster)?;
+            match self.classify(piece.cluster, entry)? {
+                Cluster::Unallocated => {
+                    let guest = piece.cluster * self.cluster_size() + piece.start as u64;
+                    match &self.backing {
+                        Some(backing) => backing.read(guest, out)?,
+                        None => out.fill(0),
+                    }
+                }
+                Cluster::Zero { .. } => out.fill(0),
+                Cluster::Normal { host, .. } => {
+                    self.read_data(host + piece.start as u64, out)?;
+                }
+                Cluster::Compressed(extent) => {
+                    let cluster = self.inflate(piece.cluster, extent)?;
+                    out.copy_from_slice(&cluster[piece.start..piece.start + piece.len]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads data at a host offset; what lies past the end of the file (the
+    /// tail of a last cluster qemu did not write out) reads as zeros.
+    fn read_data(&self, host: u64, out: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < out.len() {
+            match self.file.read_at(&mut out[done..], host + done as u64) {
+                Ok(0) => {
+                    out[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn inflate(&self, guest_cluster: u64, extent: CompressedExtent) -> io::Result<Vec<u8>> {
+        let mut input = vec![0u8; extent.len as usize];
+        self.read_data(extent.offset, &mut input)?;
+        let mut cluster = vec![0u8; self.cluster_size() as usize];
+        decompress(self.header.compression, &input, &mut cluster).map_err(|e| {
+            corrupt(format_args!(
+                "{}: compressed guest cluster {guest_cluster} at {:#x}: {e}",
+                self.path.display(),
+                extent.offset
+            ))
+        })?;
+        Ok(cluster)
+    }
+
+    /// The whole current content of a guest cluster, as a copy-on-write
+    /// source.
+    fn cluster_content(&self, guest_cluster: u64, cluster: Cluster) -> io::Result<Vec<u8>> {
+        let size = self.cluster_size() as usize;
+        Ok(match cluster {
+            Cluster::Unallocated => {
+                let mut data = vec![0u8; size];
+                if let Some(backing) = &self.backing {
+                    let guest = guest_cluster * self.cluster_size();
+                    // The last cluster may extend past the virtual size.
+                    let len = (self.size() - guest).min(size as u64) as usize;
+                    backing.read(guest, &mut data[..len])?;
+                }
+                data
+            }
+            Cluster::Zero { .. } => vec![0u8; size],
+            Cluster::Normal { host, .. } => {
+                let mut data = vec![0u8; size];
+                self.read_data(host, &mut data)?;
+                data
+            }
+            Cluster::Compressed(extent) => self.inflate(guest_cluster, extent)?,
+        })
+    }
+
+    fn read_only_error(&self) -> io::Error {
+        io::Error::from_raw_os_error(libc::EROFS)
+    }
+
+    /// Writes `data` at guest `offset`.
+    pub fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if self.read_only {
+            return Err(self.read_only_error());
+        }
+        self.check_range(offset, data.len() as u64)?;
+        let mut done = 0;
+        for piece in self.pieces(offset, data.len() as u64) {
+            let chunk = &data[done..done + piece.len];
+            done += piece.len;
+            if !self.write_in_place(&piece, chunk)? {
+                let _writer = self.writer.lock();
+                self.write_allocating(&piece, chunk)?;
+                self.flush_if_cache_full()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes into a cluster this image alone owns, if it is one; returns
+    /// whether it was.
+    fn write_in_place(&self, piece: &Piece, chunk: &[u8]) -> io::Result<bool> {
+        let _gate = self.reuse_gate.read();
+        let entry = self.l2_entry(piece.cluster)?;
+        match self.classify(piece.cluster, entry)? {
+            Cluster::Normal { host, copied: true } => {
+                self.file.write_all_at(chunk, host + piece.start as u64)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Under `writer`: writes a piece into a cluster that needs allocating
+    /// (or copying, or un-zeroing) first.
+    fn write_allocating(&self, piece: &Piece, chunk: &[u8]) -> io::Result<()> {
+        let entry = self.l2_entry(piece.cluster)?;
+        let cluster = self.classify(piece.cluster, entry)?;
+        if let Cluster::Normal { host, copied: true } = cluster {
+            // Another writer allocated it while this one waited.
+            return self.file.write_all_at(chunk, host + piece.start as u64);
+        }
+        let whole = piece.start == 0 && piece.len as u64 == self.cluster_size();
+        let content = if whole {
+            None
+        } else {
+            let mut content = self.cluster_content(piece.cluster, cluster)?;
+            content[piece.start..piece.start + piece.len].copy_from_slice(chunk);
+            Some(content)
+        };
+        self.own_l2_table(piece.cluster / self.l2_entries())?;
+        let (target, old) = match cluster {
+            // A zeroed cluster kept allocated and owned: reuse it.
+            Cluster::Zero {
+                host: Some(host),
+                copied: true,
+            } => (host, None),
+            _ => (self.allocate()?, self.references(cluster)),
+        };
+        self.file
+            .write_all_at(content.as_deref().unwrap_or(chunk), target)?;
+        self.set_l2_entry(piece.cluster, target | COPIED)?;
+        self.drop_references(old);
+        Ok(())
+    }
+
+    /// The host clusters an L2 entry holds references to.
+    fn references(&self, cluster: Cluster) -> Option<Vec<u64>> {
+        match cluster {
+            Cluster::Unallocated | Cluster::Zero { host: None, .. } => None,
+            Cluster::Zero {
+                host: Some(host), ..
+            }
+            | Cluster::Normal { host, .. } => Some(vec![host]),
+            Cluster::Compressed(extent) => {
+                Some(extent.host_clusters(self.cluster_bits()).collect())
+            }
+        }
+    }
+
+    fn drop_references(&self, clusters: Option<Vec<u64>>) {
+        if let Some(clusters) = clusters {
+            let mut refcounts = self.refcounts.lock();
+            for host in clusters {
+                refcounts.defer_decrement(host);
+            }
+        }
+    }
+
+    fn allocate(&self) -> io::Result<u64> {
+        let mut refcounts = self.refcounts.lock();
+        let host = refcounts.allocate(&self.file)?;
+        self.file_end
+            .fetch_max(refcounts.file_end(), Ordering::AcqRel);
+        Ok(host)
+    }
+
+    /// Under `writer`: makes the L2 table of `l1_index` one this image owns
+    /// alone (allocating an empty one, or copying one shared with a
+    /// snapshot) and loads it.
+    fn own_l2_table(&self, l1_index: u64) -> io::Result<()> {
+        let mut tables = self.tables.write();
+        let l1_entry = tables.l1[l1_index as usize];
+        let old_host = l1_entry & OFFSET_MASK;
+        if old_host != 0 && l1_entry & COPIED != 0 {
+            if tables.l2.get(l1_index).is_none() {
+                self.load_l2(&mut tables, l1_index)?;
+            }
+            return Ok(());
+        }
+        let data = if old_host == 0 {
+            vec![0u64; self.l2_entries() as usize]
+        } else {
+            if tables.l2.get(l1_index).is_none() {
+                self.load_l2(&mut tables, l1_index)?;
+            }
+            tables.l2.get(l1_index).expect("loaded").data.clone()
+        };
+        let host = self.allocate()?;
+        tables.l2.insert(l1_index, host, data, true);
+        tables.l1[l1_index as usize] = host | COPIED;
+        tables.l1_dirty = true;
+        drop(tables);
+        if old_host != 0 {
+            self.refcounts.lock().defer_decrement(old_host);
+        }
+        Ok(())
+    }
+
+    /// Under `writer`, after [`own_l2_table`](Self::own_l2_table).
+    fn set_l2_entry(&self, guest_cluster: u64, entry: u64) -> io::Result<()> {
+        let l1_index = guest_cluster / self.l2_entries();
+        let l2_index = (guest_cluster % self.l2_entries()) as usize;
+        let mut tables = self.tables.write();
+        if tables.l2.get(l1_index).is_none() {
+            self.load_l2(&mut tables, l1_index)?;
+        }
+        let table = tables.l2.get_mut(l1_index).expect("loaded");
+        table.data[l2_index] = entry;
+        table.dirty = true;
+        Ok(())
+    }
+
+    /// Discards whole clusters of the range (a partial cluster is left as
+    /// it is, which a discard allows): they read as zeros afterwards (v3,
+    /// or without a backing file) or as the backing file (v2).
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(self.read_only_error());
+        }
+        self.check_range(offset, len)?;
+        let _writer = self.writer.lock();
+        for piece in self.pieces(offset, len) {
+            if piece.len as u64 == self.cluster_size() || self.is_last_cluster_tail(&piece) {
+                let target = if self.has_zero_flag() && self.backing.is_some() {
+                    ZERO
+                } else {
+                    0
+                };
+                self.replace_cluster(piece.cluster, target)?;
+            }
+        }
+        self.flush_if_cache_full()
+    }
+
+    /// Whether the piece runs from the start of the image's last cluster to
+    /// the end of the image (a cluster partly past the virtual size).
+    fn is_last_cluster_tail(&self, piece: &Piece) -> bool {
+        piece.start == 0 && piece.cluster * self.cluster_size() + piece.len as u64 == self.size()
+    }
+
+    /// Under `writer`: points a guest cluster at no host cluster (`ZERO` or
+    /// unallocated) and drops what it held.
+    fn replace_cluster(&self, guest_cluster: u64, target: u64) -> io::Result<()> {
+        let entry = self.l2_entry(guest_cluster)?;
+        let cluster = self.classify(guest_cluster, entry)?;
+        if entry == target {
+            return Ok(());
+        }
+        let l1_index = guest_cluster / self.l2_entries();
+        if target == 0 && self.tables.read().l1[l1_index as usize] & OFFSET_MASK == 0 {
+            return Ok(());
+        }
+        self.own_l2_table(l1_index)?;
+        self.set_l2_entry(guest_cluster, target)?;
+        self.drop_references(self.references(cluster));
+        Ok(())
+    }
+
+    /// Makes the range read as zeros: whole clusters become zero clusters
+    /// (v3) or unallocated (v2 without a backing file); the rest is written
+    /// with zeros.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(self.read_only_error());
+        }
+        self.check_range(offset, len)?;
+        let zeros = vec![0u8; self.cluster_size() as usize];
+        let _writer = self.writer.lock();
+        for piece in self.pieces(offset, len) {
+            let whole =
+                piece.len as u64 == self.cluster_size() || self.is_last_cluster_tail(&piece);
+            let entry = self.l2_entry(piece.cluster)?;
+            let cluster = self.classify(piece.cluster, entry)?;
+            let reads_zero = match cluster {
+                Cluster::Zero { .. } => true,
+                Cluster::Unallocated => self.backing.is_none(),
+                _ => false,
+            };
+            if reads_zero {
+                // Already zeros.
+            } else if whole && self.has_zero_flag() {
+                self.replace_cluster(piece.cluster, ZERO)?;
+            } else if whole && self.backing.is_none() {
+                self.replace_cluster(piece.cluster, 0)?;
+            } else {
+                let chunk = &zeros[..piece.len];
+                match cluster {
+                    Cluster::Normal { host, copied: true } => {
+                        self.file.write_all_at(chunk, host + piece.start as u64)?
+                    }
+                    _ => self.write_allocating(&piece, chunk)?,
+                }
+            }
+            self.flush_if_cache_full()?;
+        }
+        Ok(())
+    }
+
+    /// Under `writer`: writes metadata back early when the caches hold
+    /// nothing but dirty tables.
+    fn flush_if_cache_full(&self) -> io::Result<()> {
+        let full = self.tables.read().l2.over_capacity() || self.refcounts.lock().over_capacity();
+        if full {
+            self.flush_locked()?;
+        }
+        Ok(())
+    }
+
+    /// Makes every write so far durable, metadata in crash-safe order.
+    pub fn flush(&self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let _writer = self.writer.lock();
+        self.flush_locked()
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Under `writer`; see the module's documentation for the order.
+    fn flush_locked(&self) -> io::Result<()> {
+        // 1. Refcount increments, and new blocks before the table entries
+        //    that point at them. The sync after covers guest data too.
+        self.refcounts
+            .lock()
+            .write_back(&self.file, || self.sync())?;
+        self.sync()?;
+
+        // 2. L2 tables, then 3. the L1 table pointing at new ones.
+        let mut wrote_l2 = false;
+        {
+            let mut tables = self.tables.write();
+            for key in tables.l2.dirty_keys() {
+                let table = tables.l2.get_mut(key).expect("dirty key");
+                let raw: Vec<u8> = table.data.iter().flat_map(|e| e.to_be_bytes()).collect();
+                self.file.write_all_at(&raw, table.host)?;
+                table.dirty = false;
+                wrote_l2 = true;
+            }
+        }
+        if wrote_l2 {
+            self.sync()?;
+        }
+        let l1 = {
+            let mut tables = self.tables.write();
+            std::mem::take(&mut tables.l1_dirty).then(|| tables.l1.clone())
+        };
+        if let Some(l1) = l1 {
+            let raw: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+            if let Err(e) = self
+                .file
+                .write_all_at(&raw, self.header.l1_table_offset)
+                .and_then(|()| self.sync())
+            {
+                self.tables.write().l1_dirty = true;
+                return Err(e);
+            }
+        }
+
+        // 4. Decrements, now that nothing durable uses those references.
+        let freed = {
+            let mut refcounts = self.refcounts.lock();
+            if !refcounts.has_pending_decrements() {
+                return Ok(());
+            }
+            let freed = refcounts.apply_decrements(&self.file)?;
+            refcounts.write_back(&self.file, || self.sync())?;
+            freed
+        };
+        self.sync()?;
+        // Give the freed space back to the file system; it reads as zeros,
+        // which a reader that looked the cluster up before it was freed may
+        // see (a discard racing with a read).
+        for host in freed {
+            punch_hole(&self.file, host, self.cluster_size());
+        }
+        // Wait until no lookup made before the clusters were freed can
+        // still read or write them: from here on they may be reused.
+        drop(self.reuse_gate.write());
+        Ok(())
+    }
+}
+
+/// Frees the file's storage of a range (best effort: a file system
+/// without hole punching keeps the old bytes, which nothing reads).
+fn punch_hole(file: &File, offset: u64, len: u64) {
+    // SAFETY: fallocate on a descriptor this function borrows for the
+    // call; it touches no memory of ours.
+    let result = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if result != 0 {
+        log::debug!(
+            "punching a hole at {offset:#x}: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            log::error!("{}: flushing on close: {e}", self.path.display());
+        }
+    }
+}

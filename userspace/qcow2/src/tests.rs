@@ -1,0 +1,831 @@
+//! Tests against qemu's own tools: images made by `qemu-img create` (and
+//! `convert -c`, `snapshot -c`, `qemu-io`), written through the device,
+//! then checked by `qemu-img check` (no corruption, no leaks), `qemu-img
+//! compare` against a raw image holding what the test wrote, and `qemu-io`.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use crate::testutil::{pattern, Harness};
+use crate::{Options, Qcow2Device};
+
+const MIB: u64 = 1 << 20;
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{program}: {e} (the qcow2 tests need qemu-img and qemu-io: apt-get install qemu-utils)")
+        })
+}
+
+/// Runs a qemu tool that must succeed; returns its standard output.
+fn qemu(program: &str, args: &[&str]) -> String {
+    let out = run(program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn create(path: &Path, options: &str, size: u64) {
+    let size = size.to_string();
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !options.is_empty() {
+        args.extend(["-o", options]);
+    }
+    args.extend([path.to_str().unwrap(), &size]);
+    qemu("qemu-img", &args);
+}
+
+fn create_overlay(path: &Path, backing: &Path, format: &str) {
+    qemu(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            backing.to_str().unwrap(),
+            "-F",
+            format,
+            path.to_str().unwrap(),
+        ],
+    );
+}
+
+/// `qemu-img check`: clean means exit 0 (2 is corruption, 3 leaks).
+fn assert_clean(path: &Path) {
+    let out = run("qemu-img", &["check", path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "qemu-img check {} (exit {:?}): {}{}",
+        path.display(),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img compare` of the image against a raw file holding `model`.
+fn assert_same(path: &Path, model: &[u8]) {
+    let raw = path.with_extension("model.raw");
+    fs::write(&raw, model).unwrap();
+    let out = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            path.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "qemu-img compare {}: {}{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::remove_file(raw).unwrap();
+}
+
+fn sha256(path: &Path) -> String {
+    let out = run("sha256sum", &[path.to_str().unwrap()]);
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn open_with(path: &Path, read_only: bool, options: &Options) -> io::Result<Harness> {
+    let device = Qcow2Device::open(path, read_only, 512, options)?;
+    Ok(Harness::new(Arc::new(device)))
+}
+
+fn open(path: &Path) -> Harness {
+    open_with(path, false, &Options::default()).unwrap()
+}
+
+fn open_err(path: &Path, read_only: bool) -> String {
+    match Qcow2Device::open(path, read_only, 512, &Options::default()) {
+        Ok(_) => panic!("{} opened", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// A device and the bytes it should hold.
+struct Checked {
+    device: Harness,
+    model: Vec<u8>,
+}
+
+impl Checked {
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.device.write(offset, data, false).unwrap();
+        self.model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+    }
+
+    fn zero(&mut self, offset: u64, len: u64, punch: bool) {
+        if punch {
+            self.device.punch_hole(offset, len).unwrap();
+        } else {
+            self.device.write_zeroes(offset, len).unwrap();
+        }
+        self.model[offset as usize..(offset + len) as usize].fill(0);
+    }
+
+    fn verify(&self) {
+        let size = self.model.len();
+        let step = 256 << 10;
+        for start in (0..size).step_by(step) {
+            let len = step.min(size - start);
+            let got = self.device.read(start as u64, len as u32).unwrap();
+            assert!(
+                got == self.model[start..start + len],
+                "data differs in the 256 KiB at {start:#x}"
+            );
+        }
+    }
+}
+
+/// Writes across cluster boundaries, overwrites, zeroes and punches
+/// (stock-path discard), reading everything back.
+fn exercise(checked: &mut Checked, cluster: u64) {
+    let size = checked.model.len() as u64;
+    checked.write(0, &pattern(1, 4096));
+    checked.write(cluster - 512, &pattern(2, 8192));
+    checked.write(3 * cluster + 1024, &pattern(3, (2 * cluster) as usize));
+    checked.write(size - 4096, &pattern(4, 4096));
+    checked.write(512, &pattern(5, 1024));
+    checked.verify();
+    checked.zero(cluster, cluster, false);
+    checked.zero(3 * cluster + 512, cluster, true);
+    checked.zero(size - 8192, 8192, true);
+    checked.write(cluster + 512, &pattern(6, 512));
+    checked.verify();
+    checked.device.flush().unwrap();
+}
+
+fn scenario(dir: &Path, name: &str, options: &str, cluster: u64) {
+    let path = dir.join(name);
+    let size = (8 * cluster).max(4 * MIB);
+    create(&path, options, size);
+    let mut checked = Checked {
+        device: open(&path),
+        model: vec![0; size as usize],
+    };
+    exercise(&mut checked, cluster);
+    let Checked { device, model } = checked;
+    drop(device);
+    assert_clean(&path);
+    assert_same(&path, &model);
+    // And again after reopening: what was flushed is what is there.
+    let checked = Checked {
+        device: open(&path),
+        model,
+    };
+    checked.verify();
+    drop(checked.device);
+    assert_clean(&path);
+}
+
+#[test]
+fn version_3_at_cluster_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    for bits in [12, 16, 21] {
+        let cluster = 1u64 << bits;
+        scenario(
+            dir.path(),
+            &format!("v3-{bits}.qcow2"),
+            &format!("cluster_size={cluster}"),
+            cluster,
+        );
+    }
+}
+
+#[test]
+fn version_2() {
+    let dir = tempfile::tempdir().unwrap();
+    scenario(dir.path(), "v2.qcow2", "compat=0.10", 65536);
+    scenario(
+        dir.path(),
+        "v2-4k.qcow2",
+        "compat=0.10,cluster_size=4096",
+        4096,
+    );
+}
+
+#[test]
+fn refcount_widths() {
+    let dir = tempfile::tempdir().unwrap();
+    for bits in [1, 2, 4, 8, 32, 64] {
+        scenario(
+            dir.path(),
+            &format!("rc{bits}.qcow2"),
+            &format!("refcount_bits={bits},cluster_size=4096"),
+            4096,
+        );
+    }
+}
+
+#[test]
+fn lazy_refcounts_image() {
+    let dir = tempfile::tempdir().unwrap();
+    scenario(dir.path(), "lazy.qcow2", "lazy_refcounts=on", 65536);
+}
+
+/// Small caches: tables are evicted and written back early.
+#[test]
+fn tiny_caches() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.qcow2");
+    let size = 64 * MIB;
+    create(&path, "cluster_size=4096", size);
+    let options = Options {
+        l2_cache_bytes: 0,
+        refcount_cache_bytes: 0,
+    };
+    let mut checked = Checked {
+        device: open_with(&path, false, &options).unwrap(),
+        model: vec![0; size as usize],
+    };
+    // Each 2 MiB of guest space has its own L2 table with 4 KiB clusters.
+    for (i, offset) in (0..size).step_by((3 * MIB) as usize).enumerate() {
+        checked.write(offset, &pattern(i as u64, 6144));
+    }
+    checked.verify();
+    for offset in (0..size).step_by((6 * MIB) as usize) {
+        checked.zero(offset, 8192, true);
+    }
+    checked.verify();
+    let Checked { device, model } = checked;
+    drop(device);
+    assert_clean(&path);
+    assert_same(&path, &model);
+}
+
+/// Data qemu wrote reads back here, and data written here reads back in
+/// qemu-io.
+#[test]
+fn qemu_io_interoperates() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("io.qcow2");
+    create(&path, "", 8 * MIB);
+    let p = path.to_str().unwrap();
+    qemu("qemu-io", &["-c", "write -P 0x5a 65536 131072", p]);
+    let device = open(&path);
+    assert_eq!(device.read(65536, 131072).unwrap(), vec![0x5a; 131072]);
+    assert_eq!(device.read(0, 65536).unwrap(), vec![0; 65536]);
+    device.write(100 * 4096, &[0xc3; 12288], false).unwrap();
+    device.write(65536 + 4096, &[0x11; 4096], true).unwrap();
+    drop(device);
+    assert_clean(&path);
+    qemu("qemu-io", &["-c", "read -P 0xc3 409600 12288", p]);
+    qemu("qemu-io", &["-c", "read -P 0x11 69632 4096", p]);
+    qemu("qemu-io", &["-c", "read -P 0x5a 73728 122880", p]);
+    let out = run("qemu-io", &["-c", "read -P 0x5a 69632 4096", p]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed"),
+        "qemu-io's pattern check is what the test relies on"
+    );
+}
+
+#[test]
+fn raw_backing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    let size = 4 * MIB;
+    let base_data = pattern(77, size as usize);
+    fs::write(&base, &base_data).unwrap();
+    let base_sum = sha256(&base);
+    let overlay = dir.path().join("overlay.qcow2");
+    create_overlay(&overlay, &base, "raw");
+
+    let mut checked = Checked {
+        device: open(&overlay),
+        model: base_data,
+    };
+    checked.verify();
+    exercise(&mut checked, 65536);
+    // Discard (module path) of whole clusters reads zeros in version 3.
+    checked.device.discard(5 * 65536, 2 * 65536).unwrap();
+    checked.model[5 * 65536..7 * 65536].fill(0);
+    checked.verify();
+    let Checked { device, model } = checked;
+    drop(device);
+    assert_clean(&overlay);
+    assert_same(&overlay, &model);
+    assert_eq!(sha256(&base), base_sum, "the base was written");
+}
+
+#[test]
+fn qcow2_backing_chain_and_smaller_base() {
+    let dir = tempfile::tempdir().unwrap();
+    // base.raw (1 MiB) <- mid.qcow2 (2 MiB, some data by qemu-io) <- top.
+    let base = dir.path().join("base.raw");
+    fs::write(&base, pattern(5, MIB as usize)).unwrap();
+    let mid = dir.path().join("mid.qcow2");
+    qemu(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            mid.to_str().unwrap(),
+            "2M",
+        ],
+    );
+    qemu(
+        "qemu-io",
+        &["-c", "write -P 0x77 1536k 64k", mid.to_str().unwrap()],
+    );
+    let sums = (sha256(&base), sha256(&mid));
+    let top = dir.path().join("top.qcow2");
+    create_overlay(&top, &mid, "qcow2");
+
+    let mut model = pattern(5, MIB as usize);
+    model.resize(2 * MIB as usize, 0);
+    model[1536 << 10..1600 << 10].fill(0x77);
+    let mut checked = Checked {
+        device: open(&top),
+        model,
+    };
+    checked.verify();
+    checked.write(1000 << 10, &pattern(9, 100 << 10));
+    checked.write((1536 << 10) + 4096, &pattern(10, 4096));
+    checked.verify();
+    let Checked { device, model } = checked;
+    drop(device);
+    assert_clean(&top);
+    assert_same(&top, &model);
+    assert_eq!(
+        (sha256(&base), sha256(&mid)),
+        sums,
+        "a backing file was written"
+    );
+}
+
+fn compressed_image(dir: &Path, name: &str, options: &str) -> (PathBuf, Vec<u8>) {
+    let raw = dir.join(format!("{name}.raw"));
+    let mut data: Vec<u8> = (0..4 * MIB as usize).map(|i| (i / 1000) as u8).collect();
+    // An all-zero stretch, which qemu leaves unallocated.
+    data[MIB as usize..2 * MIB as usize].fill(0);
+    fs::write(&raw, &data).unwrap();
+    let path = dir.join(format!("{name}.qcow2"));
+    let mut args = vec!["convert", "-q", "-c", "-f", "raw", "-O", "qcow2"];
+    if !options.is_empty() {
+        args.extend(["-o", options]);
+    }
+    args.extend([raw.to_str().unwrap(), path.to_str().unwrap()]);
+    qemu("qemu-img", &args);
+    (path, data)
+}
+
+#[test]
+fn compressed_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, options) in [
+        ("deflate", ""),
+        ("zstd", "compression_type=zstd"),
+        ("deflate-4k", "cluster_size=4096"),
+    ] {
+        let (path, model) = compressed_image(dir.path(), name, options);
+        let mut checked = Checked {
+            device: open(&path),
+            model,
+        };
+        checked.verify();
+        // Into compressed clusters: partial, whole, across two.
+        checked.write(10240, &pattern(1, 3072));
+        checked.write(3 * MIB, &pattern(2, 65536));
+        checked.write(2 * MIB + 59904, &pattern(3, 10240));
+        checked.zero(2 * MIB + 131072, 131072, true);
+        checked.verify();
+        let Checked { device, model } = checked;
+        drop(device);
+        assert_clean(&path);
+        assert_same(&path, &model);
+    }
+}
+
+#[test]
+fn internal_snapshot_is_left_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("snap.qcow2");
+    let p = path.to_str().unwrap();
+    create(&path, "", 4 * MIB);
+    qemu("qemu-io", &["-c", "write -P 0x61 0 2M", p]);
+    qemu("qemu-img", &["snapshot", "-c", "before", p]);
+
+    let mut model = vec![0u8; 4 * MIB as usize];
+    model[..2 * MIB as usize].fill(0x61);
+    let mut checked = Checked {
+        device: open(&path),
+        model,
+    };
+    checked.write(4096, &pattern(1, 4096));
+    checked.write(MIB, &pattern(2, 65536));
+    checked.write(3 * MIB, &pattern(3, 4096));
+    checked.zero(1536 << 10, 128 << 10, true);
+    checked.device.discard(256 << 10, 128 << 10).unwrap();
+    checked.model[256 << 10..384 << 10].fill(0);
+    checked.verify();
+    let Checked { device, model } = checked;
+    drop(device);
+    assert_clean(&path);
+    assert_same(&path, &model);
+    assert!(qemu("qemu-img", &["snapshot", "-l", p]).contains("before"));
+    // The snapshot still holds what it held.
+    let snap = dir.path().join("snap.raw");
+    qemu(
+        "qemu-img",
+        &[
+            "convert",
+            "-l",
+            "snapshot.name=before",
+            "-O",
+            "raw",
+            p,
+            snap.to_str().unwrap(),
+        ],
+    );
+    let mut expected = vec![0u8; 4 * MIB as usize];
+    expected[..2 * MIB as usize].fill(0x61);
+    assert!(fs::read(&snap).unwrap() == expected, "the snapshot changed");
+}
+
+/// Several threads at once, on disjoint ranges some of which share
+/// clusters and L2 tables.
+#[test]
+fn concurrent_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("par.qcow2");
+    let size = 32 * MIB;
+    create(&path, "cluster_size=4096", size);
+    let device = Arc::new(Qcow2Device::open(&path, false, 512, &Options::default()).unwrap());
+    std::thread::scope(|scope| {
+        for t in 0..4u64 {
+            let device = device.clone();
+            scope.spawn(move || {
+                let harness = Harness::new(device);
+                for round in 0..50u64 {
+                    // Thread t owns the 1 KiB slots t, t+4, ... of each 8 KiB.
+                    let offset = (round * 37 % 4000) * 8192 + t * 1024;
+                    let data = pattern(t * 1000 + round, 1024);
+                    harness.write(offset, &data, false).unwrap();
+                    assert_eq!(harness.read(offset, 1024).unwrap(), data);
+                    if round % 10 == 9 {
+                        harness.flush().unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let mut model = vec![0u8; size as usize];
+    for t in 0..4u64 {
+        for round in 0..50u64 {
+            let offset = ((round * 37 % 4000) * 8192 + t * 1024) as usize;
+            model[offset..offset + 1024].copy_from_slice(&pattern(t * 1000 + round, 1024));
+        }
+    }
+    let checked = Checked {
+        device: Harness::new(device.clone()),
+        model,
+    };
+    checked.verify();
+    let Checked {
+        device: harness,
+        model,
+    } = checked;
+    drop(harness);
+    drop(device);
+    assert_clean(&path);
+    assert_same(&path, &model);
+}
+
+#[test]
+fn read_only_opens_leave_the_image_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ro.qcow2");
+    create(&path, "", 4 * MIB);
+    qemu(
+        "qemu-io",
+        &["-c", "write -P 0x42 0 64k", path.to_str().unwrap()],
+    );
+    let sum = sha256(&path);
+    let device = open_with(&path, true, &Options::default()).unwrap();
+    assert_eq!(device.read(0, 65536).unwrap(), vec![0x42; 65536]);
+    assert_eq!(device.write(0, &[1; 512], false), Err(libc::EROFS));
+    drop(device);
+    assert_eq!(sha256(&path), sum);
+}
+
+fn set_bytes(path: &Path, offset: u64, bytes: &[u8]) {
+    let file = fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(bytes, offset).unwrap();
+}
+
+#[test]
+fn bad_images_are_refused_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = d.join("good.qcow2");
+    create(&good, "", 4 * MIB);
+    let variant = |name: &str, offset: u64, bytes: &[u8]| {
+        let path = d.join(name);
+        fs::copy(&good, &path).unwrap();
+        set_bytes(&path, offset, bytes);
+        path
+    };
+    let expect = |path: &Path, read_only: bool, message: &str| {
+        let error = open_err(path, read_only);
+        assert_eq!(error, format!("{}: {message}", path.display()));
+        assert!(!error.contains('\n'));
+    };
+
+    let text = d.join("text.img");
+    fs::write(&text, vec![b'x'; 4096]).unwrap();
+    expect(&text, false, "not a qcow2 image (no QFI\\xfb magic)");
+    let truncated = d.join("truncated.qcow2");
+    fs::write(&truncated, &fs::read(&good).unwrap()[..60]).unwrap();
+    expect(
+        &truncated,
+        false,
+        "truncated qcow2 header (60 bytes of file)",
+    );
+    expect(
+        &variant("unknown.qcow2", 72, &(1u64 << 20).to_be_bytes()),
+        false,
+        "unknown incompatible qcow2 feature bits 0x100000",
+    );
+    expect(
+        &variant("corrupt.qcow2", 72, &2u64.to_be_bytes()),
+        true,
+        "image is marked corrupt; repair it with `qemu-img check -r all` first",
+    );
+    let file_len = fs::metadata(&good).unwrap().len();
+    expect(
+        &variant("l1.qcow2", 40, &(1u64 << 40).to_be_bytes()),
+        false,
+        &format!("L1 table at 0x10000000000 lies outside the file ({file_len} bytes)"),
+    );
+    let dirty = variant("dirty.qcow2", 72, &1u64.to_be_bytes());
+    expect(
+        &dirty,
+        false,
+        "image is dirty (refcounts not up to date, lazy_refcounts was in use); attach it --read-only, or repair it with `qemu-img check -r all`",
+    );
+    Qcow2Device::open(&dirty, true, 512, &Options::default())
+        .expect("read-only open of a dirty image");
+    expect(
+        &variant("crypt.qcow2", 32, &1u32.to_be_bytes()),
+        false,
+        "encrypted qcow2 images are not supported",
+    );
+    expect(
+        &d.join("nonexistent.qcow2"),
+        false,
+        "No such file or directory",
+    );
+
+    // Backing file missing, and a loop.
+    let base = d.join("base.qcow2");
+    create(&base, "", 4 * MIB);
+    let overlay = d.join("overlay.qcow2");
+    create_overlay(&overlay, &base, "qcow2");
+    fs::remove_file(&base).unwrap();
+    expect(
+        &overlay,
+        false,
+        &format!("backing file {}: No such file or directory", base.display()),
+    );
+    // Make base an overlay of overlay: qemu-img refuses, so rebase unsafely.
+    create(&base, "", 4 * MIB);
+    qemu(
+        "qemu-img",
+        &[
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            overlay.to_str().unwrap(),
+            "-F",
+            "qcow2",
+            base.to_str().unwrap(),
+        ],
+    );
+    let error = open_err(&overlay, false);
+    assert_eq!(
+        error,
+        format!(
+            "{}: backing chain loops back to {}",
+            base.display(),
+            fs::canonicalize(&overlay).unwrap().display()
+        )
+    );
+}
+
+#[test]
+fn luks_encryption_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("luks.qcow2");
+    qemu(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            "secret,id=sec0,data=123456",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+            path.to_str().unwrap(),
+            "4M",
+        ],
+    );
+    assert_eq!(
+        open_err(&path, false),
+        format!(
+            "{}: encrypted qcow2 images are not supported",
+            path.display()
+        )
+    );
+}
+
+/// An L2 entry pointing past the end of the file fails the requests that
+/// use it with EIO, and nothing is written outside the image.
+#[test]
+fn corrupt_l2_entry_gives_eio() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad-l2.qcow2");
+    create(&path, "", 4 * MIB);
+    qemu(
+        "qemu-io",
+        &["-c", "write -P 0x33 0 128k", path.to_str().unwrap()],
+    );
+    // Find the L2 table through the L1 table and break its first entry.
+    let image = fs::read(&path).unwrap();
+    let l1 = u64::from_be_bytes(image[40..48].try_into().unwrap()) as usize;
+    let l2 = u64::from_be_bytes(image[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00;
+    set_bytes(&path, l2, &((1u64 << 63) | (1 << 40)).to_be_bytes());
+    let len = fs::metadata(&path).unwrap().len();
+
+    let device = open(&path);
+    assert_eq!(device.read(0, 4096), Err(libc::EIO));
+    assert_eq!(device.read(0, 128 << 10), Err(libc::EIO));
+    assert_eq!(device.write(512, &[1; 512], false), Err(libc::EIO));
+    assert_eq!(device.punch_hole(0, 65536), Err(libc::EIO));
+    // The second cluster is fine.
+    assert_eq!(device.read(65536, 4096).unwrap(), vec![0x33; 4096]);
+    device.flush().unwrap();
+    drop(device);
+    assert_eq!(fs::metadata(&path).unwrap().len(), len);
+}
+
+#[test]
+fn a_second_writer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("locked.qcow2");
+    create(&path, "", 4 * MIB);
+    let first = open(&path);
+    assert_eq!(
+        open_err(&path, false),
+        format!("{}: in use by another process (locked)", path.display())
+    );
+    drop(first);
+    drop(open(&path));
+}
+
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write {
+            sector: u64,
+            sectors: u64,
+            seed: u64,
+        },
+        Discard {
+            sector: u64,
+            sectors: u64,
+        },
+        Zero {
+            sector: u64,
+            sectors: u64,
+            punch: bool,
+        },
+        Read {
+            sector: u64,
+            sectors: u64,
+        },
+        Flush,
+        Reopen,
+    }
+
+    /// 2 MiB of 4 KiB clusters: 512 L2 entries per table, 4096 sectors.
+    const SECTORS: u64 = 4096;
+
+    fn range() -> impl Strategy<Value = (u64, u64)> {
+        (0..SECTORS).prop_flat_map(|start| (Just(start), 1..=(SECTORS - start).min(64)))
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (range(), any::<u64>()).prop_map(|((sector, sectors), seed)| Op::Write { sector, sectors, seed }),
+            1 => range().prop_map(|(sector, sectors)| Op::Discard { sector, sectors }),
+            1 => (range(), any::<bool>()).prop_map(|((sector, sectors), punch)| Op::Zero { sector, sectors, punch }),
+            2 => range().prop_map(|(sector, sectors)| Op::Read { sector, sectors }),
+            1 => Just(Op::Flush),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+        /// Random requests against a Vec, over a raw backing file, with
+        /// reopens; the image is clean and equal to the model at the end.
+        #[test]
+        fn matches_a_model(ops in proptest::collection::vec(op(), 1..60), backing in any::<bool>()) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("model.qcow2");
+            let size = SECTORS * 512;
+            let mut model = vec![0u8; size as usize];
+            if backing {
+                let base = dir.path().join("base.raw");
+                model = pattern(42, size as usize);
+                fs::write(&base, &model).unwrap();
+                create_overlay(&path, &base, "raw");
+            } else {
+                create(&path, "cluster_size=4096", size);
+            }
+            let options = Options { l2_cache_bytes: 0, refcount_cache_bytes: 0 };
+            let mut device = open_with(&path, false, &options).unwrap();
+            for op in ops {
+                match op {
+                    Op::Write { sector, sectors, seed } => {
+                        let data = pattern(seed, (sectors * 512) as usize);
+                        device.write(sector * 512, &data, false).unwrap();
+                        model[(sector * 512) as usize..((sector + sectors) * 512) as usize].copy_from_slice(&data);
+                    }
+                    Op::Discard { sector, sectors } => {
+                        // A discard may leave old data or zeros: learn
+                        // which from the device, then check both allowed.
+                        let (start, end) = ((sector * 512) as usize, ((sector + sectors) * 512) as usize);
+                        device.discard(sector * 512, sectors * 512).unwrap();
+                        let got = device.read(sector * 512, (sectors * 512) as u32).unwrap();
+                        for (i, byte) in got.iter().enumerate() {
+                            prop_assert!(*byte == 0 || *byte == model[start + i]);
+                        }
+                        model[start..end].copy_from_slice(&got);
+                    }
+                    Op::Zero { sector, sectors, punch } => {
+                        if punch {
+                            device.punch_hole(sector * 512, sectors * 512).unwrap();
+                        } else {
+                            device.write_zeroes(sector * 512, sectors * 512).unwrap();
+                        }
+                        model[(sector * 512) as usize..((sector + sectors) * 512) as usize].fill(0);
+                    }
+                    Op::Read { sector, sectors } => {
+                        let got = device.read(sector * 512, (sectors * 512) as u32).unwrap();
+                        prop_assert!(got == model[(sector * 512) as usize..((sector + sectors) * 512) as usize]);
+                    }
+                    Op::Flush => device.flush().unwrap(),
+                    Op::Reopen => {
+                        drop(device);
+                        device = open_with(&path, false, &options).unwrap();
+                    }
+                }
+            }
+            prop_assert!(device.read(0, size as u32).unwrap() == model);
+            drop(device);
+            assert_clean(&path);
+            assert_same(&path, &model);
+        }
+    }
+}
