@@ -18,6 +18,9 @@ mod device;
 mod ffi;
 pub mod handle;
 pub mod link;
+#[cfg(feature = "testutil")]
+#[doc(hidden)]
+pub mod testutil;
 pub mod uri;
 
 pub use device::{NbdDevice, Options};

@@ -4,16 +4,14 @@
 //! through the session engine (the backends' test harness) as the kernel
 //! would send them.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::Server;
 use fuse_blk::Features;
 use fuse_blk_backends::testutil::{pattern, Harness};
+use fuse_blk_nbd::testutil::Server;
 use fuse_blk_nbd::{LinkStatus, NbdDevice, Options, ReconnectPolicy};
 
 /// Far above anything these tests wait for, far below a hang.

@@ -1,7 +1,5 @@
-//! NBD servers started by the tests: nbdkit (and qemu-nbd) on a unix
-//! socket in a temporary directory, killed when dropped.
-
-#![allow(dead_code)] // each test file uses a part
+//! NBD servers started by tests (this crate's and the integration tests'
+//! in tests/): nbdkit or qemu-nbd on a unix socket, killed when dropped.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
