@@ -102,7 +102,11 @@ pub fn check(uri: &str) -> Result<(), UriError> {
             }
         }
         Some("unix") => {
-            if !authority.is_empty() {
+            // Only a user name (the TLS user) may come before the path.
+            let host = authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host);
+            if !host.is_empty() {
                 return error(
                     "a unix socket URI has no host: expected nbd+unix:///EXPORT?socket=PATH",
                 );
@@ -159,6 +163,7 @@ mod tests {
             "nbd+unix:///disk?socket=/run/nbd.sock",
             "nbd+unix:///?socket=/run/nbd.sock",
             "nbd+unix://?socket=/run/nbd.sock",
+            "nbds+unix://alice@/disk?socket=/run/nbd.sock&tls-psk-file=/k",
         ] {
             assert_eq!(check(uri), Ok(()), "{uri}");
         }

@@ -430,3 +430,35 @@ fn bad_input_is_one_line_naming_the_cause() {
         assert_eq!(message.lines().count(), 1, "{message}");
     }
 }
+
+/// TLS with a pre-shared key, through libnbd's URI parameters: served,
+/// reconnected after a kill, and refused with a reason when the key's
+/// user is unknown or the client does not speak TLS.
+#[test]
+fn tls_with_a_pre_shared_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let psk = dir.path().join("keys.psk");
+    std::fs::write(&psk, "alice:0123456789abcdef0123456789abcdef\n").unwrap();
+    let psk_arg = format!("--tls-psk={}", psk.display());
+    let mut server = Server::nbdkit(
+        dir.path(),
+        &["--tls=require", &psk_arg, "memory", "size=1M"],
+    );
+    let socket = server.socket().display().to_string();
+    let tls_uri = |user: &str| {
+        format!(
+            "nbds+unix://{user}@/?socket={socket}&tls-psk-file={}",
+            psk.display()
+        )
+    };
+    let (device, harness) = connect(&tls_uri("alice"), &options(NO_HANG));
+    harness.write(0, &[7; 4096], false).unwrap();
+    server.restart();
+    assert_eq!(harness.read(0, 4096).unwrap(), vec![0; 4096]);
+    assert_eq!(device.reconnections(), 1);
+
+    let message = connect_error(&tls_uri("bob"));
+    assert!(message.contains("username bob was not found"), "{message}");
+    let message = connect_error(&server.uri(""));
+    assert!(message.contains("server requires TLS"), "{message}");
+}
