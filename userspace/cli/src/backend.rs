@@ -1,10 +1,12 @@
 //! What `attach` serves: one of the backends of `fuse-blk-backends`,
 //! `dm-user:NAME:SIZE`, a block device whose requests go to a dm-user
 //! daemon on `/dev/dm-user/NAME` (compat/dm-user), or an NBD URI, an
-//! export of an NBD server (userspace/nbd).
+//! export of an NBD server (userspace/nbd), or `qcow2:PATH`, a qcow2
+//! image (userspace/qcow2).
 
 use std::fmt;
 use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +31,9 @@ pub enum Backend {
         /// Connections when the server allows several.
         connections: Option<usize>,
     },
+    Qcow2 {
+        path: PathBuf,
+    },
 }
 
 /// The dm-user node this process serves, ended by [`finish`].
@@ -51,6 +56,12 @@ impl Backend {
                 reconnect,
                 connections: args.queues.map(usize::from).or(args.threads()),
             });
+        }
+        if let Some(path) = text.strip_prefix("qcow2:") {
+            if path.is_empty() {
+                return Err("qcow2: needs a path".into());
+            }
+            return Ok(Backend::Qcow2 { path: path.into() });
         }
         let Some(rest) = text.strip_prefix("dm-user:") else {
             return text.parse().map(Backend::Spec).map_err(|e| format!("{e}"));
@@ -83,13 +94,19 @@ impl Backend {
     pub fn default_name(&self) -> Option<String> {
         match self {
             Backend::DmUser { name, .. } => Some(name.clone()),
-            Backend::Spec(_) | Backend::Nbd { .. } => None,
+            Backend::Spec(_) | Backend::Nbd { .. } | Backend::Qcow2 { .. } => None,
         }
     }
 
     pub fn open(&self, read_only: bool, block_size: u32) -> io::Result<Arc<dyn BlockDevice>> {
         match self {
             Backend::Spec(spec) => spec.open(read_only, block_size),
+            Backend::Qcow2 { path } => Ok(Arc::new(fuse_blk_qcow2::Qcow2Device::open(
+                path,
+                read_only,
+                block_size,
+                &fuse_blk_qcow2::Options::default(),
+            )?)),
             Backend::Nbd {
                 uri,
                 reconnect,
@@ -125,6 +142,7 @@ impl fmt::Display for Backend {
         match self {
             Backend::Spec(spec) => spec.fmt(f),
             Backend::Nbd { uri, .. } => f.write_str(uri),
+            Backend::Qcow2 { path } => write!(f, "qcow2:{}", path.display()),
             Backend::DmUser { name, size, .. } => {
                 write!(f, "dm-user:{name}:{}", format_size(*size))
             }

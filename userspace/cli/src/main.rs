@@ -314,6 +314,12 @@ fn handoff(target: &str) -> Result<(), String> {
             record.name
         ));
     }
+    if record.backend.starts_with("qcow2:") {
+        return Err(format!(
+            "{}: a qcow2 device cannot be handed over yet: its daemon keeps the image locked until it exits",
+            record.name
+        ));
+    }
     if !nix::unistd::geteuid().is_root() {
         return Err("handoff needs root".into());
     }
