@@ -1,8 +1,6 @@
 //! The part of libnbd's C API (`<libnbd.h>`, Debian's libnbd 1.14) this
 //! crate calls, declared by hand: only these functions, each as the header
-//! declares it. Every function here is available since libnbd 1.2 or
-//! earlier, except `nbd_get_block_size` (1.4), so any Debian release from
-//! bullseye on links.
+//! declares it; Debian's 1.14 (bookworm) has them all.
 
 use std::ffi::{c_char, c_int};
 
