@@ -1,0 +1,227 @@
+//! qcow2 images end to end on the stock path: `fuse-blk attach qcow2:PATH`
+//! under fio verify and ext4, over a raw base that must stay unchanged;
+//! `qemu-img check` of the image after every detach; bad images refused
+//! in one line, leaving nothing behind.
+
+use std::fs;
+use std::path::Path;
+
+use fuse_blk_tests::{random_bytes, read_at, sh, write_at, Instance, TempDir};
+
+const MIB: usize = 1 << 20;
+
+/// `qemu-img check`: exit 0 means no corruption and no leaks.
+fn assert_clean(image: &Path) {
+    sh("qemu-img", &["check", image.to_str().unwrap()]);
+}
+
+fn sha256(path: &Path) -> String {
+    sh("sha256sum", &[path.to_str().unwrap()])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn fio_verify(device: &str, block_size: &str, rw: &str) {
+    sh(
+        "fio",
+        &[
+            "--name=verify",
+            &format!("--filename={device}"),
+            "--ioengine=libaio",
+            "--direct=1",
+            "--iodepth=16",
+            &format!("--rw={rw}"),
+            &format!("--bs={block_size}"),
+            "--size=96M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--randrepeat=0",
+            "--verify_state_save=0",
+        ],
+    );
+}
+
+#[test]
+fn fio_and_ext4_on_an_overlay_over_a_raw_base() {
+    let instance = Instance::new("qcow2-overlay");
+    let dir = TempDir::new("qcow2-overlay");
+    let base = dir.join("base.raw");
+    fs::write(&base, random_bytes(11, 128 * MIB)).unwrap();
+    let base_sum = sha256(&base);
+    let overlay = dir.join("overlay.qcow2");
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base.to_str().unwrap(),
+            "-F",
+            "raw",
+            overlay.to_str().unwrap(),
+        ],
+    );
+    let backend = format!("qcow2:{}", overlay.display());
+
+    let device = instance.attach(&["--block-size", "4096", &backend]);
+    // Unwritten blocks come from the base.
+    assert!(
+        read_at(&device.path, 100 * MIB as u64, MIB)
+            == random_bytes(11, 128 * MIB)[100 * MIB..101 * MIB],
+        "the overlay does not read the base"
+    );
+    fio_verify(device.path_str(), "4k", "randwrite");
+    fio_verify(device.path_str(), "64k", "randrw");
+    // Punched (stock path: write-zeroes) ranges read as zeros, not as the base.
+    let data = random_bytes(12, 4 * MIB);
+    write_at(&device.path, 0, &data).unwrap();
+    sh(
+        "blkdiscard",
+        &[
+            "--offset",
+            "1048576",
+            "--length",
+            "2097152",
+            device.path_str(),
+        ],
+    );
+    let after = read_at(&device.path, 0, 4 * MIB);
+    assert!(after[MIB..3 * MIB].iter().all(|&b| b == 0), "not zeroed");
+    assert!(after[..MIB] == data[..MIB] && after[3 * MIB..] == data[3 * MIB..]);
+    device.detach();
+    assert_clean(&overlay);
+    assert_eq!(sha256(&base), base_sum, "the base was written");
+
+    // ext4, written, detached, attached again: the same data, fsck clean.
+    let device = instance.attach(&["--block-size", "4096", &backend]);
+    sh("mkfs.ext4", &["-q", "-F", device.path_str()]);
+    let mnt = TempDir::new("qcow2-mnt");
+    let mnt_path = mnt.0.to_str().unwrap();
+    sh("mount", &[device.path_str(), mnt_path]);
+    fs::write(mnt.join("data"), random_bytes(13, 48 * MIB)).unwrap();
+    let written = sha256(&mnt.join("data"));
+    sh("umount", &[mnt_path]);
+    device.detach();
+    assert_clean(&overlay);
+
+    let device = instance.attach(&["--block-size", "4096", &backend]);
+    sh("e2fsck", &["-fn", device.path_str()]);
+    sh("mount", &[device.path_str(), mnt_path]);
+    assert_eq!(sha256(&mnt.join("data")), written);
+    sh("umount", &[mnt_path]);
+    device.detach();
+    assert_clean(&overlay);
+    assert_eq!(sha256(&base), base_sum, "the base was written");
+    instance.assert_nothing_left();
+}
+
+#[test]
+fn read_only_attach_of_a_dirty_image() {
+    let instance = Instance::new("qcow2-ro");
+    let dir = TempDir::new("qcow2-ro");
+    let image = dir.join("dirty.qcow2");
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            image.to_str().unwrap(),
+            "16M",
+        ],
+    );
+    sh(
+        "qemu-io",
+        &["-c", "write -P 0x5c 0 1M", image.to_str().unwrap()],
+    );
+    // Set the dirty bit (incompatible feature bit 0, byte 79).
+    let mut bytes = fs::read(&image).unwrap();
+    bytes[79] |= 1;
+    fs::write(&image, &bytes).unwrap();
+    let backend = format!("qcow2:{}", image.display());
+
+    let out = instance.run(["attach", &backend]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("image is dirty") && stderr.trim().lines().count() == 1,
+        "{stderr}"
+    );
+    instance.assert_nothing_left();
+
+    let device = instance.attach(&["--read-only", &backend]);
+    assert_eq!(sh("blockdev", &["--getro", device.path_str()]).trim(), "1");
+    assert_eq!(read_at(&device.path, 0, MIB), vec![0x5c; MIB]);
+    device.detach();
+    assert!(
+        fs::read(&image).unwrap() == bytes,
+        "a read-only attach wrote"
+    );
+    instance.assert_nothing_left();
+}
+
+#[test]
+fn bad_images_are_one_line_errors_leaving_nothing() {
+    let instance = Instance::new("qcow2-bad");
+    let dir = TempDir::new("qcow2-bad");
+    let text = dir.join("text.img");
+    fs::write(&text, vec![b'x'; 65536]).unwrap();
+    let base = dir.join("base.raw");
+    fs::write(&base, vec![0; MIB]).unwrap();
+    let overlay = dir.join("overlay.qcow2");
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base.to_str().unwrap(),
+            "-F",
+            "raw",
+            overlay.to_str().unwrap(),
+        ],
+    );
+    fs::remove_file(&base).unwrap();
+    let overlay_sum = sha256(&overlay);
+    let cases = [
+        (
+            format!("qcow2:{}", text.display()),
+            format!("{}: not a qcow2 image (no QFI\\xfb magic)", text.display()),
+        ),
+        (
+            format!("qcow2:{}", overlay.display()),
+            format!(
+                "{}: backing file {}: No such file or directory",
+                overlay.display(),
+                base.display()
+            ),
+        ),
+        (
+            format!("qcow2:{}", dir.join("none.qcow2").display()),
+            format!(
+                "{}: No such file or directory",
+                dir.join("none.qcow2").display()
+            ),
+        ),
+        ("qcow2:".to_owned(), "qcow2: needs a path".to_owned()),
+    ];
+    for (backend, message) in cases {
+        let out = instance.run(["attach", &backend]);
+        assert!(!out.status.success(), "{backend} attached");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).trim(),
+            format!("fuse-blk: {message}"),
+            "{backend}"
+        );
+        instance.assert_nothing_left();
+    }
+    assert_eq!(sha256(&overlay), overlay_sum, "a refused attach wrote");
+}
