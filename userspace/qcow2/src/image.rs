@@ -84,8 +84,8 @@ pub struct Image {
     /// to a cluster, grown by allocations. No metadata may point past it.
     file_end: AtomicU64,
     /// Host ranges of the header, L1 table and refcount table, which no
-    /// data cluster may overlap.
-    fixed_metadata: Vec<(u64, u64)>,
+    /// data cluster may overlap (the last moves when the table grows).
+    fixed_metadata: RwLock<[(u64, u64); 3]>,
 }
 
 /// A piece of a guest request lying in one cluster.
@@ -180,7 +180,7 @@ impl Image {
             )?),
             None => None,
         };
-        let fixed_metadata = vec![
+        let fixed_metadata = RwLock::new([
             (0, cluster_size),
             (
                 header.l1_table_offset,
@@ -190,7 +190,7 @@ impl Image {
                 header.refcount_table_offset,
                 u64::from(header.refcount_table_clusters) * cluster_size,
             ),
-        ];
+        ]);
         Ok(Image {
             path: path.to_owned(),
             file,
@@ -278,6 +278,7 @@ impl Image {
             && host + size <= self.file_end.load(Ordering::Acquire)
             && !self
                 .fixed_metadata
+                .read()
                 .iter()
                 .any(|&(start, len)| host < start + len && start < host + size)
     }
@@ -554,6 +555,7 @@ impl Image {
         let host = refcounts.allocate(&self.file)?;
         self.file_end
             .fetch_max(refcounts.file_end(), Ordering::AcqRel);
+        self.fixed_metadata.write()[2] = refcounts.table_range();
         Ok(host)
     }
 

@@ -20,6 +20,10 @@ use std::os::unix::fs::FileExt;
 use crate::cache::TableCache;
 use crate::{corrupt, read_exact_at};
 
+/// Header fields refcount_table_offset (u64) and refcount_table_clusters
+/// (u32), adjacent: one write moves the table.
+const REFCOUNT_TABLE_HEADER_OFFSET: u64 = 48;
+
 /// Low 9 bits of a refcount table entry are reserved.
 const REFTABLE_OFFSET_MASK: u64 = !0x1ff;
 
@@ -119,7 +123,13 @@ impl Refcounts {
         let per_block = self.entries_per_block();
         let table_index = index / per_block;
         if self.block(file, table_index)?.is_none() {
-            self.add_block(table_index, host)?;
+            if table_index as usize >= self.table.len() {
+                self.grow_table(file, table_index, host)?;
+            }
+            // Growing may have added the block this cluster needs.
+            if self.block(file, table_index)?.is_none() {
+                self.add_block(table_index, host)?;
+            }
         }
         let order = self.refcount_order;
         let table = self
@@ -135,12 +145,6 @@ impl Refcounts {
     /// it covers itself (other than `reserved`, which is about to be
     /// allocated), so that the new block never needs another new block.
     fn add_block(&mut self, table_index: u64, reserved: u64) -> io::Result<()> {
-        if table_index as usize >= self.table.len() {
-            return Err(io::Error::other(format!(
-                "the refcount table is full ({} blocks); growing it is not supported yet",
-                self.table.len()
-            )));
-        }
         let first = table_index * self.entries_per_block();
         let reserved_index = reserved >> self.cluster_bits;
         let block_index = if first == reserved_index {
@@ -163,14 +167,12 @@ impl Refcounts {
     /// decrement; returns its host offset. The caller must write it fully
     /// before any metadata points at it.
     pub fn allocate(&mut self, file: &File) -> io::Result<u64> {
-        let limit = self.table.len() as u64 * self.entries_per_block();
+        // Host offsets have 56 bits in L1 and L2 entries.
+        let limit = (1u64 << 56) >> self.cluster_bits;
         let mut index = self.free_hint.max(1);
         loop {
             if index >= limit {
-                return Err(io::Error::other(format!(
-                    "no free cluster within the refcount table's {} blocks; growing it is not supported yet",
-                    self.table.len()
-                )));
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
             }
             let host = index << self.cluster_bits;
             if self.get(file, host)? == 0 {
@@ -181,6 +183,97 @@ impl Refcounts {
             }
             index += 1;
         }
+    }
+
+    /// Moves the refcount table to a larger one at the end of the file,
+    /// with room for `needed_index`, when a cluster beyond what the table
+    /// covers is allocated (`reserved`, about to be used, is kept clear).
+    ///
+    /// The new table and the blocks covering its own clusters are written
+    /// and synced with every dirty block before the header points at them
+    /// (one 12-byte write of offset and size); the old table's clusters are
+    /// freed after the next flush. A crash at any point leaves either table
+    /// valid, and leaks at most.
+    fn grow_table(&mut self, file: &File, needed_index: u64, reserved: u64) -> io::Result<()> {
+        let bits = self.cluster_bits;
+        let per_block = self.entries_per_block();
+        let per_cluster = self.cluster_size() / 8;
+        let mut entries = (needed_index + 1)
+            .max(self.table.len() as u64 * 2)
+            .next_multiple_of(per_cluster);
+        let start = (self.file_end >> bits).max((reserved >> bits) + 1);
+        // The new table at `start`, then the new blocks that cover it and
+        // themselves: as many as the range's table indices without one.
+        let mut new_blocks = 0;
+        let missing = loop {
+            let clusters = entries / per_cluster;
+            let end = start + clusters + new_blocks;
+            let missing: Vec<u64> = (start / per_block..=(end - 1) / per_block)
+                .filter(|&k| {
+                    self.table
+                        .get(k as usize)
+                        .is_none_or(|&entry| entry & REFTABLE_OFFSET_MASK == 0)
+                })
+                .collect();
+            let last = (end - 1) / per_block;
+            if last >= entries {
+                entries = (last + 1).next_multiple_of(per_cluster);
+                continue;
+            }
+            if missing.len() as u64 == new_blocks {
+                break missing;
+            }
+            new_blocks = missing.len() as u64;
+        };
+        let clusters = entries / per_cluster;
+        let old_offset = self.table_offset;
+        let old_clusters = (self.table.len() as u64 * 8).div_ceil(self.cluster_size());
+        let new_offset = start << bits;
+        self.table.resize(entries as usize, 0);
+        for (i, &k) in missing.iter().enumerate() {
+            let host = (start + clusters + i as u64) << bits;
+            self.table[k as usize] = host;
+            self.blocks
+                .insert(k, host, vec![0; self.cluster_size() as usize], true);
+        }
+        self.table_offset = new_offset;
+        self.file_end = self.file_end.max((start + clusters + new_blocks) << bits);
+        for cluster in start..start + clusters + new_blocks {
+            self.set(file, cluster << bits, 1)?;
+        }
+
+        // Every block the new table lists must be on disk before the header
+        // points at it.
+        for key in self.blocks.dirty_keys() {
+            let table = self.blocks.get_mut(key).expect("dirty key");
+            file.write_all_at(&table.data, table.host)?;
+            table.dirty = false;
+        }
+        file.sync_data()?;
+        let raw: Vec<u8> = self.table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        file.write_all_at(&raw, new_offset)?;
+        file.sync_data()?;
+        let mut header = [0u8; 12];
+        header[..8].copy_from_slice(&new_offset.to_be_bytes());
+        header[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
+        file.write_all_at(&header, REFCOUNT_TABLE_HEADER_OFFSET)?;
+        file.sync_data()?;
+        self.table_dirty = false;
+        log::info!(
+            "refcount table moved from {old_offset:#x} ({old_clusters} clusters) to {new_offset:#x} ({clusters} clusters)"
+        );
+        for cluster in 0..old_clusters {
+            self.defer_decrement(old_offset + (cluster << bits));
+        }
+        Ok(())
+    }
+
+    /// Where the refcount table is now: offset and length in bytes.
+    pub fn table_range(&self) -> (u64, u64) {
+        (
+            self.table_offset,
+            (self.table.len() as u64 * 8).next_multiple_of(self.cluster_size()),
+        )
     }
 
     /// Queues one reference of the cluster at `host` to be dropped after

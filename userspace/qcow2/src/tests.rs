@@ -249,6 +249,48 @@ fn lazy_refcounts_image() {
     scenario(dir.path(), "lazy.qcow2", "lazy_refcounts=on", 65536);
 }
 
+/// 512-byte clusters: the refcount table qemu creates covers 8 MiB of file
+/// (64 blocks of 256 refcounts), so writing 24 MiB moves it (twice).
+#[test]
+fn refcount_table_grows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("grow.qcow2");
+    let size = 32 * MIB;
+    create(&path, "cluster_size=512", size);
+    let table_offset = |path: &Path| {
+        let header = fs::read(path).unwrap();
+        u64::from_be_bytes(header[48..56].try_into().unwrap())
+    };
+    let before = table_offset(&path);
+    let mut checked = Checked {
+        device: open(&path),
+        model: vec![0; size as usize],
+    };
+    for i in 0..24u64 {
+        checked.write(i * MIB + 4096, &pattern(i, MIB as usize - 8192));
+        if i % 8 == 7 {
+            checked.device.flush().unwrap();
+        }
+    }
+    checked.verify();
+    let Checked { device, model } = checked;
+    drop(device);
+    assert_ne!(table_offset(&path), before, "the table did not move");
+    assert_clean(&path);
+    assert_same(&path, &model);
+    // Reopened, the moved table is the one read.
+    let mut checked = Checked {
+        device: open(&path),
+        model,
+    };
+    checked.write(30 * MIB, &pattern(99, 4096));
+    checked.verify();
+    let Checked { device, model } = checked;
+    drop(device);
+    assert_clean(&path);
+    assert_same(&path, &model);
+}
+
 /// Small caches: tables are evicted and written back early.
 #[test]
 fn tiny_caches() {
