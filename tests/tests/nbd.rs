@@ -86,6 +86,8 @@ fn ext4_and_fio_verify_while_nbdkit_restarts() {
     );
     sh("umount", &[mnt_path]);
     sh("e2fsck", &["-fn", device.path_str()]);
+    let list = String::from_utf8(instance.run(["list"]).stdout).unwrap();
+    assert!(list.contains("running, connected"), "{list}");
 
     // Each kill broke the connections in use, and each came back.
     let log = fs::read_to_string(instance.runtime_dir.join("nbd-restart/daemon.log")).unwrap();
@@ -141,6 +143,8 @@ fn requests_fail_after_the_reconnect_timeout_and_detach_works() {
         "took {:?}",
         start.elapsed()
     );
+    let list = String::from_utf8(instance.run(["list"]).stdout).unwrap();
+    assert!(list.contains("running, down for "), "{list}");
     device.detach();
     instance.assert_nothing_left();
 }

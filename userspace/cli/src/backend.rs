@@ -39,6 +39,10 @@ pub enum Backend {
 /// The dm-user node this process serves, ended by [`finish`].
 static DM_USER: Mutex<Option<DmUser>> = Mutex::new(None);
 
+/// The NBD device this process serves, whose connection state the
+/// control socket's `status` reports.
+static NBD: Mutex<Option<Arc<NbdDevice>>> = Mutex::new(None);
+
 /// How long a daemon has to close the node after its reads failed with
 /// ENOTBLK before the node goes regardless.
 const DM_USER_GRACE: Duration = Duration::from_secs(3);
@@ -117,7 +121,9 @@ impl Backend {
                 if let Some(connections) = connections {
                     options.connections = *connections;
                 }
-                Ok(Arc::new(NbdDevice::connect(uri, &options)?))
+                let device = Arc::new(NbdDevice::connect(uri, &options)?);
+                *NBD.lock() = Some(device.clone());
+                Ok(device)
             }
             Backend::DmUser { name, size, policy } => {
                 if read_only {
@@ -157,4 +163,13 @@ pub fn finish() {
     if let Some(dm_user) = dm_user {
         dm_user.finish(DM_USER_GRACE);
     }
+}
+
+/// The state of this process's connection to its NBD server
+/// (`connected`, `reconnecting for 2.1s`, `down for 40.0s`); None when it
+/// serves no NBD export.
+pub fn connection_status() -> Option<String> {
+    NBD.lock()
+        .as_ref()
+        .map(|device| device.status().to_string())
 }

@@ -530,7 +530,8 @@ fn signal_loop(detacher: DetachHandle) {
 }
 
 /// The control socket takes one command per connection, a line of text, and
-/// answers `ok` or `error MESSAGE`.
+/// answers `ok` or `error MESSAGE`; `status` is answered `ok` followed by
+/// the connection state of an NBD backend, if it is one.
 fn control_loop(listener: UnixListener, detacher: DetachHandle, answering: Arc<Mutex<()>>) {
     for stream in listener.incoming().flatten() {
         let _answering = answering.lock();
@@ -569,6 +570,10 @@ fn handle_control(stream: UnixStream, detacher: &DetachHandle) -> std::io::Resul
             DetachHandle::Kmod { .. } => {
                 answer("error kernel-module devices are taken over through the module".into())
             }
+        },
+        "status" => match backend::connection_status() {
+            Some(status) => answer(format!("ok {status}")),
+            None => answer("ok".into()),
         },
         other => answer(format!("error unknown command {other:?}")),
     }
@@ -645,6 +650,20 @@ fn receive_handover(dir: &DeviceDir) -> Result<fuse_blk_loop::Handover, String> 
         open_files,
         backing_id,
     })
+}
+
+/// Asks the daemon of a device for its backend's connection state (see
+/// [`backend::connection_status`]); None if it has none or does not answer
+/// within a second (it answers one command at a time, and may be
+/// detaching).
+pub fn request_status(dir: &DeviceDir) -> Option<String> {
+    let stream = UnixStream::connect(dir.control_socket()).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    (&stream).write_all(b"status\n").ok()?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer).ok()?;
+    let status = answer.trim_end().strip_prefix("ok ")?;
+    Some(status.to_owned())
 }
 
 /// Asks the daemon of a device to detach; returns its answer.

@@ -422,6 +422,9 @@ fn list(json: bool) -> Result<(), String> {
                     orphan_status(&record)
                 } else if record.device.is_empty() {
                     "starting".to_string()
+                } else if let Some(connection) = daemon::request_status(&dir) {
+                    // An NBD backend: whether its server is reachable.
+                    format!("running, {connection}")
                 } else {
                     "running".to_string()
                 };

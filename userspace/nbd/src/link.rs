@@ -45,6 +45,20 @@ pub enum LinkStatus {
     Down { for_: Duration },
 }
 
+/// `connected`, `reconnecting for 2.1s`, `down for 40.0s`: what `list`
+/// shows.
+impl std::fmt::Display for LinkStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkStatus::Connected => f.write_str("connected"),
+            LinkStatus::Reconnecting { for_ } => {
+                write!(f, "reconnecting for {:.1}s", for_.as_secs_f64())
+            }
+            LinkStatus::Down { for_ } => write!(f, "down for {:.1}s", for_.as_secs_f64()),
+        }
+    }
+}
+
 /// What a reconnection must find for requests to be reissued on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Expectations {
@@ -102,6 +116,19 @@ struct Outage {
     last_error: Option<String>,
     /// Whether the timeout's expiry has been logged.
     expiry_logged: bool,
+}
+
+impl Outage {
+    /// An outage from `since`, with its first attempt due at once.
+    fn new(since: Instant, first_delay: Duration) -> Outage {
+        Outage {
+            since,
+            next_attempt: since,
+            delay: first_delay,
+            last_error: None,
+            expiry_logged: false,
+        }
+    }
 }
 
 struct State {
@@ -206,13 +233,9 @@ impl Link {
                 return Ok((handle.clone(), state.generation));
             }
             let now = Instant::now();
-            let outage = state.outage.get_or_insert(Outage {
-                since: now,
-                next_attempt: now,
-                delay: self.policy.first_delay,
-                last_error: None,
-                expiry_logged: false,
-            });
+            let outage = state
+                .outage
+                .get_or_insert(Outage::new(now, self.policy.first_delay));
             let since = outage.since;
             let deadline = since + self.policy.timeout;
             // Past the deadline too, so the device comes back with the
@@ -289,6 +312,6 @@ impl Link {
         // Commands still running on it fail on their own and end here too;
         // the last of them closes it.
         state.handle = None;
-        state.outage = None;
+        state.outage = Some(Outage::new(Instant::now(), self.policy.first_delay));
     }
 }

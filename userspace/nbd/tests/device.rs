@@ -297,6 +297,7 @@ fn requests_fail_with_eio_after_the_timeout_and_recover_with_the_server() {
     );
     assert!(waited < NO_HANG, "took {waited:?}");
     assert!(matches!(device.status(), LinkStatus::Down { .. }));
+    assert!(device.status().to_string().starts_with("down for "));
     // Once down, requests do not wait again: flush (what detach sends)
     // fails without a new timeout.
     let start = Instant::now();
@@ -319,6 +320,7 @@ fn requests_fail_with_eio_after_the_timeout_and_recover_with_the_server() {
     }
     assert_eq!(harness.read(0, 512).unwrap(), vec![2; 512]);
     assert_eq!(device.status(), LinkStatus::Connected);
+    assert_eq!(device.status().to_string(), "connected");
 }
 
 #[test]
