@@ -86,6 +86,9 @@ pub struct Image {
     /// Host ranges of the header, L1 table and refcount table, which no
     /// data cluster may overlap (the last moves when the table grows).
     fixed_metadata: RwLock<[(u64, u64); 3]>,
+    /// Tests stop a flush after this step, as a crash there would.
+    #[cfg(test)]
+    crash: crash::Point,
 }
 
 /// A piece of a guest request lying in one cluster.
@@ -207,6 +210,8 @@ impl Image {
             file_end: AtomicU64::new(file_end),
             fixed_metadata,
             header,
+            #[cfg(test)]
+            crash: crash::Point::default(),
         })
     }
 
@@ -722,6 +727,7 @@ impl Image {
             .lock()
             .write_back(&self.file, || self.sync())?;
         self.sync()?;
+        self.crash_point(1)?;
 
         // 2. L2 tables, then 3. the L1 table pointing at new ones.
         let mut wrote_l2 = false;
@@ -738,6 +744,7 @@ impl Image {
         if wrote_l2 {
             self.sync()?;
         }
+        self.crash_point(2)?;
         let l1 = {
             let mut tables = self.tables.write();
             std::mem::take(&mut tables.l1_dirty).then(|| tables.l1.clone())
@@ -754,6 +761,8 @@ impl Image {
             }
         }
 
+        self.crash_point(3)?;
+
         // 4. Decrements, now that nothing durable uses those references.
         let freed = {
             let mut refcounts = self.refcounts.lock();
@@ -765,6 +774,7 @@ impl Image {
             freed
         };
         self.sync()?;
+        self.crash_point(4)?;
         // Give the freed space back to the file system; it reads as zeros,
         // which a reader that looked the cluster up before it was freed may
         // see (a discard racing with a read).
@@ -799,8 +809,69 @@ fn punch_hole(file: &File, offset: u64, len: u64) {
     }
 }
 
+impl Image {
+    /// Fails a flush after `step` when a test asked for a crash there;
+    /// nothing after it reaches the file, close included.
+    #[cfg(test)]
+    fn crash_point(&self, step: usize) -> io::Result<()> {
+        self.crash.at(step)
+    }
+
+    #[cfg(not(test))]
+    fn crash_point(&self, _step: usize) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Simulates a crash after `step` of the next flush (0: before it).
+    #[cfg(test)]
+    pub(crate) fn crash_after(&self, step: usize) {
+        self.crash.arm(step);
+    }
+}
+
+#[cfg(test)]
+mod crash {
+    use std::io;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    pub struct Point {
+        after: AtomicUsize,
+        pub crashed: AtomicBool,
+    }
+
+    impl Default for Point {
+        fn default() -> Point {
+            Point {
+                after: AtomicUsize::new(usize::MAX),
+                crashed: AtomicBool::new(false),
+            }
+        }
+    }
+
+    impl Point {
+        pub fn arm(&self, step: usize) {
+            self.after.store(step, Ordering::SeqCst);
+            if step == 0 {
+                self.crashed.store(true, Ordering::SeqCst);
+            }
+        }
+
+        pub fn at(&self, step: usize) -> io::Result<()> {
+            if self.crashed.load(Ordering::SeqCst) || self.after.load(Ordering::SeqCst) == step {
+                self.crashed.store(true, Ordering::SeqCst);
+                return Err(io::Error::other("simulated crash"));
+            }
+            Ok(())
+        }
+    }
+}
+
 impl Drop for Image {
     fn drop(&mut self) {
+        #[cfg(test)]
+        if self.crash.crashed.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         if let Err(e) = self.flush() {
             log::error!("{}: flushing on close: {e}", self.path.display());
         }
