@@ -829,6 +829,18 @@ impl Image {
     }
 }
 
+impl Drop for Image {
+    fn drop(&mut self) {
+        #[cfg(test)]
+        if self.crash.crashed.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = self.flush() {
+            log::error!("{}: flushing on close: {e}", self.path.display());
+        }
+    }
+}
+
 #[cfg(test)]
 mod crash {
     use std::io;
@@ -862,18 +874,6 @@ mod crash {
                 return Err(io::Error::other("simulated crash"));
             }
             Ok(())
-        }
-    }
-}
-
-impl Drop for Image {
-    fn drop(&mut self) {
-        #[cfg(test)]
-        if self.crash.crashed.load(std::sync::atomic::Ordering::SeqCst) {
-            return;
-        }
-        if let Err(e) = self.flush() {
-            log::error!("{}: flushing on close: {e}", self.path.display());
         }
     }
 }
