@@ -8,7 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use fuse_blk_nbd::testutil::Server;
-use fuse_blk_tests::{sh, Instance, TempDir};
+use fuse_blk_tests::{random_bytes, read_at, sh, write_at, Instance, TempDir};
 
 const MIB: u64 = 1 << 20;
 
@@ -201,4 +201,43 @@ fn bad_nbd_backends_are_one_line_errors_leaving_nothing() {
         assert!(out.stdout.is_empty(), "{uri}: printed {:?}", out.stdout);
         instance.assert_nothing_left();
     }
+}
+
+/// `handoff` moves an nbd: device to a new daemon, which connects to the
+/// server itself and keeps the reconnect timeout.
+#[test]
+fn handoff_keeps_the_data_and_the_reconnect_timeout() {
+    let instance = Instance::new("nbd-handoff");
+    let dir = TempDir::new("nbd-handoff");
+    let server = Server::nbdkit(&dir.0, &["memory", "size=16M"]);
+    let device = instance.attach(&[
+        "--name",
+        "nbd-handoff",
+        "--reconnect-timeout-ms",
+        "45000",
+        &server.uri(""),
+    ]);
+    let data = random_bytes(11, 1 << 20);
+    write_at(&device.path, 4096, &data).unwrap();
+    let list = |instance: &Instance| -> serde_json::Value {
+        let out = instance.run(["list", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let before = list(&instance);
+    let out = instance.run(["handoff", "nbd-handoff"]);
+    assert!(
+        out.status.success(),
+        "handoff: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = list(&instance);
+    assert_ne!(before[0]["pid"], after[0]["pid"], "{after}");
+    assert_eq!(after[0]["reconnect_timeout_ms"], 45000, "{after}");
+    assert_eq!(after[0]["status"], "running, connected", "{after}");
+    assert!(
+        read_at(&device.path, 4096, 1 << 20) == data,
+        "data differs after the handoff"
+    );
+    device.detach();
+    instance.assert_nothing_left();
 }

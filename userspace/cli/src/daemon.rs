@@ -232,6 +232,7 @@ fn attach(
         io: None,
         ring_poll_us: None,
         threads: None,
+        reconnect_timeout_ms: None,
     };
     dir.write(&record)
         .map_err(|e| format!("writing state: {e}"))
@@ -347,6 +348,7 @@ fn record_serving(record: &mut DeviceState, served: &Served, args: &AttachArgs) 
     record.io = Some(if io_uring { "uring" } else { "rw" }.into());
     record.ring_poll_us = Some(args.ring_poll_us());
     record.threads = threads;
+    record.reconnect_timeout_ms = args.reconnect_timeout_ms;
 }
 
 /// The stock path's worker threads: `--threads`, or one per CPU.
@@ -736,6 +738,7 @@ mod tests {
             io: None,
             ring_poll_us: None,
             threads: None,
+            reconnect_timeout_ms: None,
         };
         dir.write(&record).expect("state");
         (Served::Stock(stock), dir, record)

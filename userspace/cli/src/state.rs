@@ -57,6 +57,9 @@ pub struct DeviceState {
     /// The stock path's worker threads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
+    /// An NBD backend's `--reconnect-timeout-ms`, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconnect_timeout_ms: Option<u32>,
 }
 
 /// The files of one device's directory.
@@ -198,6 +201,9 @@ impl DeviceState {
         if let Some(threads) = self.threads {
             args.extend(["--threads".to_owned(), threads.to_string()]);
         }
+        if let Some(ms) = self.reconnect_timeout_ms {
+            args.extend(["--reconnect-timeout-ms".to_owned(), ms.to_string()]);
+        }
         args
     }
 }
@@ -310,6 +316,7 @@ mod tests {
             io: None,
             ring_poll_us: None,
             threads: None,
+            reconnect_timeout_ms: None,
         }
     }
 
@@ -333,6 +340,14 @@ mod tests {
             stock.serving_args(),
             ["--io", "rw", "--ring-poll-us", "500", "--threads", "3"]
         );
+        let nbd = DeviceState {
+            backend: "nbd+unix:///?socket=/run/nbd.sock".into(),
+            reconnect_timeout_ms: Some(5000),
+            ..record()
+        };
+        assert_eq!(nbd.serving_args(), ["--reconnect-timeout-ms", "5000"]);
+        let json = serde_json::to_string(&nbd).unwrap();
+        assert_eq!(serde_json::from_str::<DeviceState>(&json).unwrap(), nbd);
         // What is written is read back, and a record without the fields
         // (an older daemon's) still reads.
         let json = serde_json::to_string(&stock).unwrap();
