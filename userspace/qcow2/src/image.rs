@@ -378,13 +378,37 @@ impl Image {
     /// Reads `buf.len()` guest bytes at `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        // Held from the lookups to the last read: no cluster looked up here
+        // can be reused meanwhile.
+        let _gate = self.reuse_gate.read();
+        // Clusters adjacent in the file as in the guest are read at once:
+        // (host offset, start in `buf`, length).
+        let mut run: Option<(u64, usize, usize)> = None;
         let mut done = 0;
         for piece in self.pieces(offset, buf.len() as u64) {
-            let out = &mut buf[done..done + piece.len];
+            let at = done;
             done += piece.len;
-            let _gate = self.reuse_gate.read();
             let entry = self.l2_entry(piece.cluster)?;
-            match self.classify(piece.cluster, entry)? {
+            let cluster = self.classify(piece.cluster, entry)?;
+            if let Cluster::Normal { host, .. } = cluster {
+                let host = host + piece.start as u64;
+                match &mut run {
+                    Some((run_host, run_at, run_len))
+                        if *run_host + *run_len as u64 == host && *run_at + *run_len == at =>
+                    {
+                        *run_len += piece.len;
+                    }
+                    _ => {
+                        if let Some((run_host, run_at, run_len)) = run.take() {
+                            self.read_data(run_host, &mut buf[run_at..run_at + run_len])?;
+                        }
+                        run = Some((host, at, piece.len));
+                    }
+                }
+                continue;
+            }
+            let out = &mut buf[at..at + piece.len];
+            match cluster {
                 Cluster::Unallocated => {
                     let guest = piece.cluster * self.cluster_size() + piece.start as u64;
                     match &self.backing {
@@ -393,14 +417,15 @@ impl Image {
                     }
                 }
                 Cluster::Zero { .. } => out.fill(0),
-                Cluster::Normal { host, .. } => {
-                    self.read_data(host + piece.start as u64, out)?;
-                }
                 Cluster::Compressed(extent) => {
                     let cluster = self.inflate(piece.cluster, extent)?;
                     out.copy_from_slice(&cluster[piece.start..piece.start + piece.len]);
                 }
+                Cluster::Normal { .. } => unreachable!("handled above"),
             }
+        }
+        if let Some((run_host, run_at, run_len)) = run {
+            self.read_data(run_host, &mut buf[run_at..run_at + run_len])?;
         }
         Ok(())
     }
