@@ -29,7 +29,7 @@ extern "C" {
 
     pub fn nbd_set_uri_allow_local_file(h: *mut nbd_handle, allow: bool) -> c_int;
     pub fn nbd_connect_uri(h: *mut nbd_handle, uri: *const c_char) -> c_int;
-    pub fn nbd_shutdown(h: *mut nbd_handle, flags: u32) -> c_int;
+    pub fn nbd_aio_disconnect(h: *mut nbd_handle, flags: u32) -> c_int;
 
     pub fn nbd_get_size(h: *mut nbd_handle) -> i64;
     pub fn nbd_get_block_size(h: *mut nbd_handle, size_type: c_int) -> i64;

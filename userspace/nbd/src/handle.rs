@@ -218,12 +218,13 @@ impl Handle {
         check(unsafe { ffi::nbd_zero(self.raw.as_ptr(), count, offset, flags) }).map(drop)
     }
 
-    /// Ends the connection politely (NBD_CMD_DISC), so the server does not
-    /// log an abrupt disconnect. Commands still in flight on other threads
-    /// complete first.
-    pub fn shutdown(&self) -> Result<(), Error> {
+    /// Asks the server to end the connection (NBD_CMD_DISC), so it does
+    /// not log an abrupt disconnect, without waiting for it: a server that
+    /// stopped answering must not hold up a detach (`nbd_shutdown` would
+    /// wait for the server to close).
+    pub fn disconnect(&self) -> Result<(), Error> {
         // SAFETY: the handle is live.
-        check(unsafe { ffi::nbd_shutdown(self.raw.as_ptr(), 0) }).map(drop)
+        check(unsafe { ffi::nbd_aio_disconnect(self.raw.as_ptr(), 0) }).map(drop)
     }
 }
 

@@ -213,11 +213,12 @@ impl Link {
         self.state.lock().generation.saturating_sub(1)
     }
 
-    /// Ends the connection politely, if there is one.
+    /// Ends the connection politely, if there is one, without waiting
+    /// for the server.
     pub fn shutdown(&self) {
         let handle = self.state.lock().handle.take();
         if let Some(handle) = handle {
-            if let Err(e) = handle.shutdown() {
+            if let Err(e) = handle.disconnect() {
                 log::debug!("{}: disconnect: {e}", self.uri);
             }
         }

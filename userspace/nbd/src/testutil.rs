@@ -126,6 +126,30 @@ impl Server {
         let _ = std::fs::remove_file(&self.socket);
     }
 
+    /// SIGSTOP: the server keeps its connections and answers nothing.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let child = self.child.as_ref().expect("the server runs");
+        let pid = libc::pid_t::try_from(child.id()).expect("pid");
+        // SAFETY: kill has no memory-safety preconditions; `pid` is our
+        // own child, not yet reaped, so the number is still its.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {signal}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
     /// Starts the server again on the same socket; it must be from the
     /// thread that started it (`--exit-with-parent` follows that thread).
     pub fn restart(&mut self) {

@@ -464,3 +464,28 @@ fn tls_with_a_pre_shared_key() {
     let message = connect_error(&server.uri(""));
     assert!(message.contains("server requires TLS"), "{message}");
 }
+
+/// The device going away does not wait for a server that stopped
+/// answering: the disconnect is sent, not waited for.
+#[test]
+fn destroy_does_not_wait_for_a_stopped_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::nbdkit(dir.path(), &["memory", "size=1M"]);
+    let (device, harness) = connect(&server.uri(""), &options(NO_HANG));
+    harness.write(0, &[1; 512], false).unwrap();
+    server.pause();
+    let destroying = {
+        let device = device.clone();
+        thread::spawn(move || fuse_blk::BlockDevice::destroy(&*device))
+    };
+    let start = Instant::now();
+    while !destroying.is_finished() {
+        if start.elapsed() > NO_HANG / 2 {
+            server.resume();
+            panic!("destroy waited {:?} for a stopped server", start.elapsed());
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    destroying.join().unwrap();
+    server.resume();
+}
