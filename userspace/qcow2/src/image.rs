@@ -586,6 +586,15 @@ impl Image {
         self.file_end
             .fetch_max(refcounts.file_end(), Ordering::AcqRel);
         self.fixed_metadata.write()[2] = refcounts.table_range();
+        drop(refcounts);
+        if !self.valid_data_cluster(host) {
+            // Its refcount said free, but it is the header or a table:
+            // the refcounts are corrupt; write nothing there.
+            return Err(corrupt(format_args!(
+                "{}: cluster {host:#x} has refcount 0 but holds metadata",
+                self.path.display()
+            )));
+        }
         Ok(host)
     }
 

@@ -108,16 +108,29 @@ pub(crate) fn path_error(e: &io::Error) -> String {
 /// reader, so that two daemons never write one image (or one writes a base
 /// another reads). qemu's own locks are byte-range locks, which do not see
 /// this one.
+///
+/// A lock belongs to the open file, which a child being forked by any
+/// thread of the process shares until it execs (the descriptor is
+/// close-on-exec); so a refusal is retried for a while before it counts.
 pub(crate) fn lock_file(file: &File, path: &Path, exclusive: bool) -> io::Result<()> {
     let operation = if exclusive {
         libc::LOCK_EX
     } else {
         libc::LOCK_SH
     } | libc::LOCK_NB;
-    // SAFETY: flock on a descriptor borrowed for the call.
-    if unsafe { libc::flock(file.as_raw_fd(), operation) } != 0 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        // SAFETY: flock on a descriptor borrowed for the call.
+        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+            return Ok(());
+        }
         let e = io::Error::last_os_error();
-        let message = if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        let busy = e.raw_os_error() == Some(libc::EWOULDBLOCK);
+        if busy && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            continue;
+        }
+        let message = if busy {
             "in use by another process (locked)".to_owned()
         } else {
             format!("locking: {}", path_error(&e))
@@ -127,7 +140,6 @@ pub(crate) fn lock_file(file: &File, path: &Path, exclusive: bool) -> io::Result
             format!("{}: {message}", path.display()),
         ));
     }
-    Ok(())
 }
 
 /// A qcow2 image served as a block device.

@@ -746,6 +746,31 @@ fn corrupt_l2_entry_gives_eio() {
     assert_eq!(fs::metadata(&path).unwrap().len(), len);
 }
 
+/// A refcount block that says the L1 table's cluster is free: the
+/// allocator's pick is refused with EIO instead of overwriting the table.
+#[test]
+fn zero_refcount_of_metadata_is_not_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad-rc.qcow2");
+    create(&path, "cluster_size=4096", 4 * MIB);
+    let image = fs::read(&path).unwrap();
+    let be64 = |at: usize| u64::from_be_bytes(image[at..at + 8].try_into().unwrap());
+    let l1 = be64(40);
+    let block = be64(be64(48) as usize);
+    // 16-bit refcounts: the L1 table's entry in the first block.
+    set_bytes(&path, block + (l1 / 4096) * 2, &[0, 0]);
+    // Two entries: 4 MiB of 2 MiB per L2 table.
+    let l1_before = fs::read(&path).unwrap()[l1 as usize..l1 as usize + 16].to_vec();
+    let device = open(&path);
+    assert_eq!(device.write(0, &[7; 4096], false), Err(libc::EIO));
+    drop(device);
+    let after = fs::read(&path).unwrap();
+    assert!(
+        after[l1 as usize..l1 as usize + 16] == l1_before[..],
+        "the L1 table was overwritten"
+    );
+}
+
 #[test]
 fn a_second_writer_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -985,6 +1010,95 @@ mod model {
             drop(device);
             assert_clean(&path);
             assert_same(&path, &model);
+        }
+    }
+
+    /// Host offsets of every 8-byte metadata word of a qcow2 image: the L1
+    /// table, the refcount table, refcount blocks and L2 tables.
+    fn metadata_words(image: &[u8]) -> Vec<u64> {
+        let be64 = |at: usize| u64::from_be_bytes(image[at..at + 8].try_into().unwrap());
+        let be32 = |at: usize| u32::from_be_bytes(image[at..at + 4].try_into().unwrap());
+        let cluster = 1u64 << be32(20);
+        let mask = 0x00ff_ffff_ffff_fe00;
+        let mut words = Vec::new();
+        let l1 = be64(40);
+        for i in 0..u64::from(be32(36)) {
+            words.push(l1 + i * 8);
+            let l2 = be64((l1 + i * 8) as usize) & mask;
+            if l2 != 0 {
+                words.extend((0..cluster / 8).map(|j| l2 + j * 8));
+            }
+        }
+        let table = be64(48);
+        for i in 0..u64::from(be32(56)) * cluster / 8 {
+            words.push(table + i * 8);
+            let block = be64((table + i * 8) as usize) & mask;
+            if block != 0 {
+                words.extend((0..cluster / 8).map(|j| block + j * 8));
+            }
+        }
+        words
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Corrupted metadata words (random values, or single flipped bits)
+        /// make requests fail with EIO or succeed, never panic, and nothing
+        /// is written past what the image could have allocated.
+        #[test]
+        fn corrupt_metadata_never_panics(
+            corruptions in proptest::collection::vec((any::<prop::sample::Index>(), any::<u64>(), any::<bool>()), 1..6),
+            ops in proptest::collection::vec(op(), 1..30),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("corrupt.qcow2");
+            let size = SECTORS * 512;
+            create(&path, "cluster_size=4096", size);
+            qemu("qemu-io", &["-c", "write -P 0x21 0 1M", "-c", "write -c -P 0x22 1M 64k", path.to_str().unwrap()]);
+            let image = fs::read(&path).unwrap();
+            // Words in use: corrupting those shows.
+            let words: Vec<u64> = metadata_words(&image)
+                .into_iter()
+                .filter(|&at| image[at as usize..at as usize + 8] != [0; 8])
+                .collect();
+            let file = fs::OpenOptions::new().write(true).open(&path).unwrap();
+            for (index, value, flip) in corruptions {
+                let at = words[index.index(words.len())];
+                let old = u64::from_be_bytes(image[at as usize..at as usize + 8].try_into().unwrap());
+                let new = if flip { old ^ (1 << (value % 64)) } else { value };
+                file.write_all_at(&new.to_be_bytes(), at).unwrap();
+            }
+            drop(file);
+            let header = fs::read(&path).unwrap()[..104].to_vec();
+            let len = fs::metadata(&path).unwrap().len();
+            let Ok(device) = open_with(&path, false, &Options::default()) else {
+                return Ok(());
+            };
+            let mut written = 0u64;
+            for op in ops {
+                let result = match op {
+                    Op::Write { sector, sectors, seed } => {
+                        written += sectors * 512;
+                        device.write(sector * 512, &pattern(seed, (sectors * 512) as usize), false)
+                    }
+                    Op::Discard { sector, sectors } => device.discard(sector * 512, sectors * 512),
+                    Op::Zero { sector, sectors, punch: true } => device.punch_hole(sector * 512, sectors * 512),
+                    Op::Zero { sector, sectors, punch: false } => device.write_zeroes(sector * 512, sectors * 512),
+                    Op::Read { sector, sectors } => device.read(sector * 512, (sectors * 512) as u32).map(drop),
+                    Op::Flush | Op::Reopen => device.flush(),
+                };
+                if let Err(errno) = result {
+                    prop_assert!(errno == libc::EIO, "errno {errno}");
+                }
+            }
+            drop(device);
+            let after = fs::read(&path).unwrap();
+            prop_assert!(after[..104] == header[..], "the header changed");
+            // Each written sector allocates at most one data cluster, one
+            // L2 table and one refcount block (plus a grown refcount table).
+            let bound = len + written * 3 * 4096 / 512 + 64 * 4096;
+            prop_assert!((after.len() as u64) <= bound, "file grew to {} (from {len})", after.len());
         }
     }
 }
