@@ -230,6 +230,51 @@ fn version_2() {
     );
 }
 
+/// A size that ends inside a cluster: the last cluster is written,
+/// zeroed and discarded up to the end of the image.
+#[test]
+fn size_not_a_multiple_of_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, options) in [("v3", ""), ("v2", "compat=0.10")] {
+        let base = dir.path().join(format!("{name}-base.raw"));
+        let size = MIB + 12288;
+        fs::write(&base, pattern(8, size as usize)).unwrap();
+        for backing in [false, true] {
+            let path = dir.path().join(format!("{name}-{backing}.qcow2"));
+            let p = path.to_str().unwrap();
+            let size_arg = size.to_string();
+            let mut args = vec!["create", "-q", "-f", "qcow2"];
+            if !options.is_empty() {
+                args.extend(["-o", options]);
+            }
+            if backing {
+                args.extend(["-b", base.to_str().unwrap(), "-F", "raw"]);
+            }
+            args.extend([p, &size_arg]);
+            qemu("qemu-img", &args);
+            let mut checked = Checked {
+                device: open(&path),
+                model: if backing {
+                    pattern(8, size as usize)
+                } else {
+                    vec![0; size as usize]
+                },
+            };
+            checked.write(size - 8192, &pattern(1, 4096));
+            checked.verify();
+            checked.zero(MIB, 12288, true);
+            checked.verify();
+            checked.write(MIB + 4096, &pattern(2, 8192));
+            checked.zero(MIB, 12288, false);
+            checked.verify();
+            let Checked { device, model } = checked;
+            drop(device);
+            assert_clean(&path);
+            assert_same(&path, &model);
+        }
+    }
+}
+
 #[test]
 fn refcount_widths() {
     let dir = tempfile::tempdir().unwrap();
