@@ -19,6 +19,7 @@
 //! cluster is therefore never below the number of durable references to
 //! it: a crash leaves leaked clusters at most.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -26,7 +27,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::backing::Backing;
 use crate::cache::TableCache;
@@ -79,6 +80,10 @@ pub struct Image {
     tables: RwLock<Tables>,
     refcounts: Mutex<Refcounts>,
     writer: Mutex<()>,
+    /// Guest clusters with an allocating write, discard or zeroing in
+    /// progress (see [`Image::claim`]).
+    busy: Mutex<HashSet<u64>>,
+    busy_done: Condvar,
     reuse_gate: RwLock<()>,
     /// End of the file as far as clusters go: the file's length rounded up
     /// to a cluster, grown by allocations. No metadata may point past it.
@@ -89,6 +94,19 @@ pub struct Image {
     /// Tests stop a flush after this step, as a crash there would.
     #[cfg(test)]
     crash: crash::Point,
+}
+
+/// A claimed guest cluster, released on drop.
+struct Claim<'a> {
+    image: &'a Image,
+    guest_cluster: u64,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.image.busy.lock().remove(&self.guest_cluster);
+        self.image.busy_done.notify_all();
+    }
 }
 
 /// A piece of a guest request lying in one cluster.
@@ -206,6 +224,8 @@ impl Image {
             }),
             refcounts: Mutex::new(refcounts),
             writer: Mutex::new(()),
+            busy: Mutex::new(HashSet::new()),
+            busy_done: Condvar::new(),
             reuse_gate: RwLock::new(()),
             file_end: AtomicU64::new(file_end),
             fixed_metadata,
@@ -502,9 +522,8 @@ impl Image {
             let chunk = &data[done..done + piece.len];
             done += piece.len;
             if !self.write_in_place(&piece, chunk)? {
-                let _writer = self.writer.lock();
+                let _claim = self.claim(piece.cluster);
                 self.write_allocating(&piece, chunk)?;
-                self.flush_if_cache_full()?;
             }
         }
         Ok(())
@@ -524,37 +543,79 @@ impl Image {
         }
     }
 
-    /// Under `writer`: writes a piece into a cluster that needs allocating
-    /// (or copying, or un-zeroing) first.
+    /// With the cluster claimed (and `writer` not held): writes a piece into
+    /// a cluster that needs allocating (or copying, or un-zeroing) first.
+    /// The metadata changes are made under `writer`, the data copy between
+    /// them without it, so that first writes to different clusters copy in
+    /// parallel.
     fn write_allocating(&self, piece: &Piece, chunk: &[u8]) -> io::Result<()> {
-        let entry = self.l2_entry(piece.cluster)?;
-        let cluster = self.classify(piece.cluster, entry)?;
-        if let Cluster::Normal { host, copied: true } = cluster {
-            // Another writer allocated it while this one waited.
-            return self.file.write_all_at(chunk, host + piece.start as u64);
-        }
-        let whole = piece.start == 0 && piece.len as u64 == self.cluster_size();
-        let content = if whole {
-            None
-        } else {
-            let mut content = self.cluster_content(piece.cluster, cluster)?;
-            content[piece.start..piece.start + piece.len].copy_from_slice(chunk);
-            Some(content)
+        let (cluster, target, old) = {
+            let _writer = self.writer.lock();
+            let entry = self.l2_entry(piece.cluster)?;
+            let cluster = self.classify(piece.cluster, entry)?;
+            if let Cluster::Normal { host, copied: true } = cluster {
+                // Another writer allocated it while this one waited; the
+                // claim keeps it from being freed.
+                drop(_writer);
+                return self.file.write_all_at(chunk, host + piece.start as u64);
+            }
+            self.own_l2_table(piece.cluster / self.l2_entries())?;
+            let (target, old) = match cluster {
+                // A zeroed cluster kept allocated and owned: reuse it.
+                Cluster::Zero {
+                    host: Some(host),
+                    copied: true,
+                } => (host, None),
+                _ => (self.allocate()?, self.references(cluster)),
+            };
+            (cluster, target, old)
         };
-        self.own_l2_table(piece.cluster / self.l2_entries())?;
-        let (target, old) = match cluster {
-            // A zeroed cluster kept allocated and owned: reuse it.
+        let fresh = !matches!(
+            cluster,
             Cluster::Zero {
-                host: Some(host),
-                copied: true,
-            } => (host, None),
-            _ => (self.allocate()?, self.references(cluster)),
+                host: Some(_),
+                copied: true
+            }
+        );
+        // The old cluster (a copy-on-write source) stays referenced until
+        // the new one replaces it below, so nothing frees it meanwhile.
+        let whole = piece.start == 0 && piece.len as u64 == self.cluster_size();
+        let copied = if whole {
+            self.file.write_all_at(chunk, target)
+        } else {
+            self.cluster_content(piece.cluster, cluster)
+                .and_then(|mut content| {
+                    content[piece.start..piece.start + piece.len].copy_from_slice(chunk);
+                    self.file.write_all_at(&content, target)
+                })
         };
-        self.file
-            .write_all_at(content.as_deref().unwrap_or(chunk), target)?;
-        self.set_l2_entry(piece.cluster, target | COPIED)?;
-        self.drop_references(old);
-        Ok(())
+        let _writer = self.writer.lock();
+        match copied.and_then(|()| self.set_l2_entry(piece.cluster, target | COPIED)) {
+            Ok(()) => self.drop_references(old),
+            Err(e) => {
+                if fresh {
+                    // Unused: free it again at the next flush.
+                    self.refcounts.lock().defer_decrement(target);
+                }
+                return Err(e);
+            }
+        }
+        self.flush_if_cache_full()
+    }
+
+    /// Marks a guest cluster as having a metadata change in progress,
+    /// waiting while another has: allocating writes, discards and zeroing
+    /// of one cluster happen one at a time. Taken before `writer`, never
+    /// while holding it.
+    fn claim(&self, guest_cluster: u64) -> Claim<'_> {
+        let mut busy = self.busy.lock();
+        while !busy.insert(guest_cluster) {
+            self.busy_done.wait(&mut busy);
+        }
+        Claim {
+            image: self,
+            guest_cluster,
+        }
     }
 
     /// The host clusters an L2 entry holds references to.
@@ -652,7 +713,6 @@ impl Image {
             return Err(self.read_only_error());
         }
         self.check_range(offset, len)?;
-        let _writer = self.writer.lock();
         for piece in self.pieces(offset, len) {
             if piece.len as u64 == self.cluster_size() || self.is_last_cluster_tail(&piece) {
                 let target = if self.has_zero_flag() && self.backing.is_some() {
@@ -660,10 +720,13 @@ impl Image {
                 } else {
                     0
                 };
+                let _claim = self.claim(piece.cluster);
+                let _writer = self.writer.lock();
                 self.replace_cluster(piece.cluster, target)?;
+                self.flush_if_cache_full()?;
             }
         }
-        self.flush_if_cache_full()
+        Ok(())
     }
 
     /// Whether the piece runs from the start of the image's last cluster to
@@ -699,8 +762,9 @@ impl Image {
         }
         self.check_range(offset, len)?;
         let zeros = vec![0u8; self.cluster_size() as usize];
-        let _writer = self.writer.lock();
         for piece in self.pieces(offset, len) {
+            let _claim = self.claim(piece.cluster);
+            let writer = self.writer.lock();
             let whole =
                 piece.len as u64 == self.cluster_size() || self.is_last_cluster_tail(&piece);
             let entry = self.l2_entry(piece.cluster)?;
@@ -718,12 +782,15 @@ impl Image {
                 self.replace_cluster(piece.cluster, 0)?;
             } else {
                 let chunk = &zeros[..piece.len];
+                drop(writer);
                 match cluster {
+                    // The claim keeps it from being freed.
                     Cluster::Normal { host, copied: true } => {
                         self.file.write_all_at(chunk, host + piece.start as u64)?
                     }
                     _ => self.write_allocating(&piece, chunk)?,
                 }
+                continue;
             }
             self.flush_if_cache_full()?;
         }

@@ -610,6 +610,102 @@ fn concurrent_requests() {
     assert_same(&path, &model);
 }
 
+/// Threads own interleaved 2 KiB stripes of an overlay (over a raw base),
+/// so that they share clusters and L2 tables, and write, zero, read and
+/// flush at random in them, with caches small enough that tables are
+/// evicted and written back while the others work; the image is checked
+/// against the combined model at the end.
+#[test]
+fn concurrent_mixed_requests_with_tiny_caches() {
+    const STRIPE: usize = 2048;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    let size = 16 * MIB as usize;
+    fs::write(&base, pattern(5, size)).unwrap();
+    let path = dir.path().join("mixed.qcow2");
+    qemu(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "-b",
+            base.to_str().unwrap(),
+            "-F",
+            "raw",
+            path.to_str().unwrap(),
+        ],
+    );
+    let options = Options {
+        l2_cache_bytes: 0,
+        refcount_cache_bytes: 0,
+    };
+    let device = Arc::new(Qcow2Device::open(&path, false, 512, &options).unwrap());
+    let threads = 4;
+    let model = Arc::new(parking_lot::Mutex::new(pattern(5, size)));
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let device = device.clone();
+            let model = model.clone();
+            scope.spawn(move || {
+                let harness = Harness::new(device);
+                let mut rng = t as u64 * 7919 + 1;
+                let mut next = move |bound: u64| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng % bound
+                };
+                for round in 0..400u64 {
+                    // A stripe of this thread's, and sectors inside it.
+                    let stripe = next((size / STRIPE / threads) as u64) as usize * threads + t;
+                    let first = next(4) as usize;
+                    let sectors = 1 + next(4 - first as u64) as usize;
+                    let at = stripe * STRIPE + first * 512;
+                    let len = sectors * 512;
+                    match next(6) {
+                        0..=2 => {
+                            let data = pattern(t as u64 * 100_000 + round, len);
+                            harness.write(at as u64, &data, false).unwrap();
+                            model.lock()[at..at + len].copy_from_slice(&data);
+                        }
+                        3 => {
+                            harness.punch_hole(at as u64, len as u64).unwrap();
+                            model.lock()[at..at + len].fill(0);
+                        }
+                        4 => {
+                            let got = harness.read(at as u64, len as u32).unwrap();
+                            // Only this thread writes the stripe.
+                            assert!(
+                                got == model.lock()[at..at + len],
+                                "thread {t} round {round}"
+                            );
+                        }
+                        _ => harness.flush().unwrap(),
+                    }
+                }
+            });
+        }
+    });
+    let model = model.lock().clone();
+    let checked = Checked {
+        device: Harness::new(device.clone()),
+        model,
+    };
+    checked.verify();
+    let Checked {
+        device: harness,
+        model,
+    } = checked;
+    drop(harness);
+    drop(device);
+    assert_clean(&path);
+    assert_same(&path, &model);
+}
+
 #[test]
 fn read_only_opens_leave_the_image_alone() {
     let dir = tempfile::tempdir().unwrap();
