@@ -104,41 +104,116 @@ pub(crate) fn path_error(e: &io::Error) -> String {
     }
 }
 
-/// Takes an advisory lock on an image: exclusive for a writer, shared for a
-/// reader, so that two daemons never write one image (or one writes a base
-/// another reads). qemu's own locks are byte-range locks, which do not see
-/// this one.
+/// Byte-range locks as qemu takes them on its images (open file
+/// description locks, all shared): byte `100 + p` while holding permission
+/// `p`, byte `200 + p` while not letting others hold it. Taking the same
+/// ones makes qemu (`qemu-img`, `qemu-io`, a VM) refuse an image a daemon
+/// writes, or a base it reads from, and lets the daemon see qemu's.
+mod qemu_lock {
+    pub const PERM_BASE: i64 = 100;
+    pub const SHARED_BASE: i64 = 200;
+    pub const CONSISTENT_READ: i64 = 0;
+    pub const WRITE: i64 = 1;
+    pub const RESIZE: i64 = 3;
+}
+
+/// `fcntl(F_OFD_*)` on one byte: `Ok(true)` when a lock of `kind` could be
+/// taken (for `F_OFD_GETLK`) or was (for `F_OFD_SETLK`).
+fn ofd_lock(file: &File, command: libc::c_int, kind: libc::c_short, byte: i64) -> io::Result<bool> {
+    // SAFETY: flock is a plain C struct; all-zero is a valid value.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = byte;
+    lock.l_len = 1;
+    // SAFETY: fcntl on a descriptor borrowed for the call, with a pointer
+    // to a live flock it may read and (F_OFD_GETLK) write.
+    if unsafe { libc::fcntl(file.as_raw_fd(), command, &mut lock) } != 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN | libc::EACCES) => Ok(false),
+            _ => Err(e),
+        };
+    }
+    Ok(command != libc::F_OFD_GETLK || lock.l_type == libc::F_UNLCK as libc::c_short)
+}
+
+/// Locks an image as qemu would: a writer holds read, write and resize
+/// permissions and shares none of write and resize; a reader (a base, a
+/// read-only attach) holds read and shares no write or resize either, so
+/// that its data cannot change under it. Refused while another process
+/// (qemu or another daemon) holds or forbids what this one needs.
 ///
-/// A lock belongs to the open file, which a child being forked by any
-/// thread of the process shares until it execs (the descriptor is
-/// close-on-exec); so a refusal is retried for a while before it counts.
-pub(crate) fn lock_file(file: &File, path: &Path, exclusive: bool) -> io::Result<()> {
-    let operation = if exclusive {
-        libc::LOCK_EX
+/// The locks belong to the open file, which a child being forked by any
+/// thread of this process shares until it execs (the descriptor is
+/// close-on-exec), so a refusal is retried for 2 s before it counts. A
+/// file system without such locks is used unlocked, as qemu does.
+pub(crate) fn lock_file(file: &File, path: &Path, writable: bool) -> io::Result<()> {
+    use qemu_lock::*;
+    let held: &[i64] = if writable {
+        &[CONSISTENT_READ, WRITE, RESIZE]
     } else {
-        libc::LOCK_SH
-    } | libc::LOCK_NB;
+        &[CONSISTENT_READ]
+    };
+    let unshared = [WRITE, RESIZE];
+    let busy = || {
+        io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!("{}: in use by another process (locked)", path.display()),
+        )
+    };
+    let take = || -> io::Result<bool> {
+        for &p in held {
+            if !ofd_lock(file, libc::F_OFD_SETLK, libc::F_RDLCK as _, PERM_BASE + p)? {
+                return Ok(false);
+            }
+        }
+        for &p in &unshared {
+            if !ofd_lock(file, libc::F_OFD_SETLK, libc::F_RDLCK as _, SHARED_BASE + p)? {
+                return Ok(false);
+            }
+        }
+        // Nobody forbids what is held, nobody holds what is forbidden.
+        for &p in held {
+            if !ofd_lock(file, libc::F_OFD_GETLK, libc::F_WRLCK as _, SHARED_BASE + p)? {
+                return Ok(false);
+            }
+        }
+        for &p in &unshared {
+            if !ofd_lock(file, libc::F_OFD_GETLK, libc::F_WRLCK as _, PERM_BASE + p)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     loop {
-        // SAFETY: flock on a descriptor borrowed for the call.
-        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
-            return Ok(());
+        match take() {
+            Ok(true) => return Ok(()),
+            Ok(false) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Ok(false) => return Err(busy()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | libc::ENOLCK | libc::EOPNOTSUPP)
+                ) =>
+            {
+                log::warn!(
+                    "{}: not locked ({}): the file system has no byte-range locks",
+                    path.display(),
+                    path_error(&e)
+                );
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("{}: locking: {}", path.display(), path_error(&e)),
+                ))
+            }
         }
-        let e = io::Error::last_os_error();
-        let busy = e.raw_os_error() == Some(libc::EWOULDBLOCK);
-        if busy && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            continue;
-        }
-        let message = if busy {
-            "in use by another process (locked)".to_owned()
-        } else {
-            format!("locking: {}", path_error(&e))
-        };
-        return Err(io::Error::new(
-            io::ErrorKind::ResourceBusy,
-            format!("{}: {message}", path.display()),
-        ));
     }
 }
 

@@ -922,7 +922,78 @@ fn a_second_writer_is_refused() {
         open_err(&path, false),
         format!("{}: in use by another process (locked)", path.display())
     );
+    assert_eq!(
+        open_err(&path, true),
+        format!("{}: in use by another process (locked)", path.display())
+    );
     drop(first);
+    // Two readers share an image.
+    let reader = open_with(&path, true, &Options::default()).unwrap();
+    drop(open_with(&path, true, &Options::default()).unwrap());
+    drop(reader);
+    drop(open(&path));
+}
+
+/// The locks are qemu's: qemu refuses an image attached here, or its base,
+/// and an image qemu has open is refused here.
+#[test]
+fn locks_keep_qemu_out_and_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    fs::write(&base, vec![0u8; 4 * MIB as usize]).unwrap();
+    let path = dir.path().join("overlay.qcow2");
+    create_overlay(&path, &base, "raw");
+    let p = path.to_str().unwrap();
+
+    let device = open(&path);
+    for args in [
+        vec!["-c", "read 0 512", p],
+        vec!["-r", "-c", "read 0 512", p],
+        vec!["-f", "raw", "-c", "write 0 512", base.to_str().unwrap()],
+    ] {
+        let out = run("qemu-io", &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("lock"),
+            "qemu-io {args:?} while attached: {stderr}"
+        );
+    }
+    // Reading the base is fine, as for any other overlay over it.
+    qemu(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read 0 512",
+            base.to_str().unwrap(),
+        ],
+    );
+    drop(device);
+
+    let mut qemu_io = Command::new("qemu-io")
+        .arg(p)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // qemu-io has the image open once its prompt or first answer is out.
+    {
+        use std::io::{BufRead, Write};
+        let stdin = qemu_io.stdin.as_mut().unwrap();
+        writeln!(stdin, "read 0 512").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(qemu_io.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+    }
+    assert_eq!(
+        open_err(&path, false),
+        format!("{}: in use by another process (locked)", path.display())
+    );
+    drop(qemu_io.stdin.take());
+    assert!(qemu_io.wait().unwrap().success());
     drop(open(&path));
 }
 
