@@ -754,9 +754,10 @@ impl Image {
     }
 
     /// Makes the range read as zeros: whole clusters become zero clusters
-    /// (v3) or unallocated (v2 without a backing file); the rest is written
-    /// with zeros.
-    pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+    /// (v3; without `may_unmap` one this image owns keeps its storage, so
+    /// that writing it again needs no allocation) or unallocated (v2
+    /// without a backing file); the rest is written with zeros.
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
         if self.read_only {
             return Err(self.read_only_error());
         }
@@ -777,7 +778,13 @@ impl Image {
             if reads_zero {
                 // Already zeros.
             } else if whole && self.has_zero_flag() {
-                self.replace_cluster(piece.cluster, ZERO)?;
+                match cluster {
+                    Cluster::Normal { host, copied: true } if !may_unmap => {
+                        self.own_l2_table(piece.cluster / self.l2_entries())?;
+                        self.set_l2_entry(piece.cluster, host | COPIED | ZERO)?;
+                    }
+                    _ => self.replace_cluster(piece.cluster, ZERO)?,
+                }
             } else if whole && self.backing.is_none() {
                 self.replace_cluster(piece.cluster, 0)?;
             } else {

@@ -311,10 +311,10 @@ impl BlockDevice for Qcow2Device {
         _req: &Request,
         offset: u64,
         len: u64,
-        _may_unmap: bool,
+        may_unmap: bool,
         reply: ReplyEmpty,
     ) {
-        reply.outcome(self.image.write_zeroes(offset, len));
+        reply.outcome(self.image.write_zeroes(offset, len, may_unmap));
     }
 
     fn destroy(&self) {

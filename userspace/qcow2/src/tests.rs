@@ -294,6 +294,47 @@ fn lazy_refcounts_image() {
     scenario(dir.path(), "lazy.qcow2", "lazy_refcounts=on", 65536);
 }
 
+/// Write-zeroes without unmap keeps an owned cluster's storage (a zero
+/// cluster with its host offset), which the next write to it reuses: the
+/// file does not grow; with unmap the storage goes.
+#[test]
+fn zeroing_keeps_or_releases_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keep.qcow2");
+    create(&path, "", 4 * MIB);
+    let mut checked = Checked {
+        device: open(&path),
+        model: vec![0; 4 * MIB as usize],
+    };
+    checked.write(0, &pattern(1, 4 * 65536));
+    checked.device.flush().unwrap();
+    let len = fs::metadata(&path).unwrap().len();
+    checked.zero(0, 2 * 65536, false);
+    checked.write(4096, &pattern(2, 4096));
+    checked.device.flush().unwrap();
+    checked.verify();
+    assert_eq!(
+        fs::metadata(&path).unwrap().len(),
+        len,
+        "zeroed storage not reused"
+    );
+    let Checked { device, model } = checked;
+    drop(device);
+    assert_clean(&path);
+    assert_same(&path, &model);
+    let map = qemu(
+        "qemu-img",
+        &["map", "--output=json", path.to_str().unwrap()],
+    );
+    // The second cluster reads as zeros and still has its storage.
+    assert!(
+        map.lines().any(|l| l.contains("\"start\": 65536")
+            && l.contains("\"zero\": true")
+            && l.contains("\"offset\"")),
+        "{map}"
+    );
+}
+
 /// 512-byte clusters: the refcount table qemu creates covers 8 MiB of file
 /// (64 blocks of 256 refcounts), so writing 24 MiB moves it (twice).
 #[test]
