@@ -2,15 +2,18 @@
 //! tables, cluster allocation with copy-on-write, discard, zeroing and
 //! ordered metadata write-back.
 //!
-//! Locking. Metadata changes (allocating writes, discards, zeroing,
-//! flushes) are serialised by `writer`; data I/O of allocating writes
-//! happens under it too. Reads, and writes into clusters this image owns
-//! alone (L2 entry with the COPIED flag), take no lock of their own on the
-//! data path: they look the cluster up under a shared lock on the tables
-//! and then read or write the file with positional I/O. So that such a
-//! reader never sees a cluster handed to other data between its lookup
-//! and its I/O, freed clusters are reused only after a flush, which waits
-//! (`reuse_gate`) for every lookup-to-I/O section that began before it.
+//! Locking. Metadata changes (allocating clusters, changing L2 entries,
+//! flushes) are serialised by `writer`, held for the table updates only:
+//! an allocating write copies its data between two short holds, while a
+//! per-guest-cluster claim keeps other changes to that cluster (another
+//! first write, a discard, zeroing) waiting. Reads, and writes into
+//! clusters this image owns alone (L2 entry with the COPIED flag), take no
+//! lock of their own on the data path: they look the cluster up under a
+//! shared lock on the tables and then read or write the file with
+//! positional I/O. So that such a reader never sees a cluster handed to
+//! other data between its lookup and its I/O, freed clusters are reused
+//! only after a flush, which waits (`reuse_gate`) for every lookup-to-I/O
+//! section that began before it.
 //!
 //! Crash ordering (what a flush writes, in order, with an fdatasync after
 //! each step that wrote something): refcount increments (and with them the
@@ -164,13 +167,6 @@ impl Image {
                 "image is dirty (refcounts not up to date, lazy_refcounts was in use); attach it --read-only, or repair it with `qemu-img check -r all`".into(),
             ));
         }
-        if header.autoclear_features != 0 && !read_only {
-            // Autoclear features (bitmaps, ...) are ones a writer that does
-            // not keep them up to date must mark stale.
-            file.write_all_at(&0u64.to_be_bytes(), AUTOCLEAR_OFFSET)
-                .and_then(|()| file.sync_data())
-                .map_err(in_path)?;
-        }
 
         let cluster_size = header.cluster_size();
         let file_end = file_len.next_multiple_of(cluster_size);
@@ -201,6 +197,14 @@ impl Image {
             )?),
             None => None,
         };
+        if header.autoclear_features != 0 && !read_only {
+            // Autoclear features (bitmaps, ...) are ones a writer that does
+            // not keep them up to date must mark stale; last, so that an
+            // open refused for another reason leaves the image as it was.
+            file.write_all_at(&0u64.to_be_bytes(), AUTOCLEAR_OFFSET)
+                .and_then(|()| file.sync_data())
+                .map_err(in_path)?;
+        }
         let fixed_metadata = RwLock::new([
             (0, cluster_size),
             (
