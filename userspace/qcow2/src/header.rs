@@ -221,6 +221,8 @@ impl Header {
             return Err(HeaderError::BadClusterBits(cluster_bits));
         }
         let cluster_size = 1u64 << cluster_bits;
+        // Everything of the header lies in its first cluster.
+        let first = &first[..first.len().min(cluster_size as usize)];
         let mut header = Header {
             version,
             backing_file: None,
