@@ -299,8 +299,8 @@ impl Image {
         }
     }
 
-    /// Whether a data cluster at `host` would lie in the file and clear of
-    /// the header and fixed tables; a corrupt L2 entry fails this.
+    /// Whether a data cluster (or L2 table) at `host` would lie in the file
+    /// and clear of the header and fixed tables; a corrupt entry fails this.
     fn valid_data_cluster(&self, host: u64) -> bool {
         let size = self.cluster_size();
         host % size == 0
@@ -356,11 +356,9 @@ impl Image {
     fn load_l2(&self, tables: &mut Tables, l1_index: u64) -> io::Result<()> {
         let l1_entry = tables.l1[l1_index as usize];
         let host = l1_entry & OFFSET_MASK;
-        if l1_entry & L1_RESERVED != 0
-            || host % self.cluster_size() != 0
-            || host + self.cluster_size() > self.file_end.load(Ordering::Acquire)
-            || host < self.cluster_size()
-        {
+        // Like a data cluster: in the file, clear of the header and tables
+        // (a flush writes it back there).
+        if l1_entry & L1_RESERVED != 0 || !self.valid_data_cluster(host) {
             return Err(corrupt(format_args!(
                 "{}: L1 entry {l1_index} ({l1_entry:#018x}) points outside the image or is invalid",
                 self.path.display()
