@@ -169,8 +169,8 @@ pub struct AttachArgs {
     /// mem:SIZE (sparse memory), file:PATH (image file or block device),
     /// null:SIZE (reads zeros, drops writes), dm-user:NAME:SIZE (served by
     /// a dm-user daemon on /dev/dm-user/NAME), nbd://HOST[:PORT]/EXPORT or
-    /// nbd+unix:///EXPORT?socket=PATH (an NBD server's export). SIZE takes
-    /// K, M, G, T.
+    /// nbd+unix:///EXPORT?socket=PATH (an NBD server's export), qcow2:PATH
+    /// (a qcow2 image, over its backing files). SIZE takes K, M, G, T.
     backend: String,
 }
 
