@@ -79,6 +79,7 @@ pub struct Header {
     pub refcount_table_offset: u64,
     pub refcount_table_clusters: u32,
     pub nb_snapshots: u32,
+    pub snapshots_offset: u64,
     pub incompatible_features: u64,
     pub compatible_features: u64,
     pub autoclear_features: u64,
@@ -234,6 +235,7 @@ impl Header {
             refcount_table_offset: be64(first, 48),
             refcount_table_clusters: be32(first, 56),
             nb_snapshots: be32(first, 60),
+            snapshots_offset: be64(first, 64),
             incompatible_features: 0,
             compatible_features: 0,
             autoclear_features: 0,
@@ -378,7 +380,8 @@ impl Header {
         }
     }
 
-    /// Refuses writable opens of images whose refcounts cannot be trusted.
+    /// Whether the refcounts may be stale (lazy refcounts, not closed
+    /// cleanly): they are rebuilt before the image is written.
     pub fn is_dirty(&self) -> bool {
         self.incompatible_features & incompatible::DIRTY != 0
     }

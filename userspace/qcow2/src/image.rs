@@ -155,17 +155,31 @@ impl Image {
             .open(path)
             .map_err(in_path)?;
         lock_file(&file, path, !read_only)?;
-        let file_len = file.metadata().map_err(in_path)?.len();
-
-        // The header and its extensions sit in the first cluster; read the
-        // largest one qemu makes, or the file if shorter.
-        let mut first = vec![0u8; (2 << 20).min(file_len) as usize];
-        read_exact_at(&file, &mut first, 0).map_err(in_path)?;
-        let header = Header::parse(&first, file_len).map_err(|e| invalid(e.to_string()))?;
+        let read_header = || -> io::Result<(Header, u64)> {
+            let file_len = file.metadata().map_err(in_path)?.len();
+            // The header and its extensions sit in the first cluster; read
+            // the largest one qemu makes, or the file if shorter.
+            let mut first = vec![0u8; (2 << 20).min(file_len) as usize];
+            read_exact_at(&file, &mut first, 0).map_err(in_path)?;
+            let header = Header::parse(&first, file_len).map_err(|e| invalid(e.to_string()))?;
+            Ok((header, file_len))
+        };
+        let (mut header, mut file_len) = read_header()?;
+        let backing = match &header.backing_file {
+            Some(name) => Some(Backing::open(
+                path,
+                name,
+                header.backing_format.as_deref(),
+                options,
+                chain,
+            )?),
+            None => None,
+        };
         if header.is_dirty() && !read_only {
-            return Err(invalid(
-                "image is dirty (refcounts not up to date, lazy_refcounts was in use); attach it --read-only, or repair it with `qemu-img check -r all`".into(),
-            ));
+            // Refcounts left stale by lazy refcounts: count them again, as
+            // qemu does when it opens such an image for writing.
+            crate::rebuild::rebuild(&file, &header, file_len).map_err(in_path)?;
+            (header, file_len) = read_header()?;
         }
 
         let cluster_size = header.cluster_size();
@@ -187,16 +201,6 @@ impl Image {
         )
         .map_err(in_path)?;
 
-        let backing = match &header.backing_file {
-            Some(name) => Some(Backing::open(
-                path,
-                name,
-                header.backing_format.as_deref(),
-                options,
-                chain,
-            )?),
-            None => None,
-        };
         if header.autoclear_features != 0 && !read_only {
             // Autoclear features (bitmaps, ...) are ones a writer that does
             // not keep them up to date must mark stale; last, so that an

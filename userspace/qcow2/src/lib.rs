@@ -11,11 +11,13 @@
 //!   above 1, no COPIED flag) are copied before being written;
 //! - discard and write-zeroes as zero clusters (version 3) or deallocation,
 //!   and flushes that write metadata back in crash-safe order (see
-//!   [`image`]'s documentation).
+//!   [`image`]'s documentation);
+//! - dirty images (lazy refcounts left stale by a crash): served as they
+//!   are read-only, their refcounts rebuilt before they are written.
 //!
 //! Refused with a one-line error: encryption, external data files,
 //! extended L2 entries, unknown incompatible features, images marked
-//! corrupt, and dirty images (lazy refcounts left stale) unless read-only.
+//! corrupt.
 //!
 //! ```no_run
 //! use fuse_blk::BlockDevice;
@@ -40,6 +42,7 @@ mod cache;
 mod compressed;
 pub mod header;
 pub mod image;
+mod rebuild;
 mod refcount;
 #[cfg(test)]
 mod tests;
