@@ -70,7 +70,16 @@ fn fio_and_ext4_on_an_overlay_over_a_raw_base() {
     );
     let backend = format!("qcow2:{}", overlay.display());
 
-    let device = instance.attach(&["--block-size", "4096", &backend]);
+    // Caches of two tables each: fio makes them evict and write back.
+    let device = instance.attach(&[
+        "--block-size",
+        "4096",
+        "--qcow2-l2-cache",
+        "128K",
+        "--qcow2-refcount-cache",
+        "128K",
+        &backend,
+    ]);
     // Unwritten blocks come from the base.
     assert!(
         read_at(&device.path, 100 * MIB as u64, MIB)

@@ -33,6 +33,7 @@ pub enum Backend {
     },
     Qcow2 {
         path: PathBuf,
+        options: fuse_blk_qcow2::Options,
     },
 }
 
@@ -65,7 +66,17 @@ impl Backend {
             if path.is_empty() {
                 return Err("qcow2: needs a path".into());
             }
-            return Ok(Backend::Qcow2 { path: path.into() });
+            let mut options = fuse_blk_qcow2::Options::default();
+            if let Some(bytes) = args.qcow2_l2_cache {
+                options.l2_cache_bytes = bytes;
+            }
+            if let Some(bytes) = args.qcow2_refcount_cache {
+                options.refcount_cache_bytes = bytes;
+            }
+            return Ok(Backend::Qcow2 {
+                path: path.into(),
+                options,
+            });
         }
         let Some(rest) = text.strip_prefix("dm-user:") else {
             return text.parse().map(Backend::Spec).map_err(|e| format!("{e}"));
@@ -105,11 +116,8 @@ impl Backend {
     pub fn open(&self, read_only: bool, block_size: u32) -> io::Result<Arc<dyn BlockDevice>> {
         match self {
             Backend::Spec(spec) => spec.open(read_only, block_size),
-            Backend::Qcow2 { path } => Ok(Arc::new(fuse_blk_qcow2::Qcow2Device::open(
-                path,
-                read_only,
-                block_size,
-                &fuse_blk_qcow2::Options::default(),
+            Backend::Qcow2 { path, options } => Ok(Arc::new(fuse_blk_qcow2::Qcow2Device::open(
+                path, read_only, block_size, options,
             )?)),
             Backend::Nbd {
                 uri,
@@ -148,7 +156,7 @@ impl fmt::Display for Backend {
         match self {
             Backend::Spec(spec) => spec.fmt(f),
             Backend::Nbd { uri, .. } => f.write_str(uri),
-            Backend::Qcow2 { path } => write!(f, "qcow2:{}", path.display()),
+            Backend::Qcow2 { path, .. } => write!(f, "qcow2:{}", path.display()),
             Backend::DmUser { name, size, .. } => {
                 write!(f, "dm-user:{name}:{}", format_size(*size))
             }

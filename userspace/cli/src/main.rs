@@ -162,6 +162,14 @@ pub struct AttachArgs {
     /// 30000).
     #[arg(long, value_name = "MILLISECONDS")]
     reconnect_timeout_ms: Option<u32>,
+    /// qcow2: bytes of L2 tables kept in memory, for each image of the
+    /// backing chain (K, M, G; default 4M, which maps 32 GiB of 64 KiB
+    /// clusters; at least two tables are kept).
+    #[arg(long, value_name = "SIZE", value_parser = parse_cache_size)]
+    qcow2_l2_cache: Option<usize>,
+    /// qcow2: bytes of refcount blocks kept in memory (default 1M).
+    #[arg(long, value_name = "SIZE", value_parser = parse_cache_size)]
+    qcow2_refcount_cache: Option<usize>,
     /// Internal: the descriptor on which a background daemon reports
     /// readiness to the `attach` that started it.
     #[arg(long, hide = true)]
@@ -204,6 +212,11 @@ fn parse_block_size(text: &str) -> Result<u32, String> {
         "4096" => Ok(4096),
         _ => Err(format!("{text} is not 512 or 4096")),
     }
+}
+
+fn parse_cache_size(text: &str) -> Result<usize, String> {
+    let bytes = fuse_blk_backends::parse_size(text).map_err(|e| e.to_string())?;
+    usize::try_from(bytes).map_err(|_| format!("{text} is too large"))
 }
 
 fn main() -> ExitCode {
