@@ -9,10 +9,13 @@
 //!   opens, reads, writes, polls and closes into calls of the bridge.
 //! - [`DmUserDevice`]: the [`BlockDevice`] handler that turns each block
 //!   request into a message, for either fuse-blk transport.
+//! - [`channel`]: the other way round, any fuse-blk handler as a dm-user
+//!   daemon: each descriptor of a node is a channel of the session engine.
 //!
 //! See Documentation/DM-USER.md.
 
 pub mod bridge;
+pub mod channel;
 pub mod cuse;
 pub mod wire;
 

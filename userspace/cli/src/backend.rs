@@ -113,6 +113,13 @@ impl Backend {
         }
     }
 
+    /// Whether requests wait for a program outside this one (a dm-user
+    /// daemon that may not have opened the node yet): then nothing in
+    /// `attach` may read the device, the kernel's partition scan included.
+    pub fn waits_for_a_daemon(&self) -> bool {
+        matches!(self, Backend::DmUser { .. })
+    }
+
     pub fn open(&self, read_only: bool, block_size: u32) -> io::Result<Arc<dyn BlockDevice>> {
         match self {
             Backend::Spec(spec) => spec.open(read_only, block_size),

@@ -250,6 +250,7 @@ fn attach(
             io: args.io.into(),
             passthrough: !args.no_passthrough,
             ring_poll: args.ring_poll(),
+            scan_partitions: !backend.waits_for_a_daemon(),
             ..defaults
         };
         let device = KmodDevice::create(device, &options)

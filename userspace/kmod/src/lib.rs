@@ -146,6 +146,13 @@ pub struct KmodOptions {
     /// io_uring channels: poll for the next request while requests come
     /// at most this far apart (see [`SessionConfig::ring_poll`]).
     pub ring_poll: Duration,
+    /// Open the device once before [`KmodDevice::create`] returns, so that
+    /// the kernel has read its partition table (and made its partitions'
+    /// nodes) by then. A handler that cannot answer until something outside
+    /// it is ready (a dm-user node waiting for its daemon) says no: the
+    /// kernel then reads the table at the device's first open, whoever
+    /// makes it (udev, usually), and `create` does not wait for that.
+    pub scan_partitions: bool,
 }
 
 impl Default for KmodOptions {
@@ -162,6 +169,7 @@ impl Default for KmodOptions {
             io: IoMode::Auto,
             passthrough: true,
             ring_poll: fuse_blk::DEFAULT_RING_POLL,
+            scan_partitions: true,
         }
     }
 }
@@ -285,6 +293,9 @@ impl KmodDevice {
         };
         kmod.start(session, &params, false, options.io)?;
         kmod.wait_live()?;
+        if options.scan_partitions {
+            kmod.scan_partitions()?;
+        }
         Ok(kmod)
     }
 
@@ -325,6 +336,7 @@ impl KmodDevice {
         };
         kmod.start(session, &params, true, io)?;
         kmod.wait_live()?;
+        kmod.scan_partitions()?;
         Ok(kmod)
     }
 
@@ -422,8 +434,7 @@ impl KmodDevice {
     }
 
     /// Waits until every queue's worker has answered FUSE_INIT (the driver
-    /// then publishes the capacity), and opens the device once so that the
-    /// kernel reads its partition table.
+    /// then publishes the capacity).
     fn wait_live(&self) -> io::Result<()> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
@@ -442,6 +453,13 @@ impl KmodDevice {
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+        Ok(())
+    }
+
+    /// Opens the device once, which has the kernel read its partition
+    /// table (the module marks it for a scan at the next open once the
+    /// device is sized, see GD_NEED_PART_SCAN in fuse_blk.c).
+    fn scan_partitions(&self) -> io::Result<()> {
         let path = self.device_path();
         File::open(&path)
             .map(drop)
