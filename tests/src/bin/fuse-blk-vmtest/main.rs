@@ -27,6 +27,12 @@
 //!                                         with a fresh memory device
 //!   fuse-blk-vmtest destroy ID            FUSE_BLK_IOC_DESTROY, whatever the device's state
 //!   fuse-blk-vmtest info ID               print FUSE_BLK_IOC_GET_INFO
+//!   fuse-blk-vmtest features              print the module's feature flags by name
+//!                                         (FUSE_BLK_IOC_GET_FEATURES), one line
+//!   fuse-blk-vmtest dm-user-serve NODE SIZE DESCRIPTORS
+//!                                         be a dm-user daemon on NODE: a memory device
+//!                                         of SIZE served through fuse-blk's engine
+//!                                         (compat/dm-user channel.rs), until ENOTBLK
 //!
 //! Serving commands print the device path on stdout once it is ready and
 //! serve until the device is destroyed.
@@ -89,6 +95,22 @@ fn main() -> ExitCode {
                     info.params.size
                 )
             }),
+        ["dm-user-serve", node, size, descriptors] => MemDevice::new(parse(size), 4096)
+            .and_then(|device| {
+                fuse_blk_dm_user::channel::serve_node(
+                    Arc::new(device),
+                    std::path::Path::new(node),
+                    parse(descriptors) as u16,
+                    1 << 20,
+                )
+            })
+            .map(|()| println!("dm-user-serve: the target is gone")),
+        ["features"] => Control::open().and_then(|c| c.features()).map(|features| {
+            println!(
+                "{}",
+                fuse_blk_kmod::uapi::feature_names(features.features).join(" ")
+            )
+        }),
         _ => Err(io::Error::other(
             "usage: see the top of tests/src/bin/fuse-blk-vmtest.rs",
         )),
