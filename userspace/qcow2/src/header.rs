@@ -390,6 +390,11 @@ impl Header {
 /// Byte offset of `autoclear_features` (version 3), which a writer that
 /// does not know a bit must clear.
 pub const AUTOCLEAR_OFFSET: u64 = 88;
+/// Byte offset of `refcount_table_offset` (u64), followed by
+/// `refcount_table_clusters` (u32): one write moves the table.
+pub const REFCOUNT_TABLE_FIELDS: u64 = 48;
+/// Byte offset of `incompatible_features` (version 3).
+pub const INCOMPATIBLE_FEATURES: u64 = 72;
 
 #[cfg(test)]
 pub(crate) mod tests {

@@ -40,10 +40,10 @@ use crate::refcount::Refcounts;
 use crate::{corrupt, lock_file, path_error, read_exact_at, Options};
 
 /// Bits 9..=55 of L1 and standard L2 entries: a cluster's host offset.
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Refcount of the cluster is exactly 1: it may be written in place.
 const COPIED: u64 = 1 << 63;
-const COMPRESSED: u64 = 1 << 62;
+pub(crate) const COMPRESSED: u64 = 1 << 62;
 /// Version 3: the cluster reads as zeros.
 const ZERO: u64 = 1;
 /// Bits of a standard L2 entry that must be zero: 1..=8 and 56..=61.

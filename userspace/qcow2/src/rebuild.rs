@@ -18,16 +18,10 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 use crate::compressed::CompressedExtent;
-use crate::header::{incompatible, Header};
+use crate::header::{incompatible, Header, INCOMPATIBLE_FEATURES, REFCOUNT_TABLE_FIELDS};
+use crate::image::{COMPRESSED, OFFSET_MASK};
 use crate::read_exact_at;
 use crate::refcount::set_refcount;
-
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const COMPRESSED: u64 = 1 << 62;
-/// Header fields: refcount_table_offset (u64) then refcount_table_clusters
-/// (u32); incompatible_features (u64).
-const REFCOUNT_TABLE_FIELDS: u64 = 48;
-const INCOMPATIBLE_FEATURES: u64 = 72;
 
 fn inconsistent(what: String) -> io::Error {
     io::Error::new(

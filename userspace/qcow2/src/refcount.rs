@@ -18,11 +18,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 use crate::cache::TableCache;
+use crate::header::REFCOUNT_TABLE_FIELDS;
 use crate::{corrupt, read_exact_at};
-
-/// Header fields refcount_table_offset (u64) and refcount_table_clusters
-/// (u32), adjacent: one write moves the table.
-const REFCOUNT_TABLE_HEADER_OFFSET: u64 = 48;
 
 /// Low 9 bits of a refcount table entry are reserved.
 const REFTABLE_OFFSET_MASK: u64 = !0x1ff;
@@ -38,8 +35,8 @@ pub struct Refcounts {
     free_hint: u64,
     /// Clusters (host offsets) to decrement once their users are durable.
     pending_decrements: Vec<u64>,
-    /// Clusters below this one may be handed out; beyond it the scan stops
-    /// with an error rather than outgrow the refcount table.
+    /// End of the space in use: the file's length rounded up to a
+    /// cluster, grown by allocations; a moved refcount table goes there.
     file_end: u64,
 }
 
@@ -256,7 +253,7 @@ impl Refcounts {
         let mut header = [0u8; 12];
         header[..8].copy_from_slice(&new_offset.to_be_bytes());
         header[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
-        file.write_all_at(&header, REFCOUNT_TABLE_HEADER_OFFSET)?;
+        file.write_all_at(&header, REFCOUNT_TABLE_FIELDS)?;
         file.sync_data()?;
         self.table_dirty = false;
         log::info!(
