@@ -15,13 +15,25 @@ use crate::{Options, Qcow2Device};
 
 const MIB: u64 = 1 << 20;
 
+/// Runs a qemu tool. A refusal for a lock is retried for a while: the
+/// tests run in threads of one process, and a child another thread is
+/// forking shares every open file of the process, with its locks, until it
+/// execs, so an image a test has just closed can look locked for a moment.
 fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("{program}: {e} (the qcow2 tests need qemu-img and qemu-io: apt-get install qemu-utils)")
-        })
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let out = Command::new(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("{program}: {e} (the qcow2 tests need qemu-img and qemu-io: apt-get install qemu-utils)")
+            });
+        let locked = String::from_utf8_lossy(&out.stderr).contains("Failed to get");
+        if out.status.success() || !locked || std::time::Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// Runs a qemu tool that must succeed; returns its standard output.
