@@ -314,7 +314,10 @@ impl Channel for DmUserChannel {
 /// Serves `device` as a dm-user daemon on `node` with `descriptors`
 /// descriptors, each on a thread of its own, until the target is removed
 /// (reads fail with ENOTBLK). Messages of up to `max_message` bytes are
-/// served; larger ones fail.
+/// served; larger ones fail. Requests come in the target's sectors, so the
+/// device's logical block size must be the target's (512 bytes for a
+/// device-mapper target, unless its table says otherwise): the engine
+/// fails requests not aligned to it.
 pub fn serve_node(
     device: Arc<dyn BlockDevice>,
     node: &Path,

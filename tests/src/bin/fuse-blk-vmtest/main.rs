@@ -95,7 +95,7 @@ fn main() -> ExitCode {
                     info.params.size
                 )
             }),
-        ["dm-user-serve", node, size, descriptors] => MemDevice::new(parse(size), 4096)
+        ["dm-user-serve", node, size, descriptors] => MemDevice::new(parse(size), 512)
             .and_then(|device| {
                 fuse_blk_dm_user::channel::serve_node(
                     Arc::new(device),

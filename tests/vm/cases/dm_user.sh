@@ -1,10 +1,3 @@
-# NOT IN THE SUITE YET (tests/vm/pending/): every functional step passes,
-# but the kernel log shows reads of sector 0 failing with EIO after the
-# bridge's no-daemon timeout (udev probing the new device before the C
-# daemon has the node open, it seems), and the case takes about 9 minutes
-# under emulation, near the guest's 600 s limit. Run it by hand with
-# `tests/vm/run -v ../pending/dm_user`. See Documentation/DM-USER.md.
-#
 # dm-user's ABI on the module: `attach dm-user:NAME:SIZE` makes
 # /dev/dm-user/NAME (CUSE), on which a dm-user daemon written in C against
 # the ABI alone (tests/dm-user/daemon.c) serves the block device: ext2 with
@@ -85,6 +78,31 @@ fio --name=raw4 --filename="$dev" --ioengine=libaio --direct=1 --iodepth=32 --nu
     --output=/tmp/fio2.out || { cat /tmp/fio2.out; fail "fio, four descriptors"; }
 kill -9 "$d2"; wait "$d2" || true
 
+# A fuse-blk handler as the dm-user daemon (compat/dm-user channel.rs):
+# fuse-blk's engine behind dm-user's ABI, here on the bridge, four
+# descriptors. The same data tests as the C daemon's.
+"$VMTEST" dm-user-serve "$node" 64M 4 > /tmp/rust1.out 2>&1 &
+r1=$!
+rust_fail() { cat /tmp/rust1.out; dmesg | tail -n 20; fail "rust daemon: $*"; }
+step "rust daemon: mkfs, files, fio"
+mkfs.ext4 -q "$dev" || rust_fail mkfs
+mount "$dev" /tmp/mnt || rust_fail mount
+random_file /tmp/mnt/c 3
+c=$(sum /tmp/mnt/c)
+umount /tmp/mnt
+mount "$dev" /tmp/mnt
+[ "$(sum /tmp/mnt/c)" = "$c" ] || fail "rust daemon: checksum after remount"
+umount /tmp/mnt
+e2fsck -fn "$dev" || fail "rust daemon: fsck"
+fio --name=rust --filename="$dev" --ioengine=libaio --direct=1 --iodepth=16 --numjobs=2 \
+    --rw=randwrite --bsrange=4k-256k --size=4M --verify=crc32c --verify_fatal=1 \
+    --do_verify=1 --randrepeat=0 --verify_state_save=0 --offset_increment=24M \
+    --output=/tmp/fio3.out || { cat /tmp/fio3.out; fail "fio, rust daemon"; }
+blkdiscard -o 8M -l 1M "$dev" || fail "rust daemon: discard"
+[ "$(dd if="$dev" bs=1M skip=8 count=1 iflag=direct status=none | tr -d '\0' | wc -c)" = 0 ] ||
+    fail "rust daemon: discarded range not zeros"
+kill -9 "$r1"; wait "$r1" || true
+
 # Whole-message reads (one read(2) of 1 MiB per message), and garbage
 # answers first: each gets EINVAL and nothing hangs.
 "$daemon" -g -p 65536 "$node" 64M 2> /tmp/daemon3.log &
@@ -96,11 +114,51 @@ cmp <(dd if="$dev" bs=1M count=4 iflag=direct status=none) /tmp/data || fail "re
 cat /tmp/daemon3.log
 grep -q 'wrong answer type: EINVAL' /tmp/daemon3.log || fail "no wrong-type check"
 
+# A second daemon, the Rust one, waiting beside it: detach ends both.
+"$VMTEST" dm-user-serve "$node" 64M 1 > /tmp/rust2.out 2>&1 &
+r2=$!
+for _ in $(seq 100); do
+    ls -l /proc/"$r2"/fd 2>/dev/null | grep -q dm-user && break
+    sleep 0.1
+done
+ls -l /proc/"$r2"/fd | grep -q dm-user || fail "the rust daemon did not open $node"
+
 step "detach"
 detach dmu
 wait "$d3" || fail "the daemon did not exit 0 on detach ($(cat /tmp/daemon3.log))"
 grep -q 'the target is gone' /tmp/daemon3.log || fail "no ENOTBLK"
+wait "$r2" || fail "the rust daemon did not exit 0 on detach ($(cat /tmp/rust2.out))"
+grep -q 'the target is gone' /tmp/rust2.out || fail "rust daemon: no ENOTBLK ($(cat /tmp/rust2.out))"
 [ ! -e "$node" ] || fail "$node left"
 [ ! -e "$dev" ] || fail "$dev left"
 [ -z "$("$FUSE_BLK" list --json | tr -d '[]\n ')" ] || fail "still listed"
+no_io_errors
+
+# The stock path (FUSE file + loop device) under the same node: the C
+# daemon with four threads, then the Rust one; fio verify and ext2 each.
+step "stock path"
+sdev=$("$FUSE_BLK" attach --transport loop dm-user:dms:64M)
+case $sdev in /dev/loop*) ;; *) fail "stock path attached $sdev" ;; esac
+snode=/dev/dm-user/dms
+"$daemon" -t 4 -p 65536 -o "$snode" 64M 2> /tmp/daemon4.log &
+d4=$!
+fio --name=stock --filename="$sdev" --ioengine=libaio --direct=1 --iodepth=16 --numjobs=2 \
+    --rw=randwrite --bsrange=4k-128k --size=4M --verify=crc32c --verify_fatal=1 \
+    --do_verify=1 --randrepeat=0 --verify_state_save=0 --offset_increment=24M \
+    --output=/tmp/fio4.out || { cat /tmp/fio4.out; fail "fio, stock path"; }
+kill -9 "$d4"; wait "$d4" || true
+"$VMTEST" dm-user-serve "$snode" 64M 2 > /tmp/rust3.out 2>&1 &
+r3=$!
+mkfs.ext2 -q "$sdev" || { cat /tmp/rust3.out; fail "stock path, rust daemon: mkfs"; }
+mount "$sdev" /tmp/mnt
+random_file /tmp/mnt/d 2
+d=$(sum /tmp/mnt/d)
+umount /tmp/mnt
+mount "$sdev" /tmp/mnt
+[ "$(sum /tmp/mnt/d)" = "$d" ] || fail "stock path: checksum after remount"
+umount /tmp/mnt
+"$FUSE_BLK" detach dms
+wait "$r3" || fail "stock path: the rust daemon did not exit 0 on detach ($(cat /tmp/rust3.out))"
+[ ! -e "$snode" ] || fail "$snode left"
+losetup -a | grep -q 'fuse-blk:dms' && fail "loop device left"
 no_io_errors
