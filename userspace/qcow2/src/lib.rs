@@ -46,8 +46,6 @@ mod rebuild;
 mod refcount;
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod testutil;
 
 pub use image::Image;
 

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use crate::testutil::{pattern, Harness};
 use crate::{Options, Qcow2Device};
+use fuse_blk_backends::testutil::{pattern, Harness};
 
 const MIB: u64 = 1 << 20;
 
@@ -154,9 +154,9 @@ impl Checked {
 
     fn zero(&mut self, offset: u64, len: u64, punch: bool) {
         if punch {
-            self.device.punch_hole(offset, len).unwrap();
+            self.device.write_zeroes(offset, len, true).unwrap();
         } else {
-            self.device.write_zeroes(offset, len).unwrap();
+            self.device.write_zeroes(offset, len, false).unwrap();
         }
         self.model[offset as usize..(offset + len) as usize].fill(0);
     }
@@ -874,7 +874,7 @@ fn concurrent_mixed_requests_with_tiny_caches() {
                             model.lock()[at..at + len].copy_from_slice(&data);
                         }
                         3 => {
-                            harness.punch_hole(at as u64, len as u64).unwrap();
+                            harness.write_zeroes(at as u64, len as u64, true).unwrap();
                             model.lock()[at..at + len].fill(0);
                         }
                         4 => {
@@ -1072,7 +1072,7 @@ fn corrupt_l2_entry_gives_eio() {
     assert_eq!(device.read(0, 4096), Err(libc::EIO));
     assert_eq!(device.read(0, 128 << 10), Err(libc::EIO));
     assert_eq!(device.write(512, &[1; 512], false), Err(libc::EIO));
-    assert_eq!(device.punch_hole(0, 65536), Err(libc::EIO));
+    assert_eq!(device.write_zeroes(0, 65536, true), Err(libc::EIO));
     // The second cluster is fine.
     assert_eq!(device.read(65536, 4096).unwrap(), vec![0x33; 4096]);
     device.flush().unwrap();
@@ -1394,9 +1394,9 @@ mod model {
                     }
                     Op::Zero { sector, sectors, punch } => {
                         if punch {
-                            device.punch_hole(sector * 512, sectors * 512).unwrap();
+                            device.write_zeroes(sector * 512, sectors * 512, true).unwrap();
                         } else {
-                            device.write_zeroes(sector * 512, sectors * 512).unwrap();
+                            device.write_zeroes(sector * 512, sectors * 512, false).unwrap();
                         }
                         model[(sector * 512) as usize..((sector + sectors) * 512) as usize].fill(0);
                     }
@@ -1493,8 +1493,8 @@ mod model {
                         device.write(sector * 512, &pattern(seed, (sectors * 512) as usize), false)
                     }
                     Op::Discard { sector, sectors } => device.discard(sector * 512, sectors * 512),
-                    Op::Zero { sector, sectors, punch: true } => device.punch_hole(sector * 512, sectors * 512),
-                    Op::Zero { sector, sectors, punch: false } => device.write_zeroes(sector * 512, sectors * 512),
+                    Op::Zero { sector, sectors, punch: true } => device.write_zeroes(sector * 512, sectors * 512, true),
+                    Op::Zero { sector, sectors, punch: false } => device.write_zeroes(sector * 512, sectors * 512, false),
                     Op::Read { sector, sectors } => device.read(sector * 512, (sectors * 512) as u32).map(drop),
                     Op::Flush | Op::Reopen => device.flush(),
                 };
