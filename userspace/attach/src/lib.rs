@@ -41,6 +41,12 @@
 
 pub mod busy;
 
+/// The README's code, compiled by `cargo test` as doctests so that its
+/// handler example cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
 use std::fmt;
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
