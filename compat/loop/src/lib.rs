@@ -9,7 +9,7 @@
 //! module sends, so one handler serves both paths.
 //!
 //! Lifetimes: a [`StockDevice`] owns the mount, the loop binding and the
-//! worker threads. [`StockDevice::detach`] (from any thread, e.g. a signal
+//! worker threads. [`Detacher::detach`] (from any thread, e.g. a signal
 //! or control-socket handler) unbinds the loop device, waits for the loop
 //! driver to close the file, and unmounts; the workers then read ENODEV and
 //! [`StockDevice::wait`] returns.

@@ -41,16 +41,34 @@ pub struct Geometry {
     pub logical_block_size: u32,
     /// Preferred unit for writes, a multiple of `logical_block_size`.
     pub physical_block_size: u32,
+    /// Writes, discards and write-zeroes are refused by the kernel.
     pub read_only: bool,
+    /// The optional operations the device supports.
     pub features: Features,
 }
 
 /// Why a [`Geometry`] cannot describe a block device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GeometryError {
+    /// The logical block size (given) is not a power of two from 512 to
+    /// 4096.
     BadLogicalBlockSize(u32),
-    BadPhysicalBlockSize { physical: u32, logical: u32 },
-    SizeNotMultiple { size: u64, block: u32 },
+    /// The physical block size is not a power-of-two multiple of the
+    /// logical one.
+    BadPhysicalBlockSize {
+        /// The physical block size given.
+        physical: u32,
+        /// The logical block size it must be a multiple of.
+        logical: u32,
+    },
+    /// The size is not a whole number of logical blocks.
+    SizeNotMultiple {
+        /// The size given, in bytes.
+        size: u64,
+        /// The logical block size.
+        block: u32,
+    },
+    /// The size is zero.
     Empty,
 }
 
@@ -93,6 +111,8 @@ impl Geometry {
         }
     }
 
+    /// Checks that this describes a block device the transports can make:
+    /// see [`GeometryError`] for what may be wrong.
     pub fn validate(&self) -> Result<(), GeometryError> {
         let lbs = self.logical_block_size;
         if !lbs.is_power_of_two() || !(512..=4096).contains(&lbs) {

@@ -6,6 +6,7 @@
 use std::io;
 use std::ptr::NonNull;
 
+/// An anonymous private mapping of `len` bytes, unmapped when dropped.
 pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
@@ -89,14 +90,17 @@ impl Mapping {
         }
     }
 
+    /// The first byte of the mapping.
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
     }
 
+    /// Its length in bytes.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether it has no bytes at all.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

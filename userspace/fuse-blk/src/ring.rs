@@ -128,7 +128,12 @@ pub enum ReadSource {
     /// All of it at this address.
     Addr(u64),
     /// Gathered from `count` `struct iovec` at `iovecs`.
-    Iovecs { iovecs: u64, count: u32 },
+    Iovecs {
+        /// Address of the first `struct iovec`.
+        iovecs: u64,
+        /// How many there are.
+        count: u32,
+    },
 }
 
 /// `user_data` of the eventfd read and of the idle tick; entries use their

@@ -3,36 +3,39 @@
 //! that serve a `fuser::Filesystem`, plus raw control ioctls.
 //!
 //! Usage:
-//!   fuse-blk-vmtest recorder SIZE LOG     serve a recording memory device
-//!   fuse-blk-vmtest fuser SIZE            serve ImageFs through the adapter
-//!   fuse-blk-vmtest fuser-file IMAGE QUEUES
-//!                                         serve ImageFs on a host file through the
-//!                                         adapter, over read/write channels
-//!   fuse-blk-vmtest fuser-file-takeover IMAGE ID
-//!                                         take device ID over from such a daemon,
-//!                                         one queue at a time
-//!   fuse-blk-vmtest garbage               misbehave on a device; check the refusals
-//!   fuse-blk-vmtest ring-garbage          the same through io_uring commands, and
-//!                                         rings that go away at every stage
-//!   fuse-blk-vmtest garbage-soak COUNT [SEED [SECONDS]]
-//!                                         COUNT seeded garbage replies and io_uring
-//!                                         commits, each checked against the driver's rules
-//!   fuse-blk-vmtest takeover              racing takeovers, RWF_NOWAIT reads and stale
-//!                                         replies, message by message
-//!   fuse-blk-vmtest passthrough-refusals  CREATE refuses backing files it cannot use
-//!   fuse-blk-vmtest hold SIZE [fail-inflight]
-//!                                         serve a memory device with recovery on
-//!                                         that never answers reads at 1 MiB
-//!   fuse-blk-vmtest resume ID SIZE        serve device ID (after its daemon died)
-//!                                         with a fresh memory device
-//!   fuse-blk-vmtest destroy ID            FUSE_BLK_IOC_DESTROY, whatever the device's state
-//!   fuse-blk-vmtest info ID               print FUSE_BLK_IOC_GET_INFO
-//!   fuse-blk-vmtest features              print the module's feature flags by name
-//!                                         (FUSE_BLK_IOC_GET_FEATURES), one line
-//!   fuse-blk-vmtest dm-user-serve NODE SIZE DESCRIPTORS
-//!                                         be a dm-user daemon on NODE: a memory device
-//!                                         of SIZE served through fuse-blk's engine
-//!                                         (compat/dm-user channel.rs), until ENOTBLK
+//!
+//! ```text
+//! fuse-blk-vmtest recorder SIZE LOG     serve a recording memory device
+//! fuse-blk-vmtest fuser SIZE            serve ImageFs through the adapter
+//! fuse-blk-vmtest fuser-file IMAGE QUEUES
+//!                                       serve ImageFs on a host file through the
+//!                                       adapter, over read/write channels
+//! fuse-blk-vmtest fuser-file-takeover IMAGE ID
+//!                                       take device ID over from such a daemon,
+//!                                       one queue at a time
+//! fuse-blk-vmtest garbage               misbehave on a device; check the refusals
+//! fuse-blk-vmtest ring-garbage          the same through io_uring commands, and
+//!                                       rings that go away at every stage
+//! fuse-blk-vmtest garbage-soak COUNT [SEED [SECONDS]]
+//!                                       COUNT seeded garbage replies and io_uring
+//!                                       commits, each checked against the driver's rules
+//! fuse-blk-vmtest takeover              racing takeovers, RWF_NOWAIT reads and stale
+//!                                       replies, message by message
+//! fuse-blk-vmtest passthrough-refusals  CREATE refuses backing files it cannot use
+//! fuse-blk-vmtest hold SIZE [fail-inflight]
+//!                                       serve a memory device with recovery on
+//!                                       that never answers reads at 1 MiB
+//! fuse-blk-vmtest resume ID SIZE        serve device ID (after its daemon died)
+//!                                       with a fresh memory device
+//! fuse-blk-vmtest destroy ID            FUSE_BLK_IOC_DESTROY, whatever the device's state
+//! fuse-blk-vmtest info ID               print FUSE_BLK_IOC_GET_INFO
+//! fuse-blk-vmtest features              print the module's feature flags by name
+//!                                       (FUSE_BLK_IOC_GET_FEATURES), one line
+//! fuse-blk-vmtest dm-user-serve NODE SIZE DESCRIPTORS
+//!                                       be a dm-user daemon on NODE: a memory device
+//!                                       of SIZE served through fuse-blk's engine
+//!                                       (compat/dm-user channel.rs), until ENOTBLK
+//! ```
 //!
 //! Serving commands print the device path on stdout once it is ready and
 //! serve until the device is destroyed.
