@@ -39,6 +39,8 @@
 //! The `examples/` directory of this crate has complete programs: `zeros`,
 //! `ramdisk` and `overlay` (`cargo run --example overlay -- IMAGE`).
 
+#![warn(missing_docs)]
+
 pub mod busy;
 
 /// The README's code, compiled by `cargo test` as doctests so that its
