@@ -32,6 +32,7 @@ pub mod mapping;
 pub mod reply;
 pub mod ring;
 pub mod session;
+pub mod stats;
 
 pub use channel::{Channel, FdChannel, Stop};
 pub use handler::{BlockDevice, Features, Geometry, GeometryError, Request};

@@ -10,6 +10,7 @@ use fuse_blk_proto::reply::{error_header, success_header};
 use zerocopy::IntoBytes;
 
 use crate::mapping::Mapping;
+use crate::stats::Tracker;
 
 /// Where replies go: the channel a request came from.
 pub trait ReplySink: Send + Sync {
@@ -295,6 +296,8 @@ pub fn release_fill_buffer() {
 pub struct Responder {
     unique: u64,
     sink: Option<Arc<dyn ReplySink>>,
+    /// Counts the answer of a block request (see `stats`).
+    tracker: Option<Tracker>,
 }
 
 impl Responder {
@@ -302,6 +305,19 @@ impl Responder {
         Responder {
             unique,
             sink: Some(sink),
+            tracker: None,
+        }
+    }
+
+    pub(crate) fn tracked(mut self, tracker: Tracker) -> Responder {
+        self.tracker = Some(tracker);
+        self
+    }
+
+    /// Counts the answer just sent, if this request is counted.
+    fn answered(&mut self, errno: i32, dropped: bool) {
+        if let Some(tracker) = self.tracker.take() {
+            tracker.finish(errno, dropped);
         }
     }
 
@@ -324,6 +340,7 @@ impl Responder {
             parts.push(IoSlice::new(header.as_bytes()));
             parts.extend(payload.iter().map(|p| IoSlice::new(p)));
             sink.send_reply(&parts);
+            self.answered(0, false);
         }
     }
 
@@ -331,7 +348,11 @@ impl Responder {
     /// errno it returns.
     pub fn fill(mut self, len: usize, fill: &mut dyn FnMut(&mut [u8]) -> Result<(), i32>) {
         if let Some(sink) = self.sink.take() {
-            sink.send_filled(self.unique, len, fill);
+            let mut errno = 0;
+            sink.send_filled(self.unique, len, &mut |buf| {
+                fill(buf).inspect_err(|&e| errno = e)
+            });
+            self.answered(errno, false);
         }
     }
 
@@ -344,6 +365,7 @@ impl Responder {
         if let Some(sink) = self.sink.take() {
             // SAFETY: passed on from the caller.
             unsafe { sink.send_gathered(self.unique, mapping, extents, len) };
+            self.answered(0, false);
         }
     }
 
@@ -351,6 +373,7 @@ impl Responder {
     pub fn zeros(mut self, len: usize) {
         if let Some(sink) = self.sink.take() {
             sink.send_zeros(self.unique, len);
+            self.answered(0, false);
         }
     }
 
@@ -359,6 +382,7 @@ impl Responder {
         if let Some(sink) = self.sink.take() {
             let header = error_header(self.unique, errno);
             sink.send_reply(&[IoSlice::new(header.as_bytes())]);
+            self.answered(errno, false);
         }
     }
 }
@@ -372,6 +396,7 @@ impl Drop for Responder {
             );
             let header = error_header(self.unique, libc::EIO);
             sink.send_reply(&[IoSlice::new(header.as_bytes())]);
+            self.answered(libc::EIO, true);
         }
     }
 }

@@ -32,6 +32,7 @@ use crate::channel::{Channel, Stop};
 use crate::handler::{BlockDevice, Geometry, GeometryError, Request};
 use crate::mapping::Mapping;
 use crate::reply::{self, ReplyData, ReplyEmpty, ReplySink, ReplyWrite, Responder};
+use crate::stats::{Kind, Stats};
 
 /// Answers the requests that are not block I/O: the stock path presents the
 /// device as one file in a directory and needs LOOKUP, GETATTR, OPEN, ...
@@ -134,6 +135,8 @@ pub struct Session {
     /// Worker threads in their receive loop, by queue, with the event that
     /// `stop` sets to end their wait for a request.
     waiting_workers: parking_lot::Mutex<std::collections::HashMap<u16, Arc<Stop>>>,
+    /// What the block requests were and how long they took (see `stats`).
+    stats: Arc<Stats>,
 }
 
 impl Session {
@@ -154,6 +157,7 @@ impl Session {
             stopping: AtomicBool::new(false),
             granted_flags2: AtomicU32::new(NO_INIT),
             waiting_workers: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            stats: Stats::new(),
         })
     }
 
@@ -173,6 +177,12 @@ impl Session {
 
     pub fn config(&self) -> &SessionConfig {
         &self.config
+    }
+
+    /// The counters of the block requests served (also reachable through
+    /// [`crate::stats::process_snapshot`]).
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
     }
 
     /// The `flags2` bits granted in the FUSE_INIT reply, once the kernel
@@ -372,6 +382,7 @@ impl Session {
             Ok(request) => request,
             Err(e) => {
                 log::error!("malformed request: {e}");
+                self.stats.count_malformed();
                 if let Some(header) = e.header {
                     // The kernel expects no answer to these, even broken.
                     if matches!(
@@ -389,7 +400,10 @@ impl Session {
                 return true;
             }
         };
-        let responder = Responder::new(request.unique(), sink);
+        let mut responder = Responder::new(request.unique(), sink);
+        if let Some((kind, bytes)) = self.counted(&request.operation) {
+            responder = responder.tracked(self.stats.track(kind, bytes));
+        }
         let req = Request::new(request.unique(), queue);
         match request.operation {
             Operation::Init(init) => self.init(&init, responder),
@@ -426,6 +440,26 @@ impl Session {
             },
         }
         true
+    }
+
+    /// The kind and bytes under which a request is counted, if it is a
+    /// block request. A punched hole counts as a discard: on the stock path
+    /// the loop driver sends discards and unmapping write-zeroes alike as
+    /// punch-hole, and which one it was cannot be told here.
+    fn counted(&self, operation: &Operation<'_>) -> Option<(Kind, u64)> {
+        Some(match operation {
+            Operation::Read(arg) => (
+                Kind::Read,
+                u64::from(arg.size).min(self.geometry.size.saturating_sub(arg.offset)),
+            ),
+            Operation::Write { data, .. } => (Kind::Write, data.len() as u64),
+            Operation::Fsync(_) => (Kind::Flush, 0),
+            Operation::Fallocate(arg) if arg.mode & !falloc::KEEP_SIZE == falloc::ZERO_RANGE => {
+                (Kind::WriteZeroes, arg.length)
+            }
+            Operation::Fallocate(arg) => (Kind::Discard, arg.length),
+            _ => return None,
+        })
     }
 
     fn init(&self, init: &abi::InitIn, responder: Responder) {
