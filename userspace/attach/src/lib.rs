@@ -394,6 +394,15 @@ impl AttachedDevice {
         }
     }
 
+    /// The module's number for the device (`N` of `/dev/fuseblkN`), by
+    /// which a successor daemon finds it; `None` on the stock path.
+    pub fn dev_id(&self) -> Option<u32> {
+        match &self.served {
+            Served::Stock(_) => None,
+            Served::Kmod(kmod) => Some(kmod.dev_id()),
+        }
+    }
+
     /// Whether the kernel reads and writes the handler's backing file
     /// itself (see [`AttachOptions::passthrough`]).
     pub fn passthrough(&self) -> bool {

@@ -11,110 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fuse_blk_kmod::{Destroyer, Ended, KmodDevice, KmodOptions};
-use fuse_blk_loop::{Detacher, StockDevice, StockOptions};
+use fuse_blk_attach::{AttachOptions, AttachedDevice, Detacher, Ended, Transport};
+use fuse_blk_kmod::KmodDevice;
+use fuse_blk_loop::StockDevice;
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::backend::{self, Backend};
-use crate::blockdev;
 use crate::state::{self, DeviceDir, DeviceState};
 use crate::AttachArgs;
-
-/// The device as one of the two transports serves it.
-enum Served {
-    Stock(StockDevice),
-    Kmod(KmodDevice),
-}
-
-impl Served {
-    fn device_path(&self) -> PathBuf {
-        match self {
-            Served::Stock(stock) => stock.device_path().to_owned(),
-            Served::Kmod(kmod) => kmod.device_path(),
-        }
-    }
-
-    /// Whether the kernel reads and writes the backing file itself (FUSE
-    /// passthrough on the stock path, the module's passthrough).
-    fn passthrough(&self) -> bool {
-        match self {
-            Served::Stock(stock) => stock.passthrough(),
-            Served::Kmod(kmod) => kmod.passthrough(),
-        }
-    }
-
-    fn detach_handle(&self) -> Result<DetachHandle, String> {
-        Ok(match self {
-            Served::Stock(stock) => DetachHandle::Stock(stock.detacher()),
-            Served::Kmod(kmod) => DetachHandle::Kmod {
-                destroyer: kmod.destroyer().map_err(|e| e.to_string())?,
-                path: kmod.device_path(),
-            },
-        })
-    }
-
-    /// Serves until the device is detached (false) or handed over to
-    /// another daemon (true).
-    fn wait(self) -> std::io::Result<bool> {
-        match self {
-            Served::Stock(stock) => stock
-                .wait()
-                .map(|ended| ended == fuse_blk_loop::Ended::HandedOver),
-            Served::Kmod(kmod) => kmod.wait().map(|ended| ended == Ended::HandedOver),
-        }
-    }
-}
-
-/// Detaches a device from any thread.
-#[derive(Clone)]
-enum DetachHandle {
-    Stock(Detacher),
-    Kmod { destroyer: Destroyer, path: PathBuf },
-}
-
-impl DetachHandle {
-    fn device_path(&self) -> &Path {
-        match self {
-            DetachHandle::Stock(detacher) => detacher.device_path(),
-            DetachHandle::Kmod { path, .. } => path,
-        }
-    }
-
-    /// Unless `even_if_busy`, a device that is mounted or held exclusively
-    /// is left alone. With it, the device goes once it is no longer in use;
-    /// nothing written to it is lost either way.
-    fn detach(&self, even_if_busy: bool) -> Result<(), String> {
-        let path = self.device_path();
-        if !even_if_busy && blockdev::in_use(path) {
-            return Err(format!(
-                "{} is in use (mounted?); unmount it first",
-                path.display()
-            ));
-        }
-        match self {
-            // The loop driver itself unbinds a busy device at its last close.
-            DetachHandle::Stock(detacher) => detacher.detach().map_err(|e| e.to_string()),
-            DetachHandle::Kmod { destroyer, path } => {
-                if blockdev::in_use(path) {
-                    log::info!("{} is in use; detaching once it is not", path.display());
-                    while blockdev::in_use(path) {
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
-                }
-                flush(path);
-                destroyer.destroy().map_err(|e| e.to_string())
-            }
-        }
-    }
-}
-
-/// Writes back what the kernel caches for `device` and flushes the handler.
-fn flush(device: &Path) {
-    match File::open(device).and_then(|f| f.sync_all()) {
-        Ok(()) => {}
-        Err(e) => log::warn!("flushing {}: {e}", device.display()),
-    }
-}
 
 /// Where the daemon says it is ready (or why it is not): stdout in the
 /// foreground, a pipe to the waiting `attach` otherwise.
@@ -178,7 +82,7 @@ fn attach(
     args: &AttachArgs,
     backend: &Backend,
     detached: bool,
-) -> Result<(Served, DeviceDir, DeviceState), String> {
+) -> Result<(AttachedDevice, DeviceDir, DeviceState), String> {
     // Before any thread exists, so that every thread inherits the mask.
     detach_signals()
         .thread_block()
@@ -238,41 +142,27 @@ fn attach(
         .map_err(|e| format!("writing state: {e}"))
         .map_err(undo)?;
 
-    let served = if kmod {
-        let defaults = KmodOptions::default();
-        let options = KmodOptions {
-            name: name.clone(),
-            queues: args.queues.unwrap_or(defaults.queues),
-            queue_depth: args.queue_depth.unwrap_or(defaults.queue_depth),
-            io_timeout_ms: args.io_timeout_ms.unwrap_or(defaults.io_timeout_ms),
-            recovery_timeout_ms: Some(args.recovery_timeout_ms.unwrap_or(30_000)),
-            fail_inflight: args.fail_inflight,
-            io: args.io.into(),
-            passthrough: !args.no_passthrough,
-            ring_poll: args.ring_poll(),
-            scan_partitions: !backend.waits_for_a_daemon(),
-            ..defaults
-        };
-        let device = KmodDevice::create(device, &options)
-            .map_err(|e| e.to_string())
-            .map_err(undo)?;
-        record.dev_id = Some(device.dev_id());
-        Served::Kmod(device)
+    let mut options = AttachOptions::new(&name);
+    options.transport = if kmod {
+        Transport::Kmod
     } else {
-        let options = StockOptions {
-            mountpoint: dir.mountpoint(),
-            name: name.clone(),
-            threads: stock_threads(args),
-            io: args.io.into(),
-            passthrough: !args.no_passthrough,
-            ring_poll: args.ring_poll(),
-        };
-        Served::Stock(
-            StockDevice::attach(device, &options)
-                .map_err(|e| e.to_string())
-                .map_err(undo)?,
-        )
+        Transport::Loop
     };
+    options.io = args.io.into();
+    options.passthrough = !args.no_passthrough;
+    options.ring_poll = args.ring_poll();
+    options.threads = Some(stock_threads(args));
+    options.mountpoint = Some(dir.mountpoint());
+    options.queues = args.queues;
+    options.queue_depth = args.queue_depth;
+    options.io_timeout_ms = args.io_timeout_ms;
+    options.recovery_timeout_ms = Some(args.recovery_timeout_ms.unwrap_or(30_000));
+    options.fail_inflight = args.fail_inflight;
+    options.scan_partitions = !backend.waits_for_a_daemon();
+    let served = fuse_blk_attach::attach(device, &options)
+        .map_err(|e| e.to_string())
+        .map_err(undo)?;
+    record.dev_id = served.dev_id();
     record.device = served.device_path().display().to_string();
     record.passthrough = served.passthrough();
     record_serving(&mut record, &served, args);
@@ -289,7 +179,7 @@ fn recover(
     target: &str,
     detached: bool,
     args: &AttachArgs,
-) -> Result<(Served, DeviceDir, DeviceState), String> {
+) -> Result<(AttachedDevice, DeviceDir, DeviceState), String> {
     detach_signals()
         .thread_block()
         .map_err(|e| format!("blocking signals: {e}"))?;
@@ -301,7 +191,7 @@ fn recover(
         .open(record.read_only, record.block_size)
         .map_err(|e| e.to_string())?;
     let served = match record.dev_id {
-        Some(dev_id) => Served::Kmod(
+        Some(dev_id) => AttachedDevice::from(
             KmodDevice::resume(device, dev_id, args.io.into(), args.ring_poll())
                 .map_err(|e| e.to_string())?,
         ),
@@ -323,7 +213,7 @@ fn recover(
                 stock_threads(args),
             )
             .map_err(|e| e.to_string())?;
-            Served::Stock(stock)
+            AttachedDevice::from(stock)
         }
     };
     record.pid = std::process::id();
@@ -341,27 +231,20 @@ fn recover(
 }
 
 /// Notes how this daemon serves, for `handoff` to start its successor so.
-fn record_serving(record: &mut DeviceState, served: &Served, args: &AttachArgs) {
-    let (io_uring, threads) = match served {
-        Served::Stock(stock) => (stock.io_uring(), Some(stock_threads(args))),
-        Served::Kmod(kmod) => (kmod.io_uring(), None),
-    };
-    record.io = Some(if io_uring { "uring" } else { "rw" }.into());
+fn record_serving(record: &mut DeviceState, served: &AttachedDevice, args: &AttachArgs) {
+    record.io = Some(if served.io_uring() { "uring" } else { "rw" }.into());
     record.ring_poll_us = Some(args.ring_poll_us());
-    record.threads = threads;
+    record.threads = match served.transport() {
+        Transport::Kmod => None,
+        _ => Some(stock_threads(args)),
+    };
     record.reconnect_timeout_ms = args.reconnect_timeout_ms;
 }
 
 /// The stock path's worker threads: `--threads`, or one per CPU.
 fn stock_threads(args: &AttachArgs) -> usize {
-    args.threads().unwrap_or_else(default_threads)
-}
-
-fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .clamp(2, 16)
+    args.threads()
+        .unwrap_or_else(fuse_blk_attach::default_threads)
 }
 
 /// A daemon in the background logs to a file in its directory.
@@ -383,7 +266,7 @@ fn redirect_stderr(dir: &DeviceDir) -> Result<(), String> {
 }
 
 fn serve(
-    served: Served,
+    served: AttachedDevice,
     dir: DeviceDir,
     record: DeviceState,
     readiness: Readiness,
@@ -404,7 +287,7 @@ fn spawn_thread(name: &'static str, body: Box<dyn FnOnce() + Send>) -> std::io::
 
 /// [`serve`] with the threads started by `spawn`.
 fn serve_with(
-    served: Served,
+    served: AttachedDevice,
     dir: DeviceDir,
     record: DeviceState,
     readiness: Readiness,
@@ -432,7 +315,7 @@ fn serve_with(
     backend::finish();
     drop(answering.lock());
     match result {
-        Ok(true) => log::info!("{}: handed over to another daemon", record.name),
+        Ok(Ended::HandedOver) => log::info!("{}: handed over to another daemon", record.name),
         _ => {
             log::info!("{}: detached", record.name);
             if let Err(e) = dir.remove() {
@@ -448,13 +331,13 @@ fn serve_with(
 /// it works, so that on an error the device's directory still names the
 /// daemon it named before.
 fn start_serving(
-    served: &Served,
+    served: &AttachedDevice,
     dir: &DeviceDir,
     record: &DeviceState,
     answering: &Arc<Mutex<()>>,
     spawn: &Spawn,
 ) -> Result<(), String> {
-    let detacher = served.detach_handle()?;
+    let detacher = served.detacher().map_err(|e| e.to_string())?;
     let (socket, listener) = ControlSocket::bind(dir)?;
     let signal_detacher = detacher.clone();
     spawn("signals", Box::new(move || signal_loop(signal_detacher)))
@@ -519,13 +402,13 @@ impl Drop for ControlSocket {
 
 /// Detaches the device on SIGTERM, SIGINT or SIGHUP, once it is no longer
 /// in use.
-fn signal_loop(detacher: DetachHandle) {
+fn signal_loop(detacher: Detacher) {
     loop {
         let Ok(signal) = detach_signals().wait() else {
             continue;
         };
         log::info!("{signal}: detaching once the device is no longer in use");
-        match detacher.detach(true) {
+        match detacher.detach_when_unused() {
             Ok(()) => return,
             Err(e) => log::error!("detach: {e}"),
         }
@@ -535,7 +418,7 @@ fn signal_loop(detacher: DetachHandle) {
 /// The control socket takes one command per connection, a line of text, and
 /// answers `ok` or `error MESSAGE`; `status` is answered `ok` followed by
 /// the connection state of an NBD backend, if it is one.
-fn control_loop(listener: UnixListener, detacher: DetachHandle, answering: Arc<Mutex<()>>) {
+fn control_loop(listener: UnixListener, detacher: Detacher, answering: Arc<Mutex<()>>) {
     for stream in listener.incoming().flatten() {
         let _answering = answering.lock();
         if let Err(e) = handle_control(stream, &detacher) {
@@ -544,18 +427,18 @@ fn control_loop(listener: UnixListener, detacher: DetachHandle, answering: Arc<M
     }
 }
 
-fn handle_control(stream: UnixStream, detacher: &DetachHandle) -> std::io::Result<()> {
+fn handle_control(stream: UnixStream, detacher: &Detacher) -> std::io::Result<()> {
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
     // Each answer is one write: the peer reads it with one recvmsg.
     let answer = |text: String| (&stream).write_all(format!("{text}\n").as_bytes());
     match line.trim() {
-        "detach" => match detacher.detach(false) {
+        "detach" => match detacher.detach() {
             Ok(()) => answer("ok".into()),
             Err(e) => answer(format!("error {e}")),
         },
-        "handoff" => match detacher {
-            DetachHandle::Stock(stock) => {
+        "handoff" => match detacher.stock() {
+            Some(stock) => {
                 let handover = match stock.hand_over() {
                     Ok(handover) => handover,
                     Err(e) => return answer(format!("error {e}")),
@@ -570,9 +453,7 @@ fn handle_control(stream: UnixStream, detacher: &DetachHandle) -> std::io::Resul
                 stock.retire();
                 Ok(())
             }
-            DetachHandle::Kmod { .. } => {
-                answer("error kernel-module devices are taken over through the module".into())
-            }
+            None => answer("error kernel-module devices are taken over through the module".into()),
         },
         "status" => match backend::connection_status() {
             Some(status) => answer(format!("ok {status}")),
@@ -693,11 +574,12 @@ pub fn request_detach(dir: &DeviceDir) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fuse_blk_loop::StockOptions;
     use std::io::Read;
 
     /// A stock-path device of 16 MiB in memory with its directory, as
     /// `attach` leaves them just before serving.
-    fn stock_device(test: &str) -> (Served, DeviceDir, DeviceState) {
+    fn stock_device(test: &str) -> (AttachedDevice, DeviceDir, DeviceState) {
         // SAFETY: geteuid has no preconditions and cannot fail.
         let root = unsafe { libc::geteuid() } == 0;
         assert!(
@@ -742,7 +624,7 @@ mod tests {
             reconnect_timeout_ms: None,
         };
         dir.write(&record).expect("state");
-        (Served::Stock(stock), dir, record)
+        (AttachedDevice::from(stock), dir, record)
     }
 
     #[test]

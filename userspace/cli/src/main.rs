@@ -1,7 +1,6 @@
 //! `fuse-blk`: attach, detach and list block devices served from userspace.
 
 mod backend;
-mod blockdev;
 mod daemon;
 mod state;
 

@@ -125,22 +125,9 @@ impl DeviceDir {
 }
 
 /// Checks a user-chosen device name: it names a directory and appears in
-/// losetup's output, so it is kept to a safe alphabet.
-pub fn validate_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 48
-        && !name.starts_with(['.', '-'])
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "invalid name {name:?}: use 1 to 48 letters, digits, '-', '_' or '.', not starting with '.' or '-'"
-        ))
-    }
-}
+/// losetup's output, so it is kept to a safe alphabet (the one `attach`
+/// of fuse-blk-attach checks).
+pub use fuse_blk_attach::validate_name;
 
 /// Creates the runtime directory (mode 0700) and the device's directory;
 /// the directory's creation is what reserves the name.
