@@ -98,18 +98,28 @@ pub trait ReplySink: Send + Sync {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Extent {
     /// `len` bytes at `offset` in the mapping.
-    Mapped { offset: usize, len: usize },
+    Mapped {
+        /// Where they start in the mapping.
+        offset: usize,
+        /// How many bytes.
+        len: usize,
+    },
     /// `len` bytes of zeros.
-    Zeros { len: usize },
+    Zeros {
+        /// How many bytes.
+        len: usize,
+    },
 }
 
 impl Extent {
+    /// The bytes it contributes to the reply.
     pub fn len(&self) -> usize {
         match *self {
             Extent::Mapped { len, .. } | Extent::Zeros { len } => len,
         }
     }
 
+    /// Whether it contributes nothing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -301,6 +311,7 @@ pub struct Responder {
 }
 
 impl Responder {
+    /// The responder of request `unique`, whose answer goes to `sink`.
     pub fn new(unique: u64, sink: Arc<dyn ReplySink>) -> Responder {
         Responder {
             unique,
@@ -321,6 +332,7 @@ impl Responder {
         }
     }
 
+    /// The id of the request it answers.
     pub fn unique(&self) -> u64 {
         self.unique
     }
@@ -417,6 +429,7 @@ impl ReplyData {
         self.len
     }
 
+    /// Whether the read is of no bytes (the kernel sends none such).
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -525,6 +538,7 @@ impl ReplyData {
         self.responder.zeros(self.len as usize);
     }
 
+    /// Answers that the read failed with `errno` (e.g. `libc::EIO`).
     pub fn error(self, errno: i32) {
         self.responder.error(errno);
     }
@@ -541,6 +555,7 @@ impl ReplyWrite {
         ReplyWrite { responder, len }
     }
 
+    /// Answers that all of the data was written.
     pub fn ok(self) {
         let out = WriteOut {
             size: self.len,
@@ -549,6 +564,8 @@ impl ReplyWrite {
         self.responder.ok(&[out.as_bytes()]);
     }
 
+    /// Answers that the write failed with `errno` (e.g. `libc::EIO`,
+    /// `libc::ENOSPC`).
     pub fn error(self, errno: i32) {
         self.responder.error(errno);
     }
@@ -564,10 +581,13 @@ impl ReplyEmpty {
         ReplyEmpty { responder }
     }
 
+    /// Answers that the operation succeeded.
     pub fn ok(self) {
         self.responder.ok(&[]);
     }
 
+    /// Answers that the operation failed with `errno` (e.g. `libc::EIO`,
+    /// `libc::EOPNOTSUPP`).
     pub fn error(self, errno: i32) {
         self.responder.error(errno);
     }

@@ -37,6 +37,7 @@ use crate::stats::{Kind, Stats};
 /// Answers the requests that are not block I/O: the stock path presents the
 /// device as one file in a directory and needs LOOKUP, GETATTR, OPEN, ...
 pub trait Namespace: Send + Sync + 'static {
+    /// Answers `request` through `reply`, exactly once.
     fn handle(&self, request: &WireRequest<'_>, reply: Responder);
 }
 
@@ -161,11 +162,14 @@ impl Session {
         })
     }
 
+    /// The session with `namespace` answering the requests that are not
+    /// block I/O.
     pub fn with_namespace(mut self, namespace: Arc<dyn Namespace>) -> Session {
         self.namespace = Some(namespace);
         self
     }
 
+    /// The handler's geometry, as validated when the session was made.
     pub fn geometry(&self) -> &Geometry {
         &self.geometry
     }
@@ -175,6 +179,7 @@ impl Session {
         self.device.parallel_large_io(write)
     }
 
+    /// The configuration the session was made with.
     pub fn config(&self) -> &SessionConfig {
         &self.config
     }
