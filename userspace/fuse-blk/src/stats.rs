@@ -27,14 +27,20 @@ use std::time::{Duration, Instant};
 /// The kinds of block request counted, in the order of [`Snapshot::kinds`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// `BlockDevice::read`.
     Read = 0,
+    /// `BlockDevice::write`.
     Write = 1,
+    /// `BlockDevice::flush`.
     Flush = 2,
+    /// `BlockDevice::discard`.
     Discard = 3,
+    /// `BlockDevice::write_zeroes`.
     WriteZeroes = 4,
 }
 
 impl Kind {
+    /// Every kind, in index order.
     pub const ALL: [Kind; KINDS] = [
         Kind::Read,
         Kind::Write,
@@ -55,11 +61,13 @@ impl Kind {
     }
 }
 
+/// How many kinds there are.
 pub const KINDS: usize = 5;
 
 /// Errors answered, by errno; the last class holds every other errno.
 pub const ERROR_NAMES: [&str; ERROR_CLASSES] =
     ["EIO", "ENOSPC", "EINVAL", "EOPNOTSUPP", "EROFS", "other"];
+/// How many error classes there are (see [`ERROR_NAMES`]).
 pub const ERROR_CLASSES: usize = 6;
 
 fn error_class(errno: i32) -> usize {
@@ -80,6 +88,7 @@ fn error_class(errno: i32) -> usize {
 const SUB_BITS: u32 = 4;
 const SUB: usize = 1 << SUB_BITS;
 const MAX_EXP: u32 = 36;
+/// How many histogram buckets there are.
 pub const BUCKETS: usize = (MAX_EXP - SUB_BITS + 2) as usize * SUB;
 
 /// The bucket a service time of `ns` nanoseconds (or ticks) goes into.
@@ -466,6 +475,7 @@ impl Snapshot {
         self.started.saturating_sub(self.completed())
     }
 
+    /// The counts of one kind of request.
     pub fn kind(&self, kind: Kind) -> &KindCounts {
         &self.kinds[kind as usize]
     }
