@@ -343,8 +343,8 @@ pub enum Ended {
     HandedOver,
 }
 
-/// A block device this process serves. Dropping it detaches the device
-/// (whatever is still written to it is lost to a reader that has it open);
+/// A block device this process serves. Dropping it tears the device down
+/// at once, without waiting for whoever still uses it;
 /// [`wait`](AttachedDevice::wait) serves until someone detaches it,
 /// [`detach`](AttachedDevice::detach) and
 /// [`serve_until_signal`](AttachedDevice::serve_until_signal) detach it
