@@ -1,7 +1,7 @@
 # fio with verification on the raw device: 512- and 4096-byte blocks,
 # more than one queue, over io_uring channels and over read/write ones.
 . "$CASES/lib.bash"
-for io in uring rw; do
+for io in $(io_modes); do
     for lbs in 512 4096; do
         dev=$(attach --name fio --queues 2 --io "$io" --block-size "$lbs" mem:128M)
         [ "$(blockdev --getss "$dev")" = "$lbs" ] || fail "logical block size"
@@ -28,6 +28,8 @@ for io in uring rw; do
         detach fio
     done
 done
+
+module_offers uring || skip_rest "bursts, READ data sources, helper threads and polling over io_uring"
 
 # Bursts over io_uring: two jobs at depth 32, each verifying its own half.
 # queue_rq kicks one ring entry per burst and that entry's task work hands

@@ -6,7 +6,7 @@
 mount -t tmpfs -o size=300M tmpfs /mnt
 truncate -s 256M /mnt/idle.img
 rss() { sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$(daemon_pid idle)/status"; }
-for io in uring rw; do
+for io in $(io_modes); do
     # Without passthrough: the I/O has to go through the daemon's buffers.
     dev=$(attach --name idle --io "$io" --queues 2 --no-passthrough file:/mnt/idle.img)
     sleep 2

@@ -11,6 +11,19 @@ listed() {
         | sed -n "s/.*\"$2\":\"\{0,1\}\([^,\"}]*\).*/\1/p"
 }
 daemon_pid() { listed "$1" pid; }
+# Whether the loaded module offers feature $1 (FUSE_BLK_F_<NAME> in lower
+# case: uring, passthrough...).
+module_offers() { "$VMTEST" features | tr ' ' '\n' | grep -qx "$1"; }
+# What a case leaves untested because this kernel lacks it, on a line the
+# guest shows even for a passing case; skip_rest also ends the case (the
+# guest reports it skipped, not passed).
+skip_part() { echo "SKIP: $* ($(uname -r))" >&2; }
+skip_rest() { skip_part "$@"; exit 77; }
+# The channel kinds a case runs over: io_uring where the module offers it,
+# and read/write.
+io_modes() {
+    if module_offers uring; then echo uring rw; else skip_part "io_uring channels: the module does not offer them"; echo rw; fi
+}
 # A verifying fio load in a loop on directory $1 until stop_load; any fio
 # failure is recorded in /tmp/load.failed.
 start_load() {

@@ -17,7 +17,8 @@ finishes() {   # seconds command...: the command ends in time, successfully
 
 mount -t tmpfs -o size=600M tmpfs /mnt
 truncate -s 256M /mnt/pt.img
-dev=$(attach --name pt --queues 2 --io uring file:/mnt/pt.img)
+io=$(io_modes | cut -d' ' -f1)
+dev=$(attach --name pt --queues 2 --io "$io" file:/mnt/pt.img)
 [ "$(passthrough_of pt)" = 1 ] || fail "list --json does not show passthrough"
 "$FUSE_BLK" list | grep -q "^pt .* kmod+pt " || fail "list does not show passthrough"
 pid=$(daemon_pid pt)

@@ -91,7 +91,7 @@ stop_race_load() {
     fi
 }
 
-for io in rw uring; do
+for io in $(io_modes); do
     rm -f "$image"; truncate -s 64M "$image"
     started=$(date +%s)
     dev=$(attach --name "$name" --queues 4 --io "$io" --io-timeout-ms 10000 \
