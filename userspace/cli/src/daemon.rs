@@ -459,6 +459,7 @@ fn handle_control(stream: UnixStream, detacher: &Detacher) -> std::io::Result<()
             Some(status) => answer(format!("ok {status}")),
             None => answer("ok".into()),
         },
+        "stats" => answer(crate::stats::control_answer()),
         other => answer(format!("error unknown command {other:?}")),
     }
 }

@@ -3,6 +3,7 @@
 mod backend;
 mod daemon;
 mod state;
+mod stats;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -53,6 +54,11 @@ enum Commands {
         /// The device path or its name.
         device: String,
     },
+    /// Show what each device's daemon has served, like iostat -x: requests
+    /// and kilobytes per second by kind, requests in flight, service-time
+    /// percentiles and errors; first since the daemon started, then over
+    /// each --interval.
+    Stats(stats::StatsArgs),
     /// Show every attached device.
     List {
         /// One JSON array instead of a table.
@@ -229,6 +235,7 @@ fn main() -> ExitCode {
         Commands::Detach { device } => detach(&device),
         Commands::Handoff { device } => handoff(&device),
         Commands::List { json } => list(json),
+        Commands::Stats(args) => stats::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
