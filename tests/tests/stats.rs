@@ -156,6 +156,8 @@ fn known_io_is_counted_exactly() {
     assert!(zeroes >= 1, "no write-zeroes counted");
     assert_eq!(zeroed, 512 << 10);
 
+    // Only an NBD backend reports its reconnections.
+    assert_eq!(end["total"].get("backend_reconnections"), None);
     // Nothing failed, nothing is left in flight, and the service times
     // were measured: every answered request is in the histogram.
     assert_eq!(end["in_flight"], 0);

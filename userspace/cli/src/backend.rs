@@ -180,6 +180,13 @@ pub fn finish() {
     }
 }
 
+/// How many times this process's connections to its NBD server were made
+/// again, each reissuing the commands that waited for it (`stats`); None
+/// when it serves no NBD export.
+pub fn reconnections() -> Option<u64> {
+    NBD.lock().as_ref().map(|device| device.reconnections())
+}
+
 /// The state of this process's connection to its NBD server
 /// (`connected`, `reconnecting for 2.1s`, `down for 40.0s`); None when it
 /// serves no NBD export.

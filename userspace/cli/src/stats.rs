@@ -75,6 +75,11 @@ struct DaemonStats {
     ns_per_tick: f64,
     /// Non-empty histogram buckets: `[index, count]`.
     histogram: Vec<(usize, u64)>,
+    /// An NBD backend's reconnections, each of which reissued the commands
+    /// that waited for it (the engine cannot see those); absent for other
+    /// backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    backend_reconnections: Option<u64>,
 }
 
 impl DaemonStats {
@@ -112,6 +117,7 @@ impl DaemonStats {
                 .filter(|&(_, &count)| count > 0)
                 .map(|(index, &count)| (index, count))
                 .collect(),
+            backend_reconnections: crate::backend::reconnections(),
         }
     }
 
@@ -464,6 +470,21 @@ fn prometheus(samples: &[Sample]) -> String {
                     label(&sample.record.name),
                     sample.stats.dropped
                 ));
+            }
+        },
+    );
+    family(
+        "fuse_blk_backend_reconnections_total",
+        "counter",
+        "Times an NBD backend's connections were made again, reissuing the commands that waited.",
+        &mut |out| {
+            for sample in samples {
+                if let Some(count) = sample.stats.backend_reconnections {
+                    out.push_str(&format!(
+                        "fuse_blk_backend_reconnections_total{{device=\"{}\"}} {count}\n",
+                        label(&sample.record.name)
+                    ));
+                }
             }
         },
     );

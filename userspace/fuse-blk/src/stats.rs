@@ -33,9 +33,12 @@ pub enum Kind {
     Write = 1,
     /// `BlockDevice::flush`.
     Flush = 2,
-    /// `BlockDevice::discard`.
+    /// A punched hole (FALLOCATE `PUNCH_HOLE`): `BlockDevice::discard`, or
+    /// on the stock path `write_zeroes(may_unmap = true)`, since the loop
+    /// driver sends discards and unmapping write-zeroes alike this way.
     Discard = 3,
-    /// `BlockDevice::write_zeroes`.
+    /// FALLOCATE `ZERO_RANGE`: `BlockDevice::write_zeroes` keeping the
+    /// blocks allocated.
     WriteZeroes = 4,
 }
 
