@@ -612,3 +612,47 @@ fn bad_input_and_a_daemon_that_does_not_answer_get_one_line() {
     let reports: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(reports.len(), 1);
 }
+
+#[test]
+fn a_handed_over_device_reports_its_new_daemon() {
+    let instance = Instance::new("stats-handoff");
+    let dir = TempDir::new("stats-handoff");
+    let image = dir.sparse_image(16 << 20);
+    let device = instance.attach(&[
+        "--transport",
+        "loop",
+        "--name",
+        "moved",
+        "--no-passthrough",
+        "--block-size",
+        "4096",
+        &format!("file:{}", image.display()),
+    ]);
+    let dev = device.path_str().to_owned();
+    let write = |count: u32| {
+        dd(&[
+            "if=/dev/zero",
+            &format!("of={dev}"),
+            "bs=4096",
+            &format!("count={count}"),
+            "oflag=direct",
+            "conv=notrunc",
+        ])
+    };
+    write(30);
+    let old = stats_json(&instance, "moved");
+    assert_eq!(counts(&old, "write"), (30, 30 * 4096));
+    let out = instance.run(["handoff", "moved"]);
+    assert!(
+        out.status.success(),
+        "handoff: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The new daemon counts from zero: its first report covers only what
+    // it served (42 would be the old daemon's counters).
+    write(12);
+    let new = stats_json(&instance, "moved");
+    assert_eq!(counts(&new, "write"), (12, 12 * 4096));
+    device.detach();
+    instance.assert_nothing_left();
+}
