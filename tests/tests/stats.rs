@@ -250,10 +250,11 @@ fn interval_reports_rates_over_the_interval() {
     assert_eq!(reports.len(), 3, "{text}");
     for pair in reports.windows(2) {
         let (before, after) = (&pair[0], &pair[1]);
-        // Each later report covers one interval (sleeps may run long on a
-        // busy machine, never short).
+        // Each later report covers about one interval, measured by the
+        // daemon between its answers (sleeps may run long on a busy
+        // machine, and an answer may come late: only a loose bound).
         let interval = after["interval_s"].as_f64().unwrap();
-        assert!(interval >= 0.45, "interval of {interval} s");
+        assert!(interval >= 0.2, "interval of {interval} s");
         // Its rate is the difference of the totals over that interval.
         let (writes, _) = delta(before, after, "write");
         let rate = after["ops_per_s"]["write"].as_f64().unwrap();
@@ -470,15 +471,11 @@ fn textfile_is_replaced_atomically() {
         let path = path.clone();
         let done = done.clone();
         std::thread::spawn(move || {
-            let (mut reads, mut inodes) = (0u32, BTreeSet::new());
+            let mut reads = 0u32;
             while !done.load(Ordering::Relaxed) {
                 let Ok(text) = fs::read_to_string(&path) else {
                     continue; // not written yet
                 };
-                use std::os::unix::fs::MetadataExt;
-                if let Ok(meta) = fs::metadata(&path) {
-                    inodes.insert(meta.ino());
-                }
                 assert!(
                     text.ends_with('\n')
                         && text.contains("fuse_blk_service_seconds_count{device=\"textfile\"}"),
@@ -487,7 +484,7 @@ fn textfile_is_replaced_atomically() {
                 parse_prometheus(&text);
                 reads += 1;
             }
-            (reads, inodes.len())
+            reads
         })
     };
     let dev = device.path_str().to_owned();
@@ -502,9 +499,14 @@ fn textfile_is_replaced_atomically() {
         .spawn()
         .expect("stats");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline && !path.exists() {
+    let first_inode = loop {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = fs::metadata(&path) {
+            break meta.ino();
+        }
+        assert!(Instant::now() < deadline, "stats never wrote the file");
         std::thread::sleep(Duration::from_millis(10));
-    }
+    };
     dd(&[
         "if=/dev/zero",
         &format!("of={dev}"),
@@ -515,7 +517,7 @@ fn textfile_is_replaced_atomically() {
     ]);
     let out = stats.wait_with_output().expect("stats");
     done.store(true, Ordering::Relaxed);
-    let (reads, inodes) = reader.join().expect("the reader saw only whole files");
+    let reads = reader.join().expect("the reader saw only whole files");
     assert!(
         out.status.success(),
         "{}",
@@ -526,7 +528,12 @@ fn textfile_is_replaced_atomically() {
         "--prometheus-file alone prints nothing"
     );
     assert!(reads > 0, "the reader never read the file");
-    assert!(inodes > 1, "each write is a new file renamed over the old");
+    use std::os::unix::fs::MetadataExt;
+    assert_ne!(
+        fs::metadata(&path).unwrap().ino(),
+        first_inode,
+        "each write is a new file renamed over the old"
+    );
     // Only the file itself is left: no temporary file.
     let names: Vec<String> = fs::read_dir(&dir.0)
         .unwrap()
