@@ -6,6 +6,8 @@
 # waiting for a daemon, garbage answers refused with EINVAL, and detach
 # ending the daemon through ENOTBLK.
 . "$CASES/lib.bash"
+# On failure, what the daemons said.
+trap 'if [ $? != 0 ]; then for f in /tmp/daemon*.log /tmp/rust*.out; do [ -s "$f" ] && { echo "--- $f"; tail -n 20 "$f"; }; done; fi' EXIT
 root=$(cd "$CASES/../../.." && pwd)
 # A copy of our own: the shared build tree may be rebuilt meanwhile.
 cp "$FUSE_BLK" /tmp/fuse-blk
