@@ -145,8 +145,10 @@ static int receive(int fd, struct msg *m)
 	return 1;
 }
 
-/* With large pieces, one read(2) for the whole message: a read never
- * spans two messages, so it ends where this one ends. */
+/* With large pieces, one read(2) for the whole message where the node
+ * gives it so (a read never spans two messages, so it ends where this one
+ * ends; the bridge returns header and data together, dm-user's target the
+ * header first). */
 static int receive_whole(int fd, struct msg *m)
 {
 	size_t cap = HDR + (1 << 20);
@@ -171,10 +173,24 @@ static int receive_whole(int fd, struct msg *m)
 	m->len = get64(buf + 32);
 	m->data = NULL;
 	if (m->type == T_WRITE) {
-		if ((size_t)r != HDR + m->len) {
+		size_t have = r;
+		if (m->len > cap - HDR || have > HDR + m->len) {
 			fprintf(stderr, "daemon: WRITE of %llu bytes came as %zd\n",
 				(unsigned long long)m->len, r);
 			exit(1);
+		}
+		/* The data may come in later reads: dm-user's own target
+		 * returns the header alone, then the data. */
+		while (have < HDR + m->len) {
+			ssize_t n = read(fd, buf + have, HDR + m->len - have);
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n <= 0) {
+				fprintf(stderr, "daemon: WRITE data: %s\n",
+					n < 0 ? strerror(errno) : "end of file");
+				exit(1);
+			}
+			have += n;
 		}
 		m->data = malloc(m->len ? m->len : 1);
 		memcpy(m->data, buf + HDR, m->len);
