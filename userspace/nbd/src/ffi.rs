@@ -1,8 +1,15 @@
 //! The part of libnbd's C API (`<libnbd.h>`, Debian's libnbd 1.14) this
 //! crate calls, declared by hand: only these functions, each as the header
 //! declares it; Debian's 1.14 (bookworm) has them all.
+//!
+//! libnbd is loaded with dlopen(3) when the first NBD connection is made
+//! ([`load`]), not linked: linked, it and what it pulls in (GnuTLS,
+//! libxml2, ICU: several MiB resident) would be mapped into every fuse-blk
+//! daemon, whatever it serves, and `fuse-blk` would not start at all on a
+//! machine without libnbd.
 
-use std::ffi::{c_char, c_int};
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::OnceLock;
 
 /// `struct nbd_handle`, opaque: only ever behind a pointer.
 #[repr(C)]
@@ -17,47 +24,131 @@ pub const LIBNBD_SIZE_MINIMUM: c_int = 0;
 pub const LIBNBD_SIZE_PREFERRED: c_int = 1;
 pub const LIBNBD_SIZE_MAXIMUM: c_int = 2;
 
-#[link(name = "nbd")]
-extern "C" {
-    pub fn nbd_create() -> *mut nbd_handle;
-    pub fn nbd_close(h: *mut nbd_handle);
+/// The shared object dlopen(3) asks for: the ABI's soname, so that only
+/// the run-time package (Debian's libnbd0) is needed.
+const LIBRARY: &CStr = c"libnbd.so.0";
+
+/// Declares the functions: a table of pointers filled by dlsym(3), and for
+/// each function a wrapper of the same name and signature that calls
+/// through the table.
+macro_rules! libnbd {
+    ($( $(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty; )*) => {
+        /// libnbd's functions, as loaded.
+        struct Api {
+            $( $name: unsafe extern "C" fn($($ty),*) -> $ret, )*
+        }
+
+        impl Api {
+            /// Looks every function up in `library`, a handle dlopen(3)
+            /// returned.
+            ///
+            /// # Safety
+            /// `library` must be a live dlopen(3) handle of libnbd, whose
+            /// functions have the signatures declared here.
+            unsafe fn resolve(library: *mut c_void) -> Result<Api, String> {
+                Ok(Api {
+                    $( $name: {
+                        let name = concat!(stringify!($name), "\0");
+                        // SAFETY: `library` is live (the caller's promise)
+                        // and `name` NUL-terminated.
+                        let symbol = unsafe { libc::dlsym(library, name.as_ptr().cast()) };
+                        if symbol.is_null() {
+                            return Err(format!(
+                                "libnbd has no {}: version 1.14 or later is needed",
+                                stringify!($name)
+                            ));
+                        }
+                        // SAFETY: the symbol is libnbd's function of this
+                        // name, whose C signature this declaration mirrors.
+                        unsafe {
+                            std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($ty),*) -> $ret>(symbol)
+                        }
+                    }, )*
+                })
+            }
+        }
+
+        $(
+            $(#[$doc])*
+            ///
+            /// # Safety
+            /// As the C function's; [`load`] must have succeeded.
+            pub unsafe fn $name($($arg: $ty),*) -> $ret {
+                // SAFETY: the caller keeps the C function's contract.
+                unsafe { (loaded().$name)($($arg),*) }
+            }
+        )*
+    };
+}
+
+libnbd! {
+    fn nbd_create() -> *mut nbd_handle;
+    fn nbd_close(h: *mut nbd_handle) -> ();
     /// The calling thread's last error message; valid until its next
     /// libnbd call.
-    pub fn nbd_get_error() -> *const c_char;
+    fn nbd_get_error() -> *const c_char;
     /// The calling thread's last errno, 0 if the error had none.
-    pub fn nbd_get_errno() -> c_int;
+    fn nbd_get_errno() -> c_int;
 
-    pub fn nbd_set_uri_allow_local_file(h: *mut nbd_handle, allow: bool) -> c_int;
-    pub fn nbd_connect_uri(h: *mut nbd_handle, uri: *const c_char) -> c_int;
-    pub fn nbd_aio_disconnect(h: *mut nbd_handle, flags: u32) -> c_int;
+    fn nbd_set_uri_allow_local_file(h: *mut nbd_handle, allow: bool) -> c_int;
+    fn nbd_connect_uri(h: *mut nbd_handle, uri: *const c_char) -> c_int;
+    fn nbd_aio_disconnect(h: *mut nbd_handle, flags: u32) -> c_int;
 
-    pub fn nbd_get_size(h: *mut nbd_handle) -> i64;
-    pub fn nbd_get_block_size(h: *mut nbd_handle, size_type: c_int) -> i64;
-    pub fn nbd_is_read_only(h: *mut nbd_handle) -> c_int;
-    pub fn nbd_can_flush(h: *mut nbd_handle) -> c_int;
-    pub fn nbd_can_fua(h: *mut nbd_handle) -> c_int;
-    pub fn nbd_can_trim(h: *mut nbd_handle) -> c_int;
-    pub fn nbd_can_zero(h: *mut nbd_handle) -> c_int;
-    pub fn nbd_can_multi_conn(h: *mut nbd_handle) -> c_int;
+    fn nbd_get_size(h: *mut nbd_handle) -> i64;
+    fn nbd_get_block_size(h: *mut nbd_handle, size_type: c_int) -> i64;
+    fn nbd_is_read_only(h: *mut nbd_handle) -> c_int;
+    fn nbd_can_flush(h: *mut nbd_handle) -> c_int;
+    fn nbd_can_fua(h: *mut nbd_handle) -> c_int;
+    fn nbd_can_trim(h: *mut nbd_handle) -> c_int;
+    fn nbd_can_zero(h: *mut nbd_handle) -> c_int;
+    fn nbd_can_multi_conn(h: *mut nbd_handle) -> c_int;
 
-    pub fn nbd_aio_is_ready(h: *mut nbd_handle) -> c_int;
-    pub fn nbd_aio_is_processing(h: *mut nbd_handle) -> c_int;
+    fn nbd_aio_is_ready(h: *mut nbd_handle) -> c_int;
+    fn nbd_aio_is_processing(h: *mut nbd_handle) -> c_int;
 
-    pub fn nbd_pread(
-        h: *mut nbd_handle,
-        buf: *mut libc::c_void,
-        count: usize,
-        offset: u64,
-        flags: u32,
-    ) -> c_int;
-    pub fn nbd_pwrite(
-        h: *mut nbd_handle,
-        buf: *const libc::c_void,
-        count: usize,
-        offset: u64,
-        flags: u32,
-    ) -> c_int;
-    pub fn nbd_flush(h: *mut nbd_handle, flags: u32) -> c_int;
-    pub fn nbd_trim(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int;
-    pub fn nbd_zero(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int;
+    fn nbd_pread(h: *mut nbd_handle, buf: *mut c_void, count: usize, offset: u64, flags: u32) -> c_int;
+    fn nbd_pwrite(h: *mut nbd_handle, buf: *const c_void, count: usize, offset: u64, flags: u32) -> c_int;
+    fn nbd_flush(h: *mut nbd_handle, flags: u32) -> c_int;
+    fn nbd_trim(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int;
+    fn nbd_zero(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int;
+}
+
+static API: OnceLock<Result<Api, String>> = OnceLock::new();
+
+/// Loads libnbd, once per process; later calls return the first outcome.
+/// The error is one line naming the library and the package to install.
+pub fn load() -> Result<(), String> {
+    API.get_or_init(|| {
+        // SAFETY: LIBRARY is NUL-terminated; RTLD_NOW resolves everything
+        // now, so a missing symbol fails here and not mid-request.
+        let library = unsafe { libc::dlopen(LIBRARY.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        if library.is_null() {
+            // SAFETY: dlerror returns NULL or a NUL-terminated string valid
+            // until the next dl* call on this thread; it is copied at once.
+            let why = unsafe {
+                let text = libc::dlerror();
+                if text.is_null() {
+                    "not found".to_owned()
+                } else {
+                    CStr::from_ptr(text).to_string_lossy().into_owned()
+                }
+            };
+            return Err(format!(
+                "nbd: cannot load libnbd ({why}): install libnbd0 (Debian's package)"
+            ));
+        }
+        // SAFETY: `library` is the live handle of libnbd just opened, and
+        // it is never closed (the table points into it for good).
+        unsafe { Api::resolve(library) }
+    })
+    .as_ref()
+    .map(|_| ())
+    .map_err(Clone::clone)
+}
+
+fn loaded() -> &'static Api {
+    match API.get() {
+        Some(Ok(api)) => api,
+        _ => panic!("a libnbd function called before ffi::load succeeded"),
+    }
 }

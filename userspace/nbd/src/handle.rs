@@ -105,8 +105,12 @@ impl Handle {
             errno: libc::EINVAL,
             message: "the URI contains a NUL byte".to_owned(),
         })?;
-        // SAFETY: nbd_create takes no arguments and returns a new handle
-        // or NULL.
+        ffi::load().map_err(|message| Error {
+            errno: libc::ENOENT,
+            message,
+        })?;
+        // SAFETY: libnbd is loaded; nbd_create takes no arguments and
+        // returns a new handle or NULL.
         let raw = NonNull::new(unsafe { ffi::nbd_create() }).ok_or_else(Error::last)?;
         // Owned from here on, so every early return closes it.
         let handle = Handle { raw };
@@ -121,10 +125,7 @@ impl Handle {
         Ok(handle)
     }
 
-    fn flag(
-        &self,
-        call: unsafe extern "C" fn(*mut ffi::nbd_handle) -> c_int,
-    ) -> Result<bool, Error> {
+    fn flag(&self, call: unsafe fn(*mut ffi::nbd_handle) -> c_int) -> Result<bool, Error> {
         // SAFETY: the handle is live; `call` is one of libnbd's
         // nbd_is_*/nbd_can_* queries, which only read the handle.
         check(unsafe { call(self.raw.as_ptr()) }).map(|value| value != 0)
