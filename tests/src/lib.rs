@@ -246,6 +246,30 @@ pub fn sh(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// fio writing `size` of `device` with `rw` (randwrite, randrw) in blocks
+/// of `block_size`, each block checked by crc32c when read back; panics
+/// with fio's output unless every block verifies.
+pub fn fio_verify(device: &str, rw: &str, block_size: &str, size: &str) {
+    sh(
+        "fio",
+        &[
+            "--name=verify",
+            &format!("--filename={device}"),
+            "--ioengine=libaio",
+            "--direct=1",
+            "--iodepth=16",
+            &format!("--rw={rw}"),
+            &format!("--bs={block_size}"),
+            &format!("--size={size}"),
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--randrepeat=0",
+            "--verify_state_save=0",
+        ],
+    );
+}
+
 /// A scratch directory removed on drop.
 pub struct TempDir(pub PathBuf);
 

@@ -11,7 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use fuse_blk_tests::{assert_root, random_bytes, sh, write_at, TempDir};
+use fuse_blk_tests::{assert_root, fio_verify, random_bytes, sh, write_at, TempDir};
 
 const MIB: usize = 1 << 20;
 
@@ -260,27 +260,6 @@ fn assert_same(actual: &[u8], expected: &[u8], what: &str) {
     }
 }
 
-fn fio_verify(device: &Path, size: &str) {
-    sh(
-        "fio",
-        &[
-            "--name=verify",
-            &format!("--filename={}", device.display()),
-            "--ioengine=libaio",
-            "--direct=1",
-            "--iodepth=8",
-            "--rw=randwrite",
-            "--bs=4k",
-            &format!("--size={size}"),
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--randrepeat=0",
-            "--verify_state_save=0",
-        ],
-    );
-}
-
 #[test]
 fn zeros_reads_zeros_drops_writes_and_detaches_on_ctrl_c() {
     let zeros = Running::start("zeros", &[]);
@@ -308,7 +287,12 @@ fn zeros_reads_zeros_drops_writes_and_detaches_on_ctrl_c() {
 #[test]
 fn ramdisk_passes_fio_verify_and_keeps_an_ext4() {
     let ramdisk = Running::start("ramdisk", &["96"]);
-    fio_verify(ramdisk.device(), "64M");
+    fio_verify(
+        &ramdisk.device().display().to_string(),
+        "randwrite",
+        "4k",
+        "64M",
+    );
     let data = random_bytes(2, 3 * MIB);
     write_at(ramdisk.device(), 5 * MIB as u64, &data).expect("writing");
     assert_same(
@@ -403,7 +387,7 @@ fn overlay_keeps_writes_in_memory_and_the_image_unchanged() {
         &expected,
         "after a discard",
     );
-    fio_verify(&device, "8M");
+    fio_verify(&device.display().to_string(), "randwrite", "4k", "8M");
     assert_eq!(
         sha256(&image_path),
         before,

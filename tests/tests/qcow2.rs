@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fuse_blk_tests::{random_bytes, read_at, sh, write_at, Instance, TempDir};
+use fuse_blk_tests::{fio_verify, random_bytes, read_at, sh, write_at, Instance, TempDir};
 
 const MIB: usize = 1 << 20;
 
@@ -23,27 +23,6 @@ fn sha256(path: &Path) -> String {
         .next()
         .unwrap()
         .to_owned()
-}
-
-fn fio_verify(device: &str, block_size: &str, rw: &str) {
-    sh(
-        "fio",
-        &[
-            "--name=verify",
-            &format!("--filename={device}"),
-            "--ioengine=libaio",
-            "--direct=1",
-            "--iodepth=16",
-            &format!("--rw={rw}"),
-            &format!("--bs={block_size}"),
-            "--size=96M",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--randrepeat=0",
-            "--verify_state_save=0",
-        ],
-    );
 }
 
 #[test]
@@ -86,8 +65,8 @@ fn fio_and_ext4_on_an_overlay_over_a_raw_base() {
             == random_bytes(11, 128 * MIB)[100 * MIB..101 * MIB],
         "the overlay does not read the base"
     );
-    fio_verify(device.path_str(), "4k", "randwrite");
-    fio_verify(device.path_str(), "64k", "randrw");
+    fio_verify(device.path_str(), "randwrite", "4k", "96M");
+    fio_verify(device.path_str(), "randrw", "64k", "96M");
     // Punched (stock path: write-zeroes) ranges read as zeros, not as the base.
     let data = random_bytes(12, 4 * MIB);
     write_at(&device.path, 0, &data).unwrap();

@@ -10,7 +10,7 @@
 
 use std::fs;
 
-use fuse_blk_tests::{sh, Instance, TempDir};
+use fuse_blk_tests::{fio_verify, sh, Instance, TempDir};
 
 const PARAMETER: &str = "/sys/module/fuse/parameters/enable_uring";
 
@@ -108,32 +108,6 @@ fn sleeps_for_sequential_reads(instance: &Instance, args: &[&str]) -> u64 {
 
 const REQUESTS: u64 = 4000;
 
-fn fio_verify(device: &str, bs: &str) {
-    let out = std::process::Command::new("fio")
-        .args([
-            "--name=verify",
-            &format!("--filename={device}"),
-            "--ioengine=libaio",
-            "--direct=1",
-            "--iodepth=16",
-            "--rw=randrw",
-            &format!("--bs={bs}"),
-            "--size=32M",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--randrepeat=0",
-            "--verify_state_save=0",
-        ])
-        .output()
-        .expect("fio");
-    assert!(
-        out.status.success(),
-        "fio {bs}: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-}
-
 #[test]
 fn stock_path_over_io_uring() {
     let switch = Switch::take();
@@ -152,7 +126,7 @@ fn stock_path_over_io_uring() {
     switch.set(true);
     let device = instance.attach(&["--transport", "loop", "--name", "auto", "mem:64M"]);
     let pid = instance.daemons()[0];
-    fio_verify(device.path_str(), "4k");
+    fio_verify(device.path_str(), "randrw", "4k", "32M");
     assert_eq!(
         ring_completions(pid),
         0,
@@ -176,8 +150,8 @@ fn stock_path_over_io_uring() {
         &backend,
     ]);
     let pid = instance.daemons()[0];
-    fio_verify(device.path_str(), "4k");
-    fio_verify(device.path_str(), "64k");
+    fio_verify(device.path_str(), "randrw", "4k", "32M");
+    fio_verify(device.path_str(), "randrw", "64k", "32M");
     // 2 x 32 MiB verified in blocks of at most 64 KiB: well over 1000 requests.
     let reaped = ring_completions(pid);
     assert!(reaped >= 1000, "only {reaped} io_uring completions");
@@ -201,7 +175,7 @@ fn stock_path_over_io_uring() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("io_uring"), "{stderr}");
-    fio_verify(device.path_str(), "4k");
+    fio_verify(device.path_str(), "randrw", "4k", "32M");
     device.detach();
 
     // Requests one after another: without polling a ring thread sleeps

@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::Path;
 
-use fuse_blk_tests::{random_bytes, read_at, sh, write_at, Instance, TempDir};
+use fuse_blk_tests::{fio_verify, random_bytes, read_at, sh, write_at, Instance, TempDir};
 
 const MIB: usize = 1 << 20;
 
@@ -72,33 +72,12 @@ fn ext4_on_a_file_device_survives_detach_and_attach() {
     instance.assert_nothing_left();
 }
 
-fn fio_verify(device: &str, block_size: &str, rw: &str) {
-    sh(
-        "fio",
-        &[
-            "--name=verify",
-            &format!("--filename={device}"),
-            "--ioengine=libaio",
-            "--direct=1",
-            "--iodepth=16",
-            &format!("--rw={rw}"),
-            &format!("--bs={block_size}"),
-            "--size=96M",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--randrepeat=0",
-            "--verify_state_save=0",
-        ],
-    );
-}
-
 #[test]
 fn fio_verifies_random_writes() {
     let instance = Instance::new("fio");
     let device = instance.attach(&["mem:128M"]);
-    fio_verify(device.path_str(), "4k", "randwrite");
-    fio_verify(device.path_str(), "64k", "randwrite");
+    fio_verify(device.path_str(), "randwrite", "4k", "96M");
+    fio_verify(device.path_str(), "randwrite", "64k", "96M");
     device.detach();
 
     let dir = TempDir::new("fio-image");
@@ -109,8 +88,8 @@ fn fio_verifies_random_writes() {
         let mut args = vec!["--block-size", "4096", &backend];
         args.extend_from_slice(passthrough);
         let device = instance.attach(&args);
-        fio_verify(device.path_str(), "4k", "randwrite");
-        fio_verify(device.path_str(), "64k", "randrw");
+        fio_verify(device.path_str(), "randwrite", "4k", "96M");
+        fio_verify(device.path_str(), "randrw", "64k", "96M");
         device.detach();
     }
     instance.assert_nothing_left();
