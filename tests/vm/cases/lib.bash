@@ -43,6 +43,10 @@ stop_load() {
     wait "$load"
     if [ -e /tmp/load.failed ]; then cat /tmp/load.failed; fail "fio failed under the load"; fi
 }
+# What the kernel logged before this case began is other cases' (a case
+# such as destroy_busy leaves I/O errors behind on purpose): no_io_errors
+# looks from here on, or from where a case moves the mark.
+dmesg_mark=$(dmesg | wc -l)
 no_io_errors() {
     if dmesg | tail -n +$(( ${dmesg_mark:-0} + 1 )) | grep -Ei 'I/O error|timed out|EXT4-fs error|Buffer I/O'; then
         fail "I/O errors in the kernel log"
