@@ -1059,17 +1059,7 @@ impl Ring {
                     "no completion of {wanted:#x} in 60 s"
                 )));
             }
-            let ts = types::Timespec::from(Duration::from_millis(100));
-            let args = types::SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(1, &args) {
-                Err(e)
-                    if e.raw_os_error() != Some(libc::ETIME)
-                        && e.raw_os_error() != Some(libc::EINTR) =>
-                {
-                    return Err(e)
-                }
-                _ => {}
-            }
+            super::ring_garbage::wait_for_completion(&self.ring, Duration::from_millis(100))?;
         }
     }
 

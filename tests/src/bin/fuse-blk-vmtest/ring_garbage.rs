@@ -36,6 +36,21 @@ struct Probe {
     early: Option<(u64, i32)>,
 }
 
+/// Waits at most `tick` for a completion on `ring`, submitting what is
+/// queued; a wait that times out or is interrupted is no error.
+pub(crate) fn wait_for_completion(ring: &IoUring, tick: Duration) -> io::Result<()> {
+    let ts = types::Timespec::from(tick);
+    let args = types::SubmitArgs::new().timespec(&ts);
+    match ring.submitter().submit_with_args(1, &args) {
+        Err(e)
+            if e.raw_os_error() != Some(libc::ETIME) && e.raw_os_error() != Some(libc::EINTR) =>
+        {
+            Err(e)
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Header and payload buffers for `depth` ring entries, and the pair of
 /// iovecs naming each entry's two, as a FETCH takes them (the buffers'
 /// memory stays where it is when the vectors move).
@@ -133,17 +148,7 @@ impl Probe {
             if Instant::now() > deadline {
                 return Ok(None);
             }
-            let ts = types::Timespec::from(Duration::from_millis(50));
-            let args = types::SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(1, &args) {
-                Err(e)
-                    if e.raw_os_error() != Some(libc::ETIME)
-                        && e.raw_os_error() != Some(libc::EINTR) =>
-                {
-                    return Err(e)
-                }
-                _ => {}
-            }
+            wait_for_completion(&self.ring, Duration::from_millis(50))?;
         }
     }
 
