@@ -324,7 +324,9 @@ pub fn run(args: &[&str]) -> io::Result<()> {
     };
     let count = number(0, 0)?;
     let seed = number(1, 1)?;
-    let seconds = number(2, u64::MAX / 2)?;
+    // Without SECONDS the count alone ends the run: a year stands for no
+    // limit (u64::MAX / 2 seconds overflowed the Instant it was added to).
+    let seconds = number(2, 365 * 24 * 3600)?;
     if args.is_empty() || args.len() > 3 || count == 0 {
         return Err(io::Error::other(
             "usage: garbage-soak COUNT [SEED [SECONDS]]",
