@@ -39,6 +39,14 @@ dev=$(attach dm-user:dmu:64M)
 d1=$!
 echo "attached $dev"
 step() { echo "$(date +%T) $*"; }
+# fio verify on device $1 (job name $2): two jobs at depth $3, random
+# writes of sizes $4, $5 each, 24 MiB apart.
+two_job_verify() {
+    fio --name="$2" --filename="$1" --ioengine=libaio --direct=1 --iodepth="$3" --numjobs=2 \
+        --rw=randwrite --bsrange="$4" --size="$5" --verify=crc32c --verify_fatal=1 \
+        --do_verify=1 --randrepeat=0 --verify_state_save=0 --offset_increment=24M \
+        --output=/tmp/"$2".out || { cat /tmp/"$2".out; fail "fio $2 on $1"; }
+}
 [ "$(cat /sys/block/"${dev#/dev/}"/size)" = $((64 << 11)) ] || fail "size"
 "$FUSE_BLK" list
 [ "$(listed dmu backend)" = dm-user:dmu:64M ] || fail "list: $("$FUSE_BLK" list --json)"
@@ -74,10 +82,7 @@ kill -0 "$early" 2>/dev/null || fail "a read completed with no daemon"
 d2=$!
 wait "$early" || fail "the waiting read failed"
 step "fio, four descriptors"
-fio --name=raw4 --filename="$dev" --ioengine=libaio --direct=1 --iodepth=32 --numjobs=2 \
-    --rw=randwrite --bsrange=4k-32k --size=2M --verify=crc32c --verify_fatal=1 \
-    --do_verify=1 --randrepeat=0 --verify_state_save=0 --offset_increment=24M \
-    --output=/tmp/fio2.out || { cat /tmp/fio2.out; fail "fio, four descriptors"; }
+two_job_verify "$dev" raw4 32 4k-32k 2M
 kill -9 "$d2"; wait "$d2" || true
 
 # A fuse-blk handler as the dm-user daemon (compat/dm-user channel.rs):
@@ -85,21 +90,9 @@ kill -9 "$d2"; wait "$d2" || true
 # descriptors. The same data tests as the C daemon's.
 "$VMTEST" dm-user-serve "$node" 64M 4 > /tmp/rust1.out 2>&1 &
 r1=$!
-rust_fail() { cat /tmp/rust1.out; dmesg | tail -n 20; fail "rust daemon: $*"; }
 step "rust daemon: mkfs, files, fio"
-mkfs.ext4 -q "$dev" || rust_fail mkfs
-mount "$dev" /tmp/mnt || rust_fail mount
-random_file /tmp/mnt/c 3
-c=$(sum /tmp/mnt/c)
-umount /tmp/mnt
-mount "$dev" /tmp/mnt
-[ "$(sum /tmp/mnt/c)" = "$c" ] || fail "rust daemon: checksum after remount"
-umount /tmp/mnt
-e2fsck -fn "$dev" || fail "rust daemon: fsck"
-fio --name=rust --filename="$dev" --ioengine=libaio --direct=1 --iodepth=16 --numjobs=2 \
-    --rw=randwrite --bsrange=4k-256k --size=4M --verify=crc32c --verify_fatal=1 \
-    --do_verify=1 --randrepeat=0 --verify_state_save=0 --offset_increment=24M \
-    --output=/tmp/fio3.out || { cat /tmp/fio3.out; fail "fio, rust daemon"; }
+ext4_roundtrip "$dev" 3
+two_job_verify "$dev" rust 16 4k-256k 4M
 blkdiscard -o 8M -l 1M "$dev" || fail "rust daemon: discard"
 [ "$(dd if="$dev" bs=1M skip=8 count=1 iflag=direct status=none | tr -d '\0' | wc -c)" = 0 ] ||
     fail "rust daemon: discarded range not zeros"
@@ -137,28 +130,18 @@ grep -q 'the target is gone' /tmp/rust2.out || fail "rust daemon: no ENOTBLK ($(
 no_io_errors
 
 # The stock path (FUSE file + loop device) under the same node: the C
-# daemon with four threads, then the Rust one; fio verify and ext2 each.
+# daemon with four threads, then the Rust one; fio verify, then ext4.
 step "stock path"
 sdev=$("$FUSE_BLK" attach --transport loop dm-user:dms:64M)
 case $sdev in /dev/loop*) ;; *) fail "stock path attached $sdev" ;; esac
 snode=/dev/dm-user/dms
 "$daemon" -t 4 -p 65536 -o "$snode" 64M 2> /tmp/daemon4.log &
 d4=$!
-fio --name=stock --filename="$sdev" --ioengine=libaio --direct=1 --iodepth=16 --numjobs=2 \
-    --rw=randwrite --bsrange=4k-128k --size=4M --verify=crc32c --verify_fatal=1 \
-    --do_verify=1 --randrepeat=0 --verify_state_save=0 --offset_increment=24M \
-    --output=/tmp/fio4.out || { cat /tmp/fio4.out; fail "fio, stock path"; }
+two_job_verify "$sdev" stock 16 4k-128k 4M
 kill -9 "$d4"; wait "$d4" || true
 "$VMTEST" dm-user-serve "$snode" 64M 2 > /tmp/rust3.out 2>&1 &
 r3=$!
-mkfs.ext2 -q "$sdev" || { cat /tmp/rust3.out; fail "stock path, rust daemon: mkfs"; }
-mount "$sdev" /tmp/mnt
-random_file /tmp/mnt/d 2
-d=$(sum /tmp/mnt/d)
-umount /tmp/mnt
-mount "$sdev" /tmp/mnt
-[ "$(sum /tmp/mnt/d)" = "$d" ] || fail "stock path: checksum after remount"
-umount /tmp/mnt
+ext4_roundtrip "$sdev" 2
 "$FUSE_BLK" detach dms
 wait "$r3" || fail "stock path: the rust daemon did not exit 0 on detach ($(cat /tmp/rust3.out))"
 [ ! -e "$snode" ] || fail "$snode left"
