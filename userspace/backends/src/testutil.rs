@@ -8,29 +8,46 @@
 use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use fuse_blk::{BlockDevice, Channel, ReplySink, Session, SessionConfig};
 use fuse_blk_proto::abi::{falloc, opcode, FallocateIn, FsyncIn, ReadIn, WriteIn, WriteOut};
 use fuse_blk_proto::client::{encode_request, parse_reply, read_struct};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use zerocopy::IntoBytes;
 
 /// A channel that never yields a request and keeps every reply sent on it.
 #[derive(Default)]
 pub struct CaptureChannel {
     replies: Mutex<Vec<Vec<u8>>>,
+    /// Signalled on every reply, for devices that answer later, from
+    /// threads of their own.
+    replied: Condvar,
 }
 
+/// How long a reply may take (a device waiting for a server that
+/// restarts, on a busy machine) before the request counts as unanswered.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
 impl CaptureChannel {
-    /// Removes and returns the reply to `unique`, if one was sent.
+    /// Removes and returns the reply to `unique`, waiting for it if it
+    /// has not been sent yet; None if it never came.
     fn take(&self, unique: u64) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + REPLY_TIMEOUT;
         let mut replies = self.replies.lock();
-        let index = replies.iter().position(|r| {
-            parse_reply(r)
-                .map(|reply| reply.unique == unique)
-                .unwrap_or(false)
-        })?;
-        Some(replies.swap_remove(index))
+        loop {
+            let index = replies.iter().position(|r| {
+                parse_reply(r)
+                    .map(|reply| reply.unique == unique)
+                    .unwrap_or(false)
+            });
+            if let Some(index) = index {
+                return Some(replies.swap_remove(index));
+            }
+            if self.replied.wait_until(&mut replies, deadline).timed_out() {
+                return None;
+            }
+        }
     }
 }
 
@@ -38,6 +55,7 @@ impl ReplySink for CaptureChannel {
     fn send_reply(&self, parts: &[IoSlice<'_>]) {
         let message = parts.iter().flat_map(|p| p.iter().copied()).collect();
         self.replies.lock().push(message);
+        self.replied.notify_all();
     }
 }
 

@@ -7,7 +7,7 @@ use std::thread;
 use fuse_blk::{BlockDevice, Features, Geometry, ReplyData, ReplyEmpty, ReplyWrite, Request};
 
 use crate::handle::{Error, Export, Handle};
-use crate::link::{Expectations, Link, LinkStatus, ReconnectPolicy};
+use crate::link::{Expectations, Job, Kind, Link, LinkStatus, ReconnectPolicy};
 use crate::uri;
 
 /// Largest read or write sent as one command when the server states no
@@ -33,7 +33,14 @@ pub struct Options {
     /// Connections when the server allows several (multi-conn); one
     /// otherwise.
     pub connections: usize,
+    /// Commands in flight on one connection at most: the queue depth the
+    /// device is driven with (more would only wait in libnbd's queue).
+    pub max_in_flight: usize,
 }
+
+/// Commands in flight per connection unless told: what the stock path's
+/// FUSE session lets the kernel have outstanding (`max_background`).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 128;
 
 impl Options {
     pub fn new(read_only: bool, logical_block_size: u32) -> Options {
@@ -42,6 +49,7 @@ impl Options {
             logical_block_size,
             reconnect: ReconnectPolicy::default(),
             connections: thread::available_parallelism().map_or(1, |n| n.get().min(8)),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
     }
 }
@@ -150,8 +158,24 @@ impl NbdDevice {
         };
         let mut first = Some(handle);
         let links = (0..count)
-            .map(|index| Link::new(uri, index, options.reconnect, expectations, first.take()))
-            .collect();
+            .map(|index| {
+                Link::new(
+                    uri,
+                    index,
+                    options.reconnect,
+                    expectations,
+                    options.max_in_flight,
+                    first.take(),
+                )
+            })
+            .collect::<io::Result<_>>()
+            .map_err(|e| {
+                failure(
+                    uri,
+                    e.kind(),
+                    format!("starting a connection's thread: {e}"),
+                )
+            })?;
         let block = geometry.logical_block_size;
         let max_request = match export.maximum_block {
             0 => DEFAULT_MAX_REQUEST,
@@ -224,49 +248,40 @@ impl BlockDevice for NbdDevice {
     }
 
     fn read(&self, req: &Request, offset: u64, len: u32, reply: ReplyData) {
-        let link = self.link(req);
         let max = u64::from(self.max_request);
-        reply.fill(|buf| {
-            for (start, size) in pieces(offset, u64::from(len), max) {
-                let at = (start - offset) as usize;
-                let piece = &mut buf[at..at + size as usize];
-                link.run(|handle| handle.pread(piece, start))
-                    .map_err(io::Error::from_raw_os_error)?;
-            }
-            Ok(())
-        });
+        let pieces = pieces(offset, u64::from(len), max).collect();
+        self.link(req).submit(Job::read(pieces, reply));
     }
 
+    /// The data is copied: the handler's slice is the transport's, lent
+    /// for this call only, and the command outlives it.
     fn write(&self, req: &Request, offset: u64, data: &[u8], fua: bool, reply: ReplyWrite) {
-        let link = self.link(req);
         let fua = fua && self.export.can_fua;
         let max = u64::from(self.max_request);
-        let result = pieces(offset, data.len() as u64, max).try_for_each(|(start, size)| {
-            let at = (start - offset) as usize;
-            let piece = &data[at..at + size as usize];
-            link.run(|handle| handle.pwrite(piece, start, fua))
-        });
-        reply.outcome(result.map_err(io::Error::from_raw_os_error));
+        let pieces = pieces(offset, data.len() as u64, max).collect();
+        self.link(req)
+            .submit(Job::write(pieces, data.to_vec(), fua, reply));
     }
 
     /// NBD_CMD_FLUSH covers every write the server answered, on any of
     /// the connections when there are several (what multi-conn promises).
+    /// The kernel sends a flush only after the writes it covers were
+    /// answered, and they were answered only once the server answered
+    /// them.
     fn flush(&self, req: &Request, reply: ReplyEmpty) {
         if !self.export.can_flush {
             return reply.ok();
         }
-        let result = self.link(req).run(Handle::flush);
-        reply.outcome(result.map_err(io::Error::from_raw_os_error));
+        self.link(req)
+            .submit(Job::range(Kind::Flush, vec![(0, 0)], reply));
     }
 
     fn discard(&self, req: &Request, offset: u64, len: u64, reply: ReplyEmpty) {
         if !self.geometry.features.discard {
             return reply.error(libc::EOPNOTSUPP);
         }
-        let link = self.link(req);
-        let result = pieces(offset, len, MAX_RANGE_COMMAND)
-            .try_for_each(|(start, size)| link.run(|handle| handle.trim(size, start)));
-        reply.outcome(result.map_err(io::Error::from_raw_os_error));
+        let pieces = pieces(offset, len, MAX_RANGE_COMMAND).collect();
+        self.link(req).submit(Job::range(Kind::Trim, pieces, reply));
     }
 
     /// NBD_CMD_WRITE_ZEROES, with NBD_CMD_FLAG_NO_HOLE unless the storage
@@ -282,10 +297,11 @@ impl BlockDevice for NbdDevice {
         if !self.geometry.features.write_zeroes {
             return reply.error(libc::EOPNOTSUPP);
         }
-        let link = self.link(req);
-        let result = pieces(offset, len, MAX_RANGE_COMMAND)
-            .try_for_each(|(start, size)| link.run(|handle| handle.zero(size, start, !may_unmap)));
-        reply.outcome(result.map_err(io::Error::from_raw_os_error));
+        let pieces = pieces(offset, len, MAX_RANGE_COMMAND).collect();
+        let kind = Kind::Zero {
+            no_hole: !may_unmap,
+        };
+        self.link(req).submit(Job::range(kind, pieces, reply));
     }
 
     fn destroy(&self) {

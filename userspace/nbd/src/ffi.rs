@@ -20,6 +20,28 @@ pub struct nbd_handle {
 pub const LIBNBD_CMD_FLAG_FUA: u32 = 0x01;
 pub const LIBNBD_CMD_FLAG_NO_HOLE: u32 = 0x02;
 
+pub const LIBNBD_AIO_DIRECTION_READ: u32 = 1;
+pub const LIBNBD_AIO_DIRECTION_WRITE: u32 = 2;
+
+/// `nbd_completion_callback`, passed by value to the `nbd_aio_*` commands.
+/// Always passed empty here: completions are collected with
+/// `nbd_aio_peek_command_completed`, so no C callback into Rust is needed.
+#[repr(C)]
+pub struct nbd_completion_callback {
+    pub callback: Option<unsafe extern "C" fn(user_data: *mut c_void, error: *mut c_int) -> c_int>,
+    pub user_data: *mut c_void,
+    pub free: Option<unsafe extern "C" fn(user_data: *mut c_void)>,
+}
+
+impl nbd_completion_callback {
+    /// `LIBNBD_NULL_COMPLETION`.
+    pub const NONE: nbd_completion_callback = nbd_completion_callback {
+        callback: None,
+        user_data: std::ptr::null_mut(),
+        free: None,
+    };
+}
+
 pub const LIBNBD_SIZE_MINIMUM: c_int = 0;
 pub const LIBNBD_SIZE_PREFERRED: c_int = 1;
 pub const LIBNBD_SIZE_MAXIMUM: c_int = 2;
@@ -93,6 +115,8 @@ libnbd! {
     fn nbd_set_uri_allow_local_file(h: *mut nbd_handle, allow: bool) -> c_int;
     fn nbd_connect_uri(h: *mut nbd_handle, uri: *const c_char) -> c_int;
     fn nbd_aio_disconnect(h: *mut nbd_handle, flags: u32) -> c_int;
+    fn nbd_aio_connect_uri(h: *mut nbd_handle, uri: *const c_char) -> c_int;
+    fn nbd_set_pread_initialize(h: *mut nbd_handle, request: bool) -> c_int;
 
     fn nbd_get_size(h: *mut nbd_handle) -> i64;
     fn nbd_get_block_size(h: *mut nbd_handle, size_type: c_int) -> i64;
@@ -105,12 +129,22 @@ libnbd! {
 
     fn nbd_aio_is_ready(h: *mut nbd_handle) -> c_int;
     fn nbd_aio_is_processing(h: *mut nbd_handle) -> c_int;
+    fn nbd_aio_is_dead(h: *mut nbd_handle) -> c_int;
+    fn nbd_aio_is_closed(h: *mut nbd_handle) -> c_int;
 
-    fn nbd_pread(h: *mut nbd_handle, buf: *mut c_void, count: usize, offset: u64, flags: u32) -> c_int;
-    fn nbd_pwrite(h: *mut nbd_handle, buf: *const c_void, count: usize, offset: u64, flags: u32) -> c_int;
-    fn nbd_flush(h: *mut nbd_handle, flags: u32) -> c_int;
-    fn nbd_trim(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int;
-    fn nbd_zero(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int;
+    fn nbd_aio_get_fd(h: *mut nbd_handle) -> c_int;
+    fn nbd_aio_get_direction(h: *mut nbd_handle) -> u32;
+    fn nbd_aio_notify_read(h: *mut nbd_handle) -> c_int;
+    fn nbd_aio_notify_write(h: *mut nbd_handle) -> c_int;
+    fn nbd_aio_peek_command_completed(h: *mut nbd_handle) -> i64;
+    fn nbd_aio_command_completed(h: *mut nbd_handle, cookie: u64) -> c_int;
+
+    fn nbd_aio_pread(h: *mut nbd_handle, buf: *mut c_void, count: usize, offset: u64, completion: nbd_completion_callback, flags: u32) -> i64;
+    fn nbd_aio_pwrite(h: *mut nbd_handle, buf: *const c_void, count: usize, offset: u64, completion: nbd_completion_callback, flags: u32) -> i64;
+    fn nbd_aio_flush(h: *mut nbd_handle, completion: nbd_completion_callback, flags: u32) -> i64;
+    fn nbd_aio_trim(h: *mut nbd_handle, count: u64, offset: u64, completion: nbd_completion_callback, flags: u32) -> i64;
+    fn nbd_aio_zero(h: *mut nbd_handle, count: u64, offset: u64, completion: nbd_completion_callback, flags: u32) -> i64;
+
 }
 
 static API: OnceLock<Result<Api, String>> = OnceLock::new();

@@ -65,9 +65,8 @@ pub struct Export {
     pub maximum_block: u32,
 }
 
-/// One connection to an NBD server. libnbd handles are thread-safe: every
-/// call takes the handle's lock, so threads sharing one handle have their
-/// synchronous calls served one at a time.
+/// One connection to an NBD server. libnbd handles are thread-safe (every
+/// call takes the handle's lock); a link's thread alone drives its handle.
 pub struct Handle {
     raw: NonNull<ffi::nbd_handle>,
 }
@@ -98,13 +97,8 @@ fn check64(rc: i64) -> Result<i64, Error> {
 }
 
 impl Handle {
-    /// Connects to the export an NBD URI names (`nbd://`, `nbd+unix://`,
-    /// `nbds://`... as libnbd parses them) and completes the handshake.
-    pub fn connect(uri: &str) -> Result<Handle, Error> {
-        let c_uri = CString::new(uri).map_err(|_| Error {
-            errno: libc::EINVAL,
-            message: "the URI contains a NUL byte".to_owned(),
-        })?;
+    /// A new handle, not connected, set up as every connection here is.
+    fn create() -> Result<Handle, Error> {
         ffi::load().map_err(|message| Error {
             errno: libc::ENOENT,
             message,
@@ -119,6 +113,22 @@ impl Handle {
         // refuses them by default for URIs from untrusted sources.
         // SAFETY: the handle is live.
         check(unsafe { ffi::nbd_set_uri_allow_local_file(handle.raw.as_ptr(), true) })?;
+        // Read buffers are only looked at once a read succeeded, which
+        // fills them: zeroing them first (libnbd's default, against
+        // leaking old memory to a buggy server's caller) is a wasted pass.
+        // SAFETY: the handle is live.
+        check(unsafe { ffi::nbd_set_pread_initialize(handle.raw.as_ptr(), false) })?;
+        Ok(handle)
+    }
+
+    /// Connects to the export an NBD URI names (`nbd://`, `nbd+unix://`,
+    /// `nbds://`... as libnbd parses them) and completes the handshake.
+    pub fn connect(uri: &str) -> Result<Handle, Error> {
+        let c_uri = CString::new(uri).map_err(|_| Error {
+            errno: libc::EINVAL,
+            message: "the URI contains a NUL byte".to_owned(),
+        })?;
+        let handle = Handle::create()?;
         // SAFETY: the handle is live and `c_uri` a NUL-terminated string
         // that outlives the call (libnbd copies what it keeps).
         check(unsafe { ffi::nbd_connect_uri(handle.raw.as_ptr(), c_uri.as_ptr()) })?;
@@ -166,57 +176,172 @@ impl Handle {
         }
     }
 
-    pub fn pread(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
-        // SAFETY: the handle is live; `buf` is valid for writes of its
-        // length for the whole (synchronous) call.
-        check(unsafe {
-            ffi::nbd_pread(
+    /// A handle that starts connecting to `uri` without waiting: the
+    /// handshake goes on as the caller drives the handle
+    /// ([`fd`](Self::fd), [`direction`](Self::direction),
+    /// [`notify_read`](Self::notify_read)...) until
+    /// [`is_ready`](Self::is_ready), or fails ([`is_dead`](Self::is_dead)).
+    pub fn start_connect(uri: &str) -> Result<Handle, Error> {
+        let c_uri = CString::new(uri).map_err(|_| Error {
+            errno: libc::EINVAL,
+            message: "the URI contains a NUL byte".to_owned(),
+        })?;
+        let handle = Handle::create()?;
+        // SAFETY: as in `connect`; the asynchronous variant only starts
+        // the connection.
+        check(unsafe { ffi::nbd_aio_connect_uri(handle.raw.as_ptr(), c_uri.as_ptr()) })?;
+        Ok(handle)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        // SAFETY: the handle is live; this only reads its state.
+        unsafe { ffi::nbd_aio_is_ready(self.raw.as_ptr()) == 1 }
+    }
+
+    /// The connection is gone: it broke, failed, or was closed.
+    pub fn is_dead(&self) -> bool {
+        // SAFETY: the handle is live; these only read its state.
+        unsafe {
+            ffi::nbd_aio_is_dead(self.raw.as_ptr()) == 1
+                || ffi::nbd_aio_is_closed(self.raw.as_ptr()) == 1
+        }
+    }
+
+    /// The socket to poll, once connecting has begun.
+    pub fn fd(&self) -> Result<c_int, Error> {
+        // SAFETY: the handle is live.
+        check(unsafe { ffi::nbd_aio_get_fd(self.raw.as_ptr()) })
+    }
+
+    /// What to wait for on [`fd`](Self::fd): `(read, write)`.
+    pub fn direction(&self) -> (bool, bool) {
+        // SAFETY: the handle is live; this only reads its state.
+        let direction = unsafe { ffi::nbd_aio_get_direction(self.raw.as_ptr()) };
+        (
+            direction & ffi::LIBNBD_AIO_DIRECTION_READ != 0,
+            direction & ffi::LIBNBD_AIO_DIRECTION_WRITE != 0,
+        )
+    }
+
+    /// The socket is readable: libnbd reads what it can and moves on.
+    pub fn notify_read(&self) -> Result<(), Error> {
+        // SAFETY: the handle is live.
+        check(unsafe { ffi::nbd_aio_notify_read(self.raw.as_ptr()) }).map(drop)
+    }
+
+    /// The socket is writable: libnbd sends what it has queued.
+    pub fn notify_write(&self) -> Result<(), Error> {
+        // SAFETY: the handle is live.
+        check(unsafe { ffi::nbd_aio_notify_write(self.raw.as_ptr()) }).map(drop)
+    }
+
+    /// A command that completed and is not retired yet, retired now, with
+    /// its outcome: `Some((cookie, Ok or the server's error))`, None when
+    /// none is waiting.
+    pub fn next_completed(&self) -> Option<(u64, Result<(), Error>)> {
+        // SAFETY: the handle is live.
+        let cookie = unsafe { ffi::nbd_aio_peek_command_completed(self.raw.as_ptr()) };
+        // 0: commands in flight, none done; -1: none in flight at all.
+        let cookie = u64::try_from(cookie).ok().filter(|&c| c > 0)?;
+        // SAFETY: the handle is live; `cookie` names a completed command,
+        // which this retires (its buffer is no longer libnbd's).
+        let rc = unsafe { ffi::nbd_aio_command_completed(self.raw.as_ptr(), cookie) };
+        Some((cookie, check(rc).map(drop)))
+    }
+
+    /// Issues NBD_CMD_READ into `buf` and returns its cookie.
+    ///
+    /// # Safety
+    /// `buf` must stay valid for writes of `len` bytes, and not be read
+    /// or moved, until the command is retired
+    /// ([`next_completed`](Self::next_completed) returned it) or the
+    /// handle is dropped.
+    pub unsafe fn aio_pread(&self, buf: *mut u8, len: usize, offset: u64) -> Result<u64, Error> {
+        // SAFETY: the handle is live; `buf`'s lifetime is the caller's
+        // promise.
+        check64(unsafe {
+            ffi::nbd_aio_pread(
                 self.raw.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
+                buf.cast(),
+                len,
                 offset,
+                ffi::nbd_completion_callback::NONE,
                 0,
             )
         })
-        .map(drop)
+        .map(|cookie| cookie as u64)
     }
 
-    pub fn pwrite(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), Error> {
+    /// Issues NBD_CMD_WRITE of `len` bytes at `data` and returns its
+    /// cookie.
+    ///
+    /// # Safety
+    /// `data` must stay valid for reads of `len` bytes, unchanged, until
+    /// the command is retired or the handle is dropped.
+    pub unsafe fn aio_pwrite(
+        &self,
+        data: *const u8,
+        len: usize,
+        offset: u64,
+        fua: bool,
+    ) -> Result<u64, Error> {
         let flags = if fua { ffi::LIBNBD_CMD_FLAG_FUA } else { 0 };
-        // SAFETY: the handle is live; `data` is valid for reads of its
-        // length for the whole (synchronous) call.
-        check(unsafe {
-            ffi::nbd_pwrite(
+        // SAFETY: the handle is live; `data`'s lifetime is the caller's
+        // promise.
+        check64(unsafe {
+            ffi::nbd_aio_pwrite(
                 self.raw.as_ptr(),
-                data.as_ptr().cast(),
-                data.len(),
+                data.cast(),
+                len,
                 offset,
+                ffi::nbd_completion_callback::NONE,
                 flags,
             )
         })
-        .map(drop)
+        .map(|cookie| cookie as u64)
     }
 
-    pub fn flush(&self) -> Result<(), Error> {
-        // SAFETY: the handle is live.
-        check(unsafe { ffi::nbd_flush(self.raw.as_ptr(), 0) }).map(drop)
+    pub fn aio_flush(&self) -> Result<u64, Error> {
+        // SAFETY: the handle is live; the command has no buffer.
+        check64(unsafe {
+            ffi::nbd_aio_flush(self.raw.as_ptr(), ffi::nbd_completion_callback::NONE, 0)
+        })
+        .map(|cookie| cookie as u64)
     }
 
-    pub fn trim(&self, count: u64, offset: u64) -> Result<(), Error> {
-        // SAFETY: the handle is live.
-        check(unsafe { ffi::nbd_trim(self.raw.as_ptr(), count, offset, 0) }).map(drop)
+    pub fn aio_trim(&self, count: u64, offset: u64) -> Result<u64, Error> {
+        // SAFETY: the handle is live; the command has no buffer.
+        check64(unsafe {
+            ffi::nbd_aio_trim(
+                self.raw.as_ptr(),
+                count,
+                offset,
+                ffi::nbd_completion_callback::NONE,
+                0,
+            )
+        })
+        .map(|cookie| cookie as u64)
     }
 
     /// NBD_CMD_WRITE_ZEROES; with `no_hole` the server must keep the
     /// range allocated.
-    pub fn zero(&self, count: u64, offset: u64, no_hole: bool) -> Result<(), Error> {
+    pub fn aio_zero(&self, count: u64, offset: u64, no_hole: bool) -> Result<u64, Error> {
         let flags = if no_hole {
             ffi::LIBNBD_CMD_FLAG_NO_HOLE
         } else {
             0
         };
-        // SAFETY: the handle is live.
-        check(unsafe { ffi::nbd_zero(self.raw.as_ptr(), count, offset, flags) }).map(drop)
+        // SAFETY: the handle is live; the command has no buffer.
+        check64(unsafe {
+            ffi::nbd_aio_zero(
+                self.raw.as_ptr(),
+                count,
+                offset,
+                ffi::nbd_completion_callback::NONE,
+                flags,
+            )
+        })
+        .map(|cookie| cookie as u64)
     }
 
     /// Asks the server to end the connection (NBD_CMD_DISC), so it does

@@ -1,27 +1,50 @@
-//! One connection slot to the server that survives the connection: a
-//! request whose connection broke waits while the slot reconnects (with
-//! backoff), then is reissued; only after the reconnect timeout do
-//! requests fail, with EIO, and from then on each fails at once unless a
-//! reconnection attempt is due.
+//! One connection slot to the server that survives the connection, with
+//! many commands in flight on it.
+//!
+//! Each link has a thread of its own that drives its libnbd handle with
+//! libnbd's asynchronous calls: handler threads hand it [`Job`]s and
+//! return, the thread issues their NBD commands (up to a cap), polls the
+//! socket, and answers each job's reply when the server has answered all
+//! of its commands. A command whose connection broke, or that the server
+//! did not answer within the command timeout, is issued again on the next
+//! connection; the link reconnects with backoff, and only once it has
+//! been without a connection for the reconnect timeout do the waiting
+//! jobs fail, with EIO; from then on each fails at once unless a
+//! reconnection attempt is under way.
 
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use fuse_blk::{ReplyData, ReplyEmpty, ReplyWrite};
+use parking_lot::Mutex;
 
 use crate::handle::{Error, Export, Handle};
 
-/// How a link waits for the server to come back.
+/// How a link waits for the server to come back, and how long it gives a
+/// command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReconnectPolicy {
     /// How long requests wait after the connection broke; after that they
-    /// fail with EIO (0: at once, without a reconnection attempt).
+    /// fail with EIO (0: after one reconnection attempt).
     pub timeout: Duration,
     /// The wait before the second attempt (the first is at once); it
     /// doubles after every failed attempt, up to `max_delay`.
     pub first_delay: Duration,
     pub max_delay: Duration,
+    /// A command the server has not answered within this counts as a
+    /// broken connection: the link drops it, reconnects and issues the
+    /// command again, as the kernel's nbd client does. It also bounds a
+    /// reconnection's handshake. Zero: no limit on commands (handshakes
+    /// then get [`HANDSHAKE_LIMIT`]).
+    pub command_timeout: Duration,
 }
+
+/// How long a handshake may take when commands have no timeout.
+pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(30);
 
 impl Default for ReconnectPolicy {
     fn default() -> ReconnectPolicy {
@@ -29,6 +52,17 @@ impl Default for ReconnectPolicy {
             timeout: Duration::from_secs(30),
             first_delay: Duration::from_millis(10),
             max_delay: Duration::from_secs(1),
+            command_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ReconnectPolicy {
+    fn handshake_limit(&self) -> Duration {
+        if self.command_timeout.is_zero() {
+            HANDSHAKE_LIMIT
+        } else {
+            self.command_timeout
         }
     }
 }
@@ -100,12 +134,260 @@ impl Expectations {
     }
 }
 
-/// Whether a failed command should be reissued on a new connection: the
-/// connection broke under it, or the server said it is shutting down
-/// (NBD_ESHUTDOWN, nbdkit's answer while it stops). Any other error is the
-/// server's answer to this command and goes to the caller.
-fn connection_lost(handle: &Handle, error: &Error) -> bool {
-    error.errno == libc::ESHUTDOWN || !handle.is_connected()
+/// What a job asks of the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Read,
+    Write { fua: bool },
+    Flush,
+    Trim,
+    Zero { no_hole: bool },
+}
+
+/// The reply a job answers when it is done.
+pub enum Reply {
+    Data(ReplyData),
+    Write(ReplyWrite),
+    Empty(ReplyEmpty),
+}
+
+/// One handler call: one NBD command per piece (a read or write larger
+/// than the server takes is split), answered once all are done.
+pub struct Job {
+    kind: Kind,
+    /// `(offset, length)` of each command.
+    pieces: Vec<(u64, u64)>,
+    /// Reads and writes: the data of the whole job, from the first
+    /// piece's offset. A read's buffer is allocated but not initialised
+    /// (its length stays 0) until every piece succeeded: libnbd writes
+    /// into its spare capacity.
+    buffer: Vec<u8>,
+    /// Bytes of data a read answers.
+    data_len: usize,
+    reply: Reply,
+    /// Pieces not answered yet.
+    remaining: usize,
+    /// The first error the server answered.
+    error: Option<i32>,
+}
+
+impl Job {
+    /// A read of `pieces` (contiguous, in order).
+    pub fn read(pieces: Vec<(u64, u64)>, reply: ReplyData) -> Job {
+        let data_len = pieces.iter().map(|(_, len)| *len as usize).sum();
+        Job::new(
+            Kind::Read,
+            pieces,
+            Vec::with_capacity(data_len),
+            data_len,
+            Reply::Data(reply),
+        )
+    }
+
+    /// A write of `data` in `pieces` (contiguous, in order, covering it).
+    pub fn write(pieces: Vec<(u64, u64)>, data: Vec<u8>, fua: bool, reply: ReplyWrite) -> Job {
+        Job::new(Kind::Write { fua }, pieces, data, 0, Reply::Write(reply))
+    }
+
+    /// A flush, trim or write-zeroes.
+    pub fn range(kind: Kind, pieces: Vec<(u64, u64)>, reply: ReplyEmpty) -> Job {
+        Job::new(kind, pieces, Vec::new(), 0, Reply::Empty(reply))
+    }
+
+    fn new(
+        kind: Kind,
+        pieces: Vec<(u64, u64)>,
+        buffer: Vec<u8>,
+        data_len: usize,
+        reply: Reply,
+    ) -> Job {
+        let remaining = pieces.len();
+        Job {
+            kind,
+            pieces,
+            buffer,
+            data_len,
+            reply,
+            remaining,
+            error: None,
+        }
+    }
+
+    /// Answers the reply: the data or success, or the first error.
+    fn answer(mut self) {
+        match (self.reply, self.error) {
+            (Reply::Data(reply), None) => {
+                // SAFETY: every piece of the read succeeded, and libnbd
+                // fills a successful read's whole buffer, so the first
+                // `data_len` bytes of the capacity (reserved at the
+                // start, never reallocated) are initialised.
+                unsafe { self.buffer.set_len(self.data_len) };
+                reply.data(&self.buffer);
+            }
+            (Reply::Data(reply), Some(errno)) => reply.error(errno),
+            (Reply::Write(reply), None) => reply.ok(),
+            (Reply::Write(reply), Some(errno)) => reply.error(errno),
+            (Reply::Empty(reply), None) => reply.ok(),
+            (Reply::Empty(reply), Some(errno)) => reply.error(errno),
+        }
+    }
+}
+
+/// What the link's thread shows the rest of the device.
+#[derive(Default)]
+struct Status {
+    /// Connections made so far.
+    generation: u64,
+    /// Since when the link has had no connection, once it had one.
+    outage_since: Option<Instant>,
+}
+
+/// What handler threads and the link's thread share.
+struct Shared {
+    /// Jobs handed over and not taken by the thread yet; `None` once the
+    /// link shut down.
+    incoming: Mutex<Option<Vec<Job>>>,
+    /// An eventfd that wakes the thread from poll(2).
+    wake: OwnedFd,
+    status: Mutex<Status>,
+}
+
+impl Shared {
+    fn wake(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: the eventfd is open for the life of `self`; the buffer
+        // is the 8 bytes an eventfd write takes. A full counter (EAGAIN)
+        // already wakes the reader.
+        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+}
+
+pub struct Link {
+    shared: Arc<Shared>,
+    timeout: Duration,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Link {
+    /// A link that starts on `handle` (or, without one, connects when
+    /// first used), with at most `max_in_flight` commands on the
+    /// connection at once, and its thread.
+    pub fn new(
+        uri: &str,
+        index: usize,
+        policy: ReconnectPolicy,
+        expectations: Expectations,
+        max_in_flight: usize,
+        handle: Option<Handle>,
+    ) -> io::Result<Link> {
+        // SAFETY: eventfd takes no pointers; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened and is owned by nothing else.
+        let wake = unsafe { OwnedFd::from_raw_fd(fd) };
+        let generation = u64::from(handle.is_some());
+        let shared = Arc::new(Shared {
+            incoming: Mutex::new(Some(Vec::new())),
+            wake,
+            status: Mutex::new(Status {
+                generation,
+                outage_since: None,
+            }),
+        });
+        let worker = Worker {
+            uri: uri.to_owned(),
+            index,
+            policy,
+            expectations,
+            max_in_flight: max_in_flight.max(1),
+            shared: shared.clone(),
+            handle,
+            connecting_since: None,
+            broken: None,
+            generation,
+            outage: None,
+            jobs: HashMap::new(),
+            next_job: 0,
+            queued: VecDeque::new(),
+            in_flight: BTreeMap::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("nbd-link-{index}"))
+            .spawn(move || worker.run())?;
+        Ok(Link {
+            shared,
+            timeout: policy.timeout,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Hands `job` to the link's thread, which answers it; after
+    /// [`shutdown`](Self::shutdown) it is answered EIO at once.
+    pub fn submit(&self, job: Job) {
+        let mut incoming = self.shared.incoming.lock();
+        match incoming.as_mut() {
+            Some(jobs) => {
+                let was_empty = jobs.is_empty();
+                jobs.push(job);
+                drop(incoming);
+                // A non-empty list means a wake is already pending.
+                if was_empty {
+                    self.shared.wake();
+                }
+            }
+            None => {
+                drop(incoming);
+                let mut job = job;
+                job.error = Some(libc::EIO);
+                job.answer();
+            }
+        }
+    }
+
+    pub fn status(&self) -> LinkStatus {
+        let status = self.shared.status.lock();
+        match status.outage_since {
+            Some(since) if status.generation > 0 => {
+                let for_ = since.elapsed();
+                if for_ >= self.timeout {
+                    LinkStatus::Down { for_ }
+                } else {
+                    LinkStatus::Reconnecting { for_ }
+                }
+            }
+            _ => LinkStatus::Connected,
+        }
+    }
+
+    /// How many times the link connected again after losing its
+    /// connection (its first connection not counted).
+    pub fn reconnections(&self) -> u64 {
+        self.shared.status.lock().generation.saturating_sub(1)
+    }
+
+    /// Ends the connection politely, if there is one, without waiting
+    /// for the server, answers EIO to what is left, and ends the thread.
+    pub fn shutdown(&self) {
+        let left = self.shared.incoming.lock().take();
+        self.shared.wake();
+        for mut job in left.into_iter().flatten() {
+            job.error = Some(libc::EIO);
+            job.answer();
+        }
+        if let Some(thread) = self.thread.lock().take() {
+            if thread.join().is_err() {
+                log::error!("an NBD link's thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
 }
 
 struct Outage {
@@ -131,188 +413,432 @@ impl Outage {
     }
 }
 
-struct State {
-    handle: Option<Arc<Handle>>,
-    /// Counts connections, so a request that saw one break does not drop
-    /// its successor.
-    generation: u64,
-    /// Set while there is no connection.
-    outage: Option<Outage>,
+/// A command on the connection.
+struct InFlight {
+    job: u64,
+    piece: usize,
+    issued: Instant,
 }
 
-pub struct Link {
+/// The link's thread: the only one that calls libnbd on its handles.
+struct Worker {
     uri: String,
     /// Which link of the device, for the log.
     index: usize,
     policy: ReconnectPolicy,
     expectations: Expectations,
-    state: Mutex<State>,
-    connected: Condvar,
+    max_in_flight: usize,
+    shared: Arc<Shared>,
+    /// The connection, or the attempt at one under way.
+    handle: Option<Handle>,
+    /// Set while `handle` is still in its handshake.
+    connecting_since: Option<Instant>,
+    /// Why the handle failed, when a call on it said so.
+    broken: Option<String>,
+    generation: u64,
+    /// Set while there is no connection, once one was needed.
+    outage: Option<Outage>,
+    jobs: HashMap<u64, Job>,
+    next_job: u64,
+    /// `(job, piece)` to issue, in order.
+    queued: VecDeque<(u64, usize)>,
+    /// By cookie: libnbd numbers commands in the order they are issued,
+    /// so the first is the oldest.
+    in_flight: BTreeMap<u64, InFlight>,
 }
 
-impl Link {
-    /// A link that starts on `handle`, or, without one, connects when
-    /// first used.
-    pub fn new(
-        uri: &str,
-        index: usize,
-        policy: ReconnectPolicy,
-        expectations: Expectations,
-        handle: Option<Handle>,
-    ) -> Link {
-        let generation = u64::from(handle.is_some());
-        Link {
-            uri: uri.to_owned(),
-            index,
-            policy,
-            expectations,
-            state: Mutex::new(State {
-                handle: handle.map(Arc::new),
-                generation,
-                outage: None,
-            }),
-            connected: Condvar::new(),
-        }
-    }
-
-    /// Runs `command` on the link's connection and returns its result or
-    /// the server's errno. A command whose connection broke is run again
-    /// on the next connection; when none comes within the timeout, EIO.
-    pub fn run<T>(&self, mut command: impl FnMut(&Handle) -> Result<T, Error>) -> Result<T, i32> {
+impl Worker {
+    fn run(mut self) {
         loop {
-            let (handle, generation) = self.connection()?;
-            match command(&handle) {
-                Ok(value) => return Ok(value),
-                Err(e) if connection_lost(&handle, &e) => self.lost(generation, &e),
-                Err(e) => {
-                    log::debug!("{}: the server answered {}: {e}", self.uri, e.errno);
-                    return Err(e.errno);
-                }
+            let incoming = match self.shared.incoming.lock().as_mut() {
+                Some(jobs) => std::mem::take(jobs),
+                None => break,
+            };
+            for job in incoming {
+                self.accept(job);
             }
+            self.step();
+            self.wait();
         }
+        self.finish();
     }
 
-    pub fn status(&self) -> LinkStatus {
-        let state = self.state.lock();
-        match &state.outage {
-            Some(outage) if state.generation > 0 => {
-                let for_ = outage.since.elapsed();
-                if for_ >= self.policy.timeout {
-                    LinkStatus::Down { for_ }
-                } else {
-                    LinkStatus::Reconnecting { for_ }
-                }
-            }
-            _ => LinkStatus::Connected,
+    fn accept(&mut self, job: Job) {
+        if job.pieces.is_empty() {
+            return job.answer();
         }
+        let id = self.next_job;
+        self.next_job += 1;
+        self.queued
+            .extend((0..job.pieces.len()).map(|piece| (id, piece)));
+        self.jobs.insert(id, job);
     }
 
-    /// How many times the link connected again after losing its
-    /// connection (its first connection not counted).
-    pub fn reconnections(&self) -> u64 {
-        self.state.lock().generation.saturating_sub(1)
-    }
-
-    /// Ends the connection politely, if there is one, without waiting
-    /// for the server.
-    pub fn shutdown(&self) {
-        let handle = self.state.lock().handle.take();
-        if let Some(handle) = handle {
-            if let Err(e) = handle.disconnect() {
-                log::debug!("{}: disconnect: {e}", self.uri);
-            }
-        }
-    }
-
-    /// The current connection, connecting first if there is none; EIO
-    /// once the outage has outlasted the timeout and no attempt is due or
-    /// the one due failed.
-    fn connection(&self) -> Result<(Arc<Handle>, u64), i32> {
-        let mut state = self.state.lock();
-        loop {
-            if let Some(handle) = &state.handle {
-                return Ok((handle.clone(), state.generation));
-            }
-            let now = Instant::now();
-            let outage = state
-                .outage
-                .get_or_insert(Outage::new(now, self.policy.first_delay));
-            let since = outage.since;
-            let deadline = since + self.policy.timeout;
-            // Past the deadline too, so the device comes back with the
-            // server: a request then makes the attempt that is due, if one
-            // is, and fails at once otherwise.
-            if now >= outage.next_attempt {
-                // Attempted with the lock held: the other requests of this
-                // link wait for the same connection anyway.
-                match self.attempt() {
-                    Ok(handle) => {
-                        if state.generation > 0 {
-                            log::warn!(
-                                "{}: reconnected (link {}) after {:.1?}",
-                                self.uri,
-                                self.index,
-                                since.elapsed()
-                            );
-                        }
-                        state.handle = Some(Arc::new(handle));
-                        state.generation += 1;
-                        state.outage = None;
-                        self.connected.notify_all();
-                        continue;
-                    }
-                    Err(message) => {
-                        log::debug!("{}: reconnection attempt: {message}", self.uri);
-                        outage.next_attempt = Instant::now() + outage.delay;
-                        outage.delay = (outage.delay * 2).min(self.policy.max_delay);
-                        outage.last_error = Some(message);
-                    }
-                }
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                if !outage.expiry_logged {
-                    outage.expiry_logged = true;
-                    log::error!(
-                        "{}: no connection for {:.1?} (last attempt: {}); requests fail with EIO until the server is back",
-                        self.uri,
-                        self.policy.timeout,
-                        outage.last_error.as_deref().unwrap_or("none yet")
+    /// Everything that can be done without waiting: notice a broken
+    /// connection, finish a handshake, collect answers, issue commands,
+    /// expire what waited too long, start a reconnection attempt.
+    fn step(&mut self) {
+        let now = Instant::now();
+        if let Some(handle) = &self.handle {
+            if handle.is_dead() {
+                let reason = self
+                    .broken
+                    .take()
+                    .unwrap_or_else(|| "the connection closed".to_owned());
+                self.drop_connection(&reason);
+            } else if let Some(started) = self.connecting_since {
+                if handle.is_ready() {
+                    self.handshake_done();
+                } else if now >= started + self.policy.handshake_limit() {
+                    let reason = format!(
+                        "no answer to the handshake within {:.1?}",
+                        self.policy.handshake_limit()
                     );
+                    self.drop_connection(&reason);
                 }
-                return Err(libc::EIO);
             }
-            let wake = outage.next_attempt.min(deadline);
-            self.connected.wait_until(&mut state, wake);
+        }
+        if self.connecting_since.is_none() && self.handle.is_some() {
+            self.collect();
+        }
+        if self.connecting_since.is_none() && self.handle.is_some() {
+            self.issue();
+        }
+        if !self.policy.command_timeout.is_zero() && self.connecting_since.is_none() {
+            let oldest = self.in_flight.values().next().map(|c| c.issued);
+            if oldest.is_some_and(|issued| now >= issued + self.policy.command_timeout) {
+                let reason = format!(
+                    "the server did not answer a command within {:.1?}",
+                    self.policy.command_timeout
+                );
+                self.drop_connection(&reason);
+            }
+        }
+        if self.handle.is_none() {
+            self.reconnect(now);
         }
     }
 
-    /// Connects and checks the export is still the one the device serves.
-    fn attempt(&self) -> Result<Handle, String> {
-        let handle = Handle::connect(&self.uri).map_err(|e| e.to_string())?;
-        let export = handle.export().map_err(|e| e.to_string())?;
-        match self.expectations.mismatch(&export) {
-            Some(reason) => Err(reason),
-            None => Ok(handle),
-        }
-    }
-
-    /// Drops the connection of `generation`, which broke under a command,
-    /// unless another request already did.
-    fn lost(&self, generation: u64, error: &Error) {
-        let mut state = self.state.lock();
-        if state.generation != generation || state.handle.is_none() {
+    /// Starts an attempt if one is due (while jobs wait, or in the
+    /// background once the link had a connection), and fails the waiting
+    /// jobs once the outage outlasted the timeout with no attempt under
+    /// way.
+    fn reconnect(&mut self, now: Instant) {
+        if self.jobs.is_empty() && self.generation == 0 {
             return;
         }
+        let first_delay = self.policy.first_delay;
+        let outage = self
+            .outage
+            .get_or_insert_with(|| Outage::new(now, first_delay));
+        if now >= outage.next_attempt {
+            self.start_attempt();
+            if self.handle.is_some() {
+                return;
+            }
+        }
+        let Some(outage) = self.outage.as_mut() else {
+            return;
+        };
+        if self.jobs.is_empty() || now < outage.since + self.policy.timeout {
+            return;
+        }
+        if !outage.expiry_logged {
+            outage.expiry_logged = true;
+            log::error!(
+                "{}: no connection for {:.1?} (last attempt: {}); requests fail with EIO until the server is back",
+                self.uri,
+                self.policy.timeout,
+                outage.last_error.as_deref().unwrap_or("none yet")
+            );
+        }
+        self.fail_all(libc::EIO);
+    }
+
+    fn start_attempt(&mut self) {
+        match Handle::start_connect(&self.uri) {
+            Ok(handle) => {
+                self.handle = Some(handle);
+                self.connecting_since = Some(Instant::now());
+                self.broken = None;
+                // A unix socket may be connected, even negotiated, at once.
+                if self.handle.as_ref().is_some_and(Handle::is_ready) {
+                    self.handshake_done();
+                }
+            }
+            Err(e) => self.attempt_failed(&e.message),
+        }
+    }
+
+    fn attempt_failed(&mut self, message: &str) {
+        log::debug!("{}: reconnection attempt: {message}", self.uri);
+        let now = Instant::now();
+        let first_delay = self.policy.first_delay;
+        let outage = self
+            .outage
+            .get_or_insert_with(|| Outage::new(now, first_delay));
+        outage.next_attempt = now + outage.delay;
+        outage.delay = (outage.delay * 2).min(self.policy.max_delay);
+        outage.last_error = Some(message.to_owned());
+    }
+
+    /// The handshake of an attempt finished: the connection counts if
+    /// the export is still the one the device serves.
+    fn handshake_done(&mut self) {
+        let Some(handle) = &self.handle else { return };
+        let refused = match handle.export() {
+            Ok(export) => self.expectations.mismatch(&export),
+            Err(e) => Some(e.message),
+        };
+        self.connecting_since = None;
+        if let Some(reason) = refused {
+            self.handle = None;
+            return self.attempt_failed(&reason);
+        }
+        if self.generation > 0 {
+            log::warn!(
+                "{}: reconnected (link {}) after {:.1?}",
+                self.uri,
+                self.index,
+                self.outage
+                    .as_ref()
+                    .map_or(Duration::ZERO, |o| o.since.elapsed())
+            );
+        }
+        self.generation += 1;
+        self.outage = None;
+        let mut status = self.shared.status.lock();
+        status.generation = self.generation;
+        status.outage_since = None;
+    }
+
+    /// The connection broke, or is given up: its commands go back to the
+    /// front of the queue, oldest first, to be issued on the next one.
+    fn drop_connection(&mut self, reason: &str) {
+        // Closed before any buffer is handed to another connection: a
+        // closed handle writes into none.
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        drop(handle);
+        if self.connecting_since.take().is_some() {
+            return self.attempt_failed(reason);
+        }
         log::warn!(
-            "{}: connection lost (link {}): {error}; reconnecting, requests wait up to {:.1?}",
+            "{}: connection lost (link {}): {reason}; reconnecting, requests wait up to {:.1?}",
             self.uri,
             self.index,
             self.policy.timeout
         );
-        // Commands still running on it fail on their own and end here too;
-        // the last of them closes it.
-        state.handle = None;
-        state.outage = Some(Outage::new(Instant::now(), self.policy.first_delay));
+        let in_flight = std::mem::take(&mut self.in_flight);
+        for command in in_flight.into_values().rev() {
+            self.queued.push_front((command.job, command.piece));
+        }
+        let now = Instant::now();
+        self.outage = Some(Outage::new(now, self.policy.first_delay));
+        self.shared.status.lock().outage_since = Some(now);
+    }
+
+    /// Retires the commands the server answered.
+    fn collect(&mut self) {
+        let Some(handle) = &self.handle else { return };
+        let mut shutting_down = None;
+        while let Some((cookie, result)) = handle.next_completed() {
+            let Some(command) = self.in_flight.remove(&cookie) else {
+                continue;
+            };
+            match result {
+                // nbdkit's answer while it stops: the command is to be
+                // issued again, on the next connection.
+                Err(e) if e.errno == libc::ESHUTDOWN => {
+                    self.queued.push_front((command.job, command.piece));
+                    shutting_down = Some(e);
+                }
+                Err(e) => {
+                    log::debug!("{}: the server answered {}: {e}", self.uri, e.errno);
+                    complete(&mut self.jobs, command.job, Some(e.errno));
+                }
+                Ok(()) => complete(&mut self.jobs, command.job, None),
+            }
+        }
+        if let Some(e) = shutting_down {
+            self.drop_connection(&e.message);
+        }
+    }
+
+    /// Issues queued commands, up to the cap.
+    fn issue(&mut self) {
+        let Some(handle) = &self.handle else { return };
+        let mut lost: Option<Error> = None;
+        while self.in_flight.len() < self.max_in_flight {
+            let Some((id, piece)) = self.queued.pop_front() else {
+                break;
+            };
+            let Some(job) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            let (offset, len) = job.pieces[piece];
+            let at = (offset - job.pieces[0].0) as usize;
+            let issued = match job.kind {
+                // SAFETY: `at + len` lies within the buffer's capacity
+                // (the job's pieces cover its data), which is neither
+                // read nor moved until the command is retired or its
+                // handle closed: the job stays in `jobs` until all its
+                // pieces are answered, and its buffer never grows.
+                Kind::Read => unsafe {
+                    handle.aio_pread(job.buffer.as_mut_ptr().add(at), len as usize, offset)
+                },
+                // SAFETY: as for reads; the data is not changed while the
+                // job lives.
+                Kind::Write { fua } => unsafe {
+                    handle.aio_pwrite(job.buffer.as_ptr().add(at), len as usize, offset, fua)
+                },
+                Kind::Flush => handle.aio_flush(),
+                Kind::Trim => handle.aio_trim(len, offset),
+                Kind::Zero { no_hole } => handle.aio_zero(len, offset, no_hole),
+            };
+            match issued {
+                Ok(cookie) => {
+                    let issued = Instant::now();
+                    self.in_flight.insert(
+                        cookie,
+                        InFlight {
+                            job: id,
+                            piece,
+                            issued,
+                        },
+                    );
+                }
+                Err(e) if e.errno == libc::ESHUTDOWN || !handle.is_connected() => {
+                    self.queued.push_front((id, piece));
+                    lost = Some(e);
+                    break;
+                }
+                // Refused by libnbd itself (a range the export does not
+                // have, say): the caller's error.
+                Err(e) => complete(&mut self.jobs, id, Some(e.errno)),
+            }
+        }
+        if let Some(e) = lost {
+            self.drop_connection(&e.message);
+        }
+    }
+
+    /// Answers every job EIO.
+    fn fail_all(&mut self, errno: i32) {
+        self.queued.clear();
+        self.in_flight.clear();
+        for (_, mut job) in self.jobs.drain() {
+            job.error = Some(errno);
+            job.answer();
+        }
+    }
+
+    /// Sleeps in poll(2) until the socket is ready as libnbd wants, a job
+    /// arrives, or something is due; then tells libnbd what the socket
+    /// can do.
+    fn wait(&mut self) {
+        let now = Instant::now();
+        let mut due: Option<Instant> = None;
+        let mut at = |when: Instant| due = Some(due.map_or(when, |d| d.min(when)));
+        if let Some(started) = self.connecting_since {
+            at(started + self.policy.handshake_limit());
+        } else if !self.policy.command_timeout.is_zero() {
+            if let Some(oldest) = self.in_flight.values().next() {
+                at(oldest.issued + self.policy.command_timeout);
+            }
+        }
+        if self.handle.is_none() {
+            if let Some(outage) = &self.outage {
+                at(outage.next_attempt);
+                if !self.jobs.is_empty() {
+                    at(outage.since + self.policy.timeout);
+                }
+            }
+        }
+        let timeout_ms = due.map_or(-1, |due| {
+            let left = due.saturating_duration_since(now);
+            // Rounded up, so it does not wake just before it is due.
+            left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+        });
+
+        let mut fds = [
+            libc::pollfd {
+                fd: self.shared.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: -1,
+                events: 0,
+                revents: 0,
+            },
+        ];
+        let mut direction = (false, false);
+        if let Some(handle) = &self.handle {
+            if let Ok(fd) = handle.fd() {
+                direction = handle.direction();
+                fds[1].fd = fd;
+                fds[1].events = if direction.0 { libc::POLLIN } else { 0 }
+                    | if direction.1 { libc::POLLOUT } else { 0 };
+            }
+        }
+        // SAFETY: `fds` is an array of two pollfds that outlives the call;
+        // a negative fd is ignored.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if rc < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                log::error!("{}: poll: {error}", self.uri);
+            }
+            return;
+        }
+        if fds[0].revents != 0 {
+            let mut count = [0u8; 8];
+            // SAFETY: reads the eventfd's 8-byte counter into `count`,
+            // which outlives the call; EAGAIN (already read) is harmless.
+            unsafe { libc::read(self.shared.wake.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+        }
+        let revents = fds[1].revents;
+        let Some(handle) = &self.handle else { return };
+        let failed = libc::POLLHUP | libc::POLLERR;
+        let mut result = Ok(());
+        if direction.0 && revents & (libc::POLLIN | failed) != 0 {
+            result = handle.notify_read();
+        }
+        if result.is_ok() && direction.1 && revents & (libc::POLLOUT | failed) != 0 {
+            result = handle.notify_write();
+        }
+        if let Err(e) = result {
+            self.broken = Some(e.message);
+        }
+    }
+
+    /// The link shut down: asks the server to end the connection,
+    /// without waiting, and answers EIO to what is left.
+    fn finish(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            if self.connecting_since.is_none() && handle.is_connected() {
+                if let Err(e) = handle.disconnect() {
+                    log::debug!("{}: disconnect: {e}", self.uri);
+                }
+            }
+        }
+        self.fail_all(libc::EIO);
+    }
+}
+
+/// One piece of job `id` was answered (`error` None: it succeeded); the
+/// job is answered when it was the last.
+fn complete(jobs: &mut HashMap<u64, Job>, id: u64, error: Option<i32>) {
+    let Some(job) = jobs.get_mut(&id) else { return };
+    job.remaining -= 1;
+    if job.error.is_none() {
+        job.error = error;
+    }
+    if job.remaining == 0 {
+        if let Some(job) = jobs.remove(&id) {
+            job.answer();
+        }
     }
 }

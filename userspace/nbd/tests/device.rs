@@ -23,6 +23,7 @@ fn options(timeout: Duration) -> Options {
             timeout,
             first_delay: Duration::from_millis(5),
             max_delay: Duration::from_millis(100),
+            ..ReconnectPolicy::default()
         },
         ..Options::new(false, 512)
     }
@@ -286,9 +287,11 @@ fn requests_fail_with_eio_after_the_timeout_and_recover_with_the_server() {
     let mut server = Server::nbdkit(dir.path(), &["memory", "size=1M"]);
     let (device, harness) = connect(&server.uri(""), &options(timeout));
     harness.read(0, 512).unwrap();
+    // The timeout counts from when the link sees the connection break,
+    // which is after the kill began: the link notices it by itself.
+    let start = Instant::now();
     server.kill();
 
-    let start = Instant::now();
     assert_eq!(harness.read(0, 512), Err(libc::EIO));
     let waited = start.elapsed();
     assert!(
@@ -488,4 +491,156 @@ fn destroy_does_not_wait_for_a_stopped_server() {
     }
     destroying.join().unwrap();
     server.resume();
+}
+
+/// Many commands in flight on one connection: 16 reads that each take
+/// 200 ms at the server finish together, far sooner than one after the
+/// other (3.2 s).
+#[test]
+fn one_connection_carries_many_commands_at_once() {
+    const READS: usize = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::nbdkit(
+        dir.path(),
+        &["--filter=delay", "memory", "size=16M", "delay-read=200ms"],
+    );
+    let single = Options {
+        connections: 1,
+        ..options(NO_HANG)
+    };
+    let (device, harness) = connect(&server.uri(""), &single);
+    assert_eq!(device.connections(), 1);
+    let data = pattern(11, READS * 4096);
+    harness.write(0, &data, false).unwrap();
+    let harness = Arc::new(harness);
+    let start = Instant::now();
+    let readers: Vec<_> = (0..READS)
+        .map(|i| {
+            let harness = harness.clone();
+            thread::spawn(move || harness.read(i as u64 * 4096, 4096))
+        })
+        .collect();
+    for (i, reader) in readers.into_iter().enumerate() {
+        let back = reader.join().unwrap().unwrap();
+        assert!(
+            back == data[i * 4096..(i + 1) * 4096],
+            "read {i}: wrong data"
+        );
+    }
+    let took = start.elapsed();
+    // One at a time they take 3.2 s; together 0.2 s and what a busy
+    // machine adds. Half the serial time leaves room for that.
+    assert!(
+        took < Duration::from_millis(200) * READS as u32 / 2,
+        "{READS} reads of 200 ms took {took:?}: not in flight together"
+    );
+    assert_eq!(device.reconnections(), 0);
+}
+
+/// The cap on commands in flight holds: with at most 2 on the
+/// connection, 8 reads of 200 ms take at least 4 rounds.
+#[test]
+fn commands_in_flight_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::nbdkit(
+        dir.path(),
+        &["--filter=delay", "memory", "size=1M", "delay-read=200ms"],
+    );
+    let capped = Options {
+        connections: 1,
+        max_in_flight: 2,
+        ..options(NO_HANG)
+    };
+    let (_device, harness) = connect(&server.uri(""), &capped);
+    let harness = Arc::new(harness);
+    let start = Instant::now();
+    let readers: Vec<_> = (0..8u64)
+        .map(|i| {
+            let harness = harness.clone();
+            thread::spawn(move || harness.read(i * 4096, 4096))
+        })
+        .collect();
+    for reader in readers {
+        assert_eq!(reader.join().unwrap().unwrap(), vec![0; 4096]);
+    }
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(800), "took {took:?}");
+}
+
+/// A server that keeps the connection but stops answering (SIGSTOP): the
+/// command timeout drops the connection and the read is issued again on
+/// a new one, answered once the server runs again, with the right data.
+#[test]
+fn unanswered_command_times_out_and_is_reissued() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::nbdkit(dir.path(), &["memory", "size=1M"]);
+    let patient = Options {
+        reconnect: ReconnectPolicy {
+            command_timeout: Duration::from_millis(300),
+            ..options(NO_HANG).reconnect
+        },
+        ..options(NO_HANG)
+    };
+    let (device, harness) = connect(&server.uri(""), &patient);
+    let data = pattern(5, 4096);
+    harness.write(4096, &data, false).unwrap();
+    let harness = Arc::new(harness);
+    server.pause();
+    let reader = {
+        let harness = harness.clone();
+        thread::spawn(move || harness.read(4096, 4096))
+    };
+    // Past the command timeout: the connection was given up.
+    let since = Instant::now();
+    while !matches!(device.status(), LinkStatus::Reconnecting { .. }) {
+        if since.elapsed() > NO_HANG {
+            server.resume();
+            panic!("the stopped server's connection was never given up");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !reader.is_finished(),
+        "the read ended while the server was stopped"
+    );
+    server.resume();
+    assert_eq!(reader.join().unwrap().unwrap(), data);
+    assert!(device.reconnections() >= 1);
+    assert_eq!(device.status(), LinkStatus::Connected);
+}
+
+/// A stopped server with a short reconnect timeout: the command times
+/// out, the reconnection attempts (whose handshakes it never answers)
+/// time out too, and the read fails with EIO instead of hanging.
+#[test]
+fn stopped_server_fails_requests_with_eio_never_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::nbdkit(dir.path(), &["memory", "size=1M"]);
+    let impatient = Options {
+        reconnect: ReconnectPolicy {
+            timeout: Duration::from_millis(500),
+            command_timeout: Duration::from_millis(300),
+            ..options(NO_HANG).reconnect
+        },
+        ..options(NO_HANG)
+    };
+    let (device, harness) = connect(&server.uri(""), &impatient);
+    harness.read(0, 512).unwrap();
+    server.pause();
+    let start = Instant::now();
+    let result = harness.read(0, 512);
+    let took = start.elapsed();
+    server.resume();
+    assert_eq!(result, Err(libc::EIO));
+    // The command timeout, then the reconnect timeout, then at most one
+    // handshake's limit: nowhere near a hang.
+    assert!(took >= Duration::from_millis(800), "failed after {took:?}");
+    assert!(took < NO_HANG / 4, "took {took:?}");
+    // The server back, so is the device.
+    let since = Instant::now();
+    while harness.read(0, 512).is_err() {
+        assert!(since.elapsed() < NO_HANG, "no reconnection in {NO_HANG:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(device.reconnections() >= 1);
 }
