@@ -31,6 +31,7 @@ use std::sync::Arc;
 use fuse_blk::proto::abi::{
     falloc, opcode, FallocateIn, FsyncIn, InHeader, OutHeader, ReadIn, WriteIn,
 };
+use fuse_blk::stats::Stats;
 use fuse_blk::{BlockDevice, Channel, ReplySink, Session, SessionConfig, Stop};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use parking_lot::Mutex;
@@ -324,16 +325,20 @@ pub fn serve_node(
     descriptors: u16,
     max_message: u32,
 ) -> io::Result<()> {
-    let mut files = Vec::with_capacity(usize::from(descriptors));
-    for _ in 0..descriptors.max(1) {
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .open(node)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", node.display())))?;
-        files.push(file);
-    }
-    serve_descriptors(device, files, max_message)
+    serve_descriptors(device, open_node(node, descriptors)?, max_message)
+}
+
+/// Opens `descriptors` descriptors (at least one) on a dm-user node.
+pub fn open_node(node: &Path, descriptors: u16) -> io::Result<Vec<File>> {
+    (0..descriptors.max(1))
+        .map(|_| {
+            File::options()
+                .read(true)
+                .write(true)
+                .open(node)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", node.display())))
+        })
+        .collect()
 }
 
 /// As [`serve_node`], on descriptors already open (each one a stream of
@@ -343,20 +348,48 @@ pub fn serve_descriptors(
     descriptors: Vec<File>,
     max_message: u32,
 ) -> io::Result<()> {
-    let config = SessionConfig {
-        max_write: max_message,
-        ..SessionConfig::default()
-    };
-    let session = Arc::new(
-        Session::new(device, config)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?,
-    );
-    let uniques = Arc::new(AtomicU64::new(1));
-    let channels = descriptors
-        .into_iter()
-        .map(|file| Arc::new(DmUserChannel::new(file, uniques.clone())) as Arc<dyn Channel>)
-        .collect();
-    session.serve(channels)
+    Server::new(device, descriptors, max_message)?.serve()
+}
+
+/// A handler ready to serve open descriptors of a dm-user node: made
+/// first, so that its counters can be taken before it serves.
+pub struct Server {
+    session: Arc<Session>,
+    channels: Vec<Arc<dyn Channel>>,
+}
+
+impl Server {
+    /// See [`serve_node`] for `max_message` and the block size.
+    pub fn new(
+        device: Arc<dyn BlockDevice>,
+        descriptors: Vec<File>,
+        max_message: u32,
+    ) -> io::Result<Server> {
+        let config = SessionConfig {
+            max_write: max_message,
+            ..SessionConfig::default()
+        };
+        let session = Arc::new(
+            Session::new(device, config)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?,
+        );
+        let uniques = Arc::new(AtomicU64::new(1));
+        let channels = descriptors
+            .into_iter()
+            .map(|file| Arc::new(DmUserChannel::new(file, uniques.clone())) as Arc<dyn Channel>)
+            .collect();
+        Ok(Server { session, channels })
+    }
+
+    /// The counters of the requests it serves.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.session.stats().clone()
+    }
+
+    /// Serves until every descriptor has ended (the target is gone).
+    pub fn serve(self) -> io::Result<()> {
+        self.session.serve(self.channels)
+    }
 }
 
 #[cfg(test)]

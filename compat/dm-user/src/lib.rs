@@ -11,12 +11,15 @@
 //!   request into a message, for either fuse-blk transport.
 //! - [`channel`]: the other way round, any fuse-blk handler as a dm-user
 //!   daemon: each descriptor of a node is a channel of the session engine.
+//! - [`target`]: dm-user's own device-mapper target, where the kernel has
+//!   it, made and removed with dmsetup.
 //!
 //! See Documentation/DM-USER.md.
 
 pub mod bridge;
 pub mod channel;
 pub mod cuse;
+pub mod target;
 pub mod wire;
 
 use std::io;

@@ -17,6 +17,7 @@ use fuse_blk_loop::StockDevice;
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::backend::{self, Backend};
+use crate::dm_user;
 use crate::state::{self, DeviceDir, DeviceState};
 use crate::AttachArgs;
 
@@ -78,11 +79,74 @@ fn detach_signals() -> SigSet {
     set
 }
 
+/// What this daemon serves.
+enum Served {
+    /// A fuse-blk device: the module's, or the stock path's.
+    Device(AttachedDevice),
+    /// A handler on a dm-user node (`--transport dm-user`).
+    DmUser(dm_user::Serving),
+}
+
+impl Served {
+    fn detacher(&self) -> std::io::Result<DetachHandle> {
+        Ok(match self {
+            Served::Device(device) => DetachHandle::Device(device.detacher()?),
+            Served::DmUser(serving) => DetachHandle::DmUser(serving.detacher()?),
+        })
+    }
+
+    fn wait(self) -> std::io::Result<Ended> {
+        match self {
+            Served::Device(device) => device.wait(),
+            Served::DmUser(serving) => serving.wait(),
+        }
+    }
+
+    /// Tears down what this process made, when it cannot go on serving.
+    fn abandon(self) {
+        match self {
+            Served::Device(device) => drop(device),
+            Served::DmUser(serving) => serving.abandon(),
+        }
+    }
+}
+
+/// Detaches what this daemon serves, from the signal and control threads.
+#[derive(Clone)]
+enum DetachHandle {
+    Device(Detacher),
+    DmUser(dm_user::Detacher),
+}
+
+impl DetachHandle {
+    fn detach(&self) -> std::io::Result<()> {
+        match self {
+            DetachHandle::Device(detacher) => detacher.detach(),
+            DetachHandle::DmUser(detacher) => detacher.detach(),
+        }
+    }
+
+    fn detach_when_unused(&self) -> std::io::Result<()> {
+        match self {
+            DetachHandle::Device(detacher) => detacher.detach_when_unused(),
+            DetachHandle::DmUser(detacher) => detacher.detach_when_unused(),
+        }
+    }
+
+    /// The stock path's handle, which hands a device over.
+    fn stock(&self) -> Option<&fuse_blk_loop::Detacher> {
+        match self {
+            DetachHandle::Device(detacher) => detacher.stock(),
+            DetachHandle::DmUser(_) => None,
+        }
+    }
+}
+
 fn attach(
     args: &AttachArgs,
     backend: &Backend,
     detached: bool,
-) -> Result<(AttachedDevice, DeviceDir, DeviceState), String> {
+) -> Result<(Served, DeviceDir, DeviceState), String> {
     // Before any thread exists, so that every thread inherits the mask.
     detach_signals()
         .thread_block()
@@ -137,6 +201,7 @@ fn attach(
         ring_poll_us: None,
         threads: None,
         reconnect_timeout_ms: None,
+        command_timeout_ms: None,
     };
     dir.write(&record)
         .map_err(|e| format!("writing state: {e}"))
@@ -159,6 +224,30 @@ fn attach(
     options.recovery_timeout_ms = Some(args.recovery_timeout_ms.unwrap_or(30_000));
     options.fail_inflight = args.fail_inflight;
     options.scan_partitions = !backend.waits_for_a_daemon();
+    if args.dm_user_transport() {
+        let setup = dm_user::Setup {
+            name: &name,
+            descriptors: args
+                .queues
+                .unwrap_or_else(|| u16::try_from(fuse_blk_attach::default_threads()).unwrap_or(2)),
+            bridge_device: options,
+            bridge_policy: fuse_blk_dm_user::Policy {
+                fail_inflight: args.fail_inflight,
+                no_daemon_timeout: Duration::from_millis(
+                    args.recovery_timeout_ms.unwrap_or(30_000).into(),
+                ),
+            },
+        };
+        let serving = dm_user::start(device, setup).map_err(undo)?;
+        record.transport = serving.transport().into();
+        record.device = serving.device_path().display().to_string();
+        match serving.bridge_device() {
+            Some(bridge) => record.dev_id = bridge.dev_id(),
+            None => record.mountpoint = String::new(),
+        }
+        log::info!("{name}: {} serves {}", record.device, record.backend);
+        return Ok((Served::DmUser(serving), dir, record));
+    }
     let served = fuse_blk_attach::attach(device, &options)
         .map_err(|e| e.to_string())
         .map_err(undo)?;
@@ -167,7 +256,7 @@ fn attach(
     record.passthrough = served.passthrough();
     record_serving(&mut record, &served, args);
     log::info!("{name}: {} serves {}", record.device, record.backend);
-    Ok((served, dir, record))
+    Ok((Served::Device(served), dir, record))
 }
 
 /// Serves an existing kernel-module device: one whose daemon died, or one
@@ -179,11 +268,17 @@ fn recover(
     target: &str,
     detached: bool,
     args: &AttachArgs,
-) -> Result<(AttachedDevice, DeviceDir, DeviceState), String> {
+) -> Result<(Served, DeviceDir, DeviceState), String> {
     detach_signals()
         .thread_block()
         .map_err(|e| format!("blocking signals: {e}"))?;
     let (dir, mut record) = state::find(target)?;
+    if record.transport.starts_with(dm_user::ON_TARGET) {
+        return Err(format!(
+            "{}: a device on a dm-user node cannot be recovered by another daemon yet",
+            record.name
+        ));
+    }
     if detached {
         redirect_stderr(&dir)?;
     }
@@ -227,7 +322,7 @@ fn recover(
         record.device,
         record.pid
     );
-    Ok((served, dir, record))
+    Ok((Served::Device(served), dir, record))
 }
 
 /// Notes how this daemon serves, for `handoff` to start its successor so.
@@ -239,6 +334,7 @@ fn record_serving(record: &mut DeviceState, served: &AttachedDevice, args: &Atta
         _ => Some(stock_threads(args)),
     };
     record.reconnect_timeout_ms = args.reconnect_timeout_ms;
+    record.command_timeout_ms = args.command_timeout_ms;
 }
 
 /// The stock path's worker threads: `--threads`, or one per CPU.
@@ -266,7 +362,7 @@ fn redirect_stderr(dir: &DeviceDir) -> Result<(), String> {
 }
 
 fn serve(
-    served: AttachedDevice,
+    served: Served,
     dir: DeviceDir,
     record: DeviceState,
     readiness: Readiness,
@@ -287,7 +383,7 @@ fn spawn_thread(name: &'static str, body: Box<dyn FnOnce() + Send>) -> std::io::
 
 /// [`serve`] with the threads started by `spawn`.
 fn serve_with(
-    served: AttachedDevice,
+    served: Served,
     dir: DeviceDir,
     record: DeviceState,
     readiness: Readiness,
@@ -301,7 +397,7 @@ fn serve_with(
         // A device this process created is not in use yet: dropping it
         // removes it. A recovered one stays for the next daemon, with the
         // state its previous daemon left.
-        drop(served);
+        served.abandon();
         backend::finish();
         if !recovered {
             let _ = dir.remove();
@@ -331,7 +427,7 @@ fn serve_with(
 /// it works, so that on an error the device's directory still names the
 /// daemon it named before.
 fn start_serving(
-    served: &AttachedDevice,
+    served: &Served,
     dir: &DeviceDir,
     record: &DeviceState,
     answering: &Arc<Mutex<()>>,
@@ -402,7 +498,7 @@ impl Drop for ControlSocket {
 
 /// Detaches the device on SIGTERM, SIGINT or SIGHUP, once it is no longer
 /// in use.
-fn signal_loop(detacher: Detacher) {
+fn signal_loop(detacher: DetachHandle) {
     loop {
         let Ok(signal) = detach_signals().wait() else {
             continue;
@@ -418,7 +514,7 @@ fn signal_loop(detacher: Detacher) {
 /// The control socket takes one command per connection, a line of text, and
 /// answers `ok` or `error MESSAGE`; `status` is answered `ok` followed by
 /// the connection state of an NBD backend, if it is one.
-fn control_loop(listener: UnixListener, detacher: Detacher, answering: Arc<Mutex<()>>) {
+fn control_loop(listener: UnixListener, detacher: DetachHandle, answering: Arc<Mutex<()>>) {
     for stream in listener.incoming().flatten() {
         let _answering = answering.lock();
         if let Err(e) = handle_control(stream, &detacher) {
@@ -427,7 +523,7 @@ fn control_loop(listener: UnixListener, detacher: Detacher, answering: Arc<Mutex
     }
 }
 
-fn handle_control(stream: UnixStream, detacher: &Detacher) -> std::io::Result<()> {
+fn handle_control(stream: UnixStream, detacher: &DetachHandle) -> std::io::Result<()> {
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
     // Each answer is one write: the peer reads it with one recvmsg.
@@ -452,6 +548,9 @@ fn handle_control(stream: UnixStream, detacher: &Detacher) -> std::io::Result<()
                 // The successor serves from now on; this daemon drains.
                 stock.retire();
                 Ok(())
+            }
+            None if matches!(detacher, DetachHandle::DmUser(_)) => {
+                answer("error a device on a dm-user node cannot be handed over yet".into())
             }
             None => answer("error kernel-module devices are taken over through the module".into()),
         },
@@ -580,7 +679,7 @@ mod tests {
 
     /// A stock-path device of 16 MiB in memory with its directory, as
     /// `attach` leaves them just before serving.
-    fn stock_device(test: &str) -> (AttachedDevice, DeviceDir, DeviceState) {
+    fn stock_device(test: &str) -> (Served, DeviceDir, DeviceState) {
         // SAFETY: geteuid has no preconditions and cannot fail.
         let root = unsafe { libc::geteuid() } == 0;
         assert!(
@@ -623,9 +722,10 @@ mod tests {
             ring_poll_us: None,
             threads: None,
             reconnect_timeout_ms: None,
+            command_timeout_ms: None,
         };
         dir.write(&record).expect("state");
-        (AttachedDevice::from(stock), dir, record)
+        (Served::Device(AttachedDevice::from(stock)), dir, record)
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 mod backend;
 mod daemon;
+mod dm_user;
 mod state;
 mod stats;
 
@@ -75,6 +76,12 @@ enum Transport {
     Kmod,
     /// Stock kernel: a one-file FUSE filesystem with a loop device on top.
     Loop,
+    /// The backend serves a dm-user node as a dm-user daemon: dm-user's own
+    /// target made with dmsetup where the kernel has it (the device is
+    /// /dev/mapper/NAME), else the dm-user bridge (CUSE) over a fuse-blk
+    /// device.
+    #[value(name = "dm-user")]
+    DmUser,
 }
 
 /// How requests and replies cross between the kernel and the daemon.
@@ -167,6 +174,13 @@ pub struct AttachArgs {
     /// 30000).
     #[arg(long, value_name = "MILLISECONDS")]
     reconnect_timeout_ms: Option<u32>,
+    /// nbd: a command the server has not answered within this counts as a
+    /// broken connection: it is reissued after reconnecting (as the
+    /// kernel's nbd client's timeout does); also bounds a reconnection's
+    /// handshake; 0: commands wait as long as the connection lasts
+    /// (default 30000).
+    #[arg(long, value_name = "MILLISECONDS")]
+    command_timeout_ms: Option<u32>,
     /// qcow2: bytes of L2 tables kept in memory, for each image of the
     /// backing chain (K, M, G; default 4M, which maps 32 GiB of 64 KiB
     /// clusters; at least two tables are kept).
@@ -207,7 +221,14 @@ impl AttachArgs {
             Transport::Kmod => true,
             Transport::Auto => fuse_blk_kmod::available(),
             Transport::Loop => false,
+            // The bridge's device, where the bridge stands in.
+            Transport::DmUser => fuse_blk_kmod::available(),
         }
+    }
+
+    /// Whether the backend serves a dm-user node (`--transport dm-user`).
+    pub fn dm_user_transport(&self) -> bool {
+        self.transport == Transport::DmUser
     }
 }
 
@@ -248,6 +269,21 @@ fn main() -> ExitCode {
 
 fn attach(args: AttachArgs) -> Result<(), String> {
     let backend = Backend::parse(&args.backend, &args)?;
+    if args.transport == Transport::DmUser {
+        if backend.waits_for_a_daemon() {
+            return Err(format!(
+                "{backend}: --transport dm-user serves a backend on a dm-user node; a dm-user: backend is served by a daemon of its own"
+            ));
+        }
+        if args.recover.is_some() {
+            return Err("--transport dm-user: a device on a dm-user node cannot be recovered by another daemon yet".into());
+        }
+        if args.read_only {
+            return Err(
+                "--transport dm-user: --read-only is not offered on a dm-user node yet".into(),
+            );
+        }
+    }
     if let Some(name) = &args.name {
         state::validate_name(name)?;
     }
@@ -321,6 +357,12 @@ fn spawn_daemon(args: Vec<std::ffi::OsString>) -> Result<(), String> {
 
 fn handoff(target: &str) -> Result<(), String> {
     let (_, record) = state::find(target)?;
+    if record.transport.starts_with(dm_user::ON_TARGET) {
+        return Err(format!(
+            "{}: a device on a dm-user node cannot be handed over yet",
+            record.name
+        ));
+    }
     if record.backend.starts_with("dm-user:") {
         return Err(format!(
             "{}: a dm-user device's node lives in its daemon and cannot be handed over yet",
@@ -388,6 +430,9 @@ fn detach(target: &str) -> Result<(), String> {
 /// Removes what a killed daemon left: its loop device (unbound once unused),
 /// its dead FUSE mount and its directory.
 fn cleanup_dead(dir: &state::DeviceDir, record: &DeviceState) {
+    if record.transport == dm_user::ON_TARGET {
+        dm_user::remove_left_target(&record.name);
+    }
     if let Some(dev_id) = record.dev_id {
         match fuse_blk_kmod::Control::open().and_then(|control| control.destroy(dev_id)) {
             Ok(()) => {}
@@ -468,7 +513,7 @@ fn list(json: bool) -> Result<(), String> {
         return Ok(());
     }
     println!(
-        "{:<16} {:<14} {:<9} {:<28} {:>14} {:>8}  STATUS",
+        "{:<16} {:<14} {:<14} {:<28} {:>14} {:>8}  STATUS",
         "NAME", "DEVICE", "TRANSPORT", "BACKEND", "SIZE", "PID"
     );
     for (record, status) in rows {
@@ -479,7 +524,7 @@ fn list(json: bool) -> Result<(), String> {
             record.transport.clone()
         };
         println!(
-            "{:<16} {:<14} {:<9} {:<28} {:>14} {:>8}  {status}",
+            "{:<16} {:<14} {:<14} {:<28} {:>14} {:>8}  {status}",
             record.name, record.device, transport, record.backend, record.size, record.pid
         );
     }
