@@ -30,6 +30,8 @@ pub enum Backend {
         reconnect: ReconnectPolicy,
         /// Connections when the server allows several.
         connections: Option<usize>,
+        /// Commands in flight per connection (the queue depth).
+        max_in_flight: Option<usize>,
     },
     Qcow2 {
         path: PathBuf,
@@ -52,14 +54,21 @@ impl Backend {
     pub fn parse(text: &str, args: &AttachArgs) -> Result<Backend, String> {
         if fuse_blk_nbd::uri::is_nbd_uri(text) {
             fuse_blk_nbd::uri::check(text).map_err(|e| e.to_string())?;
+            let default = ReconnectPolicy::default();
             let reconnect = ReconnectPolicy {
                 timeout: Duration::from_millis(args.reconnect_timeout_ms.unwrap_or(30_000).into()),
-                ..ReconnectPolicy::default()
+                command_timeout: args
+                    .command_timeout_ms
+                    .map_or(default.command_timeout, |ms| {
+                        Duration::from_millis(ms.into())
+                    }),
+                ..default
             };
             return Ok(Backend::Nbd {
                 uri: text.to_owned(),
                 reconnect,
                 connections: args.queues.map(usize::from).or(args.threads()),
+                max_in_flight: args.queue_depth.map(usize::from),
             });
         }
         if let Some(path) = text.strip_prefix("qcow2:") {
@@ -130,11 +139,15 @@ impl Backend {
                 uri,
                 reconnect,
                 connections,
+                max_in_flight,
             } => {
                 let mut options = fuse_blk_nbd::Options::new(read_only, block_size);
                 options.reconnect = *reconnect;
                 if let Some(connections) = connections {
                     options.connections = *connections;
+                }
+                if let Some(max_in_flight) = max_in_flight {
+                    options.max_in_flight = *max_in_flight;
                 }
                 let device = Arc::new(NbdDevice::connect(uri, &options)?);
                 *NBD.lock() = Some(device.clone());

@@ -60,6 +60,9 @@ pub struct DeviceState {
     /// An NBD backend's `--reconnect-timeout-ms`, when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reconnect_timeout_ms: Option<u32>,
+    /// An NBD backend's `--command-timeout-ms`, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_timeout_ms: Option<u32>,
 }
 
 /// The files of one device's directory.
@@ -191,6 +194,9 @@ impl DeviceState {
         if let Some(ms) = self.reconnect_timeout_ms {
             args.extend(["--reconnect-timeout-ms".to_owned(), ms.to_string()]);
         }
+        if let Some(ms) = self.command_timeout_ms {
+            args.extend(["--command-timeout-ms".to_owned(), ms.to_string()]);
+        }
         args
     }
 }
@@ -304,6 +310,7 @@ mod tests {
             ring_poll_us: None,
             threads: None,
             reconnect_timeout_ms: None,
+            command_timeout_ms: None,
         }
     }
 
@@ -330,9 +337,18 @@ mod tests {
         let nbd = DeviceState {
             backend: "nbd+unix:///?socket=/run/nbd.sock".into(),
             reconnect_timeout_ms: Some(5000),
+            command_timeout_ms: Some(2000),
             ..record()
         };
-        assert_eq!(nbd.serving_args(), ["--reconnect-timeout-ms", "5000"]);
+        assert_eq!(
+            nbd.serving_args(),
+            [
+                "--reconnect-timeout-ms",
+                "5000",
+                "--command-timeout-ms",
+                "2000"
+            ]
+        );
         let json = serde_json::to_string(&nbd).unwrap();
         assert_eq!(serde_json::from_str::<DeviceState>(&json).unwrap(), nbd);
         // What is written is read back, and a record without the fields
