@@ -22,7 +22,7 @@ fn fio_in(dir: &str) -> Child {
             &format!("--directory={dir}"),
             "--ioengine=libaio",
             "--direct=1",
-            "--iodepth=8",
+            "--iodepth=32",
             "--rw=randwrite",
             "--bs=16k",
             "--size=48M",
@@ -145,6 +145,65 @@ fn requests_fail_after_the_reconnect_timeout_and_detach_works() {
     );
     let list = String::from_utf8(instance.run(["list"]).stdout).unwrap();
     assert!(list.contains("running, down for "), "{list}");
+    device.detach();
+    instance.assert_nothing_left();
+}
+
+/// A server that stops answering (SIGSTOP) but keeps its connection: the
+/// command timeout gives the connection up, the reconnect timeout then
+/// fails the read with EIO instead of a hang, and once the server runs
+/// again the device serves again and detaches.
+#[test]
+fn stopped_server_times_out_commands_and_the_device_recovers() {
+    let instance = Instance::new("nbd-stopped");
+    let dir = TempDir::new("nbd-stopped");
+    let server = Server::nbdkit(&dir.0, &["memory", "size=64M"]);
+    let device = instance.attach(&[
+        "--command-timeout-ms",
+        "500",
+        "--reconnect-timeout-ms",
+        "1000",
+        &server.uri(""),
+    ]);
+    let pattern = random_bytes(3, 4096);
+    write_at(&device.path, 8192, &pattern).unwrap();
+    server.pause();
+    let start = Instant::now();
+    let out = Command::new("dd")
+        .args([
+            &format!("if={}", device.path_str()),
+            "of=/dev/null",
+            "bs=4k",
+            "count=1",
+            "skip=100",
+            "iflag=direct",
+        ])
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    let list = String::from_utf8(instance.run(["list"]).stdout).unwrap();
+    server.resume();
+    assert!(!out.status.success(), "read succeeded from a stopped server");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Input/output error"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert!(list.contains("running, down for "), "{list}");
+    let since = Instant::now();
+    loop {
+        let list = String::from_utf8(instance.run(["list"]).stdout).unwrap();
+        if list.contains("running, connected") {
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(60),
+            "no reconnection: {list}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(read_at(&device.path, 8192, 4096) == pattern);
     device.detach();
     instance.assert_nothing_left();
 }
