@@ -183,7 +183,10 @@ fn stopped_server_times_out_commands_and_the_device_recovers() {
     let took = start.elapsed();
     let list = String::from_utf8(instance.run(["list"]).stdout).unwrap();
     server.resume();
-    assert!(!out.status.success(), "read succeeded from a stopped server");
+    assert!(
+        !out.status.success(),
+        "read succeeded from a stopped server"
+    );
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("Input/output error"),
         "{}",
