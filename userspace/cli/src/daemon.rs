@@ -227,9 +227,7 @@ fn attach(
     if args.dm_user_transport() {
         let setup = dm_user::Setup {
             name: &name,
-            descriptors: args
-                .queues
-                .unwrap_or_else(|| u16::try_from(fuse_blk_attach::default_threads()).unwrap_or(2)),
+            descriptors: args.dm_user_descriptors(),
             bridge_device: options,
             bridge_policy: fuse_blk_dm_user::Policy {
                 fail_inflight: args.fail_inflight,
@@ -237,6 +235,7 @@ fn attach(
                     args.recovery_timeout_ms.unwrap_or(30_000).into(),
                 ),
             },
+            attach_args: std::env::args_os().skip(1).collect(),
         };
         let serving = dm_user::start(device, setup).map_err(undo)?;
         record.transport = serving.transport().into();

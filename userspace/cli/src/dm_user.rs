@@ -2,23 +2,24 @@
 //! dm-user node as a dm-user daemon (compat/dm-user `channel.rs`, one
 //! descriptor per queue). Where the kernel has dm-user's own target, the
 //! node is that target's, made here with dmsetup, and the user gets
-//! `/dev/mapper/NAME`. Elsewhere the bridge stands in, in this same
-//! process: the node served through CUSE, and the bridge's fuse-blk
-//! device (module or stock path), whose path the user gets.
+//! `/dev/mapper/NAME`. Elsewhere the bridge stands in: this daemon serves
+//! the node through CUSE and the bridge's fuse-blk device (module or stock
+//! path), whose path the user gets; the handler serves the node from a
+//! child process (see [`on_bridge`] for why not a thread).
 
-use std::io;
+use std::ffi::OsString;
+use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use fuse_blk::stats::{Snapshot, Stats};
 use fuse_blk::BlockDevice;
 use fuse_blk_attach::{busy, AttachOptions, AttachedDevice, Ended};
 use fuse_blk_dm_user::channel::{self, Server};
 use fuse_blk_dm_user::target::{self, Target};
 use fuse_blk_dm_user::{cuse, DmUser, Policy, SECTOR};
-use parking_lot::Mutex;
 
 /// `list`'s transport for a device on dm-user's own target.
 pub const ON_TARGET: &str = "dm-user";
@@ -34,16 +35,10 @@ const MAX_MESSAGE: u32 = 4 << 20;
 /// How long the node stays for a daemon to close it when the bridge ends.
 const BRIDGE_GRACE: Duration = Duration::from_secs(3);
 
-/// The counters of the handler this process serves on a dm-user node: on
-/// the bridge the process also runs the bridge's own session, whose
-/// requests are the same ones again.
-static SERVED: Mutex<Option<Arc<Stats>>> = Mutex::new(None);
-
-/// The counters `stats` reports for this process, when it serves a
-/// handler on a dm-user node.
-pub fn snapshot() -> Option<Snapshot> {
-    SERVED.lock().as_ref().map(|stats| stats.snapshot())
-}
+/// The option that makes `attach` the bridge's child: it serves the
+/// backend on the node named, and says `ok` (or `error MESSAGE`) on
+/// stdout once its descriptors are open.
+pub const SERVE_NODE_OPTION: &str = "--serve-dm-user-node";
 
 /// How a handler is set to serve.
 pub struct Setup<'a> {
@@ -54,23 +49,30 @@ pub struct Setup<'a> {
     pub bridge_device: AttachOptions,
     /// The bridge's rule for requests while no daemon has the node open.
     pub bridge_policy: Policy,
+    /// This daemon's own `attach` arguments, which its child on the bridge
+    /// is started with.
+    pub attach_args: Vec<OsString>,
 }
 
 /// A handler serving a dm-user node, and what made the node.
 pub struct Serving {
     carrier: Carrier,
-    server: JoinHandle<io::Result<()>>,
 }
 
 enum Carrier {
-    Target(Arc<Target>),
+    Target {
+        target: Arc<Target>,
+        server: JoinHandle<io::Result<()>>,
+    },
     Bridge(Box<Bridged>),
 }
 
-/// The bridge's node and the fuse-blk device it serves.
+/// The bridge's node, the fuse-blk device it serves, and the child that
+/// serves the node with the handler.
 struct Bridged {
     device: AttachedDevice,
     bridge: DmUser,
+    child: Child,
 }
 
 /// Starts serving `handler` on a new dm-user node; nothing is left behind
@@ -121,13 +123,25 @@ fn on_target(handler: Arc<dyn BlockDevice>, setup: &Setup<'_>) -> Result<Serving
         node.display()
     );
     Ok(Serving {
-        carrier: Carrier::Target(target),
-        server,
+        carrier: Carrier::Target { target, server },
     })
 }
 
+/// The bridge: this process serves the node through CUSE, and a child
+/// process serves the node with the handler. Not a thread of this process:
+/// a thread's read of the node is a request to this process's own CUSE
+/// server, and once that server has taken it (a read parked until a
+/// message comes), the kernel waits for its answer uninterruptibly, even
+/// on SIGKILL; the descriptor of /dev/cuse whose closing would end the
+/// wait is closed only once every thread has exited. A `kill -9` of the
+/// daemon would leave it stuck for ever, holding node and device. In a
+/// child, the daemon's death closes /dev/cuse and the child's reads fail;
+/// the child's death interrupts its reads (FUSE_INTERRUPT) and the bridge
+/// queues what it held again.
 fn on_bridge(handler: Arc<dyn BlockDevice>, setup: Setup<'_>) -> Result<Serving, String> {
     let geometry = handler.geometry();
+    // The child opens the backend itself (an image is locked while open).
+    drop(handler);
     let bridge = DmUser::create(
         setup.name,
         geometry.size,
@@ -135,32 +149,88 @@ fn on_bridge(handler: Arc<dyn BlockDevice>, setup: Setup<'_>) -> Result<Serving,
         setup.bridge_policy,
     )
     .map_err(|e| format!("dm-user: {e}"))?;
-    let descriptors = match channel::open_node(bridge.node(), setup.descriptors) {
-        Ok(descriptors) => descriptors,
-        Err(e) => {
-            bridge.finish(Duration::ZERO);
-            return Err(e.to_string());
-        }
-    };
-    let server = match start_server(handler, descriptors) {
-        Ok(server) => server,
+    let mut child = match start_child(bridge.node(), &setup.attach_args) {
+        Ok(child) => child,
         Err(e) => {
             bridge.finish(Duration::ZERO);
             return Err(e);
         }
     };
-    // The server reads the node already: the kernel's partition scan of
+    // The child reads the node already: the kernel's partition scan of
     // the new device is answered.
     match fuse_blk_attach::attach(bridge.device(), &setup.bridge_device) {
         Ok(device) => Ok(Serving {
-            carrier: Carrier::Bridge(Box::new(Bridged { device, bridge })),
-            server,
+            carrier: Carrier::Bridge(Box::new(Bridged {
+                device,
+                bridge,
+                child,
+            })),
         }),
         Err(e) => {
-            // Ends the server's reads with ENOTBLK.
+            // Ends the child's reads with ENOTBLK.
             bridge.finish(BRIDGE_GRACE);
-            let _ = server.join();
+            let _ = child.wait();
             Err(e.to_string())
+        }
+    }
+}
+
+/// Starts this program again as the bridge's child, serving `node`, and
+/// waits until it has its descriptors open (or has failed).
+fn start_child(node: &Path, attach_args: &[OsString]) -> Result<Child, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("finding myself: {e}"))?;
+    let args = attach_args
+        .iter()
+        .filter(|arg| !arg.to_string_lossy().starts_with("--ready-fd"));
+    // Its stderr is this daemon's (the log); its signal mask too, which
+    // blocks the signals that detach: the daemon ends it through the
+    // bridge, after the device is gone.
+    let mut child = Command::new(exe)
+        .args(args)
+        .arg(SERVE_NODE_OPTION)
+        .arg(node)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting the dm-user daemon: {e}"))?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("piped");
+    let _ = BufReader::new(stdout).read_line(&mut line);
+    match line.trim_end() {
+        "ok" => Ok(child),
+        said => {
+            let _ = child.kill();
+            let status = child.wait().map_err(|e| e.to_string())?;
+            Err(match said.strip_prefix("error ") {
+                Some(message) => message.to_owned(),
+                None => format!("the dm-user daemon exited ({status}) before serving"),
+            })
+        }
+    }
+}
+
+/// The bridge's child: serves `backend` on `node` until the bridge ends
+/// (ENOTBLK), having said `ok` on stdout once its descriptors were open.
+pub fn serve_as_child(
+    node: &Path,
+    backend: &crate::backend::Backend,
+    block_size: u32,
+    descriptors: u16,
+) -> Result<(), String> {
+    let ready = || -> Result<Server, String> {
+        let handler = backend.open(false, block_size).map_err(|e| e.to_string())?;
+        let files = channel::open_node(node, descriptors).map_err(|e| e.to_string())?;
+        Server::new(handler, files, MAX_MESSAGE).map_err(|e| e.to_string())
+    };
+    let mut stdout = io::stdout();
+    match ready() {
+        Ok(server) => {
+            let _ = writeln!(stdout, "ok").and_then(|()| stdout.flush());
+            server.serve().map_err(|e| format!("dm-user daemon: {e}"))
+        }
+        Err(e) => {
+            let _ = writeln!(stdout, "error {e}").and_then(|()| stdout.flush());
+            Err(e)
         }
     }
 }
@@ -170,7 +240,6 @@ fn start_server(
     descriptors: Vec<std::fs::File>,
 ) -> Result<JoinHandle<io::Result<()>>, String> {
     let server = Server::new(handler, descriptors, MAX_MESSAGE).map_err(|e| e.to_string())?;
-    *SERVED.lock() = Some(server.stats());
     std::thread::Builder::new()
         .name("dm-user".into())
         .spawn(move || server.serve())
@@ -181,7 +250,7 @@ impl Serving {
     /// `list`'s transport.
     pub fn transport(&self) -> &'static str {
         match self.carrier {
-            Carrier::Target(_) => ON_TARGET,
+            Carrier::Target { .. } => ON_TARGET,
             Carrier::Bridge(_) => ON_BRIDGE,
         }
     }
@@ -189,7 +258,7 @@ impl Serving {
     /// The block device the user gets.
     pub fn device_path(&self) -> PathBuf {
         match &self.carrier {
-            Carrier::Target(target) => target.device_path(),
+            Carrier::Target { target, .. } => target.device_path(),
             Carrier::Bridge(bridged) => bridged.device.device_path().to_owned(),
         }
     }
@@ -197,14 +266,14 @@ impl Serving {
     /// The bridge's device, for what is recorded of it.
     pub fn bridge_device(&self) -> Option<&AttachedDevice> {
         match &self.carrier {
-            Carrier::Target(_) => None,
+            Carrier::Target { .. } => None,
             Carrier::Bridge(bridged) => Some(&bridged.device),
         }
     }
 
     pub fn detacher(&self) -> io::Result<Detacher> {
         Ok(match &self.carrier {
-            Carrier::Target(target) => Detacher::Target(target.clone()),
+            Carrier::Target { target, .. } => Detacher::Target(target.clone()),
             Carrier::Bridge(bridged) => Detacher::Bridge(bridged.device.detacher()?),
         })
     }
@@ -212,27 +281,30 @@ impl Serving {
     /// Removes the device and ends the server, when the daemon cannot go
     /// on (nothing has used the device yet).
     pub fn abandon(self) {
-        let Serving { carrier, server } = self;
-        match carrier {
-            Carrier::Target(target) => {
+        match self.carrier {
+            Carrier::Target { target, server } => {
                 if let Err(e) = target.remove() {
                     log::error!("dm-user: removing {}: {e}", target.name());
                 }
+                let _ = join(server);
             }
             Carrier::Bridge(bridged) => {
-                let Bridged { device, bridge } = *bridged;
+                let Bridged {
+                    device,
+                    bridge,
+                    mut child,
+                } = *bridged;
                 drop(device);
                 bridge.finish(BRIDGE_GRACE);
+                let _ = child.wait();
             }
         }
-        let _ = join(server);
     }
 
     /// Serves until the target is removed or the bridge's device detached.
     pub fn wait(self) -> io::Result<Ended> {
-        let Serving { carrier, server } = self;
-        let ended = match carrier {
-            Carrier::Target(target) => {
+        match self.carrier {
+            Carrier::Target { target, server } => {
                 let served = join(server);
                 if served.is_err() {
                     // The daemon ends with the target still there: without
@@ -241,18 +313,27 @@ impl Serving {
                         log::error!("dm-user: removing {}: {e}", target.name());
                     }
                 }
-                return served.map(|()| Ended::Detached);
+                served.map(|()| Ended::Detached)
             }
             Carrier::Bridge(bridged) => {
-                let Bridged { device, bridge } = *bridged;
+                let Bridged {
+                    device,
+                    bridge,
+                    mut child,
+                } = *bridged;
                 let ended = device.wait();
-                // The device is gone: the server's reads end with ENOTBLK.
+                // The device is gone: the child's reads end with ENOTBLK.
                 bridge.finish(BRIDGE_GRACE);
+                match child.wait() {
+                    Ok(status) if !status.success() => {
+                        log::warn!("dm-user: the daemon serving the node exited ({status})")
+                    }
+                    Err(e) => log::warn!("dm-user: waiting for the daemon serving the node: {e}"),
+                    Ok(_) => {}
+                }
                 ended
             }
-        };
-        join(server)?;
-        ended
+        }
     }
 }
 

@@ -193,6 +193,10 @@ pub struct AttachArgs {
     /// readiness to the `attach` that started it.
     #[arg(long, hide = true)]
     ready_fd: Option<i32>,
+    /// Internal: serve BACKEND on this dm-user node as the child of a
+    /// `--transport dm-user` daemon on the bridge.
+    #[arg(long, hide = true, value_name = "NODE")]
+    serve_dm_user_node: Option<std::path::PathBuf>,
     /// mem:SIZE (sparse memory), file:PATH (image file or block device),
     /// null:SIZE (reads zeros, drops writes), dm-user:NAME:SIZE (served by
     /// a dm-user daemon on /dev/dm-user/NAME), nbd://HOST[:PORT]/EXPORT or
@@ -229,6 +233,13 @@ impl AttachArgs {
     /// Whether the backend serves a dm-user node (`--transport dm-user`).
     pub fn dm_user_transport(&self) -> bool {
         self.transport == Transport::DmUser
+    }
+
+    /// `--transport dm-user`: descriptors open on the node, each served by
+    /// a thread of its own (`--queues`, default one per CPU).
+    pub fn dm_user_descriptors(&self) -> u16 {
+        self.queues
+            .unwrap_or_else(|| u16::try_from(fuse_blk_attach::default_threads()).unwrap_or(2))
     }
 }
 
@@ -281,6 +292,14 @@ fn attach(args: AttachArgs) -> Result<(), String> {
         if args.read_only {
             return Err(
                 "--transport dm-user: --read-only is not offered on a dm-user node yet".into(),
+            );
+        }
+        if let Some(node) = &args.serve_dm_user_node {
+            return dm_user::serve_as_child(
+                node,
+                &backend,
+                args.block_size,
+                args.dm_user_descriptors(),
             );
         }
     }

@@ -145,9 +145,7 @@ impl DaemonStats {
 
 /// What the daemon answers to `stats`: `ok` and one line of JSON.
 pub fn control_answer() -> String {
-    // On the dm-user bridge the process runs the bridge's session too,
-    // whose requests are the handler's again: the handler's alone count.
-    match crate::dm_user::snapshot().or_else(stats::process_snapshot) {
+    match stats::process_snapshot() {
         Some(snapshot) => match serde_json::to_string(&DaemonStats::from_snapshot(&snapshot)) {
             Ok(json) => format!("ok {json}"),
             Err(e) => format!("error {e}"),
