@@ -679,24 +679,36 @@ static struct fblk_dev *fblk_dev_of(struct device *d)
 	return dev_to_disk(d)->private_data;
 }
 
-static u32 fblk_state(struct fblk_dev *dev, u32 *nr_channels)
+/*
+ * Queues with an active channel; the channels attached to any queue go to
+ * *nr_channels when asked for. One walk under each queue's lock serves
+ * both the state reported to userspace and the decision to go live.
+ */
+static unsigned int fblk_served_queues(struct fblk_dev *dev, u32 *nr_channels)
 {
 	unsigned int i, served = 0, attached = 0;
 
 	for (i = 0; i < fblk_nr_queues(dev); i++) {
 		struct fblk_queue *queue = &dev->queues[i];
-
 		struct fblk_chan *chan;
 
 		spin_lock(&queue->lock);
-		list_for_each_entry(chan, &queue->chans, entry)
-			attached++;
+		if (nr_channels)
+			list_for_each_entry(chan, &queue->chans, entry)
+				attached++;
 		if (queue->active)
 			served++;
 		spin_unlock(&queue->lock);
 	}
 	if (nr_channels)
 		*nr_channels = attached;
+	return served;
+}
+
+static u32 fblk_state(struct fblk_dev *dev, u32 *nr_channels)
+{
+	unsigned int served = fblk_served_queues(dev, nr_channels);
+
 	if (READ_ONCE(dev->dead))
 		return FUSE_BLK_STATE_DEAD;
 	/*
@@ -706,22 +718,6 @@ static u32 fblk_state(struct fblk_dev *dev, u32 *nr_channels)
 	if (served == fblk_nr_queues(dev) && smp_load_acquire(&dev->sized))
 		return FUSE_BLK_STATE_LIVE;
 	return served ? FUSE_BLK_STATE_PARTIAL : FUSE_BLK_STATE_WAITING;
-}
-
-/* Whether every queue has an active channel. */
-static bool fblk_all_served(struct fblk_dev *dev)
-{
-	unsigned int i;
-	bool served = true;
-
-	for (i = 0; i < fblk_nr_queues(dev) && served; i++) {
-		struct fblk_queue *queue = &dev->queues[i];
-
-		spin_lock(&queue->lock);
-		served = queue->active;
-		spin_unlock(&queue->lock);
-	}
-	return served;
 }
 
 /*
@@ -1558,7 +1554,8 @@ static ssize_t fblk_read_iter(struct kiocb *iocb, struct iov_iter *to)
 static void fblk_maybe_go_live(struct fblk_dev *dev)
 {
 	mutex_lock(&dev->mutex);
-	if (!dev->dead && !dev->sized && fblk_all_served(dev)) {
+	if (!dev->dead && !dev->sized &&
+	    fblk_served_queues(dev, NULL) == fblk_nr_queues(dev)) {
 		/*
 		 * Partitions are read on the next open, such as udev's on the
 		 * change uevent of set_capacity_and_notify(): mark them first.
