@@ -250,7 +250,8 @@ impl BlockDevice for NbdDevice {
     fn read(&self, req: &Request, offset: u64, len: u32, reply: ReplyData) {
         let max = u64::from(self.max_request);
         let pieces = pieces(offset, u64::from(len), max).collect();
-        self.link(req).submit(Job::read(pieces, reply));
+        let link = self.link(req);
+        link.submit(Job::read(pieces, link.buffer(len as usize), reply));
     }
 
     /// The data is copied: the handler's slice is the transport's, lent
@@ -259,8 +260,10 @@ impl BlockDevice for NbdDevice {
         let fua = fua && self.export.can_fua;
         let max = u64::from(self.max_request);
         let pieces = pieces(offset, data.len() as u64, max).collect();
-        self.link(req)
-            .submit(Job::write(pieces, data.to_vec(), fua, reply));
+        let link = self.link(req);
+        let mut copy = link.buffer(data.len());
+        copy.extend_from_slice(data);
+        link.submit(Job::write(pieces, copy, fua, reply));
     }
 
     /// NBD_CMD_FLUSH covers every write the server answered, on any of

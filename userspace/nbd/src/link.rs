@@ -172,16 +172,13 @@ pub struct Job {
 }
 
 impl Job {
-    /// A read of `pieces` (contiguous, in order).
-    pub fn read(pieces: Vec<(u64, u64)>, reply: ReplyData) -> Job {
+    /// A read of `pieces` (contiguous, in order) into `buffer` (from
+    /// [`Link::buffer`]: empty, with room for them all).
+    pub fn read(pieces: Vec<(u64, u64)>, mut buffer: Vec<u8>, reply: ReplyData) -> Job {
         let data_len = pieces.iter().map(|(_, len)| *len as usize).sum();
-        Job::new(
-            Kind::Read,
-            pieces,
-            Vec::with_capacity(data_len),
-            data_len,
-            Reply::Data(reply),
-        )
+        buffer.clear();
+        buffer.reserve_exact(data_len);
+        Job::new(Kind::Read, pieces, buffer, data_len, Reply::Data(reply))
     }
 
     /// A write of `data` in `pieces` (contiguous, in order, covering it).
@@ -213,8 +210,9 @@ impl Job {
         }
     }
 
-    /// Answers the reply: the data or success, or the first error.
-    fn answer(mut self) {
+    /// Answers the reply: the data or success, or the first error; gives
+    /// the buffer back, for another job.
+    fn answer(mut self) -> Vec<u8> {
         match (self.reply, self.error) {
             (Reply::Data(reply), None) => {
                 // SAFETY: every piece of the read succeeded, and libnbd
@@ -230,8 +228,20 @@ impl Job {
             (Reply::Empty(reply), None) => reply.ok(),
             (Reply::Empty(reply), Some(errno)) => reply.error(errno),
         }
+        self.buffer
     }
 }
+
+/// Buffers at least this large are kept for reuse: a fresh one of a
+/// MiB costs its page faults, and zeroing, on every request.
+const POOLED_MIN: usize = 64 << 10;
+
+/// Spare buffers a link keeps at most.
+const POOLED_MAX: usize = 16;
+
+/// How long a link is idle before it gives its spare buffers back, and
+/// the allocator what was freed (an idle daemon stays small).
+const RELEASE_AFTER: Duration = Duration::from_secs(1);
 
 /// What the link's thread shows the rest of the device.
 #[derive(Default)]
@@ -250,9 +260,21 @@ struct Shared {
     /// An eventfd that wakes the thread from poll(2).
     wake: OwnedFd,
     status: Mutex<Status>,
+    /// Buffers of answered jobs, for the next ones.
+    spare: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Shared {
+    fn recycle(&self, mut buffer: Vec<u8>) {
+        if buffer.capacity() >= POOLED_MIN {
+            let mut spare = self.spare.lock();
+            if spare.len() < POOLED_MAX {
+                buffer.clear();
+                spare.push(buffer);
+            }
+        }
+    }
+
     fn wake(&self) {
         let one = 1u64.to_ne_bytes();
         // SAFETY: the eventfd is open for the life of `self`; the buffer
@@ -295,6 +317,7 @@ impl Link {
                 generation,
                 outage_since: None,
             }),
+            spare: Mutex::new(Vec::new()),
         });
         let worker = Worker {
             uri: uri.to_owned(),
@@ -312,6 +335,7 @@ impl Link {
             next_job: 0,
             queued: VecDeque::new(),
             in_flight: BTreeMap::new(),
+            release_due: None,
         };
         let thread = std::thread::Builder::new()
             .name(format!("nbd-link-{index}"))
@@ -321,6 +345,18 @@ impl Link {
             timeout: policy.timeout,
             thread: Mutex::new(Some(thread)),
         })
+    }
+
+    /// An empty buffer with room for `len` bytes, for a job's data: a
+    /// spare one when there is one.
+    pub fn buffer(&self, len: usize) -> Vec<u8> {
+        if len >= POOLED_MIN {
+            let mut spare = self.shared.spare.lock();
+            if let Some(index) = spare.iter().position(|b| b.capacity() >= len) {
+                return spare.swap_remove(index);
+            }
+        }
+        Vec::with_capacity(len)
     }
 
     /// Hands `job` to the link's thread, which answers it; after
@@ -341,7 +377,7 @@ impl Link {
                 drop(incoming);
                 let mut job = job;
                 job.error = Some(libc::EIO);
-                job.answer();
+                drop(job.answer());
             }
         }
     }
@@ -374,7 +410,7 @@ impl Link {
         self.shared.wake();
         for mut job in left.into_iter().flatten() {
             job.error = Some(libc::EIO);
-            job.answer();
+            drop(job.answer());
         }
         if let Some(thread) = self.thread.lock().take() {
             if thread.join().is_err() {
@@ -445,6 +481,8 @@ struct Worker {
     /// By cookie: libnbd numbers commands in the order they are issued,
     /// so the first is the oldest.
     in_flight: BTreeMap<u64, InFlight>,
+    /// When the spare buffers go, if the link stays idle till then.
+    release_due: Option<Instant>,
 }
 
 impl Worker {
@@ -464,8 +502,10 @@ impl Worker {
     }
 
     fn accept(&mut self, job: Job) {
+        self.release_due = None;
         if job.pieces.is_empty() {
-            return job.answer();
+            let buffer = job.answer();
+            return self.shared.recycle(buffer);
         }
         let id = self.next_job;
         self.next_job += 1;
@@ -516,6 +556,30 @@ impl Worker {
         }
         if self.handle.is_none() {
             self.reconnect(now);
+        }
+        self.release_when_idle(now);
+    }
+
+    /// Once idle for [`RELEASE_AFTER`], drops the spare buffers and has
+    /// the allocator give back the free memory of every thread's arena
+    /// (the buffers were allocated on the handler threads).
+    fn release_when_idle(&mut self, now: Instant) {
+        if !self.jobs.is_empty() {
+            self.release_due = None;
+            return;
+        }
+        match self.release_due {
+            None if !self.shared.spare.lock().is_empty() => {
+                self.release_due = Some(now + RELEASE_AFTER);
+            }
+            Some(due) if now >= due => {
+                self.release_due = None;
+                self.shared.spare.lock().clear();
+                // SAFETY: malloc_trim has no preconditions; it only
+                // returns free memory to the system.
+                unsafe { libc::malloc_trim(0) };
+            }
+            _ => {}
         }
     }
 
@@ -656,9 +720,9 @@ impl Worker {
                 }
                 Err(e) => {
                     log::debug!("{}: the server answered {}: {e}", self.uri, e.errno);
-                    complete(&mut self.jobs, command.job, Some(e.errno));
+                    complete(&self.shared, &mut self.jobs, command.job, Some(e.errno));
                 }
-                Ok(()) => complete(&mut self.jobs, command.job, None),
+                Ok(()) => complete(&self.shared, &mut self.jobs, command.job, None),
             }
         }
         if let Some(e) = shutting_down {
@@ -716,7 +780,7 @@ impl Worker {
                 }
                 // Refused by libnbd itself (a range the export does not
                 // have, say): the caller's error.
-                Err(e) => complete(&mut self.jobs, id, Some(e.errno)),
+                Err(e) => complete(&self.shared, &mut self.jobs, id, Some(e.errno)),
             }
         }
         if let Some(e) = lost {
@@ -730,7 +794,7 @@ impl Worker {
         self.in_flight.clear();
         for (_, mut job) in self.jobs.drain() {
             job.error = Some(errno);
-            job.answer();
+            drop(job.answer());
         }
     }
 
@@ -747,6 +811,9 @@ impl Worker {
             if let Some(oldest) = self.in_flight.values().next() {
                 at(oldest.issued + self.policy.command_timeout);
             }
+        }
+        if let Some(release) = self.release_due {
+            at(release);
         }
         if self.handle.is_none() {
             if let Some(outage) = &self.outage {
@@ -830,7 +897,7 @@ impl Worker {
 
 /// One piece of job `id` was answered (`error` None: it succeeded); the
 /// job is answered when it was the last.
-fn complete(jobs: &mut HashMap<u64, Job>, id: u64, error: Option<i32>) {
+fn complete(shared: &Shared, jobs: &mut HashMap<u64, Job>, id: u64, error: Option<i32>) {
     let Some(job) = jobs.get_mut(&id) else { return };
     job.remaining -= 1;
     if job.error.is_none() {
@@ -838,7 +905,7 @@ fn complete(jobs: &mut HashMap<u64, Job>, id: u64, error: Option<i32>) {
     }
     if job.remaining == 0 {
         if let Some(job) = jobs.remove(&id) {
-            job.answer();
+            shared.recycle(job.answer());
         }
     }
 }
