@@ -5,13 +5,16 @@
 //! The server may restart or the connection drop without failing a
 //! request: a command whose connection broke waits while the device
 //! reconnects with backoff, and is reissued on the new connection; only
-//! after [`ReconnectPolicy::timeout`] do requests fail, with EIO. An error
-//! the server answers (an I/O error of its storage, say) goes to the
+//! after [`ReconnectPolicy::timeout`] do requests fail, with EIO. A
+//! command the server leaves unanswered for
+//! [`ReconnectPolicy::command_timeout`] counts as a broken connection. An
+//! error the server answers (an I/O error of its storage, say) goes to the
 //! caller at once.
 //!
 //! - [`uri`]: recognising and checking NBD URIs.
 //! - [`handle`]: one libnbd handle (a connection), safely.
-//! - [`link`]: a connection that reconnects.
+//! - [`link`]: a connection that reconnects, driven by a thread of its own
+//!   with many commands in flight.
 //! - [`NbdDevice`]: the `BlockDevice`.
 
 mod device;
