@@ -1,8 +1,9 @@
 //! What `attach` serves: one of the backends of `fuse-blk-backends`,
 //! `dm-user:NAME:SIZE`, a block device whose requests go to a dm-user
 //! daemon on `/dev/dm-user/NAME` (compat/dm-user), or an NBD URI, an
-//! export of an NBD server (userspace/nbd), or `qcow2:PATH`, a qcow2
-//! image (userspace/qcow2).
+//! export of an NBD server (userspace/nbd), `qcow2:PATH`, a qcow2
+//! image (userspace/qcow2), or `rbd:POOL/IMAGE`, a Ceph RBD image
+//! (userspace/rbd).
 
 use std::fmt;
 use std::io;
@@ -37,6 +38,10 @@ pub enum Backend {
         path: PathBuf,
         options: fuse_blk_qcow2::Options,
     },
+    Rbd {
+        spec: fuse_blk_rbd::Spec,
+        credentials: fuse_blk_rbd::Credentials,
+    },
 }
 
 /// The dm-user node this process serves, ended by [`finish`].
@@ -69,6 +74,16 @@ impl Backend {
                 reconnect,
                 connections: args.queues.map(usize::from).or(args.threads()),
                 max_in_flight: args.queue_depth.map(usize::from),
+            });
+        }
+        if fuse_blk_rbd::spec::is_rbd_spec(text) {
+            return Ok(Backend::Rbd {
+                spec: fuse_blk_rbd::Spec::parse(text)?,
+                credentials: fuse_blk_rbd::Credentials {
+                    id: args.rbd_id.clone(),
+                    conf: args.rbd_conf.clone(),
+                    keyring: args.rbd_keyring.clone(),
+                },
             });
         }
         if let Some(path) = text.strip_prefix("qcow2:") {
@@ -118,7 +133,10 @@ impl Backend {
     pub fn default_name(&self) -> Option<String> {
         match self {
             Backend::DmUser { name, .. } => Some(name.clone()),
-            Backend::Spec(_) | Backend::Nbd { .. } | Backend::Qcow2 { .. } => None,
+            Backend::Spec(_)
+            | Backend::Nbd { .. }
+            | Backend::Qcow2 { .. }
+            | Backend::Rbd { .. } => None,
         }
     }
 
@@ -134,6 +152,12 @@ impl Backend {
             Backend::Spec(spec) => spec.open(read_only, block_size),
             Backend::Qcow2 { path, options } => Ok(Arc::new(fuse_blk_qcow2::Qcow2Device::open(
                 path, read_only, block_size, options,
+            )?)),
+            Backend::Rbd { spec, credentials } => Ok(Arc::new(fuse_blk_rbd::RbdDevice::open(
+                spec,
+                credentials,
+                read_only,
+                block_size,
             )?)),
             Backend::Nbd {
                 uri,
@@ -177,6 +201,7 @@ impl fmt::Display for Backend {
             Backend::Spec(spec) => spec.fmt(f),
             Backend::Nbd { uri, .. } => f.write_str(uri),
             Backend::Qcow2 { path, .. } => write!(f, "qcow2:{}", path.display()),
+            Backend::Rbd { spec, .. } => spec.fmt(f),
             Backend::DmUser { name, size, .. } => {
                 write!(f, "dm-user:{name}:{}", format_size(*size))
             }

@@ -181,6 +181,18 @@ pub struct AttachArgs {
     /// (default 30000).
     #[arg(long, value_name = "MILLISECONDS")]
     command_timeout_ms: Option<u32>,
+    /// rbd: the Ceph client's id (`admin` for client.admin, the default),
+    /// as `rbd --id` takes it.
+    #[arg(long, value_name = "NAME")]
+    rbd_id: Option<String>,
+    /// rbd: the Ceph configuration file (default: librados' search,
+    /// $CEPH_CONF then /etc/ceph/ceph.conf).
+    #[arg(long, value_name = "PATH")]
+    rbd_conf: Option<std::path::PathBuf>,
+    /// rbd: the keyring holding the client's key (default: what the
+    /// configuration names).
+    #[arg(long, value_name = "PATH")]
+    rbd_keyring: Option<std::path::PathBuf>,
     /// qcow2: bytes of L2 tables kept in memory, for each image of the
     /// backing chain (K, M, G; default 4M, which maps 32 GiB of 64 KiB
     /// clusters; at least two tables are kept).
@@ -201,7 +213,8 @@ pub struct AttachArgs {
     /// null:SIZE (reads zeros, drops writes), dm-user:NAME:SIZE (served by
     /// a dm-user daemon on /dev/dm-user/NAME), nbd://HOST[:PORT]/EXPORT or
     /// nbd+unix:///EXPORT?socket=PATH (an NBD server's export), qcow2:PATH
-    /// (a qcow2 image, over its backing files). SIZE takes K, M, G, T.
+    /// (a qcow2 image, over its backing files), rbd:POOL/IMAGE (a Ceph
+    /// RBD image, through librbd). SIZE takes K, M, G, T.
     backend: String,
 }
 
