@@ -155,7 +155,9 @@ fn ext4_fio_verify_zeroes_and_rbd_export_agree() {
     let device = instance.attach(&["--name", "rbd-export", "--rbd-conf", &conf, "rbd:rbd/test"]);
     let list = String::from_utf8(instance.run(["list"]).stdout).unwrap();
     assert!(
-        list.contains("rbd:rbd/test") && list.contains("268435456"),
+        list.contains("rbd:rbd/test")
+            && list.contains("268435456")
+            && list.contains("running, 4 MiB objects, 0 in flight"),
         "{list}"
     );
 

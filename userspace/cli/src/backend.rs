@@ -51,6 +51,10 @@ static DM_USER: Mutex<Option<DmUser>> = Mutex::new(None);
 /// control socket's `status` reports.
 static NBD: Mutex<Option<Arc<NbdDevice>>> = Mutex::new(None);
 
+/// The RBD device this process serves, whose object size and requests
+/// held by librbd the control socket's `status` reports.
+static RBD: Mutex<Option<Arc<fuse_blk_rbd::RbdDevice>>> = Mutex::new(None);
+
 /// How long a daemon has to close the node after its reads failed with
 /// ENOTBLK before the node goes regardless.
 const DM_USER_GRACE: Duration = Duration::from_secs(3);
@@ -153,12 +157,16 @@ impl Backend {
             Backend::Qcow2 { path, options } => Ok(Arc::new(fuse_blk_qcow2::Qcow2Device::open(
                 path, read_only, block_size, options,
             )?)),
-            Backend::Rbd { spec, credentials } => Ok(Arc::new(fuse_blk_rbd::RbdDevice::open(
-                spec,
-                credentials,
-                read_only,
-                block_size,
-            )?)),
+            Backend::Rbd { spec, credentials } => {
+                let device = Arc::new(fuse_blk_rbd::RbdDevice::open(
+                    spec,
+                    credentials,
+                    read_only,
+                    block_size,
+                )?);
+                *RBD.lock() = Some(device.clone());
+                Ok(device)
+            }
             Backend::Nbd {
                 uri,
                 reconnect,
@@ -226,10 +234,12 @@ pub fn reconnections() -> Option<u64> {
 }
 
 /// The state of this process's connection to its NBD server
-/// (`connected`, `reconnecting for 2.1s`, `down for 40.0s`); None when it
-/// serves no NBD export.
+/// (`connected`, `reconnecting for 2.1s`, `down for 40.0s`), or of its
+/// RBD image (`4 MiB objects, 3 in flight`); None when it serves neither.
 pub fn connection_status() -> Option<String> {
-    NBD.lock()
+    let nbd = NBD
+        .lock()
         .as_ref()
-        .map(|device| device.status().to_string())
+        .map(|device| device.status().to_string());
+    nbd.or_else(|| RBD.lock().as_ref().map(|device| device.status()))
 }

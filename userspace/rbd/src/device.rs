@@ -293,6 +293,23 @@ impl RbdDevice {
     pub fn object_size(&self) -> u64 {
         self.info.object_size
     }
+
+    /// Requests librbd holds now (issued, not answered): while an OSD is
+    /// down they wait there.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::Acquire)
+    }
+
+    /// What `list` shows: `4 MiB objects, 3 in flight`.
+    pub fn status(&self) -> String {
+        let size = self.info.object_size;
+        let objects = if size >= 1 << 20 && size % (1 << 20) == 0 {
+            format!("{} MiB", size >> 20)
+        } else {
+            format!("{} KiB", size >> 10)
+        };
+        format!("{objects} objects, {} in flight", self.in_flight())
+    }
 }
 
 /// The device's shape from the image's.
