@@ -202,6 +202,9 @@ fn attach(
         threads: None,
         reconnect_timeout_ms: None,
         command_timeout_ms: None,
+        rbd_id: None,
+        rbd_conf: None,
+        rbd_keyring: None,
     };
     dir.write(&record)
         .map_err(|e| format!("writing state: {e}"))
@@ -334,6 +337,14 @@ fn record_serving(record: &mut DeviceState, served: &AttachedDevice, args: &Atta
     };
     record.reconnect_timeout_ms = args.reconnect_timeout_ms;
     record.command_timeout_ms = args.command_timeout_ms;
+    // Absolute: the successor need not start where this one did.
+    let absolute = |path: &Option<std::path::PathBuf>| {
+        path.as_ref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+    };
+    record.rbd_id = args.rbd_id.clone();
+    record.rbd_conf = absolute(&args.rbd_conf);
+    record.rbd_keyring = absolute(&args.rbd_keyring);
 }
 
 /// The stock path's worker threads: `--threads`, or one per CPU.
@@ -722,6 +733,9 @@ mod tests {
             threads: None,
             reconnect_timeout_ms: None,
             command_timeout_ms: None,
+            rbd_id: None,
+            rbd_conf: None,
+            rbd_keyring: None,
         };
         dir.write(&record).expect("state");
         (Served::Device(AttachedDevice::from(stock)), dir, record)

@@ -63,6 +63,14 @@ pub struct DeviceState {
     /// An NBD backend's `--command-timeout-ms`, when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command_timeout_ms: Option<u32>,
+    /// An RBD backend's `--rbd-id`, `--rbd-conf` and `--rbd-keyring`
+    /// (paths absolute), when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd_conf: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd_keyring: Option<PathBuf>,
 }
 
 /// The files of one device's directory.
@@ -197,6 +205,17 @@ impl DeviceState {
         if let Some(ms) = self.command_timeout_ms {
             args.extend(["--command-timeout-ms".to_owned(), ms.to_string()]);
         }
+        if let Some(id) = &self.rbd_id {
+            args.extend(["--rbd-id".to_owned(), id.clone()]);
+        }
+        for (option, path) in [
+            ("--rbd-conf", &self.rbd_conf),
+            ("--rbd-keyring", &self.rbd_keyring),
+        ] {
+            if let Some(path) = path {
+                args.extend([option.to_owned(), path.to_string_lossy().into_owned()]);
+            }
+        }
         args
     }
 }
@@ -311,6 +330,9 @@ mod tests {
             threads: None,
             reconnect_timeout_ms: None,
             command_timeout_ms: None,
+            rbd_id: None,
+            rbd_conf: None,
+            rbd_keyring: None,
         }
     }
 
@@ -338,6 +360,9 @@ mod tests {
             backend: "nbd+unix:///?socket=/run/nbd.sock".into(),
             reconnect_timeout_ms: Some(5000),
             command_timeout_ms: Some(2000),
+            rbd_id: None,
+            rbd_conf: None,
+            rbd_keyring: None,
             ..record()
         };
         assert_eq!(
