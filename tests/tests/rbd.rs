@@ -236,6 +236,57 @@ fn ext4_fio_verify_zeroes_and_rbd_export_agree() {
     sh("e2fsck", &["-fn", file.to_str().unwrap()]);
 }
 
+/// The requests librbd holds for the device, from `list`'s status
+/// (`running, 4 MiB objects, N in flight`).
+fn in_flight(instance: &Instance) -> usize {
+    let out = instance.run(["list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = list[0]["status"].as_str().unwrap_or_default().to_owned();
+    status
+        .strip_suffix(" in flight")
+        .and_then(|rest| rest.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no requests in flight in {status:?}"))
+}
+
+/// `handoff` under fio verify on ext4: the new daemon opens the image
+/// itself (librbd hands the image's exclusive lock over), the old one
+/// drains; no request fails and the data stays.
+#[test]
+fn handoff_under_fio_verify_moves_the_image_to_a_new_daemon() {
+    let cluster = Cluster::start("rbd-handoff", "128M");
+    let instance = Instance::new("rbd-handoff");
+    let conf = cluster.conf();
+    let device = instance.attach(&["--name", "rbd-handoff", "--rbd-conf", &conf, "rbd:rbd/test"]);
+    sh(
+        "mkfs.ext4",
+        &["-q", "-F", "-E", "nodiscard", device.path_str()],
+    );
+    let mnt = TempDir::new("rbd-handoff-mnt");
+    let mnt_path = mnt.0.to_str().unwrap();
+    sh("mount", &[device.path_str(), mnt_path]);
+    let pid = |instance: &Instance| {
+        let out = instance.run(["list", "--json"]);
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        list[0]["pid"].clone()
+    };
+    let before = pid(&instance);
+    let fio = fio_in(mnt_path, 12);
+    thread::sleep(Duration::from_secs(4));
+    let out = instance.run(["handoff", "rbd-handoff"]);
+    assert!(
+        out.status.success(),
+        "handoff: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fio_succeeded(fio);
+    assert_ne!(pid(&instance), before, "the same daemon serves");
+    sh("umount", &[mnt_path]);
+    sh("e2fsck", &["-fn", device.path_str()]);
+    device.detach();
+    instance.assert_nothing_left();
+}
+
 /// The OSD killed (SIGKILL) and restarted twice under fio verify on
 /// ext4: librbd holds the requests and resends them; none fails.
 #[test]
@@ -254,6 +305,7 @@ fn fio_verify_while_the_osd_is_killed_and_restarted() {
     sh("mount", &[device.path_str(), mnt_path]);
 
     let mut fio = fio_in(mnt_path, 25);
+    let mut held = 0;
     for _ in 0..KILLS {
         thread::sleep(Duration::from_secs(3));
         assert!(
@@ -261,15 +313,21 @@ fn fio_verify_while_the_osd_is_killed_and_restarted() {
             "fio ended before the kills"
         );
         cluster.kill_osd();
-        // Requests pile up in librbd while no OSD serves them.
+        // Requests pile up in librbd while no OSD serves them, and
+        // fuse-blk leaves them there.
         thread::sleep(Duration::from_secs(2));
+        held = held.max(in_flight(&instance));
         cluster.start_osd();
     }
     fio_succeeded(fio);
+    assert!(held > 0, "no request was held while the OSD was down");
     sh("umount", &[mnt_path]);
     sh("e2fsck", &["-fn", device.path_str()]);
     let list = String::from_utf8(instance.run(["list"]).stdout).unwrap();
-    assert!(list.contains("running"), "{list}");
+    assert!(
+        list.contains("running, 4 MiB objects, 0 in flight"),
+        "{list}"
+    );
     // The device still serves after the restarts.
     let pattern = random_bytes(11, 64 * 1024);
     write_at(&device.path, 250 * MIB, &pattern).unwrap();
