@@ -334,11 +334,11 @@ fn geometry(info: &Info, read_only: bool, block: u32) -> io::Result<Geometry> {
             block
         },
         read_only,
-        // No FUA: librbd has no per-write flag for it; the kernel sends a
-        // flush instead, which rbd_aio_flush honours.
+        // FUA: LIBRADOS_OP_FLAG_FADVISE_FUA on the write, which makes
+        // librbd's write-around cache wait for the OSD.
         features: Features {
             flush: true,
-            fua: false,
+            fua: !read_only,
             discard: !read_only,
             write_zeroes: !read_only,
         },
@@ -369,7 +369,8 @@ impl BlockDevice for RbdDevice {
 
     /// The data is copied: the handler's slice is lent for this call only,
     /// and librbd uses it until the call completes.
-    fn write(&self, _req: &Request, offset: u64, data: &[u8], _fua: bool, reply: ReplyWrite) {
+    fn write(&self, _req: &Request, offset: u64, data: &[u8], fua: bool, reply: ReplyWrite) {
+        let flags = if fua { ffi::OP_FLAG_FADVISE_FUA } else { 0 };
         let copy = data.to_vec();
         let source = copy.as_ptr();
         let len = copy.len();
@@ -377,7 +378,7 @@ impl BlockDevice for RbdDevice {
         // SAFETY: `source` points to `len` bytes that stay put and
         // unchanged until the completion is collected.
         self.shared.issue(pending, |image, completion| unsafe {
-            (ffi::api().rbd_aio_write)(image, offset, len, source.cast(), completion)
+            (ffi::api().rbd_aio_write2)(image, offset, len, source.cast(), completion, flags)
         });
     }
 
@@ -466,10 +467,16 @@ mod tests {
             (g.size, g.logical_block_size, g.physical_block_size),
             (256 << 20, 512, 64 << 10)
         );
-        assert!(g.features.discard && g.features.write_zeroes && g.features.flush);
-        assert!(!g.features.fua);
+        assert_eq!(g.features, Features::ALL);
         let g = geometry(&info, true, 4096).unwrap();
-        assert!(g.read_only && !g.features.discard && !g.features.write_zeroes);
+        assert!(g.read_only);
+        assert_eq!(
+            g.features,
+            Features {
+                flush: true,
+                ..Features::default()
+            }
+        );
     }
 
     #[test]

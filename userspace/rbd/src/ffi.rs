@@ -40,6 +40,11 @@ pub struct ImageInfo {
     pub parent_name: [c_char; MAX_IMAGE_NAME_SIZE],
 }
 
+/// `LIBRADOS_OP_FLAG_FADVISE_FUA`: the write completes only once the OSD
+/// has it, even where librbd's write-around cache would complete it
+/// earlier.
+pub const OP_FLAG_FADVISE_FUA: c_int = 0x80;
+
 /// `EVENT_TYPE_EVENTFD`, for `rbd_set_image_notification`.
 pub const EVENT_TYPE_EVENTFD: c_int = 2;
 
@@ -103,7 +108,7 @@ ceph_functions! {
     fn rbd_aio_release(completion: CompletionT) -> ();
 
     fn rbd_aio_read(image: ImageT, offset: u64, len: usize, buf: *mut c_char, completion: CompletionT) -> c_int;
-    fn rbd_aio_write(image: ImageT, offset: u64, len: usize, buf: *const c_char, completion: CompletionT) -> c_int;
+    fn rbd_aio_write2(image: ImageT, offset: u64, len: usize, buf: *const c_char, completion: CompletionT, op_flags: c_int) -> c_int;
     fn rbd_aio_flush(image: ImageT, completion: CompletionT) -> c_int;
     fn rbd_aio_discard(image: ImageT, offset: u64, len: u64, completion: CompletionT) -> c_int;
     fn rbd_aio_write_zeroes(image: ImageT, offset: u64, len: usize, completion: CompletionT, zero_flags: c_int, op_flags: c_int) -> c_int;
