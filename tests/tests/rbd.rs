@@ -451,3 +451,52 @@ fn bad_rbd_backends_are_one_line_errors_leaving_nothing() {
     assert!(stderr.contains("client.nobody"), "{stderr}");
     instance.assert_nothing_left();
 }
+
+/// Whether the kernel can serve `rbd-nbd` (the nbd driver, built in or
+/// loadable), and why not.
+fn nbd_driver() -> Result<(), String> {
+    if std::path::Path::new("/sys/module/nbd").exists() {
+        return Ok(());
+    }
+    let out = Command::new("modprobe").arg("nbd").output();
+    match out {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+        Err(e) => Err(format!("modprobe: {e}")),
+    }
+}
+
+/// What fuse-blk wrote, `rbd-nbd` (Ceph's own userspace block device,
+/// the tool users have today) reads back, and the other way round.
+/// Skipped, loudly, where the kernel has no nbd driver (this project's
+/// test host: no modules to load).
+#[test]
+fn rbd_nbd_and_fuse_blk_see_the_same_image() {
+    if let Err(why) = nbd_driver() {
+        eprintln!("SKIP: rbd-nbd comparison: the kernel has no nbd driver ({why})");
+        return;
+    }
+    let cluster = Cluster::start("rbd-nbd", "64M");
+    let instance = Instance::new("rbd-nbd");
+    let conf = cluster.conf();
+    let ours = random_bytes(21, (4 * MIB) as usize);
+    let device = instance.attach(&["--rbd-conf", &conf, "rbd:rbd/test"]);
+    write_at(&device.path, 3 * MIB, &ours).unwrap();
+    device.detach();
+
+    let mapped = sh("rbd-nbd", &["map", "--conf", &conf, "rbd/test"]);
+    let nbd = PathBuf::from(mapped.trim());
+    let theirs = random_bytes(22, (4 * MIB) as usize);
+    let seen = read_at(&nbd, 3 * MIB, ours.len());
+    write_at(&nbd, 20 * MIB, &theirs).unwrap();
+    sh("rbd-nbd", &["unmap", nbd.to_str().unwrap()]);
+    assert!(seen == ours, "rbd-nbd reads other data than fuse-blk wrote");
+
+    let device = instance.attach(&["--rbd-conf", &conf, "rbd:rbd/test"]);
+    assert!(
+        read_at(&device.path, 20 * MIB, theirs.len()) == theirs,
+        "fuse-blk reads other data than rbd-nbd wrote"
+    );
+    device.detach();
+    instance.assert_nothing_left();
+}

@@ -426,7 +426,7 @@ impl BlockDevice for RbdDevice {
             });
     }
 
-    /// Waits for what librbd holds (at most [`DRAIN_LIMIT`]), then ends
+    /// Waits for what librbd holds (at most 10 s), then ends
     /// the completion thread.
     fn destroy(&self) {
         self.shared.stopping.store(true, Ordering::Release);
