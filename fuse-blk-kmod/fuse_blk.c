@@ -1557,14 +1557,23 @@ static void fblk_maybe_go_live(struct fblk_dev *dev)
 	if (!dev->dead && !dev->sized &&
 	    fblk_served_queues(dev, NULL) == fblk_nr_queues(dev)) {
 		/*
-		 * Partitions are read on the next open, such as udev's on the
-		 * change uevent of set_capacity_and_notify(): mark them first.
+		 * Partitions are read at the next first open (the attaching
+		 * daemon's, or udev's on the uevent below): mark them before
+		 * the capacity appears, so that no open sees one without the
+		 * other.
 		 */
 		set_bit(GD_NEED_PART_SCAN, &dev->disk->state);
 		set_capacity_and_notify(dev->disk,
 					dev->params.size >> SECTOR_SHIFT);
 		/* Only now may GET_INFO and sysfs say LIVE (fblk_state()). */
 		smp_store_release(&dev->sized, true);
+		/*
+		 * set_capacity_and_notify() sends no uevent for a change from
+		 * zero. Tell udev the disk has content now, as loop does once
+		 * configured, so that it probes it (filesystem labels and
+		 * UUIDs, the /dev/disk/by-* links).
+		 */
+		kobject_uevent(&disk_to_dev(dev->disk)->kobj, KOBJ_CHANGE);
 	}
 	mutex_unlock(&dev->mutex);
 }
