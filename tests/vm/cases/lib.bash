@@ -97,3 +97,12 @@ ring_completions() {
     done
     echo "$total"
 }
+# How many times a case repeats what it tests: $1 on a kernel of normal
+# speed, $1 / VM_SLOW (at least once) on a debug kernel that runs VM_SLOW
+# times slower (tests/vm/run --kernel debug). Its sanitizers report a bug
+# the first time a path runs; the races that want many rounds get them on
+# the other kernels.
+repeats() {
+    local n=$(( $1 / ${VM_SLOW:-1} ))
+    echo $(( n > 0 ? n : 1 ))
+}

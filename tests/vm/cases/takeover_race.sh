@@ -1,6 +1,7 @@
 # Overlapping takeovers: two `handoff`s of one device at once, and, after
-# a kill -9, a `handoff` racing an `attach --recover`, seven rounds of each,
-# under a verifying fio load on the raw device; with the read/write
+# a kill -9, a `handoff` racing an `attach --recover`, seven rounds of each
+# (fewer on the debug kernel: lib.bash's repeats), under a verifying fio
+# load on the raw device; with the read/write
 # channels and with io_uring. Each queue must end with a live channel
 # whatever the order in which the racing daemons' channels attach and
 # answer FUSE_INIT: fio finishes (bounded) without an error, every request
@@ -14,7 +15,7 @@
 # contents live in the daemon that is replaced), and `handoff` refuses one.
 . "$CASES/lib.bash"
 
-rounds=7
+rounds=$(repeats 7)
 image=/tmp/race.img
 name=race
 
