@@ -377,7 +377,8 @@ fn bad_rbd_backends_are_one_line_errors_leaving_nothing() {
     let unreachable = unreachable.to_str().unwrap();
     let missing = dir.join("missing.conf");
     let missing = missing.to_str().unwrap();
-    let cases: [(&[&str], &str, &str); 9] = [
+    cluster.rbd(&["namespace", "create", "rbd/ns1"]);
+    let cases: [(&[&str], &str, &str); 11] = [
         (&["--rbd-conf", &conf], "rbd:image", "rbd:POOL/IMAGE"),
         (
             &["--rbd-conf", &conf],
@@ -399,6 +400,16 @@ fn bad_rbd_backends_are_one_line_errors_leaving_nothing() {
             &["--rbd-conf", &conf],
             "rbd:rbd/nothing",
             "no image nothing in pool rbd",
+        ),
+        (
+            &["--rbd-conf", &conf],
+            "rbd:rbd/nons/test",
+            "no image test in pool rbd namespace nons",
+        ),
+        (
+            &["--rbd-conf", &conf],
+            "rbd:rbd/ns1/test",
+            "no image test in pool rbd namespace ns1",
         ),
         (
             &["--rbd-conf", &conf, "--rbd-keyring", bad_key],
@@ -436,6 +447,14 @@ fn bad_rbd_backends_are_one_line_errors_leaving_nothing() {
         assert!(took < Duration::from_secs(60), "{args:?}: took {took:?}");
         instance.assert_nothing_left();
     }
+    // An image in a namespace is served.
+    cluster.rbd(&["create", "--size", "8M", "rbd/ns1/test"]);
+    let device = instance.attach(&["--rbd-conf", &conf, "rbd:rbd/ns1/test"]);
+    let data = random_bytes(5, 4096);
+    write_at(&device.path, 4096, &data).unwrap();
+    assert_eq!(read_at(&device.path, 4096, data.len()), data);
+    device.detach();
+    instance.assert_nothing_left();
     // The client id that has no key.
     let out = instance.run([
         "attach",
