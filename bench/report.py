@@ -2,7 +2,7 @@
 """Turns bench/run's (or bench/host's) CSV into a markdown table of ratios
 and an SVG chart.
 
-Usage: report.py [--host] [--memory MEMORY_CSV] CSV MD SVG
+Usage: report.py [--host | --dm-user [--reliability RELIABILITY_CSV]] [--memory MEMORY_CSV] CSV MD SVG
 
 Rows may carry a `round` column (one guest boot, or one host round). A
 ratio is taken within each round, where the two targets ran side by side;
@@ -16,7 +16,12 @@ the steady state the rounds measure.
 MEMORY_CSV (bench/guest's `rss` rows: target, when, rss_kib, boot) adds
 the daemons' resident memory while idle, before any I/O and after the
 rounds, and the verdict on the idle-memory target, which every boot's
-figure must meet."""
+figure must meet.
+
+--dm-user judges bench/dm-user's targets (DMUSER_PAIRS); RELIABILITY_CSV
+(path, what, cycles, failed_cycles, fio_errors, kernel_io_errors, boot)
+adds the table of daemon replacements and restarts, and the verdict on
+zero I/O errors across fuse-blk's."""
 import csv
 import statistics
 import sys
@@ -37,6 +42,24 @@ GUEST_PAIRS = [
     ("fuse-blk-mem-uring", "fuse-blk-mem-rw", None),
     ("fuse-blk-file-tmpfs-uring", "fuse-blk-file-tmpfs-rw", None),
 ]
+# bench/dm-user: the issue's goals (fuse-blk at least 2x dm-user with the
+# same handler, on dm-user's own target; ext4 on fuse-blk at least 0.8x
+# tmpfs, where dm-user claimed 0.5x), then context: the bridge stands in
+# for dm-user where the kernel has none.
+DMUSER_PAIRS = [
+    ("fuse-blk-mem-uring", "dmu-existing-rust", 2.0),
+    ("ext4-fuse-blk-mem-uring", "tmpfs-file", 0.8),
+    ("fuse-blk-mem-rw", "dmu-existing-rust", None),
+    ("fuse-blk-mem-uring", "dmu-bridge-rust", None),
+    ("fuse-blk-mem-rw", "dmu-bridge-rust", None),
+    ("fuse-blk-mem-uring", "dmu-bridge-c", None),
+    ("ext4-fuse-blk-mem-rw", "tmpfs-file", None),
+    ("ext4-dmu-existing-rust", "tmpfs-file", None),
+    ("ext4-dmu-bridge-rust", "tmpfs-file", None),
+    ("ext4-dmu-bridge-c", "tmpfs-file", None),
+]
+# The reliability goal: no I/O error across these paths' cycles.
+RELIABILITY_GOAL_PATHS = "fuse-blk-"
 # Measured, shown and not judged: the first write of a fresh device.
 UNJUDGED_JOBS = {"first-write-1m-qd8"}
 # The idle-memory goal: daemons of these targets, idle, stay under this.
@@ -77,16 +100,41 @@ def memory_lines(path):
     return lines, f"{'yes' if met else 'no'} | {target} {when} {worst / 1024:.1f} MiB |"
 
 
+def reliability_lines(path):
+    """The report's table of daemon replacements and restarts, and the
+    zero-I/O-error verdict on fuse-blk's paths."""
+    rows = list(csv.DictReader(open(path)))
+    lines = ["", "## Reliability: daemons replaced and restarted under a looping fio verify on ext4", "",
+             "| path | cycles | boot | cycles that failed | fio runs failed | kernel I/O errors |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['path']} {r['what']} | {r['cycles']} | {r['boot']} | {r['failed_cycles']} | "
+                     f"{r['fio_errors']} | {r['kernel_io_errors']} |")
+    ours = [r for r in rows if r["path"].startswith(RELIABILITY_GOAL_PATHS)]
+    errors = sum(int(r["failed_cycles"]) + int(r["fio_errors"]) + int(r["kernel_io_errors"]) for r in ours)
+    cycles = sum(int(r["cycles"]) for r in ours)
+    if not ours:
+        return lines, "no data |"
+    return lines, f"{'yes' if errors == 0 else 'no'} | {errors} errors in {cycles} cycles |"
+
+
 def main(args):
     host = args[0] == "--host"
     if host:
         args = args[1:]
+    dm_user = args[0] == "--dm-user"
+    reliability_path = None
+    if dm_user:
+        args = args[1:]
+        if args[0] == "--reliability":
+            reliability_path, args = args[1], args[2:]
     memory_path = None
     if args[0] == "--memory":
         memory_path, args = args[1], args[2:]
     csv_path, md_path, svg_path = args
     memory, verdict = memory_lines(memory_path) if memory_path else ([], None)
-    pairs = HOST_PAIRS if host else GUEST_PAIRS
+    reliability, reliability_verdict = reliability_lines(reliability_path) if reliability_path else ([], None)
+    pairs = HOST_PAIRS if host else DMUSER_PAIRS if dm_user else GUEST_PAIRS
     rows = list(csv.DictReader(open(csv_path)))
     # iops[round][job][target]
     iops = defaultdict(lambda: defaultdict(dict))
@@ -114,7 +162,8 @@ def main(args):
         where = f"software emulation; median of {len(measured)} rounds in {boots} guest boots"
         if len(measured) < len(rounds):
             where += ", after a first write of every device"
-    lines = [f"# Benchmark ({'host' if host else 'guest'}; {where})", ""]
+    title = "dm-user comparison" if dm_user else "Benchmark"
+    lines = [f"# {title} ({'host' if host else 'guest'}; {where})", ""]
     lines += ["## Median IOPS", "", "| job | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
     for job in jobs:
         lines.append(f"| {job} | " + " | ".join(f"{median_iops(job, t):.0f}" for t in targets) + " |")
@@ -151,6 +200,9 @@ def main(args):
         if memory_path:
             lines.append(f"| {IDLE_MEMORY_TARGETS}* daemons idle, VmRSS | < {IDLE_MEMORY_LIMIT_KIB // 1024} MiB | "
                          + verdict + " |" * len(unjudged))
+        if reliability_path:
+            lines.append(f"| {RELIABILITY_GOAL_PATHS}* replacements and restarts, I/O errors | 0 | "
+                         + reliability_verdict + " |" * len(unjudged))
 
     if len(rounds) > 1:
         lines += ["", "## Ratios per round", ""]
@@ -161,6 +213,7 @@ def main(args):
                     lines.append(f"- {a} / {b}, {job}: " + ", ".join(f"{x:.2f}x" for x in r))
 
     lines += memory
+    lines += reliability
     qd1 = [r for r in rows if r["job"] == "randread-4k-qd1"]
     if qd1:
         lines += ["", "## 4k random read, queue depth 1 (median 1e6/IOPS; fio total latency p50/p99)", "",
