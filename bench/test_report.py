@@ -11,14 +11,22 @@ REPORT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.py")
 HEADER = "target,job,iops,bw_mib_s,lat_p50_us,lat_p99_us,round\n"
 
 
-def report(rows, host=False, memory=None):
+def report(rows, host=False, memory=None, reliability=None):
     """The markdown report.py writes for these CSV rows (and, given,
-    memory rows "target,when,rss_kib,boot")."""
+    memory rows "target,when,rss_kib,boot"; given reliability rows
+    "path,what,cycles,failed_cycles,fio_errors,kernel_io_errors,boot",
+    bench/dm-user's report)."""
     with tempfile.TemporaryDirectory() as d:
         csv_path, md, svg, memory_path = (os.path.join(d, n) for n in ("r.csv", "r.md", "r.svg", "m.csv"))
         with open(csv_path, "w") as f:
             f.write(HEADER + "".join(f"{r}\n" for r in rows))
         memory_args = []
+        if reliability is not None:
+            rel_path = os.path.join(d, "rel.csv")
+            with open(rel_path, "w") as f:
+                f.write("path,what,cycles,failed_cycles,fio_errors,kernel_io_errors,boot\n"
+                        + "".join(f"{r}\n" for r in reliability))
+            memory_args = ["--dm-user", "--reliability", rel_path]
         if memory is not None:
             with open(memory_path, "w") as f:
                 f.write("target,when,rss_kib,boot\n" + "".join(f"{r}\n" for r in memory))
@@ -107,6 +115,26 @@ class IdleMemory(unittest.TestCase):
         self.assertIn("| yes |", line)
         self.assertIn(f"{self.FILE} idle after I/O 3.0 MiB", line)
         self.assertIn(f"| {MEM} | n/a | 293.0 (293.0) |", md)
+
+
+class DmUser(unittest.TestCase):
+    def test_ext4_against_tmpfs_and_same_handler_goals(self):
+        md = report(rows_for("ext4-fuse-blk-mem-uring", "tmpfs-file", "randread-4k-qd1", {"1.1": (79, 100)})
+                    + rows_for(MEM, "dmu-existing-rust", "randread-4k-qd1", {"1.1": (500, 200)}),
+                    reliability=["fuse-blk-module-file,handoff,20,0,0,0,1"])
+        self.assertIn("| no |", target_line(md, "ext4-fuse-blk-mem-uring / tmpfs-file"))
+        self.assertIn("| yes |", target_line(md, f"{MEM} / dmu-existing-rust"))
+
+    def test_any_error_on_a_fuse_blk_path_misses_and_the_bridge_is_shown_only(self):
+        rows = rows_for(MEM, "dmu-bridge-rust", "randread-4k-qd1", {"1.1": (300, 100)})
+        line = "fuse-blk-* replacements and restarts, I/O errors"
+        md = report(rows, reliability=["fuse-blk-module-file,handoff,20,0,0,0,1",
+                                       "bridge-c-daemon,replace,20,0,3,5,1"])
+        self.assertIn("| yes | 0 errors in 20 cycles |", target_line(md, line))
+        self.assertIn("| bridge-c-daemon replace | 20 | 1 | 0 | 3 | 5 |", md)
+        md = report(rows, reliability=["fuse-blk-module-file,handoff,20,0,0,0,1",
+                                       "fuse-blk-module-file,kill9-recover,10,1,0,2,1"])
+        self.assertIn("| no | 3 errors in 30 cycles |", target_line(md, line))
 
 
 class HostVerdicts(unittest.TestCase):
