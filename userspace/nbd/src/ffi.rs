@@ -8,7 +8,7 @@
 //! daemon, whatever it serves, and `fuse-blk` would not start at all on a
 //! machine without libnbd.
 
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void};
 use std::sync::OnceLock;
 
 /// `struct nbd_handle`, opaque: only ever behind a pointer.
@@ -48,45 +48,17 @@ pub const LIBNBD_SIZE_MAXIMUM: c_int = 2;
 
 /// The shared object dlopen(3) asks for: the ABI's soname, so that only
 /// the run-time package (Debian's libnbd0) is needed.
-const LIBRARY: &CStr = c"libnbd.so.0";
+const LIBRARY: &str = "libnbd.so.0";
 
-/// Declares the functions: a table of pointers filled by dlsym(3), and for
-/// each function a wrapper of the same name and signature that calls
-/// through the table.
+/// Declares the functions: a table of pointers filled at [`load`]
+/// (fuse-blk-dynlib), and for each function a wrapper of the same name and
+/// signature that calls through the table.
 macro_rules! libnbd {
     ($( $(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty; )*) => {
-        /// libnbd's functions, as loaded.
-        struct Api {
-            $( $name: unsafe extern "C" fn($($ty),*) -> $ret, )*
-        }
-
-        impl Api {
-            /// Looks every function up in `library`, a handle dlopen(3)
-            /// returned.
-            ///
-            /// # Safety
-            /// `library` must be a live dlopen(3) handle of libnbd, whose
-            /// functions have the signatures declared here.
-            unsafe fn resolve(library: *mut c_void) -> Result<Api, String> {
-                Ok(Api {
-                    $( $name: {
-                        let name = concat!(stringify!($name), "\0");
-                        // SAFETY: `library` is live (the caller's promise)
-                        // and `name` NUL-terminated.
-                        let symbol = unsafe { libc::dlsym(library, name.as_ptr().cast()) };
-                        if symbol.is_null() {
-                            return Err(format!(
-                                "libnbd has no {}: version 1.14 or later is needed",
-                                stringify!($name)
-                            ));
-                        }
-                        // SAFETY: the symbol is libnbd's function of this
-                        // name, whose C signature this declaration mirrors.
-                        unsafe {
-                            std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($ty),*) -> $ret>(symbol)
-                        }
-                    }, )*
-                })
+        fuse_blk_dynlib::function_table! {
+            /// libnbd's functions, as loaded.
+            struct Api {
+                $( fn $name($($arg: $ty),*) -> $ret; )*
             }
         }
 
@@ -153,27 +125,13 @@ static API: OnceLock<Result<Api, String>> = OnceLock::new();
 /// The error is one line naming the library and the package to install.
 pub fn load() -> Result<(), String> {
     API.get_or_init(|| {
-        // SAFETY: LIBRARY is NUL-terminated; RTLD_NOW resolves everything
-        // now, so a missing symbol fails here and not mid-request.
-        let library = unsafe { libc::dlopen(LIBRARY.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-        if library.is_null() {
-            // SAFETY: dlerror returns NULL or a NUL-terminated string valid
-            // until the next dl* call on this thread; it is copied at once.
-            let why = unsafe {
-                let text = libc::dlerror();
-                if text.is_null() {
-                    "not found".to_owned()
-                } else {
-                    CStr::from_ptr(text).to_string_lossy().into_owned()
-                }
-            };
-            return Err(format!(
-                "nbd: cannot load libnbd ({why}): install libnbd0 (Debian's package)"
-            ));
-        }
-        // SAFETY: `library` is the live handle of libnbd just opened, and
-        // it is never closed (the table points into it for good).
-        unsafe { Api::resolve(library) }
+        let library = fuse_blk_dynlib::open(LIBRARY).map_err(|why| {
+            format!("nbd: cannot load libnbd ({why}): install libnbd0 (Debian's package)")
+        })?;
+        // SAFETY: `library` is libnbd, whose functions of these names
+        // have the C signatures declared above.
+        unsafe { Api::look_up(library) }
+            .map_err(|missing| format!("libnbd has {missing}: version 1.14 or later is needed"))
     })
     .as_ref()
     .map(|_| ())

@@ -10,7 +10,7 @@
 //! in as librbd's dependency; dlsym(3) on librbd's handle finds its
 //! functions too.
 
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void};
 use std::sync::OnceLock;
 
 /// `rados_t`, `rados_ioctx_t`, `rbd_image_t`, `rbd_completion_t`: opaque
@@ -50,85 +50,37 @@ pub const EVENT_TYPE_EVENTFD: c_int = 2;
 
 /// The shared object dlopen(3) asks for: the ABI's soname, so that only
 /// the run-time package (Debian's librbd1) is needed.
-const LIBRARY: &CStr = c"librbd.so.1";
+const LIBRARY: &str = "librbd.so.1";
 
-/// Declares `Functions`, a table of the listed C functions filled by
-/// dlsym(3) in [`load`], and [`api`] to reach it.
-macro_rules! ceph_functions {
-    ($( fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty; )*) => {
-        /// librados' and librbd's functions, as loaded. Call through
-        /// [`api`]; each call is `unsafe`, with the C function's contract.
-        #[allow(non_snake_case)]
-        pub struct Functions {
-            $( pub $name: unsafe extern "C" fn($($ty),*) -> $ret, )*
-        }
+fuse_blk_dynlib::function_table! {
+    /// librados' and librbd's functions, as loaded. Call through [`api`];
+    /// each call is `unsafe`, with the C function's contract.
+    pub struct Functions {
+        fn rados_create2(cluster: *mut RadosT, cluster_name: *const c_char, name: *const c_char, flags: u64) -> c_int;
+        fn rados_conf_read_file(cluster: RadosT, path: *const c_char) -> c_int;
+        fn rados_conf_set(cluster: RadosT, option: *const c_char, value: *const c_char) -> c_int;
+        fn rados_connect(cluster: RadosT) -> c_int;
+        fn rados_shutdown(cluster: RadosT) -> ();
+        fn rados_ioctx_create(cluster: RadosT, pool: *const c_char, ioctx: *mut IoctxT) -> c_int;
+        fn rados_ioctx_destroy(ioctx: IoctxT) -> ();
+        fn rados_ioctx_set_namespace(ioctx: IoctxT, namespace: *const c_char) -> ();
 
-        impl Functions {
-            /// # Safety
-            /// `library` must be a live dlopen(3) handle of librbd, whose
-            /// functions have the signatures declared here.
-            unsafe fn look_up(library: *mut c_void) -> Result<Functions, String> {
-                Ok(Functions {
-                    $( $name: {
-                        // SAFETY: the caller's promise about `library`.
-                        let address = unsafe {
-                            symbol(library, concat!(stringify!($name), "\0"))?
-                        };
-                        // SAFETY: the symbol is the C function of this
-                        // name, whose signature this declaration mirrors.
-                        unsafe {
-                            std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($ty),*) -> $ret>(address)
-                        }
-                    }, )*
-                })
-            }
-        }
-    };
-}
+        fn rbd_open(ioctx: IoctxT, name: *const c_char, image: *mut ImageT, snap_name: *const c_char) -> c_int;
+        fn rbd_close(image: ImageT) -> c_int;
+        fn rbd_stat(image: ImageT, info: *mut ImageInfo, infosize: usize) -> c_int;
+        fn rbd_set_image_notification(image: ImageT, fd: c_int, kind: c_int) -> c_int;
+        fn rbd_poll_io_events(image: ImageT, completions: *mut CompletionT, count: c_int) -> c_int;
 
-ceph_functions! {
-    fn rados_create2(cluster: *mut RadosT, cluster_name: *const c_char, name: *const c_char, flags: u64) -> c_int;
-    fn rados_conf_read_file(cluster: RadosT, path: *const c_char) -> c_int;
-    fn rados_conf_set(cluster: RadosT, option: *const c_char, value: *const c_char) -> c_int;
-    fn rados_connect(cluster: RadosT) -> c_int;
-    fn rados_shutdown(cluster: RadosT) -> ();
-    fn rados_ioctx_create(cluster: RadosT, pool: *const c_char, ioctx: *mut IoctxT) -> c_int;
-    fn rados_ioctx_destroy(ioctx: IoctxT) -> ();
-    fn rados_ioctx_set_namespace(ioctx: IoctxT, namespace: *const c_char) -> ();
+        fn rbd_aio_create_completion(arg: *mut c_void, callback: Callback, completion: *mut CompletionT) -> c_int;
+        fn rbd_aio_get_return_value(completion: CompletionT) -> isize;
+        fn rbd_aio_get_arg(completion: CompletionT) -> *mut c_void;
+        fn rbd_aio_release(completion: CompletionT) -> ();
 
-    fn rbd_open(ioctx: IoctxT, name: *const c_char, image: *mut ImageT, snap_name: *const c_char) -> c_int;
-    fn rbd_close(image: ImageT) -> c_int;
-    fn rbd_stat(image: ImageT, info: *mut ImageInfo, infosize: usize) -> c_int;
-    fn rbd_set_image_notification(image: ImageT, fd: c_int, kind: c_int) -> c_int;
-    fn rbd_poll_io_events(image: ImageT, completions: *mut CompletionT, count: c_int) -> c_int;
-
-    fn rbd_aio_create_completion(arg: *mut c_void, callback: Callback, completion: *mut CompletionT) -> c_int;
-    fn rbd_aio_get_return_value(completion: CompletionT) -> isize;
-    fn rbd_aio_get_arg(completion: CompletionT) -> *mut c_void;
-    fn rbd_aio_release(completion: CompletionT) -> ();
-
-    fn rbd_aio_read(image: ImageT, offset: u64, len: usize, buf: *mut c_char, completion: CompletionT) -> c_int;
-    fn rbd_aio_write2(image: ImageT, offset: u64, len: usize, buf: *const c_char, completion: CompletionT, op_flags: c_int) -> c_int;
-    fn rbd_aio_flush(image: ImageT, completion: CompletionT) -> c_int;
-    fn rbd_aio_discard(image: ImageT, offset: u64, len: u64, completion: CompletionT) -> c_int;
-    fn rbd_aio_write_zeroes(image: ImageT, offset: u64, len: usize, completion: CompletionT, zero_flags: c_int, op_flags: c_int) -> c_int;
-}
-
-/// `name` (NUL-terminated) in `library`.
-///
-/// # Safety
-/// `library` must be a live dlopen(3) handle.
-unsafe fn symbol(library: *mut c_void, name: &str) -> Result<*mut c_void, String> {
-    // SAFETY: `library` is live (the caller's promise) and `name`
-    // NUL-terminated.
-    let address = unsafe { libc::dlsym(library, name.as_ptr().cast()) };
-    if address.is_null() {
-        Err(format!(
-            "rbd: librbd has no {}: Ceph 16 (pacific) or later is needed",
-            name.trim_end_matches('\0')
-        ))
-    } else {
-        Ok(address)
+        fn rbd_aio_read(image: ImageT, offset: u64, len: usize, buf: *mut c_char, completion: CompletionT) -> c_int;
+        fn rbd_aio_write2(image: ImageT, offset: u64, len: usize, buf: *const c_char, completion: CompletionT, op_flags: c_int) -> c_int;
+        fn rbd_aio_flush(image: ImageT, completion: CompletionT) -> c_int;
+        fn rbd_aio_discard(image: ImageT, offset: u64, len: u64, completion: CompletionT) -> c_int;
+        fn rbd_aio_write_zeroes(image: ImageT, offset: u64, len: usize, completion: CompletionT, zero_flags: c_int, op_flags: c_int) -> c_int;
     }
 }
 
@@ -139,30 +91,14 @@ static FUNCTIONS: OnceLock<Result<Functions, String>> = OnceLock::new();
 pub fn load() -> Result<&'static Functions, String> {
     FUNCTIONS
         .get_or_init(|| {
-            // SAFETY: LIBRARY is NUL-terminated; RTLD_NOW resolves
-            // everything now, so a missing symbol fails here, not
-            // mid-request.
-            let library =
-                unsafe { libc::dlopen(LIBRARY.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-            if library.is_null() {
-                // SAFETY: dlerror returns NULL or a NUL-terminated string
-                // valid until the next dl* call on this thread; it is
-                // copied at once.
-                let why = unsafe {
-                    let text = libc::dlerror();
-                    if text.is_null() {
-                        "not found".to_owned()
-                    } else {
-                        CStr::from_ptr(text).to_string_lossy().into_owned()
-                    }
-                };
-                return Err(format!(
-                    "rbd: cannot load librbd ({why}): install librbd1 (Debian's package)"
-                ));
-            }
-            // SAFETY: `library` is the live handle of librbd just opened,
-            // never closed (the table points into it for good).
-            unsafe { Functions::look_up(library) }
+            let library = fuse_blk_dynlib::open(LIBRARY).map_err(|why| {
+                format!("rbd: cannot load librbd ({why}): install librbd1 (Debian's package)")
+            })?;
+            // SAFETY: `library` is librbd (librados with it), whose
+            // functions of these names have the C signatures declared above.
+            unsafe { Functions::look_up(library) }.map_err(|missing| {
+                format!("rbd: librbd has {missing}: Ceph 16 (pacific) or later is needed")
+            })
         })
         .as_ref()
         .map_err(Clone::clone)
