@@ -9,7 +9,7 @@ pub mod image_fs;
 use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The `fuse-blk` binary: `$FUSE_BLK_BIN`, or the one cargo built next to
@@ -268,6 +268,44 @@ pub fn fio_verify(device: &str, rw: &str, block_size: &str, size: &str) {
             "--verify_state_save=0",
         ],
     );
+}
+
+/// A verifying fio load on files in `dir` (a file system on the device
+/// under test), started in the background for `runtime_s` seconds: the
+/// test meanwhile kills or restarts what serves the device, then waits for
+/// the child, whose output is piped for the failure message.
+pub fn spawn_fio_verify_in(
+    dir: &str,
+    iodepth: u32,
+    jobs: u32,
+    size: &str,
+    runtime_s: u32,
+) -> Child {
+    Command::new("fio")
+        .args([
+            "--name=verify",
+            &format!("--directory={dir}"),
+            "--ioengine=libaio",
+            "--direct=1",
+            &format!("--iodepth={iodepth}"),
+            &format!("--numjobs={jobs}"),
+            "--rw=randwrite",
+            "--bs=16k",
+            &format!("--size={size}"),
+            "--time_based",
+            &format!("--runtime={runtime_s}"),
+            "--verify=crc32c",
+            "--verify_backlog=256",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--randrepeat=0",
+            "--verify_state_save=0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("fio")
 }
 
 /// A scratch directory removed on drop.

@@ -3,44 +3,17 @@
 //! fio verify on top while the server is killed and restarted.
 
 use std::fs;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use fuse_blk_nbd::testutil::Server;
-use fuse_blk_tests::{random_bytes, read_at, sh, write_at, Instance, TempDir};
+use fuse_blk_tests::{random_bytes, read_at, sh, spawn_fio_verify_in, write_at, Instance, TempDir};
 
 const MIB: u64 = 1 << 20;
 
 /// Server kills under the fio run.
 const KILLS: usize = 3;
-
-fn fio_in(dir: &str) -> Child {
-    Command::new("fio")
-        .args([
-            "--name=verify",
-            &format!("--directory={dir}"),
-            "--ioengine=libaio",
-            "--direct=1",
-            "--iodepth=32",
-            "--rw=randwrite",
-            "--bs=16k",
-            "--size=48M",
-            "--time_based",
-            "--runtime=12",
-            "--verify=crc32c",
-            "--verify_backlog=512",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--randrepeat=0",
-            "--verify_state_save=0",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("fio")
-}
 
 #[test]
 fn ext4_and_fio_verify_while_nbdkit_restarts() {
@@ -66,7 +39,7 @@ fn ext4_and_fio_verify_while_nbdkit_restarts() {
     let mnt_path = mnt.0.to_str().unwrap();
     sh("mount", &[device.path_str(), mnt_path]);
 
-    let mut fio = fio_in(mnt_path);
+    let mut fio = spawn_fio_verify_in(mnt_path, 32, 1, "48M", 12);
     for _ in 0..KILLS {
         thread::sleep(Duration::from_millis(1500));
         assert!(

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use fuse_blk_tests::{random_bytes, read_at, sh, write_at, Instance, TempDir};
+use fuse_blk_tests::{random_bytes, read_at, sh, spawn_fio_verify_in, write_at, Instance, TempDir};
 
 const MIB: u64 = 1 << 20;
 
@@ -105,34 +105,6 @@ fn sha256(path: &str) -> String {
         .to_owned()
 }
 
-fn fio_in(dir: &str, runtime_s: u32) -> Child {
-    Command::new("fio")
-        .args([
-            "--name=verify",
-            &format!("--directory={dir}"),
-            "--ioengine=libaio",
-            "--direct=1",
-            "--iodepth=16",
-            "--numjobs=2",
-            "--rw=randwrite",
-            "--bs=16k",
-            "--size=24M",
-            "--time_based",
-            &format!("--runtime={runtime_s}"),
-            "--verify=crc32c",
-            "--verify_backlog=256",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--randrepeat=0",
-            "--verify_state_save=0",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("fio")
-}
-
 fn fio_succeeded(fio: Child) {
     let out = fio.wait_with_output().unwrap();
     assert!(
@@ -169,7 +141,7 @@ fn ext4_fio_verify_zeroes_and_rbd_export_agree() {
     let mnt = TempDir::new("rbd-mnt");
     let mnt_path = mnt.0.to_str().unwrap();
     sh("mount", &[device.path_str(), mnt_path]);
-    fio_succeeded(fio_in(mnt_path, 8));
+    fio_succeeded(spawn_fio_verify_in(mnt_path, 16, 2, "24M", 8));
     sh("umount", &[mnt_path]);
     sh("e2fsck", &["-fn", device.path_str()]);
 
@@ -271,7 +243,7 @@ fn handoff_under_fio_verify_moves_the_image_to_a_new_daemon() {
         list[0]["pid"].clone()
     };
     let before = pid(&instance);
-    let fio = fio_in(mnt_path, 12);
+    let fio = spawn_fio_verify_in(mnt_path, 16, 2, "24M", 12);
     thread::sleep(Duration::from_secs(4));
     let out = instance.run(["handoff", "rbd-handoff"]);
     assert!(
@@ -304,7 +276,7 @@ fn fio_verify_while_the_osd_is_killed_and_restarted() {
     let mnt_path = mnt.0.to_str().unwrap();
     sh("mount", &[device.path_str(), mnt_path]);
 
-    let mut fio = fio_in(mnt_path, 25);
+    let mut fio = spawn_fio_verify_in(mnt_path, 16, 2, "24M", 25);
     let mut held = 0;
     for _ in 0..KILLS {
         thread::sleep(Duration::from_secs(3));
