@@ -127,8 +127,21 @@ impl Server {
     }
 
     /// SIGSTOP: the server keeps its connections and answers nothing.
+    /// Returns once every thread of it has stopped: kill(2) only asks, and
+    /// a thread busy at that moment could still answer a request sent
+    /// right after (seen in CI: a read meant to time out was answered).
     pub fn pause(&self) {
         self.signal(libc::SIGSTOP);
+        let pid = self.child.as_ref().expect("the server runs").id();
+        let start = Instant::now();
+        while !all_threads_stopped(pid) {
+            assert!(
+                start.elapsed() < START_TIMEOUT,
+                "{} did not stop within {START_TIMEOUT:?}",
+                self.program
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// SIGCONT after [`pause`](Self::pause).
@@ -171,4 +184,19 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Whether every thread of process `pid` is stopped by a signal (state
+/// `T` in /proc/PID/task/TID/stat, after the command's closing parenthesis).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                == Some("T")
+        })
+    })
 }
