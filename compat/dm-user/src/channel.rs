@@ -31,7 +31,6 @@ use std::sync::Arc;
 use fuse_blk::proto::abi::{
     falloc, opcode, FallocateIn, FsyncIn, InHeader, OutHeader, ReadIn, WriteIn,
 };
-use fuse_blk::stats::Stats;
 use fuse_blk::{BlockDevice, Channel, ReplySink, Session, SessionConfig, Stop};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use parking_lot::Mutex;
@@ -379,11 +378,6 @@ impl Server {
             .map(|file| Arc::new(DmUserChannel::new(file, uniques.clone())) as Arc<dyn Channel>)
             .collect();
         Ok(Server { session, channels })
-    }
-
-    /// The counters of the requests it serves.
-    pub fn stats(&self) -> Arc<Stats> {
-        self.session.stats().clone()
     }
 
     /// Serves until every descriptor has ended (the target is gone).
