@@ -2,7 +2,7 @@
 """Turns bench/run's (or bench/host's) CSV into a markdown table of ratios
 and an SVG chart.
 
-Usage: report.py [--host | --dm-user [--reliability RELIABILITY_CSV]] [--memory MEMORY_CSV] CSV MD SVG
+Usage: report.py [--host | --nbd | --dm-user [--reliability RELIABILITY_CSV]] [--memory MEMORY_CSV] CSV MD SVG
 
 Rows may carry a `round` column (one guest boot, or one host round). A
 ratio is taken within each round, where the two targets ran side by side;
@@ -17,6 +17,9 @@ MEMORY_CSV (bench/guest's `rss` rows: target, when, rss_kib, boot) adds
 the daemons' resident memory while idle, before any I/O and after the
 rounds, and the verdict on the idle-memory target, which every boot's
 figure must meet.
+
+--nbd judges bench/nbd's targets (NBD_PAIRS), and the idle memory of
+the fuse-blk-nbd-* daemons (IDLE_MEMORY_TARGETS_NBD) instead.
 
 --dm-user judges bench/dm-user's targets (DMUSER_PAIRS); RELIABILITY_CSV
 (path, what, cycles, failed_cycles, fio_errors, kernel_io_errors, boot)
@@ -58,12 +61,27 @@ DMUSER_PAIRS = [
     ("ext4-dmu-bridge-rust", "tmpfs-file", None),
     ("ext4-dmu-bridge-c", "tmpfs-file", None),
 ]
+# bench/nbd (issue 28): fuse-blk's nbd: backend on the module against the
+# kernel's nbd client and rublk's nbd target on the same nbdkit server, over
+# a unix socket and loopback TCP; then context: one transport against the
+# other, and the kernel client's connections.
+NBD_PAIRS = [
+    (f"fuse-blk-nbd-{t}", f"{ref}-{t}{conns}", threshold)
+    for t in ("unix", "tcp")
+    for ref, conns, threshold in (("kernel-nbd", "-1conn", 1.2), ("kernel-nbd", "-4conn", 1.2),
+                                  ("rublk-nbd", "", 1.0))
+] + [
+    ("fuse-blk-nbd-unix", "fuse-blk-nbd-tcp", None),
+    ("kernel-nbd-unix-4conn", "kernel-nbd-unix-1conn", None),
+    ("rublk-nbd-unix", "rublk-nbd-tcp", None),
+]
 # The reliability goal: no I/O error across these paths' cycles.
 RELIABILITY_GOAL_PATHS = "fuse-blk-"
 # Measured, shown and not judged: the first write of a fresh device.
 UNJUDGED_JOBS = {"first-write-1m-qd8"}
 # The idle-memory goal: daemons of these targets, idle, stay under this.
 IDLE_MEMORY_TARGETS = "fuse-blk-file-"
+IDLE_MEMORY_TARGETS_NBD = "fuse-blk-nbd-"
 IDLE_MEMORY_LIMIT_KIB = 8 * 1024
 HOST_PAIRS = [
     ("stock-file-tmpfs-passthrough", "qsd-fuse-loop", 1.5),
@@ -77,9 +95,10 @@ HOST_PAIRS = [
 ]
 
 
-def memory_lines(path):
+def memory_lines(path, judged_prefix):
     """The report's lines on daemon memory, and the idle-memory verdict's
-    row of the Targets table."""
+    row of the Targets table (on the daemons of targets named
+    judged_prefix*)."""
     # kib[target][when] = [one per boot]
     kib = defaultdict(lambda: defaultdict(list))
     for row in csv.DictReader(open(path)):
@@ -91,7 +110,7 @@ def memory_lines(path):
         lines.append(f"| {target} | " + " | ".join(
             f"{statistics.median(v) / 1024:.1f} ({max(v) / 1024:.1f})" if (v := by_when.get(w)) else "n/a"
             for w in whens) + " |")
-    judged = [(max(v), target, when) for target, by_when in kib.items() if target.startswith(IDLE_MEMORY_TARGETS)
+    judged = [(max(v), target, when) for target, by_when in kib.items() if target.startswith(judged_prefix)
               for when, v in by_when.items()]
     if not judged:
         return lines, "no data |"
@@ -122,6 +141,9 @@ def main(args):
     host = args[0] == "--host"
     if host:
         args = args[1:]
+    nbd = args[0] == "--nbd"
+    if nbd:
+        args = args[1:]
     dm_user = args[0] == "--dm-user"
     reliability_path = None
     if dm_user:
@@ -132,9 +154,10 @@ def main(args):
     if args[0] == "--memory":
         memory_path, args = args[1], args[2:]
     csv_path, md_path, svg_path = args
-    memory, verdict = memory_lines(memory_path) if memory_path else ([], None)
+    memory_prefix = IDLE_MEMORY_TARGETS_NBD if nbd else IDLE_MEMORY_TARGETS
+    memory, verdict = memory_lines(memory_path, memory_prefix) if memory_path else ([], None)
     reliability, reliability_verdict = reliability_lines(reliability_path) if reliability_path else ([], None)
-    pairs = HOST_PAIRS if host else DMUSER_PAIRS if dm_user else GUEST_PAIRS
+    pairs = HOST_PAIRS if host else NBD_PAIRS if nbd else DMUSER_PAIRS if dm_user else GUEST_PAIRS
     rows = list(csv.DictReader(open(csv_path)))
     # iops[round][job][target]
     iops = defaultdict(lambda: defaultdict(dict))
@@ -162,7 +185,7 @@ def main(args):
         where = f"software emulation; median of {len(measured)} rounds in {boots} guest boots"
         if len(measured) < len(rounds):
             where += ", after a first write of every device"
-    title = "dm-user comparison" if dm_user else "Benchmark"
+    title = "dm-user comparison" if dm_user else "nbd: comparison" if nbd else "Benchmark"
     lines = [f"# {title} ({'host' if host else 'guest'}; {where})", ""]
     lines += ["## Median IOPS", "", "| job | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
     for job in jobs:
@@ -198,7 +221,7 @@ def main(args):
             lines.append(f"| {a} / {b} | {threshold}x | {'yes' if met else 'no'} | "
                          f"{worst} {medians[worst]:.2f}x |" + shown)
         if memory_path:
-            lines.append(f"| {IDLE_MEMORY_TARGETS}* daemons idle, VmRSS | < {IDLE_MEMORY_LIMIT_KIB // 1024} MiB | "
+            lines.append(f"| {memory_prefix}* daemons idle, VmRSS | < {IDLE_MEMORY_LIMIT_KIB // 1024} MiB | "
                          + verdict + " |" * len(unjudged))
         if reliability_path:
             lines.append(f"| {RELIABILITY_GOAL_PATHS}* replacements and restarts, I/O errors | 0 | "

@@ -11,7 +11,7 @@ REPORT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report.py")
 HEADER = "target,job,iops,bw_mib_s,lat_p50_us,lat_p99_us,round\n"
 
 
-def report(rows, host=False, memory=None, reliability=None):
+def report(rows, host=False, memory=None, reliability=None, nbd=False):
     """The markdown report.py writes for these CSV rows (and, given,
     memory rows "target,when,rss_kib,boot"; given reliability rows
     "path,what,cycles,failed_cycles,fio_errors,kernel_io_errors,boot",
@@ -31,7 +31,8 @@ def report(rows, host=False, memory=None, reliability=None):
             with open(memory_path, "w") as f:
                 f.write("target,when,rss_kib,boot\n" + "".join(f"{r}\n" for r in memory))
             memory_args = ["--memory", memory_path]
-        subprocess.run([sys.executable, REPORT] + (["--host"] if host else []) + memory_args
+        subprocess.run([sys.executable, REPORT] + (["--host"] if host else []) + (["--nbd"] if nbd else [])
+                       + memory_args
                        + [csv_path, md, svg], check=True)
         with open(svg) as f:
             assert f.read().startswith("<svg")
@@ -135,6 +136,27 @@ class DmUser(unittest.TestCase):
         md = report(rows, reliability=["fuse-blk-module-file,handoff,20,0,0,0,1",
                                        "fuse-blk-module-file,kill9-recover,10,1,0,2,1"])
         self.assertIn("| no | 3 errors in 30 cycles |", target_line(md, line))
+
+
+class Nbd(unittest.TestCase):
+    def test_kernel_client_and_rublk_thresholds(self):
+        # 1.25x the kernel client meets 1.2x; 0.98x rublk misses 1.0x.
+        md = report(rows_for("fuse-blk-nbd-unix", "kernel-nbd-unix-1conn", "randread-4k-qd1",
+                             {"1.1": (125, 100)})
+                    + rows_for("fuse-blk-nbd-unix", "rublk-nbd-unix", "randread-4k-qd1", {"1.1": (125, 127.55)}),
+                    nbd=True)
+        self.assertIn("# nbd: comparison", md)
+        self.assertIn("| 1.2x | yes | randread-4k-qd1 1.25x |",
+                      target_line(md, "fuse-blk-nbd-unix / kernel-nbd-unix-1conn"))
+        self.assertIn("| 1.0x | no | randread-4k-qd1 0.98x |", target_line(md, "fuse-blk-nbd-unix / rublk-nbd-unix"))
+        self.assertIn("| no data |", target_line(md, "fuse-blk-nbd-tcp / kernel-nbd-tcp-4conn"))
+
+    def test_idle_memory_of_the_nbd_daemons_is_judged(self):
+        # rublk's daemon is shown only; fuse-blk's 8.5 MiB misses 8 MiB.
+        md = report(rows_for("fuse-blk-nbd-unix", "rublk-nbd-unix", "write-1m-qd8", {"1.1": (100, 100)}),
+                    nbd=True, memory=["fuse-blk-nbd-unix,idle after I/O,8704,1", "rublk-nbd-unix,idle after I/O,20480,1"])
+        line = target_line(md, "fuse-blk-nbd-* daemons idle, VmRSS")
+        self.assertIn("| no | fuse-blk-nbd-unix idle after I/O 8.5 MiB |", line)
 
 
 class HostVerdicts(unittest.TestCase):
