@@ -287,6 +287,9 @@ fn recover(
     let device = backend
         .open(record.read_only, record.block_size)
         .map_err(|e| e.to_string())?;
+    // Under fuse-blk@NAME.service, systemd must follow this process before
+    // the old daemon, once displaced, exits; given back if this fails.
+    let main_pid = crate::systemd::MainPid::take(&record.name, record.pid);
     let served = match record.dev_id {
         Some(dev_id) => AttachedDevice::from(
             KmodDevice::resume(device, dev_id, args.io.into(), args.ring_poll())
@@ -313,6 +316,7 @@ fn recover(
             AttachedDevice::from(stock)
         }
     };
+    main_pid.keep();
     record.pid = std::process::id();
     record.start_time = state::process_start_time(record.pid);
     record.backend = backend.to_string();
@@ -416,6 +420,7 @@ fn serve_with(
         return Err(message);
     }
     readiness.ready(&record.device);
+    crate::systemd::ready(&record.name, &record.device);
 
     let result = served.wait();
     backend::finish();
@@ -514,6 +519,7 @@ fn signal_loop(detacher: DetachHandle) {
             continue;
         };
         log::info!("{signal}: detaching once the device is no longer in use");
+        crate::systemd::status("detaching once the device is no longer in use (unmount it)");
         match detacher.detach_when_unused() {
             Ok(()) => return,
             Err(e) => log::error!("detach: {e}"),

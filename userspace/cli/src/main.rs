@@ -1,10 +1,12 @@
 //! `fuse-blk`: attach, detach and list block devices served from userspace.
 
 mod backend;
+mod config;
 mod daemon;
 mod dm_user;
 mod state;
 mod stats;
+mod systemd;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -60,6 +62,11 @@ enum Commands {
     /// percentiles and errors; first since the daemon started, then over
     /// each --interval.
     Stats(stats::StatsArgs),
+    /// Attach the device described in CONFIG_DIR/NAME.conf (backend and
+    /// attach's options, `key = value` lines), or every one (--all).
+    Up(config::UpArgs),
+    /// Detach device NAME; refuses while it is mounted, saying where.
+    Down(config::DownArgs),
     /// Show every attached device.
     List {
         /// One JSON array instead of a table.
@@ -281,6 +288,8 @@ fn main() -> ExitCode {
         Commands::Handoff { device } => handoff(&device),
         Commands::List { json } => list(json),
         Commands::Stats(args) => stats::run(args),
+        Commands::Up(args) => config::up(args),
+        Commands::Down(args) => config::down(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -416,6 +425,7 @@ fn handoff(target: &str) -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("handoff needs root".into());
     }
+    systemd::check_handoff(&record.name, record.pid)?;
     // The successor serves as this daemon does: same io mode, polling
     // and threads.
     let mut args = vec![
