@@ -1174,6 +1174,52 @@ out_put:
 	return ret;
 }
 
+/*
+ * Sets a device's size while it serves. The daemon has made its backend
+ * serve the new size before a grow and stops serving the old end only
+ * after a shrink: the driver needs nothing from it. Requests already past
+ * the new end when shrinking finish as they would have.
+ */
+static int fblk_resize(struct fuse_blk_resize __user *uarg)
+{
+	struct fuse_blk_resize arg;
+	struct fblk_dev *dev;
+	int ret;
+
+	if (copy_from_user(&arg, uarg, sizeof(arg)))
+		return -EFAULT;
+	if (arg.reserved0 || memchr_inv(arg.reserved, 0, sizeof(arg.reserved)))
+		return -EINVAL;
+	dev = fblk_get(arg.dev_id);
+	if (!dev)
+		return -ENODEV;
+	ret = -EINVAL;
+	if (!arg.size || arg.size & (dev->params.logical_block_size - 1) ||
+	    arg.size >> SECTOR_SHIFT > (u64)LLONG_MAX >> SECTOR_SHIFT)
+		goto out_put;
+
+	mutex_lock(&dev->mutex);
+	if (dev->dead) {
+		ret = -ENODEV;
+	} else {
+		/* GET_INFO reads params without the mutex. */
+		WRITE_ONCE(dev->params.size, arg.size);
+		/*
+		 * Before it is live the capacity stays 0: going live
+		 * publishes params.size. Afterwards the change uevent carries
+		 * RESIZE=1.
+		 */
+		if (dev->sized)
+			set_capacity_and_notify(dev->disk,
+						arg.size >> SECTOR_SHIFT);
+		ret = 0;
+	}
+	mutex_unlock(&dev->mutex);
+out_put:
+	fblk_dev_put(dev);
+	return ret;
+}
+
 static long fblk_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 {
 	void __user *argp = (void __user *)arg;
@@ -1204,6 +1250,8 @@ static long fblk_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		return fblk_get_info(argp);
 	case FUSE_BLK_IOC_ATTACH:
 		return fblk_attach(file, argp);
+	case FUSE_BLK_IOC_RESIZE:
+		return fblk_resize(argp);
 	default:
 		return -ENOTTY;
 	}
@@ -2300,7 +2348,7 @@ static const struct file_operations fblk_ctl_fops = {
 };
 
 static struct miscdevice fblk_misc = {
-	.minor		= MISC_DYNAMIC_MINOR,
+	.minor		= FUSE_BLK_MINOR,
 	.name		= "fuse-blk",
 	.fops		= &fblk_ctl_fops,
 	.mode		= 0600,
@@ -2315,6 +2363,17 @@ static int __init fblk_init(void)
 		return ret;
 	fblk_major = ret;
 	ret = misc_register(&fblk_misc);
+	if (ret == -EBUSY) {
+		/*
+		 * Another local driver has the minor: serve on a dynamic one.
+		 * The node still appears (devtmpfs, udev); only loading the
+		 * module by opening it is lost.
+		 */
+		pr_warn("misc minor %d is taken; /dev/fuse-blk gets a dynamic one\n",
+			FUSE_BLK_MINOR);
+		fblk_misc.minor = MISC_DYNAMIC_MINOR;
+		ret = misc_register(&fblk_misc);
+	}
 	if (ret) {
 		unregister_blkdev(fblk_major, "fuseblk");
 		return ret;
@@ -2336,3 +2395,6 @@ module_exit(fblk_exit);
 MODULE_DESCRIPTION("Block devices served from userspace over the FUSE protocol");
 MODULE_AUTHOR("The fuse-blk developers");
 MODULE_LICENSE("GPL");
+/* The first open of /dev/fuse-blk loads the module (kmod's static nodes). */
+MODULE_ALIAS_MISCDEV(FUSE_BLK_MINOR);
+MODULE_ALIAS("devname:fuse-blk");

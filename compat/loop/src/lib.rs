@@ -83,6 +83,8 @@ struct Shared {
     primary: OwnedFd,
     /// Another daemon serves the connection now: leave mount and loop be.
     handed_over: AtomicBool,
+    /// The device file, as the loop device opened it.
+    file: PathBuf,
 }
 
 /// Why a [`StockDevice`] stopped serving.
@@ -159,7 +161,7 @@ impl StockDevice {
             None => None,
         };
         let session = Session::new(device, config)?;
-        let geometry = *session.geometry();
+        let geometry = session.geometry();
         let namespace = Arc::new(OneFileNamespace::new(FILE_NAME, geometry));
         let session = Arc::new(session.with_namespace(namespace.clone()));
 
@@ -199,6 +201,7 @@ impl StockDevice {
             session,
             primary,
             handed_over: AtomicBool::new(false),
+            file: mountpoint.join(FILE_NAME),
         });
         let mut stock = StockDevice {
             shared,
@@ -277,7 +280,7 @@ impl StockDevice {
         threads: usize,
     ) -> io::Result<StockDevice> {
         let session = Session::new(device, session_config())?;
-        let namespace = Arc::new(OneFileNamespace::new(FILE_NAME, *session.geometry()));
+        let namespace = Arc::new(OneFileNamespace::new(FILE_NAME, session.geometry()));
         namespace.set_open_files(handover.open_files);
         namespace.set_passthrough(match handover.backing_id {
             Some(id) => Backing::Registered(id),
@@ -295,6 +298,7 @@ impl StockDevice {
                 session,
                 primary,
                 handed_over: AtomicBool::new(false),
+                file: mountpoint.join(FILE_NAME),
             }),
             device_path: device_path.to_owned(),
             mountpoint: mountpoint.to_owned(),
@@ -416,6 +420,54 @@ impl Detacher {
         while self.shared.session.workers_waiting() > 0 {
             self.shared.session.stop();
             std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Has the handler serve `size` bytes and the loop device show them,
+    /// in the order [`Session::resize`] gives.
+    pub fn resize(&self, size: u64) -> io::Result<()> {
+        self.shared
+            .session
+            .resize(size, |size| self.show_size(size))
+    }
+
+    /// The handler serves `size` bytes now: the loop device shows them.
+    pub fn announce_size(&self, size: u64) -> io::Result<()> {
+        self.shared
+            .session
+            .announce_size(size, |size| self.show_size(size))
+    }
+
+    /// The size the device has now.
+    pub fn size(&self) -> u64 {
+        self.shared.session.size()
+    }
+
+    /// Gives the FUSE file its new size and has the loop device take it:
+    /// the kernel forgets the file's cached attributes, a stat fetches the
+    /// new ones (the loop driver reads the size the inode has, which only
+    /// a FUSE_GETATTR answer changes), then LOOP_SET_CAPACITY.
+    fn show_size(&self, size: u64) -> io::Result<()> {
+        use std::io::Write;
+        self.shared.namespace.set_size(size);
+        let notification = fuse_blk::proto::reply::encode_inval_attributes(namespace::FILE_ID);
+        (&std::fs::File::from(self.shared.primary.try_clone()?))
+            .write_all(&notification)
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("telling the kernel the new size: {e}"))
+            })?;
+        let seen = std::fs::metadata(&self.shared.file)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.shared.file.display())))?
+            .len();
+        if seen != size {
+            return Err(io::Error::other(format!(
+                "the kernel still sees {seen} bytes in {} after the resize to {size}",
+                self.shared.file.display()
+            )));
+        }
+        match &*self.shared.loop_device.lock() {
+            Some(loop_device) => loop_device.set_capacity(),
+            None => Err(io::Error::other("the device is being detached")),
         }
     }
 

@@ -16,11 +16,14 @@ mod ioctl {
     use super::LoopConfig;
 
     pub const LOOP_CLR_FD: libc::c_ulong = nix::request_code_none!(0x4C, 0x01);
+    pub const LOOP_SET_CAPACITY: libc::c_ulong = nix::request_code_none!(0x4C, 0x07);
     pub const LOOP_CONFIGURE: libc::c_ulong = nix::request_code_none!(0x4C, 0x0A);
     pub const LOOP_CTL_GET_FREE: libc::c_ulong = nix::request_code_none!(0x4C, 0x82);
 
     // No argument.
     nix::ioctl_none_bad!(loop_clr_fd, LOOP_CLR_FD);
+    // No argument: the device takes its backing file's size again.
+    nix::ioctl_none_bad!(loop_set_capacity, LOOP_SET_CAPACITY);
     // A `struct loop_config`.
     nix::ioctl_write_ptr_bad!(loop_configure, LOOP_CONFIGURE, LoopConfig);
     // On /dev/loop-control, no argument; returns the index of a free device.
@@ -184,6 +187,16 @@ impl LoopDevice {
             .unwrap_or(false)
     }
 
+    /// Has the device take its backing file's size again (its capacity,
+    /// with a change uevent).
+    pub fn set_capacity(&self) -> io::Result<()> {
+        // SAFETY: LOOP_SET_CAPACITY takes no argument; the fd is an open
+        // loop device.
+        unsafe { ioctl::loop_set_capacity(self.file.as_raw_fd()) }
+            .map_err(|e| ioctl_error(&format!("{}: LOOP_SET_CAPACITY", self.path.display()), e))?;
+        Ok(())
+    }
+
     /// Writes back what the device caches and flushes the backing file.
     pub fn flush(&self) -> io::Result<()> {
         self.file.sync_all()
@@ -230,6 +243,7 @@ mod tests {
     fn ioctl_numbers_match_the_kernel() {
         assert_eq!(ioctl::LOOP_CLR_FD, 0x4C01);
         assert_eq!(ioctl::LOOP_CONFIGURE, 0x4C0A);
+        assert_eq!(ioctl::LOOP_SET_CAPACITY, 0x4C07);
         assert_eq!(ioctl::LOOP_CTL_GET_FREE, 0x4C82);
     }
 

@@ -2,6 +2,7 @@
 //! whose contents are the block device. The loop driver opens that file, so
 //! this is everything the kernel asks of the filesystem besides block I/O.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuse_blk::proto::abi::{
@@ -18,8 +19,9 @@ use crate::passthrough::{Backing, Passthrough};
 /// Node id of the device file.
 pub const FILE_ID: u64 = 2;
 
-/// Attributes never change behind the kernel's back, so it may cache them
-/// for as long as it likes.
+/// Attributes never change behind the kernel's back (a resize tells it, see
+/// [`OneFileNamespace::set_size`]), so it may cache them for as long as it
+/// likes.
 const TTL: Duration = Duration::from_secs(24 * 3600);
 
 const S_IFDIR: u32 = libc::S_IFDIR;
@@ -31,6 +33,8 @@ const DT_REG: u32 = 8;
 pub struct OneFileNamespace {
     file_name: String,
     geometry: Geometry,
+    /// The device file's size: the geometry's until a resize.
+    size: AtomicU64,
     created: SystemTime,
     /// Open handles of the device file; detaching waits for the loop
     /// driver's to be released before unmounting.
@@ -45,6 +49,7 @@ impl OneFileNamespace {
     pub fn new(file_name: &str, geometry: Geometry) -> OneFileNamespace {
         OneFileNamespace {
             file_name: file_name.to_owned(),
+            size: AtomicU64::new(geometry.size),
             geometry,
             created: SystemTime::now(),
             open_files: Mutex::new(0),
@@ -55,6 +60,18 @@ impl OneFileNamespace {
 
     pub fn file_name(&self) -> &str {
         &self.file_name
+    }
+
+    /// The device file's size.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Gives the device file a new size. The kernel keeps the attributes
+    /// it cached until told to forget them: see
+    /// [`encode_inval_attributes`](fuse_blk::proto::reply::encode_inval_attributes).
+    pub fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::Release);
     }
 
     pub fn open_files(&self) -> u64 {
@@ -93,8 +110,8 @@ impl OneFileNamespace {
         let since_epoch = self.created.duration_since(UNIX_EPOCH).unwrap_or_default();
         let (mode, size, nlink) = match ino {
             ROOT_ID => (S_IFDIR | 0o700, 0, 2),
-            FILE_ID if self.geometry.read_only => (S_IFREG | 0o400, self.geometry.size, 1),
-            FILE_ID => (S_IFREG | 0o600, self.geometry.size, 1),
+            FILE_ID if self.geometry.read_only => (S_IFREG | 0o400, self.size(), 1),
+            FILE_ID => (S_IFREG | 0o600, self.size(), 1),
             _ => return None,
         };
         Some(Attr {
@@ -150,9 +167,10 @@ impl OneFileNamespace {
     }
 
     fn setattr(&self, ino: u64, arg: &abi::SetattrIn, reply: Responder) {
-        // The size of a block device is fixed; ownership, mode and times
-        // of the file mean nothing and are accepted unchanged.
-        if arg.valid & fattr::SIZE != 0 && (ino != FILE_ID || arg.size != self.geometry.size) {
+        // The size of a block device changes only by `fuse-blk resize`;
+        // ownership, mode and times of the file mean nothing and are
+        // accepted unchanged.
+        if arg.valid & fattr::SIZE != 0 && (ino != FILE_ID || arg.size != self.size()) {
             return reply.error(libc::EPERM);
         }
         self.reply_attr(ino, reply);

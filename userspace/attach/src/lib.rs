@@ -434,6 +434,18 @@ impl AttachedDevice {
         })
     }
 
+    /// A handle that changes the device's size from any thread: see
+    /// [`Resizer`].
+    pub fn resizer(&self) -> io::Result<Resizer> {
+        Ok(Resizer {
+            kind: match &self.served {
+                Served::Stock(stock) => ResizerKind::Stock(stock.detacher()),
+                Served::Kmod(kmod) => ResizerKind::Kmod(kmod.resizer()?),
+            },
+            device_path: self.device_path.clone(),
+        })
+    }
+
     /// Serves until the device is detached (a [`Detacher`], `fuse-blk
     /// detach`) or handed over to another daemon; says which.
     pub fn wait(self) -> io::Result<Ended> {
@@ -488,6 +500,65 @@ impl AttachedDevice {
         stop_listening.close();
         let _ = listener.join();
         ended
+    }
+}
+
+/// Changes the size of an [`AttachedDevice`] while it serves (online
+/// resize), from any thread, one change at a time:
+/// [`resize`](Resizer::resize) asks the handler
+/// ([`BlockDevice::resize`]) and then shows the new size to the kernel;
+/// [`announce`](Resizer::announce) is for a handler whose size changed by
+/// itself. Either way the kernel sends a change uevent, and a file system
+/// on the device can then be grown (`resize2fs`, `xfs_growfs`).
+#[derive(Clone)]
+pub struct Resizer {
+    kind: ResizerKind,
+    device_path: PathBuf,
+}
+
+#[derive(Clone)]
+enum ResizerKind {
+    Stock(fuse_blk_loop::Detacher),
+    Kmod(fuse_blk_kmod::Resizer),
+}
+
+impl Resizer {
+    /// The size the device has now, in bytes.
+    pub fn size(&self) -> u64 {
+        match &self.kind {
+            ResizerKind::Stock(stock) => stock.size(),
+            ResizerKind::Kmod(kmod) => kmod.size(),
+        }
+    }
+
+    /// Has the handler serve `size` bytes (a non-zero multiple of the
+    /// logical block size) and the device show them. Shrinking a device
+    /// that is mounted or held exclusively is refused ([`busy::in_use`]):
+    /// the end of its file system could be cut off, and no file system
+    /// here can be shrunk while mounted.
+    pub fn resize(&self, size: u64) -> io::Result<()> {
+        if size < self.size() && busy::in_use(&self.device_path) {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "{} is in use (mounted?); shrinking it could cut off its file system, so unmount it first",
+                    self.device_path.display()
+                ),
+            ));
+        }
+        match &self.kind {
+            ResizerKind::Stock(stock) => stock.resize(size),
+            ResizerKind::Kmod(kmod) => kmod.resize(size),
+        }
+    }
+
+    /// The handler serves `size` bytes now (it grew or was grown by the
+    /// program that attached it): the device shows them.
+    pub fn announce(&self, size: u64) -> io::Result<()> {
+        match &self.kind {
+            ResizerKind::Stock(stock) => stock.announce_size(size),
+            ResizerKind::Kmod(kmod) => kmod.announce(size),
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use fuse_blk::{BlockDevice, Features, Geometry, ReplyData, ReplyEmpty, ReplyWrite, Request};
 use nix::errno::Errno;
@@ -57,7 +57,10 @@ pub struct FileDevice {
     file: File,
     path: PathBuf,
     kind: Kind,
+    /// Its size is the one it was opened with: `size` has the one now.
     geometry: Geometry,
+    /// Bytes the device has now (see `resize`).
+    size: AtomicU64,
     /// Cleared once `pwritev2(RWF_DSYNC)` turns out to be unavailable, so
     /// FUA writes stop trying it.
     dsync_writes: AtomicBool,
@@ -203,6 +206,7 @@ impl FileDevice {
             file,
             path: path.to_owned(),
             kind,
+            size: AtomicU64::new(geometry.size),
             geometry,
             dsync_writes: AtomicBool::new(true),
         })
@@ -221,7 +225,7 @@ impl FileDevice {
     fn in_bounds(&self, offset: u64, len: u64) -> bool {
         offset
             .checked_add(len)
-            .is_some_and(|end| end <= self.geometry.size)
+            .is_some_and(|end| end <= self.size.load(Ordering::Acquire))
     }
 
     /// Writes `data` at `offset` and makes it durable before returning.
@@ -345,7 +349,26 @@ impl BlockDevice for FileDevice {
     }
 
     fn geometry(&self) -> Geometry {
-        self.geometry
+        Geometry {
+            size: self.size.load(Ordering::Acquire),
+            ..self.geometry
+        }
+    }
+
+    /// An image file is truncated or extended (sparse: the new end reads
+    /// as zeros); a block device's size is its own.
+    fn resize(&self, size: u64) -> io::Result<()> {
+        if self.kind == Kind::Block {
+            return Err(invalid(
+                &self.path,
+                "is a block device: its size is its own (resize it, then attach it again)",
+            ));
+        }
+        self.file
+            .set_len(size)
+            .map_err(|e| path_error(&self.path, &e))?;
+        self.size.store(size, Ordering::Release);
+        Ok(())
     }
 
     fn read(&self, _req: &Request, offset: u64, len: u32, reply: ReplyData) {
@@ -460,6 +483,24 @@ mod tests {
         FileDevice::open(path, read_only, block)
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn resizing_extends_or_truncates_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = image(&dir, "grow.img", 1 << 20);
+        let dev = Arc::new(FileDevice::open(&path, false, 512).unwrap());
+        let h = Harness::new(dev.clone());
+        h.write(0, &[5; 4096], false).unwrap();
+        h.resize(4 << 20).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 20);
+        assert_eq!(dev.geometry().size, 4 << 20);
+        h.write((4 << 20) - 4096, &[6; 4096], false).unwrap();
+        assert_eq!(h.read(2 << 20, 4096).unwrap(), vec![0; 4096]);
+        h.resize(1 << 20).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
+        assert_eq!(h.read(0, 4096).unwrap(), vec![5; 4096]);
+        assert_eq!(h.write(2 << 20, &[1; 512], false), Err(libc::ENOSPC));
     }
 
     #[test]

@@ -35,12 +35,19 @@ const CHUNKS_PER_GROUP: u64 = 16;
 /// that requests to different places rarely contend.
 const LOCKS: usize = 256;
 
+/// Address space a device reserves to grow into (online resize): 256 GiB,
+/// which costs nothing until written.
+const GROWTH_ROOM: u64 = 256 << 30;
+
 /// A sparse in-memory block device. Never-written chunks read as zeros;
 /// discards and zeroed ranges give whole chunks back to the kernel.
 /// Nothing survives the process, so there is no cache to flush and FUA is
 /// meaningless: the device advertises neither.
 pub struct MemDevice {
-    size: u64,
+    /// Bytes the device has now (see `resize`); at most `capacity`.
+    size: AtomicU64,
+    /// Bytes the store and the chunk map have room for.
+    capacity: u64,
     logical_block_size: u32,
     read_only: bool,
     /// The device's bytes, `size` long; a chunk is backed by memory from
@@ -231,25 +238,39 @@ impl MemDevice {
             )
         };
         let len = usize::try_from(size).map_err(|_| too_large())?;
-        let chunks = size.div_ceil(CHUNK_SIZE);
-        let store = Mapping::new(len.max(1))
-            .map_err(|e| {
-                // Only strict overcommit (vm.overcommit_memory=2) counts
-                // address space that is merely reserved.
-                io::Error::new(
-                    e.kind(),
-                    format!("mem: reserving {size} bytes of address space: {e}"),
-                )
-            })?
-            .without_huge_pages();
+        // Room to grow into (online resize) costs address space only;
+        // where even that is counted (strict overcommit) the device gets
+        // just its own size.
+        let room = usize::try_from(GROWTH_ROOM).unwrap_or(len).max(len);
+        let (store, capacity) = match Mapping::new(room.max(1)) {
+            Ok(store) => (store, room),
+            Err(_) => (
+                Mapping::new(len.max(1)).map_err(|e| {
+                    // Only strict overcommit (vm.overcommit_memory=2)
+                    // counts address space that is merely reserved.
+                    io::Error::new(
+                        e.kind(),
+                        format!("mem: reserving {size} bytes of address space: {e}"),
+                    )
+                })?,
+                len,
+            ),
+        };
+        let capacity = capacity as u64;
         Ok(MemDevice {
-            size,
+            size: AtomicU64::new(size),
+            capacity,
             logical_block_size,
             read_only: false,
-            store: Arc::new(store),
-            written: ChunkBits::new(chunks).map_err(|_| too_large())?,
+            store: Arc::new(store.without_huge_pages()),
+            written: ChunkBits::new(capacity.div_ceil(CHUNK_SIZE)).map_err(|_| too_large())?,
             locks: (0..LOCKS).map(|_| RawRwLock::INIT).collect(),
         })
+    }
+
+    /// The device's size in bytes now.
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     /// Marks the device read-only in its geometry (it then reads as zeros
@@ -261,7 +282,7 @@ impl MemDevice {
 
     /// Bytes of chunks currently holding data.
     pub fn allocated_bytes(&self) -> u64 {
-        let chunks = self.size.div_ceil(CHUNK_SIZE);
+        let chunks = self.size().div_ceil(CHUNK_SIZE);
         let whole = self.written.count(chunks);
         // Every chunk counted whole; the last may be shorter.
         let last = chunks - 1;
@@ -271,14 +292,16 @@ impl MemDevice {
 
     /// Length of chunk `chunk`: the last one stops at the end of the device.
     fn chunk_len(&self, chunk: u64) -> usize {
-        (self.size - chunk * CHUNK_SIZE).min(CHUNK_SIZE) as usize
+        (self.size() - chunk * CHUNK_SIZE).min(CHUNK_SIZE) as usize
     }
 
     /// Whether `[offset, offset + len)` lies within the device. The engine
     /// guarantees it; checked anyway because a wrong range would otherwise
     /// reach outside the store.
     fn in_bounds(&self, offset: u64, len: u64) -> bool {
-        offset.checked_add(len).is_some_and(|end| end <= self.size)
+        offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.size())
     }
 
     /// Whether chunk `chunk` holds data.
@@ -405,8 +428,29 @@ impl BlockDevice for MemDevice {
                 discard: true,
                 write_zeroes: true,
             },
-            ..Geometry::new(self.size, self.logical_block_size)
+            ..Geometry::new(self.size(), self.logical_block_size)
         }
+    }
+
+    /// Grows into the address space reserved at creation (`GROWTH_ROOM`),
+    /// or shrinks, giving back the memory past the new end: a later grow
+    /// reads zeros there.
+    fn resize(&self, size: u64) -> io::Result<()> {
+        if size > self.capacity {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "mem: cannot grow beyond {} bytes, the address space reserved when it was made",
+                    self.capacity
+                ),
+            ));
+        }
+        let old = self.size();
+        if size < old {
+            self.zero_range(size, old - size);
+        }
+        self.size.store(size, Ordering::Release);
+        Ok(())
     }
 
     fn read(&self, _req: &Request, offset: u64, len: u32, reply: ReplyData) {
@@ -501,6 +545,37 @@ mod tests {
         let device = Arc::new(MemDevice::new(size, block).unwrap());
         let harness = Harness::new(device.clone());
         (device, harness)
+    }
+
+    #[test]
+    fn grows_and_shrinks_and_what_was_cut_off_reads_as_zeros() {
+        // 512-byte blocks: the end can fall inside a chunk.
+        let (device, h) = setup(C + 512, 512);
+        h.write(C, &[7; 512], false).unwrap();
+        h.resize(4 * C).unwrap();
+        assert_eq!(h.geometry().size, 4 * C);
+        assert_eq!(h.read(C, 512).unwrap(), vec![7; 512], "kept what it had");
+        assert_eq!(h.read(C + 512, 512).unwrap(), vec![0; 512]);
+        h.write(3 * C, &[9; 4096], false).unwrap();
+
+        h.resize(C + 512).unwrap();
+        assert_eq!(h.write(3 * C, &[1; 512], false), Err(libc::ENOSPC));
+        assert_eq!(device.allocated_bytes(), 512, "the cut-off chunk went back");
+        h.resize(4 * C).unwrap();
+        assert_eq!(h.read(3 * C, 4096).unwrap(), vec![0; 4096]);
+        assert_eq!(h.read(C, 512).unwrap(), vec![7; 512]);
+    }
+
+    #[test]
+    fn refuses_to_grow_past_its_reserved_room_or_to_a_bad_size() {
+        let (_device, h) = setup(1 << 20, 4096);
+        let past = GROWTH_ROOM + (1 << 20);
+        let e = h.resize(past).unwrap_err();
+        assert!(e.to_string().contains("cannot grow beyond"), "{e}");
+        assert_eq!(h.geometry().size, 1 << 20, "nothing changed");
+        assert!(h.resize(0).is_err());
+        assert!(h.resize((1 << 20) + 512).is_err(), "not a multiple of 4096");
+        assert_eq!(h.geometry().size, 1 << 20);
     }
 
     #[test]

@@ -109,8 +109,13 @@ impl Harness {
         }
     }
 
+    /// Resizes the device as a transport would, with no kernel to tell.
+    pub fn resize(&self, size: u64) -> std::io::Result<()> {
+        self.session.resize(size, |_| Ok(()))
+    }
+
     pub fn geometry(&self) -> fuse_blk::Geometry {
-        *self.session.geometry()
+        self.session.geometry()
     }
 
     /// Sends one request and returns its reply's payload or errno.

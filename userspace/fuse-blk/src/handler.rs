@@ -175,7 +175,9 @@ impl Request {
 /// now or later from any thread; one dropped unanswered answers EIO.
 /// Handlers are shared between worker threads and called concurrently.
 pub trait BlockDevice: Send + Sync + 'static {
-    /// The device's shape. Called once, before the first request.
+    /// The device's shape. Called once, before the first request; a later
+    /// size comes through [`resize`](Self::resize) or is announced by the
+    /// program that attached the device.
     fn geometry(&self) -> Geometry;
 
     /// Read `len` bytes at `offset`; answer with exactly `len` bytes.
@@ -215,6 +217,19 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     /// The device is going away; no request follows.
     fn destroy(&self) {}
+
+    /// Serve `size` bytes from now on (`fuse-blk resize`): the engine has
+    /// checked that it is a non-zero multiple of the logical block size.
+    /// When growing, this is called before the kernel sees the new size,
+    /// so the new end must read (as zeros) once it returns; when
+    /// shrinking, after, so no request reaches past the new end any more.
+    /// The default refuses: the device keeps its size.
+    fn resize(&self, _size: u64) -> std::io::Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "this backend cannot change its size",
+        ))
+    }
 
     /// Whether the io_uring transports may hand large reads (`write` false)
     /// or writes to helper threads, so that this device's work on one

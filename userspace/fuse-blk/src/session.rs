@@ -16,7 +16,7 @@
 //! | DESTROY (ends its channel's worker)    | `destroy`, once every worker has ended |
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -121,7 +121,10 @@ impl SessionConfig {
 /// shared by all worker threads.
 pub struct Session {
     device: Arc<dyn BlockDevice>,
+    /// As validated when the session was made; its size is `size`'s.
     geometry: Geometry,
+    /// The device's size now: the geometry's until it is resized.
+    size: AtomicU64,
     namespace: Option<Arc<dyn Namespace>>,
     config: SessionConfig,
     destroyed: AtomicBool,
@@ -150,6 +153,7 @@ impl Session {
         geometry.validate()?;
         Ok(Session {
             device,
+            size: AtomicU64::new(geometry.size),
             geometry,
             namespace: None,
             config,
@@ -169,9 +173,64 @@ impl Session {
         self
     }
 
-    /// The handler's geometry, as validated when the session was made.
-    pub fn geometry(&self) -> &Geometry {
-        &self.geometry
+    /// The handler's geometry, as validated when the session was made,
+    /// with the size it has now.
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            size: self.size(),
+            ..self.geometry
+        }
+    }
+
+    /// The device's size in bytes now.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Changes the device's size: the handler's ([`BlockDevice::resize`])
+    /// and then, through `kernel`, the kernel's when growing; the other way
+    /// round when shrinking, so that no request ever reaches past what the
+    /// handler serves. Refuses a size that is zero or not a multiple of the
+    /// logical block size, and then nothing changes.
+    pub fn resize(&self, size: u64, kernel: impl FnOnce(u64) -> io::Result<()>) -> io::Result<()> {
+        self.check_size(size)?;
+        if size >= self.size() {
+            self.device.resize(size)?;
+            self.size.store(size, Ordering::Release);
+            kernel(size)
+        } else {
+            kernel(size)?;
+            self.size.store(size, Ordering::Release);
+            self.device.resize(size)
+        }
+    }
+
+    /// Tells the engine and, through `kernel`, the kernel that the handler
+    /// serves `size` bytes now: for a handler whose size changed by itself
+    /// (an image grown by another client) or that its program resized.
+    pub fn announce_size(
+        &self,
+        size: u64,
+        kernel: impl FnOnce(u64) -> io::Result<()>,
+    ) -> io::Result<()> {
+        self.check_size(size)?;
+        self.size.store(size, Ordering::Release);
+        kernel(size)
+    }
+
+    fn check_size(&self, size: u64) -> io::Result<()> {
+        if self.geometry.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the device is read-only; its size cannot change",
+            ));
+        }
+        Geometry {
+            size,
+            ..self.geometry
+        }
+        .validate()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
     }
 
     /// See [`BlockDevice::parallel_large_io`].
@@ -455,7 +514,7 @@ impl Session {
         Some(match operation {
             Operation::Read(arg) => (
                 Kind::Read,
-                u64::from(arg.size).min(self.geometry.size.saturating_sub(arg.offset)),
+                u64::from(arg.size).min(self.size().saturating_sub(arg.offset)),
             ),
             Operation::Write { data, .. } => (Kind::Write, data.len() as u64),
             Operation::Fsync(_) => (Kind::Flush, 0),
@@ -544,7 +603,7 @@ impl Session {
         if arg.size > self.config.max_write {
             return responder.error(libc::EINVAL);
         }
-        let available = self.geometry.size.saturating_sub(arg.offset);
+        let available = self.size().saturating_sub(arg.offset);
         let len = u64::from(arg.size).min(available) as u32;
         if len == 0 {
             return responder.ok(&[]);
@@ -564,7 +623,7 @@ impl Session {
         if arg
             .offset
             .checked_add(len)
-            .is_none_or(|end| end > self.geometry.size)
+            .is_none_or(|end| end > self.size())
         {
             return responder.error(libc::ENOSPC);
         }
@@ -588,7 +647,7 @@ impl Session {
         if arg
             .offset
             .checked_add(arg.length)
-            .is_none_or(|end| end > self.geometry.size)
+            .is_none_or(|end| end > self.size())
         {
             return responder.error(libc::EINVAL);
         }

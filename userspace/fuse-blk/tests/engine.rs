@@ -103,6 +103,7 @@ enum Call {
         len: u64,
         may_unmap: bool,
     },
+    Resize(u64),
 }
 
 /// How `read` answers.
@@ -245,6 +246,12 @@ impl BlockDevice for TestDevice {
 
     fn destroy(&self) {
         self.destroyed.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn resize(&self, size: u64) -> io::Result<()> {
+        self.calls.lock().unwrap().push(Call::Resize(size));
+        self.data.lock().unwrap().resize(size as usize, 0);
+        Ok(())
     }
 }
 
@@ -675,6 +682,60 @@ fn misaligned_write_is_einval() {
         libc::EINVAL
     );
     assert!(h.device.calls().is_empty());
+}
+
+#[test]
+fn resize_asks_the_handler_before_the_kernel_when_growing_and_after_when_shrinking() {
+    let h = Harness::new(Features::default());
+    let kernel_saw = Mutex::new(Vec::new());
+    h.session
+        .resize(2 * SIZE, |size| {
+            kernel_saw.lock().unwrap().push((size, h.device.calls()));
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(h.session.geometry().size, 2 * SIZE);
+    // The new end is served: writes there reach the handler.
+    h.call_ok(&write_request(1, 2 * SIZE - 512, &[0xcd; 512], 0));
+    h.session
+        .resize(SIZE / 2, |size| {
+            kernel_saw.lock().unwrap().push((size, h.device.calls()));
+            Ok(())
+        })
+        .unwrap();
+    let seen = kernel_saw.into_inner().unwrap();
+    assert_eq!(seen[0], (2 * SIZE, vec![Call::Resize(2 * SIZE)]));
+    assert_eq!(seen[1].0, SIZE / 2);
+    assert!(
+        !seen[1].1.contains(&Call::Resize(SIZE / 2)),
+        "the kernel shrinks first: {:?}",
+        seen[1].1
+    );
+    assert_eq!(h.device.calls().last(), Some(&Call::Resize(SIZE / 2)));
+    assert_eq!(
+        h.call_err(&write_request(2, SIZE / 2, &[0; 512], 0)),
+        libc::ENOSPC
+    );
+    let short = h.call_ok(&read_request(3, SIZE / 2 - 512, 4096));
+    assert_eq!(short.len(), 512, "reads stop at the new end");
+}
+
+#[test]
+fn resize_refuses_bad_sizes_and_a_failing_kernel_leaves_the_handler_size() {
+    let h = Harness::new(Features::default());
+    for bad in [0, SIZE + 100] {
+        let e = h.session.resize(bad, |_| panic!("not asked")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bad}: {e}");
+    }
+    assert!(h.device.calls().is_empty(), "the handler was not asked");
+    // Shrinking: the kernel refuses, so the handler is never asked.
+    let e = h
+        .session
+        .resize(SIZE / 2, |_| Err(io::Error::other("no")))
+        .unwrap_err();
+    assert_eq!(e.to_string(), "no");
+    assert!(h.device.calls().is_empty());
+    assert_eq!(h.session.size(), SIZE);
 }
 
 #[test]

@@ -24,9 +24,18 @@ use nix::errno::Errno;
 /// The module's control device.
 pub const CONTROL_PATH: &str = "/dev/fuse-blk";
 
-/// Whether the module is loaded.
+/// Whether the module serves `/dev/fuse-blk`. The node may exist while the
+/// module is not loaded (a static node, made at boot for the module's
+/// "devname:" alias): opening it then loads the module, or fails with
+/// ENODEV where this kernel has none.
 pub fn available() -> bool {
-    std::path::Path::new(CONTROL_PATH).exists()
+    match Control::open() {
+        Ok(_) => true,
+        Err(e) => !matches!(
+            e.raw_os_error(),
+            Some(libc::ENOENT | libc::ENODEV | libc::ENXIO)
+        ),
+    }
 }
 
 fn errno_context(what: &str, e: nix::errno::Errno) -> io::Error {
@@ -79,6 +88,27 @@ impl Control {
         // SAFETY: the ioctl reads one u32 from a live local.
         unsafe { uapi::destroy(self.file.as_raw_fd(), &dev_id) }
             .map_err(|e| errno_context(&format!("destroying fuseblk{dev_id}"), e))?;
+        Ok(())
+    }
+
+    /// Sets the size of device `dev_id` (FUSE_BLK_IOC_RESIZE); its daemon
+    /// must serve that size already when growing.
+    pub fn resize(&self, dev_id: u32, size: u64) -> io::Result<()> {
+        if self.features()?.features & uapi::F_RESIZE == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the loaded fuse_blk module cannot resize devices (it predates ABI 7); load this version's",
+            ));
+        }
+        let arg = uapi::Resize {
+            dev_id,
+            size,
+            ..uapi::Resize::default()
+        };
+        // SAFETY: the ioctl reads one `struct fuse_blk_resize`, which
+        // `uapi::Resize` mirrors, from a live local.
+        unsafe { uapi::resize(self.file.as_raw_fd(), &arg) }
+            .map_err(|e| errno_context(&format!("resizing fuseblk{dev_id}"), e))?;
         Ok(())
     }
 
@@ -252,6 +282,8 @@ pub struct KmodDevice {
     /// The channels are served over io_uring.
     io_uring: bool,
     workers: Option<JoinHandle<io::Result<()>>>,
+    /// The engine serving the queues, once they are started.
+    session: Option<Arc<Session>>,
     /// Created by this process: destroyed if dropped before serving ends.
     owned: bool,
     /// `wait` saw the serving end.
@@ -275,7 +307,7 @@ impl KmodDevice {
             session_config(options.max_io_bytes, options.ring_poll),
         )?;
         let control = Control::open()?;
-        let wanted = params_for(session.geometry(), options);
+        let wanted = params_for(&session.geometry(), options);
         let params = match device.backing_file() {
             Some(backing) if options.passthrough => {
                 create_with_backing(&control, &wanted, backing)?
@@ -288,6 +320,7 @@ impl KmodDevice {
             passthrough: params.features & uapi::F_PASSTHROUGH != 0,
             io_uring: false,
             workers: None,
+            session: None,
             owned: true,
             waited: false,
         };
@@ -331,6 +364,7 @@ impl KmodDevice {
             passthrough: params.features & uapi::F_PASSTHROUGH != 0,
             io_uring: false,
             workers: None,
+            session: None,
             owned: false,
             waited: false,
         };
@@ -364,6 +398,7 @@ impl KmodDevice {
             channels.push(Arc::new(attach_channel(self.dev_id, queue, takeover)?));
         }
         let session = Arc::new(session);
+        self.session = Some(session.clone());
         let depth = params.queue_depth;
         let read_sources = ring::read_sources_offered(&features);
         let serve = move || {
@@ -406,6 +441,18 @@ impl KmodDevice {
 
     pub fn device_path(&self) -> PathBuf {
         PathBuf::from(format!("/dev/fuseblk{}", self.dev_id))
+    }
+
+    /// A handle that changes the device's size from another thread.
+    pub fn resizer(&self) -> io::Result<Resizer> {
+        Ok(Resizer {
+            session: self
+                .session
+                .clone()
+                .ok_or_else(|| io::Error::other("the device is not served yet"))?,
+            control: Arc::new(Control::open()?),
+            dev_id: self.dev_id,
+        })
     }
 
     /// A handle that destroys the device from another thread.
@@ -484,6 +531,34 @@ impl Drop for KmodDevice {
                 let _ = workers.join();
             }
         }
+    }
+}
+
+/// Changes a served device's size: the handler's and the module's, in the
+/// order [`Session::resize`] gives.
+#[derive(Clone)]
+pub struct Resizer {
+    session: Arc<Session>,
+    control: Arc<Control>,
+    dev_id: u32,
+}
+
+impl Resizer {
+    /// Has the handler serve `size` bytes and the device show them.
+    pub fn resize(&self, size: u64) -> io::Result<()> {
+        self.session
+            .resize(size, |size| self.control.resize(self.dev_id, size))
+    }
+
+    /// The handler serves `size` bytes now: the device shows them.
+    pub fn announce(&self, size: u64) -> io::Result<()> {
+        self.session
+            .announce_size(size, |size| self.control.resize(self.dev_id, size))
+    }
+
+    /// The size the device has now.
+    pub fn size(&self) -> u64 {
+        self.session.size()
     }
 }
 

@@ -4,7 +4,9 @@
 
 use zerocopy::{Immutable, IntoBytes};
 
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
+/// The misc minor of `/dev/fuse-blk`, by which its first open loads the module.
+pub const MINOR: u32 = 246;
 pub const NAME_LEN: usize = 32;
 pub const MAX_QUEUES: u16 = 64;
 pub const MAX_QUEUE_DEPTH: u16 = 1024;
@@ -21,10 +23,11 @@ pub const F_URING: u64 = 1 << 8;
 pub const F_PASSTHROUGH: u64 = 1 << 9;
 pub const F_URING_DATA_ADDR: u64 = 1 << 10;
 pub const F_URING_DATA_IOVEC: u64 = 1 << 11;
+pub const F_RESIZE: u64 = 1 << 12;
 
 /// The feature flags by the names the header gives them (without
 /// `FUSE_BLK_F_`, in lower case), in bit order.
-pub const FEATURE_NAMES: [(u64, &str); 12] = [
+pub const FEATURE_NAMES: [(u64, &str); 13] = [
     (F_FLUSH, "flush"),
     (F_FUA, "fua"),
     (F_DISCARD, "discard"),
@@ -37,6 +40,7 @@ pub const FEATURE_NAMES: [(u64, &str); 12] = [
     (F_PASSTHROUGH, "passthrough"),
     (F_URING_DATA_ADDR, "uring_data_addr"),
     (F_URING_DATA_IOVEC, "uring_data_iovec"),
+    (F_RESIZE, "resize"),
 ];
 
 /// The names of the flags set in `features`; bits this mirror does not
@@ -111,6 +115,16 @@ pub struct Attach {
     pub reserved: [u64; 3],
 }
 
+/// `struct fuse_blk_resize`: the argument of FUSE_BLK_IOC_RESIZE.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Resize {
+    pub dev_id: u32,
+    pub reserved0: u32,
+    pub size: u64,
+    pub reserved: [u64; 2],
+}
+
 /// The io_uring command area of an SQE (`struct fuse_blk_uring_cmd`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, IntoBytes, Immutable)]
@@ -155,6 +169,7 @@ nix::ioctl_readwrite!(create, MAGIC, 1, Params);
 nix::ioctl_write_ptr!(destroy, MAGIC, 2, u32);
 nix::ioctl_readwrite!(get_info, MAGIC, 3, Info);
 nix::ioctl_write_ptr!(attach, MAGIC, 4, Attach);
+nix::ioctl_write_ptr!(resize, MAGIC, 5, Resize);
 
 #[cfg(test)]
 mod tests {
@@ -167,6 +182,7 @@ mod tests {
         assert_eq!(size_of::<Params>(), 32 + 4 + 4 + NAME_LEN + 64);
         assert_eq!(size_of::<Info>(), 16 + size_of::<Params>() + 32);
         assert_eq!(size_of::<Attach>(), 32);
+        assert_eq!(size_of::<Resize>(), 32);
         assert_eq!(size_of::<UringCmd>(), 16);
     }
 
@@ -198,6 +214,7 @@ mod tests {
         let value = |name: &str| header_value(header, name);
         assert_eq!(value("FUSE_BLK_ABI_VERSION"), u64::from(ABI_VERSION));
         assert_eq!(value("FUSE_BLK_NAME_LEN"), NAME_LEN as u64);
+        assert_eq!(value("FUSE_BLK_MINOR"), u64::from(MINOR));
         assert_eq!(value("FUSE_BLK_MAX_QUEUES"), u64::from(MAX_QUEUES));
         assert_eq!(
             value("FUSE_BLK_MAX_QUEUE_DEPTH"),

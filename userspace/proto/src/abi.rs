@@ -545,6 +545,19 @@ pub struct PollOut {
 /// `fuse_out_header.error` with `unique` 0.
 pub mod notify {
     pub const POLL: i32 = 1;
+    pub const INVAL_INODE: i32 = 2;
+}
+
+/// `struct fuse_notify_inval_inode_out`: a negative `off` invalidates the
+/// attributes only, not the page cache.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+#[repr(C)]
+pub struct NotifyInvalInodeOut {
+    pub ino: u64,
+    pub off: i64,
+    pub len: i64,
 }
 
 /// `struct fuse_notify_poll_wakeup_out`.
@@ -594,5 +607,6 @@ mod tests {
         assert_eq!(size_of::<PollIn>(), 24);
         assert_eq!(size_of::<PollOut>(), 8);
         assert_eq!(size_of::<NotifyPollWakeupOut>(), 8);
+        assert_eq!(size_of::<NotifyInvalInodeOut>(), 24);
     }
 }

@@ -3,7 +3,7 @@
 
 use zerocopy::IntoBytes;
 
-use crate::abi::{DirentHeader, OutHeader};
+use crate::abi::{self, DirentHeader, OutHeader};
 
 /// Largest errno the kernel accepts in `fuse_out_header.error`.
 pub const MAX_ERRNO: i32 = 511;
@@ -79,6 +79,25 @@ pub fn push_dirent(
     buf.resize(start + size, 0);
     true
 }
+/// The notification that has the kernel forget the attributes it cached
+/// for node `ino` (FUSE_NOTIFY_INVAL_INODE with a negative offset: the page
+/// cache is left alone), so that its next stat asks the daemon again.
+pub fn encode_inval_attributes(ino: u64) -> Vec<u8> {
+    let body = abi::NotifyInvalInodeOut {
+        ino,
+        off: -1,
+        len: 0,
+    };
+    let header = OutHeader {
+        len: (std::mem::size_of::<OutHeader>() + std::mem::size_of_val(&body)) as u32,
+        error: abi::notify::INVAL_INODE,
+        unique: 0,
+    };
+    let mut out = header.as_bytes().to_vec();
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +141,18 @@ mod tests {
         assert_eq!(&buf[..8], &[0xaa; 8]);
         assert_eq!(buf[8 + 24], b'n');
         assert!(buf[8 + 25..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn attribute_invalidation_bytes() {
+        let bytes = encode_inval_attributes(2);
+        let mut expected = Vec::new();
+        expected.extend_from_slice(&40u32.to_le_bytes()); // len
+        expected.extend_from_slice(&2i32.to_le_bytes()); // FUSE_NOTIFY_INVAL_INODE
+        expected.extend_from_slice(&0u64.to_le_bytes()); // unique
+        expected.extend_from_slice(&2u64.to_le_bytes()); // ino
+        expected.extend_from_slice(&(-1i64).to_le_bytes()); // off: attributes only
+        expected.extend_from_slice(&0i64.to_le_bytes()); // len
+        assert_eq!(bytes, expected);
     }
 }

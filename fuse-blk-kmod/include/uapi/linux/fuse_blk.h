@@ -5,6 +5,18 @@
  * This header is the one ABI between the fuse_blk module and its daemons.
  *
  * Changelog
+ *  ABI 7 (2026-12)
+ *   - Online resize: FUSE_BLK_IOC_RESIZE with struct fuse_blk_resize sets
+ *     a device's size (params.size, and the disk's capacity once it is
+ *     live) while it serves; the kernel sends a change uevent with
+ *     RESIZE=1. GET_FEATURES reports FUSE_BLK_F_RESIZE; CREATE echoes it
+ *     and it asks nothing of the device. The daemon serves the new size
+ *     first when a device grows, and stops serving the old end after the
+ *     kernel when it shrinks: the driver never asks it about either.
+ *   - /dev/fuse-blk is the misc minor FUSE_BLK_MINOR of the range reserved
+ *     for local use (was dynamic), so that its first open loads the module
+ *     (a "devname:" alias, as /dev/fuse and /dev/loop-control have). A
+ *     module whose minor is taken falls back to a dynamic one.
  *  ABI 6 (2026-12)
  *   - No new fields; three rules made exact. Of overlapping takeovers of a
  *     queue, the channel attached last wins: a FUSE_INIT reply retires
@@ -160,10 +172,13 @@
 #include <linux/types.h>
 #include <linux/ioctl.h>
 
-#define FUSE_BLK_ABI_VERSION	6
+#define FUSE_BLK_ABI_VERSION	7
 
 /* fuse_in_header.nodeid of every request on a channel */
 #define FUSE_BLK_NODE_ID	2
+
+/* The misc minor of /dev/fuse-blk (char 10, "reserved for local use") */
+#define FUSE_BLK_MINOR		246
 
 #define FUSE_BLK_NAME_LEN	32
 #define FUSE_BLK_MAX_QUEUES	64
@@ -195,8 +210,11 @@
 #define FUSE_BLK_F_URING_DATA_ADDR	(1ULL << 10)
 /* COMMIT_AND_FETCH takes FUSE_BLK_URING_F_DATA_IOVEC (as FUSE_BLK_F_URING). */
 #define FUSE_BLK_F_URING_DATA_IOVEC	(1ULL << 11)
+/* FUSE_BLK_IOC_RESIZE (GET_FEATURES reports it; CREATE echoes it and it
+ * asks nothing of the device). */
+#define FUSE_BLK_F_RESIZE	(1ULL << 12)
 
-#define FUSE_BLK_F_ALL		((1ULL << 12) - 1)
+#define FUSE_BLK_F_ALL		((1ULL << 13) - 1)
 
 struct fuse_blk_features {
 	__u32	abi_version;		/* out: FUSE_BLK_ABI_VERSION */
@@ -248,6 +266,20 @@ struct fuse_blk_attach {
 	__u64	reserved[3];		/* must be zero */
 };
 
+/*
+ * FUSE_BLK_IOC_RESIZE: size in bytes, a non-zero multiple of the device's
+ * logical block size (EINVAL otherwise). A device that is not live yet
+ * goes live with the new size. ENODEV for a device that does not exist or
+ * is being destroyed. The driver does not check a shrink against what is
+ * mounted: the caller does.
+ */
+struct fuse_blk_resize {
+	__u32	dev_id;
+	__u32	reserved0;		/* must be zero */
+	__u64	size;
+	__u64	reserved[2];		/* must be zero */
+};
+
 #define FUSE_BLK_IOC_MAGIC	0xFB
 
 #define FUSE_BLK_IOC_GET_FEATURES	_IOR(FUSE_BLK_IOC_MAGIC, 0, struct fuse_blk_features)
@@ -255,6 +287,7 @@ struct fuse_blk_attach {
 #define FUSE_BLK_IOC_DESTROY		_IOW(FUSE_BLK_IOC_MAGIC, 2, __u32)
 #define FUSE_BLK_IOC_GET_INFO		_IOWR(FUSE_BLK_IOC_MAGIC, 3, struct fuse_blk_info)
 #define FUSE_BLK_IOC_ATTACH		_IOW(FUSE_BLK_IOC_MAGIC, 4, struct fuse_blk_attach)
+#define FUSE_BLK_IOC_RESIZE		_IOW(FUSE_BLK_IOC_MAGIC, 5, struct fuse_blk_resize)
 
 /* io_uring channels: sqe->cmd_op values and the SQE's command area */
 #define FUSE_BLK_URING_HEADER_SIZE	128
