@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fuse_blk_attach::{AttachOptions, AttachedDevice, Detacher, Ended, Transport};
+use fuse_blk_attach::{AttachOptions, AttachedDevice, Detacher, Ended, Resizer, Transport};
 use fuse_blk_kmod::KmodDevice;
 use fuse_blk_loop::StockDevice;
 use nix::sys::signal::{SigSet, Signal};
@@ -93,6 +93,15 @@ impl Served {
             Served::Device(device) => DetachHandle::Device(device.detacher()?),
             Served::DmUser(serving) => DetachHandle::DmUser(serving.detacher()?),
         })
+    }
+
+    /// What resizes the device; None on a dm-user node, whose size is the
+    /// target's.
+    fn resizer(&self) -> std::io::Result<Option<Resizer>> {
+        match self {
+            Served::Device(device) => device.resizer().map(Some),
+            Served::DmUser(_) => Ok(None),
+        }
     }
 
     fn wait(self) -> std::io::Result<Ended> {
@@ -449,14 +458,18 @@ fn start_serving(
     spawn: &Spawn,
 ) -> Result<(), String> {
     let detacher = served.detacher().map_err(|e| e.to_string())?;
+    let control = Controls {
+        detacher: detacher.clone(),
+        resizer: served.resizer().map_err(|e| e.to_string())?,
+        dir: dir.clone(),
+    };
     let (socket, listener) = ControlSocket::bind(dir)?;
-    let signal_detacher = detacher.clone();
-    spawn("signals", Box::new(move || signal_loop(signal_detacher)))
+    spawn("signals", Box::new(move || signal_loop(detacher)))
         .map_err(|e| format!("starting the signal thread: {e}"))?;
     let answering = answering.clone();
     spawn(
         "control",
-        Box::new(move || control_loop(listener, detacher, answering)),
+        Box::new(move || control_loop(listener, control, answering)),
     )
     .map_err(|e| format!("starting the control thread: {e}"))?;
     socket.publish(dir, record)
@@ -530,21 +543,40 @@ fn signal_loop(detacher: DetachHandle) {
 /// The control socket takes one command per connection, a line of text, and
 /// answers `ok` or `error MESSAGE`; `status` is answered `ok` followed by
 /// the connection state of an NBD backend, if it is one.
-fn control_loop(listener: UnixListener, detacher: DetachHandle, answering: Arc<Mutex<()>>) {
+fn control_loop(listener: UnixListener, control: Controls, answering: Arc<Mutex<()>>) {
     for stream in listener.incoming().flatten() {
         let _answering = answering.lock();
-        if let Err(e) = handle_control(stream, &detacher) {
+        if let Err(e) = handle_control(stream, &control) {
             log::warn!("control connection: {e}");
         }
     }
 }
 
-fn handle_control(stream: UnixStream, detacher: &DetachHandle) -> std::io::Result<()> {
+/// What the control thread acts on.
+struct Controls {
+    detacher: DetachHandle,
+    resizer: Option<Resizer>,
+    dir: DeviceDir,
+}
+
+fn handle_control(stream: UnixStream, control: &Controls) -> std::io::Result<()> {
+    let detacher = &control.detacher;
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
     // Each answer is one write: the peer reads it with one recvmsg.
     let answer = |text: String| (&stream).write_all(format!("{text}\n").as_bytes());
-    match line.trim() {
+    let line = line.trim();
+    if let Some(size) = line
+        .strip_prefix(crate::resize::COMMAND)
+        .and_then(|rest| rest.strip_prefix(' '))
+    {
+        return answer(crate::resize::answer(
+            size,
+            control.resizer.as_ref(),
+            &control.dir,
+        ));
+    }
+    match line {
         "detach" => match detacher.detach() {
             Ok(()) => answer("ok".into()),
             Err(e) => answer(format!("error {e}")),

@@ -4,6 +4,7 @@ mod backend;
 mod config;
 mod daemon;
 mod dm_user;
+mod resize;
 mod state;
 mod stats;
 mod systemd;
@@ -56,6 +57,16 @@ enum Commands {
     Handoff {
         /// The device path or its name.
         device: String,
+    },
+    /// Change a device's size while it serves (online resize): the backend
+    /// grows or shrinks (mem: and file: can) and the kernel sends a change
+    /// uevent; then grow the file system on it (resize2fs, xfs_growfs).
+    /// Shrinking a mounted device is refused.
+    Resize {
+        /// The device path or its name.
+        device: String,
+        /// The new size in bytes, or with a K, M, G or T suffix.
+        size: String,
     },
     /// Show what each device's daemon has served, like iostat -x: requests
     /// and kilobytes per second by kind, requests in flight, service-time
@@ -286,6 +297,7 @@ fn main() -> ExitCode {
         Commands::Attach(args) => attach(args),
         Commands::Detach { device } => detach(&device),
         Commands::Handoff { device } => handoff(&device),
+        Commands::Resize { device, size } => resize::run(&device, &size),
         Commands::List { json } => list(json),
         Commands::Stats(args) => stats::run(args),
         Commands::Up(args) => config::up(args),
