@@ -101,6 +101,12 @@ impl Backend {
             if let Some(bytes) = args.qcow2_refcount_cache {
                 options.refcount_cache_bytes = bytes;
             }
+            if args.recover.is_some() {
+                // A handoff's successor starts while the old daemon still
+                // holds the image: its requests wait for the old one to
+                // close it (as long as `handoff` waits for it to exit).
+                options.wait_for_lock = Some(Duration::from_secs(60));
+            }
             return Ok(Backend::Qcow2 {
                 path: path.into(),
                 options,

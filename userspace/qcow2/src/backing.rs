@@ -9,10 +9,11 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use crate::header::MAGIC;
 use crate::image::Image;
-use crate::{lock_file, path_error, Options};
+use crate::{lock_file, path_error, Options, FORK_LOCK_WAIT};
 
 /// qemu refuses chains deeper than about 1000; well before that a chain
 /// is a mistake, and each layer holds caches.
@@ -97,7 +98,11 @@ impl Backing {
             drop(file);
             chain.push(canonical);
             return Ok(Backing::Qcow2(Box::new(Image::open_in_chain(
-                &path, true, options, chain,
+                &path,
+                true,
+                options,
+                chain,
+                Instant::now() + FORK_LOCK_WAIT,
             )?)));
         }
         lock_file(&file, &path, false)?;

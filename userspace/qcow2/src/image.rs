@@ -15,12 +15,20 @@
 //! only after a flush, which waits (`reuse_gate`) for every lookup-to-I/O
 //! section that began before it.
 //!
-//! Crash ordering (what a flush writes, in order, with an fdatasync after
-//! each step that wrote something): refcount increments (and with them the
-//! guest data written so far), refcount table entries of new blocks, L2
-//! tables, the L1 table, then refcount decrements. The refcount of a
-//! cluster is therefore never below the number of durable references to
-//! it: a crash leaves leaked clusters at most.
+//! Crash ordering. Metadata changes are written to the file as they are
+//! made, so that a daemon killed with `kill -9` leaves in the page cache
+//! every change whose request it answered (a module device recovered by
+//! another daemon goes on with the data its file system was told was
+//! written). Clusters are allocated from a reserve whose refcounts (and
+//! any new refcount block or table) are written and synced before the
+//! first of them is used; a new L2 table is written and synced before the
+//! L1 entry pointing at it; an L2 entry is written after the data of its
+//! cluster. Refcount decrements wait for a flush, which syncs everything
+//! written so far before it applies them (and syncs again). The refcount
+//! of a cluster is therefore never below the number of references to it in
+//! the file, durable or in the page cache: a crash of the daemon or of the
+//! machine leaves leaked clusters at most (the unused rest of a reserve
+//! among them; a clean close gives it back).
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -29,6 +37,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
@@ -37,7 +46,7 @@ use crate::cache::TableCache;
 use crate::compressed::{decompress, CompressedExtent};
 use crate::header::{Header, AUTOCLEAR_OFFSET};
 use crate::refcount::Refcounts;
-use crate::{corrupt, lock_file, path_error, read_exact_at, Options};
+use crate::{corrupt, lock_file_until, path_error, read_exact_at, Options, FORK_LOCK_WAIT};
 
 /// Bits 9..=55 of L1 and standard L2 entries: a cluster's host offset.
 pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -88,6 +97,9 @@ pub struct Image {
     busy: Mutex<HashSet<u64>>,
     busy_done: Condvar,
     reuse_gate: RwLock<()>,
+    /// Clusters whose refcount of 1 is already durable, handed out by
+    /// [`Image::allocate`], last first.
+    reserve: Mutex<Vec<u64>>,
     /// End of the file as far as clusters go: the file's length rounded up
     /// to a cluster, grown by allocations. No metadata may point past it.
     file_end: AtomicU64,
@@ -123,10 +135,22 @@ struct Piece {
 impl Image {
     /// Opens the image at `path` and its backing chain.
     pub fn open(path: &Path, read_only: bool, options: &Options) -> io::Result<Image> {
+        Image::open_until(path, read_only, options, Instant::now() + FORK_LOCK_WAIT)
+    }
+
+    /// [`open`](Self::open), retrying a lock another process holds until
+    /// `deadline`.
+    pub(crate) fn open_until(
+        path: &Path,
+        read_only: bool,
+        options: &Options,
+        lock_deadline: Instant,
+    ) -> io::Result<Image> {
         let canonical = std::fs::canonicalize(path).map_err(|e| {
             io::Error::new(e.kind(), format!("{}: {}", path.display(), path_error(&e)))
         })?;
-        Image::open_in_chain(path, read_only, options, &mut vec![canonical])
+        let mut chain = vec![canonical];
+        Image::open_in_chain(path, read_only, options, &mut chain, lock_deadline)
     }
 
     pub(crate) fn open_in_chain(
@@ -134,6 +158,7 @@ impl Image {
         read_only: bool,
         options: &Options,
         chain: &mut Vec<PathBuf>,
+        lock_deadline: Instant,
     ) -> io::Result<Image> {
         let in_path = |e: io::Error| {
             io::Error::new(e.kind(), format!("{}: {}", path.display(), path_error(&e)))
@@ -154,7 +179,7 @@ impl Image {
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
             .map_err(in_path)?;
-        lock_file(&file, path, !read_only)?;
+        lock_file_until(&file, path, !read_only, lock_deadline)?;
         let read_header = || -> io::Result<(Header, u64)> {
             let file_len = file.metadata().map_err(in_path)?.len();
             // The header and its extensions sit in the first cluster; read
@@ -235,6 +260,7 @@ impl Image {
             busy: Mutex::new(HashSet::new()),
             busy_done: Condvar::new(),
             reuse_gate: RwLock::new(()),
+            reserve: Mutex::new(Vec::new()),
             file_end: AtomicU64::new(file_end),
             fixed_metadata,
             header,
@@ -647,13 +673,16 @@ impl Image {
         }
     }
 
+    /// Under `writer`: a cluster for new data or a new L2 table, from the
+    /// reserve (refilled when empty). The caller writes it before anything
+    /// points at it.
     fn allocate(&self) -> io::Result<u64> {
-        let mut refcounts = self.refcounts.lock();
-        let host = refcounts.allocate(&self.file)?;
-        self.file_end
-            .fetch_max(refcounts.file_end(), Ordering::AcqRel);
-        self.fixed_metadata.write()[2] = refcounts.table_range();
-        drop(refcounts);
+        let mut reserve = self.reserve.lock();
+        if reserve.is_empty() {
+            self.refill_reserve(&mut reserve)?;
+        }
+        let host = reserve.pop().expect("refilled");
+        drop(reserve);
         if !self.valid_data_cluster(host) {
             // Its refcount said free, but it is the header or a table:
             // the refcounts are corrupt; write nothing there.
@@ -663,6 +692,67 @@ impl Image {
             )));
         }
         Ok(host)
+    }
+
+    /// Allocates the next clusters (32 MiB of them, 16 to 1024 clusters),
+    /// then writes their refcounts, with any refcount block or table that
+    /// took, and syncs them: from then on metadata written to the file may
+    /// point at them in any order and at any time, and a crash leaves the
+    /// ones not yet used as leaks.
+    fn refill_reserve(&self, reserve: &mut Vec<u64>) -> io::Result<()> {
+        let count = ((32u64 << 20) >> self.cluster_bits()).clamp(16, 1024);
+        let mut refcounts = self.refcounts.lock();
+        let mut hosts = Vec::with_capacity(count as usize);
+        let mut failed = None;
+        for _ in 0..count {
+            match refcounts.allocate(&self.file) {
+                Ok(host) => hosts.push(host),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        self.file_end
+            .fetch_max(refcounts.file_end(), Ordering::AcqRel);
+        self.fixed_metadata.write()[2] = refcounts.table_range();
+        let written = refcounts
+            .write_back(&self.file, || self.sync())
+            .and_then(|_| self.sync());
+        if let Err(e) = written {
+            // Not durable: nothing may point at them; free them again at
+            // the next flush.
+            for host in hosts {
+                refcounts.defer_decrement(host);
+            }
+            return Err(e);
+        }
+        if hosts.is_empty() {
+            return Err(failed.unwrap_or_else(|| io::Error::from_raw_os_error(libc::ENOSPC)));
+        }
+        hosts.reverse();
+        *reserve = hosts;
+        Ok(())
+    }
+
+    /// Under `writer`: gives the unused reserve back at the next flush.
+    fn release_reserve(&self) {
+        let unused = std::mem::take(&mut *self.reserve.lock());
+        let mut refcounts = self.refcounts.lock();
+        for host in unused {
+            refcounts.defer_decrement(host);
+        }
+    }
+
+    /// Gives back the unused reserve and flushes: what closing the image
+    /// does, and what a daemon does before it lets another one have it.
+    pub fn close(&self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let _writer = self.writer.lock();
+        self.release_reserve();
+        self.flush_locked()
     }
 
     /// Under `writer`: makes the L2 table of `l1_index` one this image owns
@@ -687,9 +777,27 @@ impl Image {
             tables.l2.get(l1_index).expect("loaded").data.clone()
         };
         let host = self.allocate()?;
-        tables.l2.insert(l1_index, host, data, true);
+        // The table, synced, before the L1 entry pointing at it.
+        let raw: Vec<u8> = data.iter().flat_map(|e| e.to_be_bytes()).collect();
+        let l1_entry_offset = self.header.l1_table_offset + l1_index * 8;
+        let written = self
+            .file
+            .write_all_at(&raw, host)
+            .and_then(|()| self.sync())
+            .and_then(|()| {
+                self.file
+                    .write_all_at(&(host | COPIED).to_be_bytes(), l1_entry_offset)
+            });
+        if let Err(e) = written {
+            // The L1 entry may have been written: keep it in the cached
+            // L1 table as it was and rewrite that at the next flush.
+            tables.l1_dirty = true;
+            drop(tables);
+            self.refcounts.lock().defer_decrement(host);
+            return Err(e);
+        }
+        tables.l2.insert(l1_index, host, data, false);
         tables.l1[l1_index as usize] = host | COPIED;
-        tables.l1_dirty = true;
         drop(tables);
         if old_host != 0 {
             self.refcounts.lock().defer_decrement(old_host);
@@ -706,8 +814,17 @@ impl Image {
             self.load_l2(&mut tables, l1_index)?;
         }
         let table = tables.l2.get_mut(l1_index).expect("loaded");
-        table.data[l2_index] = entry;
-        table.dirty = true;
+        let old = std::mem::replace(&mut table.data[l2_index], entry);
+        let written = self
+            .file
+            .write_all_at(&entry.to_be_bytes(), table.host + l2_index as u64 * 8);
+        if let Err(e) = written {
+            // Maybe written: the table as cached goes back at the next
+            // flush.
+            table.data[l2_index] = old;
+            table.dirty = true;
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -949,7 +1066,7 @@ impl Drop for Image {
         if self.crash.crashed.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        if let Err(e) = self.flush() {
+        if let Err(e) = self.close() {
             log::error!("{}: flushing on close: {e}", self.path.display());
         }
     }

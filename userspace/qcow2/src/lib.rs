@@ -33,7 +33,11 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use fuse_blk::{BlockDevice, Features, Geometry, ReplyData, ReplyEmpty, ReplyWrite, Request};
 
@@ -59,6 +63,16 @@ pub struct Options {
     pub l2_cache_bytes: usize,
     /// Bytes of refcount blocks kept in memory (at least two blocks).
     pub refcount_cache_bytes: usize,
+    /// What to do when another process holds the image's lock at open:
+    /// `None` refuses the open (after 2 s of retries). `Some(wait)` is for
+    /// a daemon taking over from one that still serves the image (`attach
+    /// --recover`, `handoff`): the device opens at once with the size
+    /// from the header, and its requests wait until the lock is free (the
+    /// old daemon flushes and exits once its last request is answered),
+    /// then the image is opened and its metadata read as the old daemon
+    /// left it. No later than `wait` after the open, requests fail with
+    /// EIO. So two processes never write the image's metadata at once.
+    pub wait_for_lock: Option<Duration>,
 }
 
 impl Default for Options {
@@ -66,6 +80,7 @@ impl Default for Options {
         Options {
             l2_cache_bytes: 4 << 20,
             refcount_cache_bytes: 1 << 20,
+            wait_for_lock: None,
         }
     }
 }
@@ -150,6 +165,20 @@ fn ofd_lock(file: &File, command: libc::c_int, kind: libc::c_short, byte: i64) -
 /// close-on-exec), so a refusal is retried for 2 s before it counts. A
 /// file system without such locks is used unlocked, as qemu does.
 pub(crate) fn lock_file(file: &File, path: &Path, writable: bool) -> io::Result<()> {
+    lock_file_until(file, path, writable, Instant::now() + FORK_LOCK_WAIT)
+}
+
+/// How long a lock refusal is retried, for a forking thread's child to
+/// exec (see [`lock_file`]).
+const FORK_LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// [`lock_file`], retrying until `deadline`.
+pub(crate) fn lock_file_until(
+    file: &File,
+    path: &Path,
+    writable: bool,
+    deadline: Instant,
+) -> io::Result<()> {
     use qemu_lock::*;
     let held: &[i64] = if writable {
         &[CONSISTENT_READ, WRITE, RESIZE]
@@ -187,12 +216,11 @@ pub(crate) fn lock_file(file: &File, path: &Path, writable: bool) -> io::Result<
         }
         Ok(true)
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     loop {
         match take() {
             Ok(true) => return Ok(()),
-            Ok(false) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(20));
+            Ok(false) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
             }
             Ok(false) => return Err(busy()),
             Err(e)
@@ -220,15 +248,30 @@ pub(crate) fn lock_file(file: &File, path: &Path, writable: bool) -> io::Result<
 
 /// A qcow2 image served as a block device.
 pub struct Qcow2Device {
-    image: Image,
+    /// Set at open, or for a device opened while another process held the
+    /// image ([`Options::wait_for_lock`]), by the first request that finds
+    /// the lock free.
+    image: OnceLock<Image>,
+    /// How to open the image while it is not: `Some` until it is open or
+    /// the wait is over.
+    pending: Mutex<Option<PendingOpen>>,
+    path: PathBuf,
     geometry: Geometry,
+}
+
+/// An open waiting for another process to let go of the image.
+struct PendingOpen {
+    read_only: bool,
+    options: Options,
+    deadline: Instant,
 }
 
 impl fmt::Debug for Qcow2Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Qcow2Device")
-            .field("path", &self.image.path())
+            .field("path", &self.path)
             .field("geometry", &self.geometry)
+            .field("open", &self.image.get().is_some())
             .finish()
     }
 }
@@ -247,9 +290,21 @@ impl Qcow2Device {
         logical_block_size: u32,
         options: &Options,
     ) -> io::Result<Qcow2Device> {
-        let image = Image::open(path, read_only, options)?;
+        let (image, size) = match Image::open(path, read_only, options) {
+            Ok(image) => {
+                let size = image.size();
+                (Some(image), size)
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::ResourceBusy && options.wait_for_lock.is_some() =>
+            {
+                log::info!("{e}: requests wait until it is free");
+                (None, unlocked_size(path)?)
+            }
+            Err(e) => return Err(e),
+        };
         let geometry = Geometry {
-            size: image.size(),
+            size,
             logical_block_size,
             physical_block_size: logical_block_size.max(4096),
             read_only,
@@ -265,12 +320,88 @@ impl Qcow2Device {
                 format!("{}: {e}", path.display()),
             )
         })?;
-        Ok(Qcow2Device { image, geometry })
+        let pending = match &image {
+            Some(_) => None,
+            None => Some(PendingOpen {
+                read_only,
+                options: *options,
+                deadline: Instant::now() + options.wait_for_lock.unwrap_or_default(),
+            }),
+        };
+        Ok(Qcow2Device {
+            image: image.map(OnceLock::from).unwrap_or_default(),
+            pending: Mutex::new(pending),
+            path: path.to_owned(),
+            geometry,
+        })
     }
 
-    pub fn image(&self) -> &Image {
-        &self.image
+    /// The image, opened now if it was locked by another process at
+    /// [`open`](Self::open) (see [`Options::wait_for_lock`]): waits for
+    /// the lock until the deadline; an error (logged) once it passed.
+    pub fn image(&self) -> io::Result<&Image> {
+        if let Some(image) = self.image.get() {
+            return Ok(image);
+        }
+        // One request opens; the others wait for it here.
+        let mut pending = self.pending.lock();
+        if let Some(image) = self.image.get() {
+            return Ok(image);
+        }
+        let Some(open) = pending.as_ref() else {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        };
+        let result = loop {
+            match Image::open_until(&self.path, open.read_only, &open.options, open.deadline) {
+                Err(e)
+                    if e.kind() == io::ErrorKind::ResourceBusy
+                        && Instant::now() < open.deadline =>
+                {
+                    continue
+                }
+                result => break result,
+            }
+        };
+        *pending = None;
+        match result {
+            Ok(image) => {
+                if image.size() != self.geometry.size {
+                    log::error!(
+                        "{}: {} bytes now, {} when the device was opened",
+                        self.path.display(),
+                        image.size(),
+                        self.geometry.size
+                    );
+                    return Err(io::Error::from_raw_os_error(libc::EIO));
+                }
+                log::info!("{}: opened, its lock free", self.path.display());
+                Ok(self.image.get_or_init(|| image))
+            }
+            Err(e) => {
+                log::error!("{e}: its requests fail");
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            }
+        }
     }
+}
+
+/// The guest size in an image's header, read without taking its lock
+/// (which another process holds): the size a device opened before the
+/// image ([`Options::wait_for_lock`]) announces.
+fn unlocked_size(path: &Path) -> io::Result<u64> {
+    let in_path =
+        |e: io::Error| io::Error::new(e.kind(), format!("{}: {}", path.display(), path_error(&e)));
+    let file = File::open(path).map_err(in_path)?;
+    let file_len = file.metadata().map_err(in_path)?.len();
+    let mut first = vec![0u8; (2 << 20).min(file_len) as usize];
+    read_exact_at(&file, &mut first, 0).map_err(in_path)?;
+    let header = header::Header::parse(&first, file_len).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{}: {e}", path.display()),
+        )
+    })?;
+    Ok(header.size)
 }
 
 impl BlockDevice for Qcow2Device {
@@ -279,20 +410,17 @@ impl BlockDevice for Qcow2Device {
     }
 
     fn read(&self, _req: &Request, offset: u64, _len: u32, reply: ReplyData) {
-        reply.fill(|buf| self.image.read(offset, buf));
+        reply.fill(|buf| self.image()?.read(offset, buf));
     }
 
     fn write(&self, _req: &Request, offset: u64, data: &[u8], fua: bool, reply: ReplyWrite) {
-        let result =
-            self.image.write(offset, data).and_then(
-                |()| {
-                    if fua {
-                        self.image.flush()
-                    } else {
-                        Ok(())
-                    }
-                },
-            );
+        let result = self.image().and_then(|image| {
+            image.write(offset, data)?;
+            if fua {
+                image.flush()?;
+            }
+            Ok(())
+        });
         match result {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -300,11 +428,11 @@ impl BlockDevice for Qcow2Device {
     }
 
     fn flush(&self, _req: &Request, reply: ReplyEmpty) {
-        reply.outcome(self.image.flush());
+        reply.outcome(self.image().and_then(Image::flush));
     }
 
     fn discard(&self, _req: &Request, offset: u64, len: u64, reply: ReplyEmpty) {
-        reply.outcome(self.image.discard(offset, len));
+        reply.outcome(self.image().and_then(|image| image.discard(offset, len)));
     }
 
     fn write_zeroes(
@@ -315,12 +443,20 @@ impl BlockDevice for Qcow2Device {
         may_unmap: bool,
         reply: ReplyEmpty,
     ) {
-        reply.outcome(self.image.write_zeroes(offset, len, may_unmap));
+        reply.outcome(
+            self.image()
+                .and_then(|image| image.write_zeroes(offset, len, may_unmap)),
+        );
     }
 
     fn destroy(&self) {
-        if let Err(e) = self.image.flush() {
-            log::error!("{}: flushing: {e}", self.image.path().display());
+        // An image never opened (its lock never came free) has nothing to
+        // flush. A daemon handing the device over ends here: the image is
+        // left as a close leaves it, for its successor.
+        if let Some(image) = self.image.get() {
+            if let Err(e) = image.close() {
+                log::error!("{}: flushing: {e}", image.path().display());
+            }
         }
     }
 }

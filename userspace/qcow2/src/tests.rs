@@ -547,6 +547,7 @@ fn tiny_caches() {
     let options = Options {
         l2_cache_bytes: 0,
         refcount_cache_bytes: 0,
+        ..Options::default()
     };
     let mut checked = Checked {
         device: open_with(&path, false, &options).unwrap(),
@@ -843,6 +844,7 @@ fn concurrent_mixed_requests_with_tiny_caches() {
     let options = Options {
         l2_cache_bytes: 0,
         refcount_cache_bytes: 0,
+        ..Options::default()
     };
     let device = Arc::new(Qcow2Device::open(&path, false, 512, &options).unwrap());
     let threads = 4;
@@ -1127,6 +1129,71 @@ fn a_second_writer_is_refused() {
     drop(open(&path));
 }
 
+/// A successor (`attach --recover`, `handoff`) opens while the old daemon
+/// still holds the image: its requests wait until the old one closes it,
+/// then see everything the old one wrote, metadata it had only cached
+/// included.
+#[test]
+fn a_successor_waits_for_the_lock_then_sees_what_the_old_one_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("handed.qcow2");
+    create(&path, "cluster_size=4096", 4 * MIB);
+    let old = open(&path);
+    old.write(0, &pattern(1, 65536), false).unwrap();
+    let waiting = Options {
+        wait_for_lock: Some(std::time::Duration::from_secs(60)),
+        ..Options::default()
+    };
+    let new = open_with(&path, false, &waiting).unwrap();
+    assert_eq!(new.geometry().size, 4 * MIB);
+    let first_read = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| new.read(0, 65536));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            !reader.is_finished(),
+            "a request was served while the old device held the image"
+        );
+        old.write(65536, &pattern(2, 4096), false).unwrap();
+        drop(old);
+        reader.join().unwrap()
+    });
+    assert_eq!(first_read, Ok(pattern(1, 65536)));
+    assert_eq!(new.read(65536, 4096), Ok(pattern(2, 4096)));
+    new.write(2 * MIB, &pattern(3, 8192), false).unwrap();
+    drop(new);
+    assert_clean(&path);
+    let mut model = vec![0u8; 4 * MIB as usize];
+    model[..65536].copy_from_slice(&pattern(1, 65536));
+    model[65536..69632].copy_from_slice(&pattern(2, 4096));
+    model[2 * MIB as usize..2 * MIB as usize + 8192].copy_from_slice(&pattern(3, 8192));
+    assert_same(&path, &model);
+}
+
+/// A lock that never comes free fails the successor's requests with EIO
+/// once the wait is over, and the image stays the old device's.
+#[test]
+fn a_successor_whose_lock_never_comes_free_fails_its_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kept.qcow2");
+    create(&path, "cluster_size=4096", 4 * MIB);
+    let old = open(&path);
+    let waiting = Options {
+        wait_for_lock: Some(std::time::Duration::from_millis(300)),
+        ..Options::default()
+    };
+    let new = open_with(&path, false, &waiting).unwrap();
+    assert_eq!(new.write(0, &pattern(1, 4096), false), Err(libc::EIO));
+    assert_eq!(new.read(0, 4096), Err(libc::EIO));
+    assert_eq!(new.flush(), Err(libc::EIO));
+    old.write(0, &pattern(2, 4096), false).unwrap();
+    drop(new);
+    drop(old);
+    assert_clean(&path);
+    let mut model = vec![0u8; 4 * MIB as usize];
+    model[..4096].copy_from_slice(&pattern(2, 4096));
+    assert_same(&path, &model);
+}
+
 /// The locks are qemu's: qemu refuses an image attached here, or its base,
 /// and an image qemu has open is refused here.
 #[test]
@@ -1204,6 +1271,52 @@ fn assert_no_corruption(path: &Path) {
     );
 }
 
+/// A daemon killed without a flush (the page cache keeps what it wrote)
+/// leaves every answered write readable, metadata included, and leaks at
+/// most: a module device recovered by another daemon goes on with the data
+/// its file system was told was written. New L2 tables, copies of
+/// snapshot clusters, discards, a refcount table grown by the writes.
+#[test]
+fn a_killed_daemon_leaves_every_answered_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("killed.qcow2");
+    let p = path.to_str().unwrap();
+    let size = 64 * MIB;
+    create(&path, "cluster_size=4096", size);
+    qemu("qemu-io", &["-c", "write -P 0x33 0 1M", p]);
+    qemu("qemu-img", &["snapshot", "-c", "s", p]);
+    let mut model = vec![0u8; size as usize];
+    model[..MIB as usize].fill(0x33);
+    let device = Arc::new(Qcow2Device::open(&path, false, 512, &Options::default()).unwrap());
+    let mut checked = Checked {
+        device: Harness::new(device.clone()),
+        model,
+    };
+    checked.write(4096, &pattern(1, 8192));
+    checked.device.flush().unwrap();
+    for i in 0..200u64 {
+        // Spread over every L2 table (2 MiB each), so that the refcount
+        // table grows.
+        checked.write(
+            (i * 320 * 1024 + 512 * i) % (size - 65536),
+            &pattern(i + 2, 6144),
+        );
+    }
+    checked.zero(8 * MIB, 4 * MIB, true);
+    checked.device.discard(0, 4096).unwrap();
+    checked.model[..4096].fill(0);
+    device.image().unwrap().crash_after(0);
+    let model = checked.model.clone();
+    drop(checked);
+    drop(device);
+    assert_no_corruption(&path);
+    let reopened = Checked {
+        device: open(&path),
+        model,
+    };
+    reopened.verify();
+}
+
 /// A crash before a flush or after each of its steps leaves an image that
 /// `qemu-img check` finds leaks in at most, with every sector holding what
 /// the last completed flush covered or what came after it, the snapshot
@@ -1260,7 +1373,7 @@ fn crash_at_each_flush_step_leaves_leaks_at_most() {
         versions.push(checked.model.clone());
         checked.zero(0, 4096, true);
         let after = checked.model.clone();
-        device.image().crash_after(step);
+        device.image().unwrap().crash_after(step);
         if step > 0 {
             assert!(checked.device.flush().is_err());
         }
@@ -1372,7 +1485,7 @@ mod model {
             } else {
                 create(&path, "cluster_size=4096", size);
             }
-            let options = Options { l2_cache_bytes: 0, refcount_cache_bytes: 0 };
+            let options = Options { l2_cache_bytes: 0, refcount_cache_bytes: 0, ..Options::default() };
             let mut device = open_with(&path, false, &options).unwrap();
             for op in ops {
                 match op {
