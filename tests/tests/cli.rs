@@ -341,3 +341,37 @@ fn a_daemon_run_from_a_renamed_binary_is_detached_not_taken_for_dead() {
     std::mem::forget(device);
     instance.assert_nothing_left();
 }
+
+/// A process that entered a mount namespace of its own while the device was
+/// attached holds a copy of the daemon's FUSE mount, which keeps the FUSE
+/// connection alive after the daemon's unmount: detach must still end the
+/// daemon (it once waited for that process to exit, for ever).
+#[test]
+fn detach_ends_the_daemon_while_another_mount_namespace_holds_a_copy() {
+    let instance = Instance::new("mntns");
+    let device = instance.attach(&["--transport", "loop", "--name", "mntns", "mem:16M"]);
+    let mut holder = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sleep", "120"])
+        .spawn()
+        .expect("unshare");
+    // The copy exists once the child runs in its namespace.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let copied = loop {
+        let mounts = fs::read_to_string(format!("/proc/{}/mountinfo", holder.id()));
+        if mounts.is_ok_and(|m| m.contains("mntns/mnt")) {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let started = Instant::now();
+    device.detach();
+    let took = started.elapsed();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(copied, "the child never showed a copy of the mount");
+    assert!(took < Duration::from_secs(30), "detach took {took:?}");
+    instance.assert_nothing_left();
+}

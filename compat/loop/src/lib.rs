@@ -493,9 +493,51 @@ impl Detacher {
             );
         }
         if let Some(mount) = self.shared.mount.lock().take() {
+            let connection = self.connection_id();
             mount.unmount()?;
+            self.end_lingering_connection(connection);
         }
         Ok(())
+    }
+
+    /// The FUSE connection's number (its directory under
+    /// /sys/fs/fuse/connections): the minor of the mount's device.
+    fn connection_id(&self) -> Option<u32> {
+        use std::os::unix::fs::MetadataExt;
+        let root = self.shared.file.parent()?;
+        let dev = std::fs::metadata(root).ok()?.dev();
+        (nix::sys::stat::major(dev) == 0).then(|| nix::sys::stat::minor(dev) as u32)
+    }
+
+    /// Ends the workers once the file system is unmounted here. Normally
+    /// the unmount ends the connection and they read ENODEV. But a copy of
+    /// the mount in another mount namespace (a process started meanwhile
+    /// with one of its own: `unshare -m`, a service with PrivateTmp=)
+    /// keeps the connection alive, and nothing would ever end them. The
+    /// device is gone by now, so nothing is lost: read/write workers are
+    /// stopped, and the connection is aborted where fusectl is mounted
+    /// (which also ends io_uring queues).
+    fn end_lingering_connection(&self, connection: Option<u32>) {
+        let session = &self.shared.session;
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while session.workers_waiting() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if session.workers_waiting() == 0 {
+            return;
+        }
+        log::info!(
+            "{}: the FUSE connection outlives the unmount (a copy of the mount in another mount namespace); ending it",
+            self.device_path.display()
+        );
+        if let Some(id) = connection {
+            let abort = format!("/sys/fs/fuse/connections/{id}/abort");
+            let _ = std::fs::write(abort, "1");
+        }
+        while session.workers_waiting() > 0 {
+            session.stop();
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
