@@ -276,3 +276,31 @@ fn handoff_keeps_the_data_and_the_reconnect_timeout() {
     device.detach();
     instance.assert_nothing_left();
 }
+
+/// A daemon serving a URI without TLS loads libnbd with GnuTLS left
+/// uninitialised (userspace/nbd/tests/gnutls_init.rs); one serving an
+/// `nbds:` URI must not, and its TLS connection (a pre-shared key) carries
+/// the data.
+#[test]
+fn a_tls_export_is_served_through_the_daemon() {
+    let instance = Instance::new("nbd-tls");
+    let dir = TempDir::new("nbd-tls");
+    let psk = dir.0.join("keys.psk");
+    fs::write(&psk, "alice:0123456789abcdef0123456789abcdef\n").unwrap();
+    let psk_arg = format!("--tls-psk={}", psk.display());
+    let server = Server::nbdkit(&dir.0, &["--tls=require", &psk_arg, "memory", "size=16M"]);
+    let uri = format!(
+        "nbds+unix://alice@/?socket={}&tls-psk-file={}",
+        server.socket().display(),
+        psk.display()
+    );
+    let device = instance.attach(&[&uri]);
+    let data = random_bytes(28, 1 << 20);
+    write_at(&device.path, 4096, &data).unwrap();
+    assert!(
+        read_at(&device.path, 4096, 1 << 20) == data,
+        "data differs through the TLS connection"
+    );
+    device.detach();
+    instance.assert_nothing_left();
+}

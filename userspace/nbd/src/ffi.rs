@@ -9,6 +9,7 @@
 //! machine without libnbd.
 
 use std::ffi::{c_char, c_int, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 /// `struct nbd_handle`, opaque: only ever behind a pointer.
@@ -121,11 +122,42 @@ libnbd! {
 
 static API: OnceLock<Result<Api, String>> = OnceLock::new();
 
+/// Whether libnbd was loaded with GnuTLS left uninitialised (see [`load`]):
+/// then no connection of this process may ask for TLS.
+static TLS_UNAVAILABLE: AtomicBool = AtomicBool::new(false);
+
+/// GnuTLS's variable: set when GnuTLS is loaded, its initialisation at
+/// load time is skipped (`gnutls_global_init` is then the caller's job).
+const GNUTLS_NO_IMPLICIT_INIT: &str = "GNUTLS_NO_IMPLICIT_INIT";
+
 /// Loads libnbd, once per process; later calls return the first outcome.
 /// The error is one line naming the library and the package to install.
-pub fn load() -> Result<(), String> {
+///
+/// `tls`: whether the connection about to be made asks for TLS. When it
+/// does not, and this is the process's only thread, GnuTLS (which libnbd
+/// is linked with) is loaded without its initialisation: that is 0.8 MiB
+/// resident in an idle daemon (its tables and the system priorities it
+/// reads), for a connection that never calls it. A process that loaded
+/// libnbd so cannot make TLS connections later ([`tls_unavailable`]); a
+/// daemon serves one URI, so its first connection decides.
+pub fn load(tls: bool) -> Result<(), String> {
     API.get_or_init(|| {
-        let library = fuse_blk_dynlib::open(LIBRARY).map_err(|why| {
+        // setenv(3) races with any other thread reading the environment
+        // (getenv in C code does not take Rust's lock), so only while
+        // there is none; and never over a value the user set.
+        let skip_init =
+            !tls && std::env::var_os(GNUTLS_NO_IMPLICIT_INIT).is_none() && only_thread();
+        if skip_init {
+            std::env::set_var(GNUTLS_NO_IMPLICIT_INIT, "1");
+        }
+        let library = fuse_blk_dynlib::open(LIBRARY);
+        if skip_init {
+            // Read by GnuTLS's initialiser only, which has run: children
+            // of this process do not inherit it.
+            std::env::remove_var(GNUTLS_NO_IMPLICIT_INIT);
+            TLS_UNAVAILABLE.store(library.is_ok(), Ordering::Relaxed);
+        }
+        let library = library.map_err(|why| {
             format!("nbd: cannot load libnbd ({why}): install libnbd0 (Debian's package)")
         })?;
         // SAFETY: `library` is libnbd, whose functions of these names
@@ -136,6 +168,26 @@ pub fn load() -> Result<(), String> {
     .as_ref()
     .map(|_| ())
     .map_err(Clone::clone)
+}
+
+/// Whether libnbd was loaded in this process without GnuTLS's
+/// initialisation, so that a TLS connection would fail inside GnuTLS.
+pub fn tls_unavailable() -> bool {
+    TLS_UNAVAILABLE.load(Ordering::Relaxed)
+}
+
+/// Whether the calling thread is the process's only one (`Threads:` in
+/// /proc/self/status); false when that cannot be read.
+fn only_thread() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Threads:"))
+                .map(|count| count.trim() == "1")
+        })
+        .unwrap_or(false)
 }
 
 fn loaded() -> &'static Api {

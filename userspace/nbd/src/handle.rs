@@ -97,12 +97,22 @@ fn check64(rc: i64) -> Result<i64, Error> {
 }
 
 impl Handle {
-    /// A new handle, not connected, set up as every connection here is.
-    fn create() -> Result<Handle, Error> {
-        ffi::load().map_err(|message| Error {
+    /// A new handle for a connection to `uri`, not connected, set up as
+    /// every connection here is.
+    fn create(uri: &str) -> Result<Handle, Error> {
+        let tls = crate::uri::asks_for_tls(uri);
+        ffi::load(tls).map_err(|message| Error {
             errno: libc::ENOENT,
             message,
         })?;
+        if tls && ffi::tls_unavailable() {
+            return Err(Error {
+                errno: libc::EPROTONOSUPPORT,
+                message:
+                    "TLS asked for in a process that loaded libnbd without TLS (for an earlier URI)"
+                        .to_owned(),
+            });
+        }
         // SAFETY: libnbd is loaded; nbd_create takes no arguments and
         // returns a new handle or NULL.
         let raw = NonNull::new(unsafe { ffi::nbd_create() }).ok_or_else(Error::last)?;
@@ -128,7 +138,7 @@ impl Handle {
             errno: libc::EINVAL,
             message: "the URI contains a NUL byte".to_owned(),
         })?;
-        let handle = Handle::create()?;
+        let handle = Handle::create(uri)?;
         // SAFETY: the handle is live and `c_uri` a NUL-terminated string
         // that outlives the call (libnbd copies what it keeps).
         check(unsafe { ffi::nbd_connect_uri(handle.raw.as_ptr(), c_uri.as_ptr()) })?;
@@ -186,7 +196,7 @@ impl Handle {
             errno: libc::EINVAL,
             message: "the URI contains a NUL byte".to_owned(),
         })?;
-        let handle = Handle::create()?;
+        let handle = Handle::create(uri)?;
         // SAFETY: as in `connect`; the asynchronous variant only starts
         // the connection.
         check(unsafe { ffi::nbd_aio_connect_uri(handle.raw.as_ptr(), c_uri.as_ptr()) })?;

@@ -45,6 +45,13 @@ pub fn is_nbd_uri(text: &str) -> bool {
     scheme(text).is_some()
 }
 
+/// Whether an NBD URI asks for TLS: its scheme is one of the `nbds`
+/// ones (libnbd makes TLS required for those and disables it for the
+/// others).
+pub fn asks_for_tls(uri: &str) -> bool {
+    scheme(uri).is_some_and(|scheme| scheme.len() >= 4 && scheme[..4].eq_ignore_ascii_case("nbds"))
+}
+
 /// Checks what libnbd's parser would report less clearly: a TCP URI
 /// without a host, a unix URI without its socket, a host or export name
 /// with bytes a URI cannot hold. libnbd reads everything else.
@@ -147,6 +154,27 @@ mod tests {
             "nbd",
         ] {
             assert!(!is_nbd_uri(text), "{text}");
+        }
+    }
+
+    #[test]
+    fn tls_is_asked_for_by_the_nbds_schemes() {
+        for uri in [
+            "nbds://host/",
+            "NBDS://host",
+            "nbds+unix:///?socket=/s",
+            "nbds+vsock://2",
+        ] {
+            assert!(asks_for_tls(uri), "{uri}");
+        }
+        for uri in [
+            "nbd://host/",
+            "nbd+unix:///?socket=/s",
+            "nbd+vsock://2",
+            "mem:1G",
+            "nbds",
+        ] {
+            assert!(!asks_for_tls(uri), "{uri}");
         }
     }
 
