@@ -280,6 +280,10 @@ fn recover(
     detached: bool,
     args: &AttachArgs,
 ) -> Result<(Served, DeviceDir, DeviceState), String> {
+    if detached {
+        // Before any thread exists.
+        crate::systemd::leave_handoff(target);
+    }
     detach_signals()
         .thread_block()
         .map_err(|e| format!("blocking signals: {e}"))?;

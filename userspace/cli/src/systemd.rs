@@ -93,6 +93,45 @@ pub fn ready(name: &str, device: &str) {
     ));
 }
 
+/// A successor that `handoff` (`ExecReload`) starts for device `name`
+/// leaves it: forks, and goes on in the child once its parent has exited
+/// and the manager has adopted it. systemd waits at `stop` only for a main
+/// process that is its own child, and tells when it learns the pid, which
+/// the successor says before the old daemon exits, while `handoff` still
+/// runs. Call before any thread exists.
+pub fn leave_handoff(name: &str) {
+    if !in_unit_of(name) {
+        return;
+    }
+    let parent = nix::unistd::getppid();
+    let cmdline = std::fs::read(format!("/proc/{parent}/cmdline")).unwrap_or_default();
+    if !cmdline
+        .split(|&byte| byte == 0)
+        .any(|arg| arg == b"handoff")
+    {
+        return;
+    }
+    // SAFETY: this process has a single thread (the caller's promise), so
+    // the child may run on; the parent only exits.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Parent { .. }) => {
+            // SAFETY: _exit ends this process without running anything
+            // the child shares (buffers, atexit handlers).
+            unsafe { libc::_exit(0) }
+        }
+        Ok(nix::unistd::ForkResult::Child) => {
+            let started = std::time::Instant::now();
+            let middle = nix::unistd::getppid();
+            while nix::unistd::getppid() == middle
+                && started.elapsed() < std::time::Duration::from_secs(5)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        Err(e) => log::warn!("leaving handoff's process: {e}"),
+    }
+}
+
 /// A successor taking device `name` over from its daemon (pid
 /// `old_pid`) becomes the unit's main process before it takes the device,
 /// since the old daemon may exit as soon as it is displaced (systemd would
