@@ -88,7 +88,8 @@ enum Commands {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Transport {
-    /// The kernel module when /dev/fuse-blk exists, else the stock path.
+    /// The kernel module when /dev/fuse-blk opens (which loads it where it
+    /// is installed), else the stock path.
     Auto,
     /// The fuse-blk kernel module (/dev/fuseblkN).
     Kmod,
@@ -340,8 +341,16 @@ fn attach(args: AttachArgs) -> Result<(), String> {
     if let Some(name) = &args.name {
         state::validate_name(name)?;
     }
-    if !nix::unistd::geteuid().is_root() {
-        return Err("attach needs root: creating block devices takes CAP_SYS_ADMIN".into());
+    // A user may own module devices where the module allows it
+    // (unprivileged devices); the other transports bind loop devices or
+    // make device-mapper targets, which only root can.
+    let module_chosen = match args.transport {
+        Transport::Kmod => true,
+        Transport::Auto => fuse_blk_kmod::available(),
+        _ => false,
+    };
+    if !nix::unistd::geteuid().is_root() && !module_chosen {
+        return Err("attach needs root: creating block devices takes CAP_SYS_ADMIN (a user may attach with the fuse_blk module, where it allows unprivileged devices)".into());
     }
     if args.transport == Transport::Kmod && !fuse_blk_kmod::available() {
         return Err(format!(
@@ -434,7 +443,8 @@ fn handoff(target: &str) -> Result<(), String> {
             record.name
         ));
     }
-    if !nix::unistd::geteuid().is_root() {
+    // A user hands over module devices of its own (the module checks).
+    if !nix::unistd::geteuid().is_root() && record.dev_id.is_none() {
         return Err("handoff needs root".into());
     }
     systemd::check_handoff(&record.name, record.pid)?;

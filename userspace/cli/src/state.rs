@@ -14,9 +14,18 @@ pub const RUNTIME_DIR_ENV: &str = "FUSE_BLK_RUNTIME_DIR";
 const DEFAULT_RUNTIME_DIR: &str = "/run/fuse-blk";
 
 pub fn runtime_dir() -> PathBuf {
-    std::env::var_os(RUNTIME_DIR_ENV)
+    if let Some(dir) = std::env::var_os(RUNTIME_DIR_ENV) {
+        return PathBuf::from(dir);
+    }
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from(DEFAULT_RUNTIME_DIR);
+    }
+    // A user's devices (unprivileged module devices) are recorded in the
+    // user's own runtime directory.
+    let user_runtime = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR))
+        .unwrap_or_else(|| PathBuf::from(format!("/run/user/{}", nix::unistd::geteuid())));
+    user_runtime.join("fuse-blk")
 }
 
 /// The record a daemon keeps of its device.
