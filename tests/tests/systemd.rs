@@ -372,6 +372,16 @@ fn unit_starts_reloads_stops_and_comes_back() {
     let first_pid = device["pid"].as_u64().expect("pid").to_string();
     assert_eq!(systemd.property(unit, "MainPID"), first_pid);
 
+    // handoff by hand would leave the successor outside the unit.
+    let by_hand = systemd.run(&fuse_blk_bin().display().to_string(), &["handoff", "sd0"]);
+    let said = String::from_utf8_lossy(&by_hand.stderr).into_owned();
+    assert!(!by_hand.status.success(), "handoff by hand: {said}");
+    assert_eq!(
+        said.trim(),
+        format!("fuse-blk: sd0: its daemon is the main process of {unit}: hand it over with `systemctl reload {unit}`")
+    );
+    assert_eq!(systemd.property(unit, "MainPID"), first_pid);
+
     // reload under a verifying load on a mounted ext4.
     sh("mkfs.ext4", &["-q", "-F", &path]);
     let mnt_str = mnt.display().to_string();
