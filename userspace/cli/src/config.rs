@@ -192,13 +192,17 @@ pub fn up(args: UpArgs) -> Result<(), String> {
         .expect("clap requires NAME without --all");
     let config = load(&args.config_dir, name)?;
     if args.foreground {
-        let mut argv = attach_argv(&config.attach_args);
-        argv.insert(2, "--foreground".to_owned());
-        let cli = Cli::try_parse_from(argv).map_err(|e| clap_message(&e))?;
-        let Commands::Attach(attach_args) = cli.command else {
-            unreachable!("parsed as attach");
-        };
-        return crate::attach(attach_args);
+        // This process becomes `attach --foreground` (same pid: systemd's
+        // main process), whose command line its helpers read again (the
+        // dm-user transport starts this program with it).
+        use std::os::unix::process::CommandExt;
+        let exe = std::env::current_exe().map_err(|e| format!("finding myself: {e}"))?;
+        let error = std::process::Command::new(exe)
+            .arg("attach")
+            .arg("--foreground")
+            .args(&config.attach_args)
+            .exec();
+        return Err(format!("running attach: {error}"));
     }
     let mut argv = vec!["attach".to_owned()];
     argv.extend(config.attach_args);
