@@ -88,6 +88,18 @@
  * other channels or for the next daemon, unless FUSE_BLK_F_FAIL_INFLIGHT
  * (or, without FUSE_BLK_F_RECOVERY, when no channel is left) fails them.
  *
+ * Unprivileged devices: with the module parameter `unprivileged` on, a
+ * user who can open /dev/fuse-blk (its mode and group are the
+ * administrator's, set by udev) creates devices of its own without
+ * CAP_SYS_ADMIN. Such a device records its owner (fblk_dev.owner, the
+ * creator's fsuid) and carries FUSE_BLK_F_UNPRIVILEGED; only the owner or
+ * an admin may attach to it, resize, inspect or destroy it
+ * (fblk_may_control()), passthrough is refused (the driver would read and
+ * write a file with its own rights), timeouts are capped at the default
+ * (probes by udev and others wait on the user's daemon at most that long),
+ * and a user owns at most `max_devices_per_user` of them (counted on
+ * fblk_owned under fblk_mutex, from CREATE until DESTROY has finished).
+ *
  * Lock order: fblk_mutex -> fblk_dev.mutex -> fblk_queue.lock.
  * fblk_queue.lock is only ever taken in process context: blk-mq runs
  * queue_rq from the submitting task or kblockd (this driver completes
@@ -100,6 +112,7 @@
 
 #include <linux/blk-mq.h>
 #include <linux/blkdev.h>
+#include <linux/ctype.h>
 #include <linux/falloc.h>
 #include <linux/file.h>
 #include <linux/fs.h>
@@ -245,6 +258,8 @@ struct fblk_dev {
 	struct kref ref;
 	struct mutex mutex;	/* serialises attach against destroy */
 	int id;
+	kuid_t owner;		/* its creator, with FUSE_BLK_F_UNPRIVILEGED */
+	struct list_head owned;	/* on fblk_owned, unprivileged devices only */
 	bool dead;		/* set once, read under any queue lock */
 	bool sized;		/* capacity published (under mutex) */
 	struct fuse_blk_params params;
@@ -262,6 +277,18 @@ struct fblk_dev {
 static DEFINE_MUTEX(fblk_mutex);
 static DEFINE_IDR(fblk_idr);
 static int fblk_major;
+/* Unprivileged devices, also while created or destroyed (fblk_mutex). */
+static LIST_HEAD(fblk_owned);
+
+static bool fblk_unprivileged;
+module_param_named(unprivileged, fblk_unprivileged, bool, 0644);
+MODULE_PARM_DESC(unprivileged,
+		 "Users who can open /dev/fuse-blk may create and serve devices of their own (default: no)");
+
+static unsigned int fblk_max_per_user = 8;
+module_param_named(max_devices_per_user, fblk_max_per_user, uint, 0644);
+MODULE_PARM_DESC(max_devices_per_user,
+		 "Unprivileged devices one user may have at once (default: 8)");
 
 static unsigned int fblk_nr_queues(const struct fblk_dev *dev)
 {
@@ -285,6 +312,21 @@ static void fblk_dev_put(struct fblk_dev *dev)
 static bool fblk_has(const struct fblk_dev *dev, u64 feature)
 {
 	return dev->params.features & feature;
+}
+
+/* Whether the caller has CAP_SYS_ADMIN; a probe, not a denial to audit. */
+static bool fblk_admin(void)
+{
+	return ns_capable_noaudit(&init_user_ns, CAP_SYS_ADMIN);
+}
+
+/* Whether the caller may attach to, resize, inspect or destroy @dev. */
+static bool fblk_may_control(const struct fblk_dev *dev)
+{
+	if (fblk_admin())
+		return true;
+	return fblk_has(dev, FUSE_BLK_F_UNPRIVILEGED) &&
+	       uid_eq(dev->owner, current_fsuid());
 }
 
 /* Whether requests of an orphaned @queue must fail now (queue lock held). */
@@ -770,8 +812,21 @@ static ssize_t inflight_show(struct device *d, struct device_attribute *attr,
 }
 static DEVICE_ATTR_RO(inflight);
 
+/* The owner's uid for udev (OWNER=), empty for an admin's device. */
+static ssize_t owner_show(struct device *d, struct device_attribute *attr,
+			  char *buf)
+{
+	struct fblk_dev *dev = fblk_dev_of(d);
+
+	if (!fblk_has(dev, FUSE_BLK_F_UNPRIVILEGED))
+		return 0;
+	return sysfs_emit(buf, "%u\n", from_kuid(&init_user_ns, dev->owner));
+}
+static DEVICE_ATTR_RO(owner);
+
 static struct attribute *fblk_attrs[] = {
 	&dev_attr_dev_id.attr,
+	&dev_attr_owner.attr,
 	&dev_attr_name.attr,
 	&dev_attr_state.attr,
 	&dev_attr_inflight.attr,
@@ -868,6 +923,43 @@ static void fblk_init_limits(const struct fuse_blk_params *p,
 		lim->features &= ~BLK_FEAT_ROTATIONAL;
 }
 
+/* How many unprivileged devices @uid has (fblk_mutex held). */
+static unsigned int fblk_owned_by(kuid_t uid)
+{
+	struct fblk_dev *dev;
+	unsigned int n = 0;
+
+	lockdep_assert_held(&fblk_mutex);
+	list_for_each_entry(dev, &fblk_owned, owned)
+		n += uid_eq(dev->owner, uid);
+	return n;
+}
+
+/*
+ * What an unprivileged creator may not have: passthrough (the driver
+ * would read and write the file with its own rights, whatever the daemon
+ * could), a name that is not a plain word, and timeouts longer than the
+ * default.
+ */
+static int fblk_check_unprivileged(struct fuse_blk_params *p)
+{
+	const char *c;
+
+	if (p->features & FUSE_BLK_F_PASSTHROUGH)
+		return -EPERM;
+	/* The name reaches udev's rules (links): a plain word only. */
+	if (p->name[0] == '.')
+		return -EINVAL;
+	for (c = p->name; *c; c++)
+		if (!isalnum(*c) && !strchr("_-.+:", *c))
+			return -EINVAL;
+	p->io_timeout_ms = min(p->io_timeout_ms, FBLK_DEFAULT_TIMEOUT_MS);
+	p->recovery_timeout_ms = min(p->recovery_timeout_ms,
+				     FBLK_DEFAULT_TIMEOUT_MS);
+	p->features |= FUSE_BLK_F_UNPRIVILEGED;
+	return 0;
+}
+
 static int fblk_create(struct fuse_blk_params __user *uparams)
 {
 	struct fblk_limits lim = { };
@@ -882,6 +974,13 @@ static int fblk_create(struct fuse_blk_params __user *uparams)
 	ret = fblk_check_params(&p);
 	if (ret)
 		return ret;
+	/* Only the driver marks a device unprivileged: its creator's. */
+	p.features &= ~FUSE_BLK_F_UNPRIVILEGED;
+	if (!fblk_admin()) {
+		ret = fblk_check_unprivileged(&p);
+		if (ret)
+			return ret;
+	}
 	/* Without a write cache there is nothing for FUA to bypass. */
 	if (!(p.features & FUSE_BLK_F_FLUSH))
 		p.features &= ~FUSE_BLK_F_FUA;
@@ -903,6 +1002,8 @@ static int fblk_create(struct fuse_blk_params __user *uparams)
 		INIT_WORK(&dev->cmds[i].work, fblk_backing_work);
 	kref_init(&dev->ref);
 	mutex_init(&dev->mutex);
+	INIT_LIST_HEAD(&dev->owned);
+	dev->owner = current_fsuid();
 	INIT_DELAYED_WORK(&dev->recovery_work, fblk_recovery_work);
 	dev->params = p;
 	dev->params.backing_fd = 0;	/* meaningless to anyone else */
@@ -922,7 +1023,14 @@ static int fblk_create(struct fuse_blk_params __user *uparams)
 	}
 
 	mutex_lock(&fblk_mutex);
-	ret = idr_alloc(&fblk_idr, NULL, 0, FBLK_MAX_DEVICES, GFP_KERNEL);
+	if (p.features & FUSE_BLK_F_UNPRIVILEGED &&
+	    fblk_owned_by(dev->owner) >= READ_ONCE(fblk_max_per_user))
+		ret = -EDQUOT;
+	else
+		ret = idr_alloc(&fblk_idr, NULL, 0, FBLK_MAX_DEVICES,
+				GFP_KERNEL);
+	if (ret >= 0 && p.features & FUSE_BLK_F_UNPRIVILEGED)
+		list_add(&dev->owned, &fblk_owned);
 	mutex_unlock(&fblk_mutex);
 	if (ret < 0)
 		goto out_free;
@@ -1004,6 +1112,7 @@ out_backing:
 out_id:
 	mutex_lock(&fblk_mutex);
 	idr_remove(&fblk_idr, dev->id);
+	list_del(&dev->owned);
 	mutex_unlock(&fblk_mutex);
 out_free:
 	kvfree(dev->cmds);
@@ -1034,6 +1143,10 @@ static int fblk_destroy(u32 id)
 	/* The id stays allocated (mapped to NULL) until the disk is gone. */
 	mutex_lock(&fblk_mutex);
 	dev = idr_find(&fblk_idr, id);
+	if (dev && !fblk_may_control(dev)) {
+		mutex_unlock(&fblk_mutex);
+		return -EPERM;
+	}
 	if (dev)
 		idr_replace(&fblk_idr, NULL, id);
 	mutex_unlock(&fblk_mutex);
@@ -1076,6 +1189,7 @@ static int fblk_destroy(u32 id)
 
 	mutex_lock(&fblk_mutex);
 	idr_remove(&fblk_idr, id);
+	list_del(&dev->owned);
 	mutex_unlock(&fblk_mutex);
 	fblk_dev_put(dev);
 	return 0;
@@ -1093,6 +1207,10 @@ static int fblk_get_info(struct fuse_blk_info __user *uinfo)
 	dev = fblk_get(dev_id);
 	if (!dev)
 		return -ENODEV;
+	if (!fblk_may_control(dev)) {
+		fblk_dev_put(dev);
+		return -EPERM;
+	}
 	memset(&info, 0, sizeof(info));
 	info.dev_id = dev_id;
 	info.state = fblk_state(dev, &info.nr_channels);
@@ -1130,6 +1248,9 @@ static int fblk_attach(struct file *file, struct fuse_blk_attach __user *uarg)
 	dev = fblk_get(arg.dev_id);
 	if (!dev)
 		return -ENODEV;
+	ret = -EPERM;
+	if (!fblk_may_control(dev))
+		goto out_put;
 	ret = -EINVAL;
 	if (arg.queue >= fblk_nr_queues(dev))
 		goto out_put;
@@ -1193,6 +1314,9 @@ static int fblk_resize(struct fuse_blk_resize __user *uarg)
 	dev = fblk_get(arg.dev_id);
 	if (!dev)
 		return -ENODEV;
+	ret = -EPERM;
+	if (!fblk_may_control(dev))
+		goto out_put;
 	ret = -EINVAL;
 	if (!arg.size || arg.size & (dev->params.logical_block_size - 1) ||
 	    arg.size >> SECTOR_SHIFT > (u64)LLONG_MAX >> SECTOR_SHIFT)
@@ -1224,7 +1348,8 @@ static long fblk_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 {
 	void __user *argp = (void __user *)arg;
 
-	if (!capable(CAP_SYS_ADMIN))
+	/* Each command checks the device's owner (fblk_may_control()). */
+	if (!READ_ONCE(fblk_unprivileged) && !capable(CAP_SYS_ADMIN))
 		return -EPERM;
 
 	switch (cmd) {

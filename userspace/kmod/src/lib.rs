@@ -29,13 +29,25 @@ pub const CONTROL_PATH: &str = "/dev/fuse-blk";
 /// "devname:" alias): opening it then loads the module, or fails with
 /// ENODEV where this kernel has none.
 pub fn available() -> bool {
-    match Control::open() {
+    let opened = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(CONTROL_PATH);
+    match opened {
         Ok(_) => true,
+        // A user not allowed to open it is told so by the attach itself.
         Err(e) => !matches!(
             e.raw_os_error(),
             Some(libc::ENOENT | libc::ENODEV | libc::ENXIO)
         ),
     }
+}
+
+/// Whether this process runs as root (an unprivileged device's creator
+/// does not).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
 }
 
 fn errno_context(what: &str, e: nix::errno::Errno) -> io::Error {
@@ -71,8 +83,23 @@ impl Control {
     /// Creates a device; returns the params as the driver granted them
     /// (with `dev_id` filled in).
     pub fn create(&self, params: &uapi::Params) -> io::Result<uapi::Params> {
-        self.try_create(params)
-            .map_err(|e| errno_context("FUSE_BLK_IOC_CREATE", e))
+        self.try_create(params).map_err(|e| match e {
+            // What a user without CAP_SYS_ADMIN meets.
+            Errno::EPERM => io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "permission denied: creating a device needs CAP_SYS_ADMIN, or the fuse_blk module with unprivileged devices on (/sys/module/fuse_blk/parameters/unprivileged)",
+            ),
+            Errno::EDQUOT => io::Error::new(
+                io::ErrorKind::QuotaExceeded,
+                format!(
+                    "this user has as many devices as the module allows ({}, /sys/module/fuse_blk/parameters/max_devices_per_user)",
+                    std::fs::read_to_string("/sys/module/fuse_blk/parameters/max_devices_per_user")
+                        .map(|n| n.trim().to_owned())
+                        .unwrap_or_else(|_| "?".into())
+                ),
+            ),
+            e => errno_context("FUSE_BLK_IOC_CREATE", e),
+        })
     }
 
     /// [`Control::create`] with the bare errno, for callers that act on it.
@@ -252,7 +279,12 @@ fn create_with_backing(
     };
     match control.try_create(&with_backing) {
         Ok(params) => Ok(params),
-        Err(e @ (Errno::EINVAL | Errno::ELOOP | Errno::EBADF)) => {
+        // A device of an unprivileged user has no passthrough: the
+        // driver would use the file with its own rights.
+        Err(e)
+            if matches!(e, Errno::EINVAL | Errno::ELOOP | Errno::EBADF)
+                || (e == Errno::EPERM && !is_root()) =>
+        {
             log::info!(
                 "passthrough refused ({}): reads and writes go through the daemon",
                 e.desc()
@@ -508,9 +540,35 @@ impl KmodDevice {
     /// device is sized, see GD_NEED_PART_SCAN in fuse_blk.c).
     fn scan_partitions(&self) -> io::Result<()> {
         let path = self.device_path();
+        if !is_root() {
+            // An unprivileged user's device is root's until udev gives it
+            // to the user (the project's rules): udev's open scans then.
+            self.wait_given_to_user(&path);
+            return Ok(());
+        }
         File::open(&path)
             .map(drop)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    }
+}
+
+impl KmodDevice {
+    /// Waits (up to 10 s) until this user may read and write `path`, so
+    /// that the path `attach` prints can be used at once; says why not if
+    /// it stays root's.
+    fn wait_given_to_user(&self, path: &std::path::Path) {
+        use nix::unistd::{access, AccessFlags};
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while access(path, AccessFlags::R_OK | AccessFlags::W_OK).is_err() {
+            if std::time::Instant::now() > deadline {
+                log::warn!(
+                    "{}: still not this user's after 10 s: are fuse-blk's udev rules (61-fuse-blk.rules) installed?",
+                    path.display()
+                );
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 

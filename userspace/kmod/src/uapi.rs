@@ -24,10 +24,13 @@ pub const F_PASSTHROUGH: u64 = 1 << 9;
 pub const F_URING_DATA_ADDR: u64 = 1 << 10;
 pub const F_URING_DATA_IOVEC: u64 = 1 << 11;
 pub const F_RESIZE: u64 = 1 << 12;
+/// Output only: the device belongs to the user who created it without
+/// CAP_SYS_ADMIN (module parameter `unprivileged`).
+pub const F_UNPRIVILEGED: u64 = 1 << 13;
 
 /// The feature flags by the names the header gives them (without
 /// `FUSE_BLK_F_`, in lower case), in bit order.
-pub const FEATURE_NAMES: [(u64, &str); 13] = [
+pub const FEATURE_NAMES: [(u64, &str); 14] = [
     (F_FLUSH, "flush"),
     (F_FUA, "fua"),
     (F_DISCARD, "discard"),
@@ -41,6 +44,7 @@ pub const FEATURE_NAMES: [(u64, &str); 13] = [
     (F_URING_DATA_ADDR, "uring_data_addr"),
     (F_URING_DATA_IOVEC, "uring_data_iovec"),
     (F_RESIZE, "resize"),
+    (F_UNPRIVILEGED, "unprivileged"),
 ];
 
 /// The names of the flags set in `features`; bits this mirror does not

@@ -17,6 +17,16 @@
  *     for local use (was dynamic), so that its first open loads the module
  *     (a "devname:" alias, as /dev/fuse and /dev/loop-control have). A
  *     module whose minor is taken falls back to a dynamic one.
+ *   - Unprivileged devices: with the module parameter unprivileged=1, a
+ *     user who can open /dev/fuse-blk may CREATE without CAP_SYS_ADMIN.
+ *     The device gets FUSE_BLK_F_UNPRIVILEGED (set by the driver only; a
+ *     requested bit is ignored) and belongs to its creator: ATTACH,
+ *     RESIZE, GET_INFO and DESTROY of it fail with EPERM for anyone but
+ *     the owner and admins. Passthrough is refused with EPERM,
+ *     io_timeout_ms and recovery_timeout_ms are capped at 30 s, and CREATE
+ *     fails with EDQUOT beyond max_devices_per_user devices of one user.
+ *     sysfs fuse_blk/owner gives the owner's uid (empty otherwise), for
+ *     udev's OWNER=.
  *  ABI 6 (2026-12)
  *   - No new fields; three rules made exact. Of overlapping takeovers of a
  *     queue, the channel attached last wins: a FUSE_INIT reply retires
@@ -213,8 +223,11 @@
 /* FUSE_BLK_IOC_RESIZE (GET_FEATURES reports it; CREATE echoes it and it
  * asks nothing of the device). */
 #define FUSE_BLK_F_RESIZE	(1ULL << 12)
+/* Output only: the device was created without CAP_SYS_ADMIN and belongs
+ * to its creator (module parameter unprivileged). */
+#define FUSE_BLK_F_UNPRIVILEGED	(1ULL << 13)
 
-#define FUSE_BLK_F_ALL		((1ULL << 13) - 1)
+#define FUSE_BLK_F_ALL		((1ULL << 14) - 1)
 
 struct fuse_blk_features {
 	__u32	abi_version;		/* out: FUSE_BLK_ABI_VERSION */

@@ -29,6 +29,11 @@
 //!                                       with a fresh memory device
 //! fuse-blk-vmtest destroy ID            FUSE_BLK_IOC_DESTROY, whatever the device's state
 //! fuse-blk-vmtest info ID               print FUSE_BLK_IOC_GET_INFO
+//! fuse-blk-vmtest resize ID SIZE        FUSE_BLK_IOC_RESIZE alone (no daemon asked)
+//! fuse-blk-vmtest create NAME           FUSE_BLK_IOC_CREATE of a 16 MiB device named
+//!                                       NAME, then DESTROY
+//! fuse-blk-vmtest takeover-queue ID     FUSE_BLK_IOC_ATTACH with TAKEOVER of queue 0,
+//!                                       then close
 //! fuse-blk-vmtest features              print the module's feature flags by name
 //!                                       (FUSE_BLK_IOC_GET_FEATURES), one line
 //! fuse-blk-vmtest dm-user-serve NODE SIZE DESCRIPTORS
@@ -108,6 +113,19 @@ fn main() -> ExitCode {
                 )
             })
             .map(|()| println!("dm-user-serve: the target is gone")),
+        ["resize", id, size] => {
+            Control::open().and_then(|c| c.resize(parse(id) as u32, parse(size)))
+        }
+        ["create", name] => Control::open().and_then(|control| {
+            let options = KmodOptions {
+                name: (*name).to_owned(),
+                ..KmodOptions::default()
+            };
+            let params = fuse_blk_kmod::params_for(&Geometry::new(16 << 20, 512), &options);
+            let created = control.create(&params)?;
+            control.destroy(created.dev_id)
+        }),
+        ["takeover-queue", id] => attach_fd(parse(id) as u32, 0, true).map(drop),
         ["features"] => Control::open().and_then(|c| c.features()).map(|features| {
             println!(
                 "{}",
