@@ -1,0 +1,126 @@
+# fuse-blk@.service on a module device under a real systemd: the guest runs
+# none as init, so the case boots systemd as PID 1 of new PID, mount and
+# cgroup namespaces, as tests/tests/systemd.rs does on the host (its comment
+# says how). start: the device exists when start returns; three reloads
+# (handoffs through the module) under a verifying fio load on mounted ext4
+# with no I/O error, systemd following each new daemon; stop while mounted:
+# `down` refuses, the device serves on and detaches once unmounted; enabled,
+# the device comes back when systemd boots again.
+. "$CASES/lib.bash"
+for tool in /lib/systemd/systemd unshare nsenter systemd-analyze; do
+    command -v "$tool" >/dev/null || skip_rest "$tool is missing (Debian's systemd and util-linux)"
+done
+work=/tmp/sd
+mkdir -p $work/units $work/config $work/cg2 /tmp/mnt
+mount -t cgroup2 none $work/cg2 2>/dev/null ||
+    grep -q cgroup2 /proc/filesystems || skip_rest "the kernel has no cgroup2 for systemd"
+mountpoint -q $work/cg2 || fail "mounting cgroup2"
+sd=0 unshare_pid=0 boot=0
+cleanup() {
+    [ "$sd" = 0 ] || { nsenter -t "$sd" -m -p systemctl poweroff 2>/dev/null || true; wait "$unshare_pid" 2>/dev/null || true; }
+    umount /tmp/mnt 2>/dev/null || true
+    "$FUSE_BLK" detach sdk 2>/dev/null || true
+    find $work/cg2/fuse-blk-* -depth -type d -exec rmdir {} \; 2>/dev/null || true
+    umount $work/cg2 2>/dev/null || true
+}
+trap cleanup EXIT
+
+truncate -s 384M $work/disk.img
+printf 'backend = file:%s\ntransport = kmod\nqueues = 2\nblock-size = 4096\nno-passthrough = yes\n' \
+    $work/disk.img > $work/config/sdk.conf
+unit="$CASES/../../../userspace/cli/systemd/fuse-blk@.service"
+sed -e "s#/usr/local/bin/fuse-blk #$FUSE_BLK #" \
+    -e "s#up --foreground %i#up --config-dir $work/config --foreground %i#" \
+    -e "s#/etc/fuse-blk/%i.conf#$work/config/%i.conf#" \
+    -e "s#WantedBy=local-fs.target#WantedBy=fuse-blk-test.target#" "$unit" > $work/units/fuse-blk@.service
+grep -q "$work/config --foreground" $work/units/fuse-blk@.service || fail "the unit's ExecStart changed"
+printf '[Unit]\nDescription=fuse-blk test\n' > $work/units/fuse-blk-test.target
+
+boot_systemd() {
+    boot=$((boot + 1))
+    local cg=$work/cg2/fuse-blk-$boot
+    mkdir "$cg"
+    sh -c "echo \$\$ > $cg/cgroup.procs && exec unshare --pid --fork --mount --cgroup --propagation private sh -c '
+        set -e; mount -t tmpfs tmpfs /sys/fs/cgroup; mount -t cgroup2 cgroup2 /sys/fs/cgroup
+        mount -t tmpfs tmpfs /run; mount -t proc proc /proc; mount --bind $work/units /etc/systemd/system
+        exec env -i container=fuse-blk-test PATH=/usr/sbin:/usr/bin:/sbin:/bin /lib/systemd/systemd --system --unit=fuse-blk-test.target --show-status=no'" \
+        > $work/systemd-$boot.log 2>&1 &
+    unshare_pid=$!
+    local i state
+    for i in $(seq $((600 * ${VM_SLOW:-1}))); do
+        sd=$(cut -d' ' -f1 /proc/$unshare_pid/task/$unshare_pid/children 2>/dev/null || true)
+        if [ -n "$sd" ]; then
+            state=$(nsenter -t "$sd" -m -p systemctl is-system-running 2>/dev/null || true)
+            [ "$state" = running ] || [ "$state" = degraded ] && return 0
+        fi
+        kill -0 $unshare_pid 2>/dev/null || { cat $work/systemd-$boot.log; fail "systemd did not boot"; }
+        sleep 0.1
+    done
+    fail "systemd did not come up within $((60 * ${VM_SLOW:-1})) s"
+}
+in_sd() { nsenter -t "$sd" -m -p "$@"; }
+prop() { in_sd systemctl show --value -p "$2" "fuse-blk@$1.service"; }
+sd_listed() { in_sd "$FUSE_BLK" list --json | tr -d '\n ' | sed 's/},{/}\n{/g' | grep "\"name\":\"$1\"" \
+    | sed -n "s/.*\"$2\":\"\{0,1\}\([^,\"}]*\).*/\1/p"; }
+wait_until() {   # $1: what, rest: a command that must come true within 60 s
+    local what=$1 i; shift
+    for i in $(seq $((600 * ${VM_SLOW:-1}))); do "$@" && return 0; sleep 0.1; done
+    in_sd systemctl status --no-pager fuse-blk@sdk || true
+    fail "$what: not within $((60 * ${VM_SLOW:-1})) s"
+}
+
+boot_systemd
+in_sd systemctl start fuse-blk@sdk || fail "systemctl start"
+dev=$(sd_listed sdk device)
+[ -b "$dev" ] || fail "no block device once start returned ($dev)"
+case "$dev" in /dev/fuseblk*) ;; *) fail "$dev is not a module device" ;; esac
+[ "$(prop sdk MainPID)" = "$(sd_listed sdk pid)" ] || fail "MainPID is not the daemon"
+
+# Reloads under load: the mount is the guest's own (the daemon's check that
+# the device is in use sees mounts in every namespace).
+mkfs.ext4 -q "$dev"
+mount "$dev" /tmp/mnt
+dmesg_mark=$(dmesg | wc -l)
+start_load /tmp/mnt
+sleep 2
+pids=$(sd_listed sdk pid)
+for i in 1 2 3; do
+    in_sd systemctl reload fuse-blk@sdk || fail "reload $i"
+    pid=$(sd_listed sdk pid)
+    case " $pids " in *" $pid "*) fail "reload $i kept daemon $pid" ;; esac
+    [ "$(prop sdk MainPID)" = "$pid" ] || fail "reload $i: systemd does not follow daemon $pid"
+    [ "$(prop sdk ActiveState)" = active ] || fail "reload $i: the unit is not active"
+    pids="$pids $pid"
+    sleep 1
+done
+stop_load
+no_io_errors
+
+# stop while mounted: refused, the device serves on, detached once unmounted.
+in_sd systemctl stop --no-block fuse-blk@sdk
+wait_until "stop refused" sh -c "[ \"\$(nsenter -t $sd -m -p systemctl show --value -p SubState fuse-blk@sdk)\" = stop-sigterm ]"
+if in_sd "$FUSE_BLK" down sdk 2> $work/down.err; then fail "down while mounted"; fi
+grep -q "in use\|mounted" $work/down.err || { cat $work/down.err; fail "down did not say why"; }
+echo still-here > /tmp/mnt/after-stop && sync || fail "writing while stop waits"
+[ -b "$dev" ] && [ -n "$(sd_listed sdk device)" ] || fail "detached while mounted"
+umount /tmp/mnt
+wait_until "stopped after the unmount" sh -c "[ \"\$(nsenter -t $sd -m -p systemctl show --value -p ActiveState fuse-blk@sdk)\" = inactive ]"
+[ -z "$(sd_listed sdk device)" ] || fail "still attached after stop"
+[ ! -b "$dev" ] || fail "$dev still exists"
+e2fsck -fn $work/disk.img || fail "fsck"
+no_io_errors
+
+# Enabled, it comes back at the next boot.
+in_sd systemctl enable fuse-blk@sdk || fail "enable"
+in_sd systemctl poweroff
+wait "$unshare_pid" || true
+sd=0
+boot_systemd
+wait_until "sdk back after the reboot" sh -c "[ \"\$(nsenter -t $sd -m -p systemctl show --value -p ActiveState fuse-blk@sdk)\" = active ]"
+dev=$(sd_listed sdk device)
+mount "$dev" /tmp/mnt
+[ "$(cat /tmp/mnt/after-stop)" = still-here ] || fail "data lost across the reboot"
+umount /tmp/mnt
+in_sd systemctl stop fuse-blk@sdk || fail "stop"
+[ -z "$(sd_listed sdk device)" ] || fail "still attached after the last stop"
+no_io_errors
