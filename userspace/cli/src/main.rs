@@ -437,12 +437,6 @@ fn handoff(target: &str) -> Result<(), String> {
             record.name
         ));
     }
-    if record.backend.starts_with("qcow2:") {
-        return Err(format!(
-            "{}: a qcow2 device cannot be handed over yet: its daemon keeps the image locked until it exits",
-            record.name
-        ));
-    }
     // A user hands over module devices of its own (the module checks).
     if !nix::unistd::geteuid().is_root() && record.dev_id.is_none() {
         return Err("handoff needs root".into());
