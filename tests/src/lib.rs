@@ -270,10 +270,42 @@ pub fn fio_verify(device: &str, rw: &str, block_size: &str, size: &str) {
     );
 }
 
-/// A verifying fio load on files in `dir` (a file system on the device
-/// under test), started in the background for `runtime_s` seconds: the
-/// test meanwhile kills or restarts what serves the device, then waits for
-/// the child, whose output is piped for the failure message.
+/// fio's arguments for a verifying load on files in `dir` (a file system
+/// on the device under test) for `runtime_s` seconds: random 16 KiB
+/// writes, each checked by crc32c as it is read back, fatal at the first
+/// mismatch.
+pub fn fio_verify_in_args(
+    dir: &str,
+    iodepth: u32,
+    jobs: u32,
+    size: &str,
+    runtime_s: u32,
+) -> Vec<String> {
+    [
+        "--name=verify".to_owned(),
+        format!("--directory={dir}"),
+        "--ioengine=libaio".to_owned(),
+        "--direct=1".to_owned(),
+        format!("--iodepth={iodepth}"),
+        format!("--numjobs={jobs}"),
+        "--rw=randwrite".to_owned(),
+        "--bs=16k".to_owned(),
+        format!("--size={size}"),
+        "--time_based".to_owned(),
+        format!("--runtime={runtime_s}"),
+        "--verify=crc32c".to_owned(),
+        "--verify_backlog=256".to_owned(),
+        "--verify_fatal=1".to_owned(),
+        "--do_verify=1".to_owned(),
+        "--randrepeat=0".to_owned(),
+        "--verify_state_save=0".to_owned(),
+    ]
+    .into()
+}
+
+/// [`fio_verify_in_args`]' load started in the background: the test
+/// meanwhile kills or restarts what serves the device, then waits for the
+/// child, whose output is piped for the failure message.
 pub fn spawn_fio_verify_in(
     dir: &str,
     iodepth: u32,
@@ -282,25 +314,7 @@ pub fn spawn_fio_verify_in(
     runtime_s: u32,
 ) -> Child {
     Command::new("fio")
-        .args([
-            "--name=verify",
-            &format!("--directory={dir}"),
-            "--ioengine=libaio",
-            "--direct=1",
-            &format!("--iodepth={iodepth}"),
-            &format!("--numjobs={jobs}"),
-            "--rw=randwrite",
-            "--bs=16k",
-            &format!("--size={size}"),
-            "--time_based",
-            &format!("--runtime={runtime_s}"),
-            "--verify=crc32c",
-            "--verify_backlog=256",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--randrepeat=0",
-            "--verify_state_save=0",
-        ])
+        .args(fio_verify_in_args(dir, iodepth, jobs, size, runtime_s))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

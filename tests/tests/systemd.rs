@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use fuse_blk_tests::{assert_root, fuse_blk_bin, sh, Instance, TempDir};
+use fuse_blk_tests::{assert_root, fio_verify_in_args, fuse_blk_bin, sh, Instance, TempDir};
 
 const MIB: u64 = 1 << 20;
 
@@ -389,24 +389,10 @@ fn unit_starts_reloads_stops_and_comes_back() {
     let fio = systemd
         .command_in_mounts(
             "fio",
-            &[
-                "--name=verify",
-                &format!("--directory={mnt_str}"),
-                "--ioengine=libaio",
-                "--direct=1",
-                "--iodepth=16",
-                "--rw=randwrite",
-                "--bs=16k",
-                "--size=32M",
-                "--time_based",
-                "--runtime=12",
-                "--verify=crc32c",
-                "--verify_backlog=256",
-                "--verify_fatal=1",
-                "--do_verify=1",
-                "--randrepeat=0",
-                "--verify_state_save=0",
-            ],
+            &fio_verify_in_args(&mnt_str, 16, 1, "32M", 12)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
