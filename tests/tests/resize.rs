@@ -192,3 +192,39 @@ fn bad_resizes_are_refused_in_one_line_and_change_nothing() {
     read_only.detach();
     instance.assert_nothing_left();
 }
+
+#[test]
+fn a_qcow2_image_grows_online_and_qemu_img_sees_it() {
+    let instance = Instance::new("resize-qcow2");
+    let dir = TempDir::new("resize-qcow2");
+    let image = dir.join("grow.qcow2");
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            image.to_str().unwrap(),
+            "64M",
+        ],
+    );
+    let backend = format!("qcow2:{}", image.display());
+    let device = instance.attach(&["--transport", "loop", "--name", "q", &backend]);
+    resize(&instance, "q", "256M").unwrap();
+    assert_eq!(kernel_size(&device.path), 256 * MIB);
+    fuse_blk_tests::write_at(&device.path, 200 * MIB, &[0x5a; 4096]).unwrap();
+    let message = resize(&instance, "q", "128M").unwrap_err();
+    assert!(message.contains("shrinking"), "{message}");
+    assert_eq!(kernel_size(&device.path), 256 * MIB, "a refused shrink");
+    device.detach();
+    sh("qemu-img", &["check", "-q", image.to_str().unwrap()]);
+    let info = sh("qemu-img", &["info", image.to_str().unwrap()]);
+    assert!(info.contains("(268435456 bytes)"), "{info}");
+    let read = sh(
+        "qemu-io",
+        &["-c", "read -P 0x5a 200M 4k", image.to_str().unwrap()],
+    );
+    assert!(!read.contains("Pattern verification failed"), "{read}");
+    instance.assert_nothing_left();
+}

@@ -191,18 +191,27 @@ impl Session {
     /// and then, through `kernel`, the kernel's when growing; the other way
     /// round when shrinking, so that no request ever reaches past what the
     /// handler serves. Refuses a size that is zero or not a multiple of the
-    /// logical block size, and then nothing changes.
-    pub fn resize(&self, size: u64, kernel: impl FnOnce(u64) -> io::Result<()>) -> io::Result<()> {
+    /// logical block size, and then nothing changes; a handler that refuses
+    /// to shrink has the kernel given its old size back.
+    pub fn resize(&self, size: u64, kernel: impl Fn(u64) -> io::Result<()>) -> io::Result<()> {
         self.check_size(size)?;
-        if size >= self.size() {
+        let old = self.size();
+        if size >= old {
             self.device.resize(size)?;
             self.size.store(size, Ordering::Release);
-            kernel(size)
-        } else {
-            kernel(size)?;
-            self.size.store(size, Ordering::Release);
-            self.device.resize(size)
+            return kernel(size);
         }
+        kernel(size)?;
+        self.size.store(size, Ordering::Release);
+        if let Err(refused) = self.device.resize(size) {
+            // The handler keeps its size: so does the device.
+            self.size.store(old, Ordering::Release);
+            if let Err(e) = kernel(old) {
+                log::error!("giving the device back its {old} bytes: {e}");
+            }
+            return Err(refused);
+        }
+        Ok(())
     }
 
     /// Tells the engine and, through `kernel`, the kernel that the handler

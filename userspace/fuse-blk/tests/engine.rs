@@ -738,6 +738,39 @@ fn resize_refuses_bad_sizes_and_a_failing_kernel_leaves_the_handler_size() {
     assert_eq!(h.session.size(), SIZE);
 }
 
+/// A handler that cannot change its size.
+struct FixedSize(TestDevice);
+
+impl BlockDevice for FixedSize {
+    fn geometry(&self) -> Geometry {
+        self.0.geometry()
+    }
+
+    fn read(&self, req: &Request, offset: u64, len: u32, reply: ReplyData) {
+        self.0.read(req, offset, len, reply)
+    }
+
+    fn write(&self, req: &Request, offset: u64, data: &[u8], fua: bool, reply: ReplyWrite) {
+        self.0.write(req, offset, data, fua, reply)
+    }
+}
+
+#[test]
+fn a_handler_that_refuses_to_shrink_has_the_kernel_given_its_size_back() {
+    let device = FixedSize(TestDevice::new(geometry(Features::default())));
+    let session = Session::new(Arc::new(device), SessionConfig::default()).unwrap();
+    let kernel_sizes = Mutex::new(Vec::new());
+    let e = session
+        .resize(SIZE / 2, |size| {
+            kernel_sizes.lock().unwrap().push(size);
+            Ok(())
+        })
+        .unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::Unsupported, "{e}");
+    assert_eq!(kernel_sizes.into_inner().unwrap(), [SIZE / 2, SIZE]);
+    assert_eq!(session.size(), SIZE);
+}
+
 #[test]
 fn write_past_the_end_is_enospc() {
     let h = Harness::new(Features::default());

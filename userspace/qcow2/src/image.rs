@@ -45,6 +45,9 @@ use crate::backing::Backing;
 use crate::cache::TableCache;
 use crate::compressed::{decompress, CompressedExtent};
 use crate::header::{Header, AUTOCLEAR_OFFSET};
+
+/// Where the header's guest size is (followed by crypt_method and l1_size).
+const SIZE_OFFSET: u64 = 24;
 use crate::refcount::Refcounts;
 use crate::{corrupt, lock_file_until, path_error, read_exact_at, Options, FORK_LOCK_WAIT};
 
@@ -106,6 +109,8 @@ pub struct Image {
     /// Host ranges of the header, L1 table and refcount table, which no
     /// data cluster may overlap (the last moves when the table grows).
     fixed_metadata: RwLock<[(u64, u64); 3]>,
+    /// The guest size: the header's, until [`Image::grow`].
+    size: AtomicU64,
     /// Tests stop a flush after this step, as a crash there would.
     #[cfg(test)]
     crash: crash::Point,
@@ -263,6 +268,7 @@ impl Image {
             reserve: Mutex::new(Vec::new()),
             file_end: AtomicU64::new(file_end),
             fixed_metadata,
+            size: AtomicU64::new(header.size),
             header,
             #[cfg(test)]
             crash: crash::Point::default(),
@@ -270,7 +276,66 @@ impl Image {
     }
 
     pub fn size(&self) -> u64 {
-        self.header.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Grows the guest size to `size` (online resize): the L1 table takes
+    /// the entries the new size needs, within the clusters it has (the
+    /// new entries are zeros: unallocated, read from the backing file, if
+    /// any, or as zeros), then the header says the size and the entry
+    /// count in one write of the 16 bytes that hold both, synced. Refused:
+    /// shrinking (qemu-img resize --shrink, offline, when nothing uses the
+    /// end), a read-only image, and a size whose L1 table would need more
+    /// clusters than the image gave it (qemu-img resize, offline).
+    pub fn grow(&self, size: u64) -> io::Result<()> {
+        let refuse = |message: String| {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: {message}", self.path.display()),
+            ))
+        };
+        if self.read_only {
+            return refuse("opened read-only".into());
+        }
+        let _writer = self.writer.lock();
+        let old = self.size();
+        if size < old {
+            return refuse(
+                "shrinking a qcow2 image is not offered online (qemu-img resize --shrink, with nothing using its end)"
+                    .into(),
+            );
+        }
+        let per_l1_entry = self.cluster_size() * self.l2_entries();
+        let entries = size.div_ceil(per_l1_entry);
+        let l1_room = self.fixed_metadata.read()[1].1 / 8;
+        if entries > l1_room || entries > u64::from(u32::MAX) {
+            return refuse(format!(
+                "{size} bytes need an L1 table of {entries} entries, and the image's has room for {l1_room}: grow it offline with qemu-img resize"
+            ));
+        }
+        let mut tables = self.tables.write();
+        let old_entries = tables.l1.len() as u64;
+        if entries > old_entries {
+            // Zeros on disk first: the header must not count entries that
+            // hold anything else (the cluster's tail should be zeros
+            // already; qemu writes it so).
+            let zeros = vec![0u8; ((entries - old_entries) * 8) as usize];
+            self.file
+                .write_all_at(&zeros, self.header.l1_table_offset + old_entries * 8)?;
+            self.sync()?;
+            tables.l1.resize(entries as usize, 0);
+        }
+        let l1_entries = (tables.l1.len() as u32).to_be_bytes();
+        drop(tables);
+        // size (24..32), crypt_method (32..36: 0, encrypted images are
+        // refused at open), l1_size (36..40).
+        let mut fields = [0u8; 16];
+        fields[..8].copy_from_slice(&size.to_be_bytes());
+        fields[12..].copy_from_slice(&l1_entries);
+        self.file.write_all_at(&fields, SIZE_OFFSET)?;
+        self.sync()?;
+        self.size.store(size, Ordering::Release);
+        Ok(())
     }
 
     pub fn header(&self) -> &Header {

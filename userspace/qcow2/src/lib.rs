@@ -34,6 +34,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -256,7 +257,9 @@ pub struct Qcow2Device {
     /// the wait is over.
     pending: Mutex<Option<PendingOpen>>,
     path: PathBuf,
+    /// Its size is the one at open: `size` has the one now.
     geometry: Geometry,
+    size: AtomicU64,
 }
 
 /// An open waiting for another process to let go of the image.
@@ -332,6 +335,7 @@ impl Qcow2Device {
             image: image.map(OnceLock::from).unwrap_or_default(),
             pending: Mutex::new(pending),
             path: path.to_owned(),
+            size: AtomicU64::new(geometry.size),
             geometry,
         })
     }
@@ -365,12 +369,12 @@ impl Qcow2Device {
         *pending = None;
         match result {
             Ok(image) => {
-                if image.size() != self.geometry.size {
+                let size = self.size.load(Ordering::Acquire);
+                if image.size() != size {
                     log::error!(
-                        "{}: {} bytes now, {} when the device was opened",
+                        "{}: {} bytes now, {size} when the device was opened",
                         self.path.display(),
                         image.size(),
-                        self.geometry.size
                     );
                     return Err(io::Error::from_raw_os_error(libc::EIO));
                 }
@@ -406,7 +410,17 @@ fn unlocked_size(path: &Path) -> io::Result<u64> {
 
 impl BlockDevice for Qcow2Device {
     fn geometry(&self) -> Geometry {
-        self.geometry
+        Geometry {
+            size: self.size.load(Ordering::Acquire),
+            ..self.geometry
+        }
+    }
+
+    /// Grows the image (see [`Image::grow`]); shrinking is refused.
+    fn resize(&self, size: u64) -> io::Result<()> {
+        self.image()?.grow(size)?;
+        self.size.store(size, Ordering::Release);
+        Ok(())
     }
 
     fn read(&self, _req: &Request, offset: u64, _len: u32, reply: ReplyData) {

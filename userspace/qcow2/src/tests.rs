@@ -1632,3 +1632,78 @@ mod model {
         }
     }
 }
+
+/// The virtual size `qemu-img info` reports ("virtual size: 64 MiB
+/// (67108864 bytes)").
+fn qemu_virtual_size(path: &Path) -> u64 {
+    let info = qemu("qemu-img", &["info", path.to_str().unwrap()]);
+    let line = info
+        .lines()
+        .find(|line| line.starts_with("virtual size:"))
+        .unwrap_or_else(|| panic!("no virtual size in {info}"));
+    let bytes = line.rsplit_once('(').expect("(N bytes)").1;
+    bytes.trim_end_matches(" bytes)").parse().unwrap()
+}
+
+#[test]
+fn grows_online_within_its_l1_table_and_qemu_sees_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // 4 KiB clusters: one L1 entry covers 2 MiB and the L1 cluster holds
+    // 512 of them (1 GiB); 3 MiB uses 2 entries.
+    let path = dir.path().join("grow.qcow2");
+    create(&path, "cluster_size=4096", 3 * MIB);
+    let mut checked = Checked {
+        device: open(&path),
+        model: vec![0; 3 * MIB as usize],
+    };
+    checked.write(MIB, &pattern(1, 64 << 10));
+    checked.device.resize(64 * MIB).unwrap();
+    assert_eq!(checked.device.geometry().size, 64 * MIB);
+    checked.model.resize(64 * MIB as usize, 0);
+    // Across the old end and in L1 entries the image did not count before.
+    checked.write(3 * MIB - 4096, &pattern(2, 8192));
+    checked.write(60 * MIB, &pattern(3, 128 << 10));
+    checked.verify();
+    checked.device.flush().unwrap();
+    // Shrinking and growing past the L1 table's room are refused, and
+    // leave the size as it was.
+    let e = checked.device.resize(32 * MIB).unwrap_err();
+    assert!(e.to_string().contains("shrinking"), "{e}");
+    let e = checked.device.resize(2048 * MIB).unwrap_err();
+    assert!(e.to_string().contains("qemu-img resize"), "{e}");
+    assert_eq!(checked.device.geometry().size, 64 * MIB);
+    let Checked { device, model } = checked;
+    drop(device);
+    assert_clean(&path);
+    assert_eq!(qemu_virtual_size(&path), 64 * MIB);
+    assert_same(&path, &model);
+    // Opened again, it has the new size and the data.
+    let again = open(&path);
+    assert_eq!(again.geometry().size, 64 * MIB);
+    assert_eq!(
+        again.read(60 * MIB, 4096).unwrap(),
+        pattern(3, 128 << 10)[..4096]
+    );
+}
+
+#[test]
+fn an_overlay_grown_past_its_base_reads_zeros_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    fs::write(&base, pattern(4, 2 * MIB as usize)).unwrap();
+    let base_sum = sha256(&base);
+    let overlay = dir.path().join("overlay.qcow2");
+    create_overlay(&overlay, &base, "raw");
+    let mut model = pattern(4, 2 * MIB as usize);
+    let device = open(&overlay);
+    device.resize(8 * MIB).unwrap();
+    model.resize(8 * MIB as usize, 0);
+    let mut checked = Checked { device, model };
+    checked.verify();
+    checked.write(6 * MIB, &pattern(5, 4096));
+    let Checked { device, model } = checked;
+    drop(device);
+    assert_clean(&overlay);
+    assert_same(&overlay, &model);
+    assert_eq!(sha256(&base), base_sum, "the base was written");
+}
