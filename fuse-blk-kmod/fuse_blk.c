@@ -1135,6 +1135,20 @@ static struct fblk_dev *fblk_get(u32 id)
 	return dev;
 }
 
+/* Device @id for a caller that may control it, or an ERR_PTR. */
+static struct fblk_dev *fblk_get_controlled(u32 id)
+{
+	struct fblk_dev *dev = fblk_get(id);
+
+	if (!dev)
+		return ERR_PTR(-ENODEV);
+	if (!fblk_may_control(dev)) {
+		fblk_dev_put(dev);
+		return ERR_PTR(-EPERM);
+	}
+	return dev;
+}
+
 static int fblk_destroy(u32 id)
 {
 	struct fblk_dev *dev;
@@ -1204,13 +1218,9 @@ static int fblk_get_info(struct fuse_blk_info __user *uinfo)
 
 	if (get_user(dev_id, &uinfo->dev_id))
 		return -EFAULT;
-	dev = fblk_get(dev_id);
-	if (!dev)
-		return -ENODEV;
-	if (!fblk_may_control(dev)) {
-		fblk_dev_put(dev);
-		return -EPERM;
-	}
+	dev = fblk_get_controlled(dev_id);
+	if (IS_ERR(dev))
+		return PTR_ERR(dev);
 	memset(&info, 0, sizeof(info));
 	info.dev_id = dev_id;
 	info.state = fblk_state(dev, &info.nr_channels);
@@ -1245,12 +1255,9 @@ static int fblk_attach(struct file *file, struct fuse_blk_attach __user *uarg)
 	for (i = 0; i < ARRAY_SIZE(arg.reserved); i++)
 		if (arg.reserved[i])
 			return -EINVAL;
-	dev = fblk_get(arg.dev_id);
-	if (!dev)
-		return -ENODEV;
-	ret = -EPERM;
-	if (!fblk_may_control(dev))
-		goto out_put;
+	dev = fblk_get_controlled(arg.dev_id);
+	if (IS_ERR(dev))
+		return PTR_ERR(dev);
 	ret = -EINVAL;
 	if (arg.queue >= fblk_nr_queues(dev))
 		goto out_put;
@@ -1311,12 +1318,9 @@ static int fblk_resize(struct fuse_blk_resize __user *uarg)
 		return -EFAULT;
 	if (arg.reserved0 || memchr_inv(arg.reserved, 0, sizeof(arg.reserved)))
 		return -EINVAL;
-	dev = fblk_get(arg.dev_id);
-	if (!dev)
-		return -ENODEV;
-	ret = -EPERM;
-	if (!fblk_may_control(dev))
-		goto out_put;
+	dev = fblk_get_controlled(arg.dev_id);
+	if (IS_ERR(dev))
+		return PTR_ERR(dev);
 	ret = -EINVAL;
 	if (!arg.size || arg.size & (dev->params.logical_block_size - 1) ||
 	    arg.size >> SECTOR_SHIFT > (u64)LLONG_MAX >> SECTOR_SHIFT)
