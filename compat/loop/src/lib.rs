@@ -443,27 +443,39 @@ impl Detacher {
         self.shared.session.size()
     }
 
-    /// Gives the FUSE file its new size and has the loop device take it:
-    /// the kernel forgets the file's cached attributes, a stat fetches the
-    /// new ones (the loop driver reads the size the inode has, which only
-    /// a FUSE_GETATTR answer changes), then LOOP_SET_CAPACITY.
+    /// Gives the FUSE file its new size and has the loop device take it.
+    /// The kernel forgets the file's cached attributes, and the size it
+    /// has is checked through `lseek(SEEK_END)`, which answers the inode's
+    /// size (a stat answers the daemon's reply, which the kernel does not
+    /// apply when a write raced it: FUSE's attr_version), asking again
+    /// until the inode has it; only then LOOP_SET_CAPACITY (the loop driver
+    /// of 6.x takes the inode's size, that of newer kernels a stat's, and
+    /// a read past the inode's size would fail).
     fn show_size(&self, size: u64) -> io::Result<()> {
-        use std::io::Write;
+        use std::io::{Seek, SeekFrom, Write};
         self.shared.namespace.set_size(size);
         let notification = fuse_blk::proto::reply::encode_inval_attributes(namespace::FILE_ID);
-        (&std::fs::File::from(self.shared.primary.try_clone()?))
-            .write_all(&notification)
-            .map_err(|e| {
+        let fuse = std::fs::File::from(self.shared.primary.try_clone()?);
+        let in_file =
+            |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", self.shared.file.display()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            (&fuse).write_all(&notification).map_err(|e| {
                 io::Error::new(e.kind(), format!("telling the kernel the new size: {e}"))
             })?;
-        let seen = std::fs::metadata(&self.shared.file)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.shared.file.display())))?
-            .len();
-        if seen != size {
-            return Err(io::Error::other(format!(
-                "the kernel still sees {seen} bytes in {} after the resize to {size}",
-                self.shared.file.display()
-            )));
+            let seen = std::fs::File::open(&self.shared.file)
+                .and_then(|mut file| file.seek(SeekFrom::End(0)))
+                .map_err(in_file)?;
+            if seen == size {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "the kernel still sees {seen} bytes in {} 10 s after the resize to {size}",
+                    self.shared.file.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
         match &*self.shared.loop_device.lock() {
             Some(loop_device) => loop_device.set_capacity(),

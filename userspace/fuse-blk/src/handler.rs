@@ -220,10 +220,11 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     /// Serve `size` bytes from now on (`fuse-blk resize`): the engine has
     /// checked that it is a non-zero multiple of the logical block size.
-    /// When growing, this is called before the kernel sees the new size,
-    /// so the new end must read (as zeros) once it returns; when
-    /// shrinking, after, so no request reaches past the new end any more.
-    /// The default refuses: the device keeps its size.
+    /// It is called before the kernel sees the new size: when growing, the
+    /// new end must read (as zeros) once it returns; when shrinking, the
+    /// engine already refuses requests past the new end. An error leaves
+    /// the device as it was. The default refuses: the device keeps its
+    /// size.
     fn resize(&self, _size: u64) -> std::io::Result<()> {
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,

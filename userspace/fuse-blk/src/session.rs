@@ -188,30 +188,27 @@ impl Session {
     }
 
     /// Changes the device's size: the handler's ([`BlockDevice::resize`])
-    /// and then, through `kernel`, the kernel's when growing; the other way
-    /// round when shrinking, so that no request ever reaches past what the
-    /// handler serves. Refuses a size that is zero or not a multiple of the
-    /// logical block size, and then nothing changes; a handler that refuses
-    /// to shrink has the kernel given its old size back.
-    pub fn resize(&self, size: u64, kernel: impl Fn(u64) -> io::Result<()>) -> io::Result<()> {
+    /// and then, through `kernel`, the kernel's. When growing, the engine
+    /// takes the new size after the handler; when shrinking, before it,
+    /// so that requests past the new end are refused by the engine (reads
+    /// shortened, writes ENOSPC) and none reaches the handler after it
+    /// shrank. A size that is zero or not a multiple of the logical block
+    /// size is refused, and so is one the handler refuses: then nothing
+    /// changes, the kernel's size included.
+    pub fn resize(&self, size: u64, kernel: impl FnOnce(u64) -> io::Result<()>) -> io::Result<()> {
         self.check_size(size)?;
         let old = self.size();
         if size >= old {
             self.device.resize(size)?;
             self.size.store(size, Ordering::Release);
-            return kernel(size);
-        }
-        kernel(size)?;
-        self.size.store(size, Ordering::Release);
-        if let Err(refused) = self.device.resize(size) {
-            // The handler keeps its size: so does the device.
-            self.size.store(old, Ordering::Release);
-            if let Err(e) = kernel(old) {
-                log::error!("giving the device back its {old} bytes: {e}");
+        } else {
+            self.size.store(size, Ordering::Release);
+            if let Err(refused) = self.device.resize(size) {
+                self.size.store(old, Ordering::Release);
+                return Err(refused);
             }
-            return Err(refused);
         }
-        Ok(())
+        kernel(size)
     }
 
     /// Tells the engine and, through `kernel`, the kernel that the handler
