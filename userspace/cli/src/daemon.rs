@@ -704,10 +704,16 @@ pub fn request_status(dir: &DeviceDir) -> Option<String> {
 
 /// Asks the daemon of a device to detach; returns its answer.
 pub fn request_detach(dir: &DeviceDir) -> Result<(), String> {
+    request(dir, "detach")
+}
+
+/// Sends `command` to the daemon of a device over its control socket;
+/// `Ok` if it answers `ok`, its message if it answers `error MESSAGE`.
+pub fn request(dir: &DeviceDir, command: &str) -> Result<(), String> {
     let stream = UnixStream::connect(dir.control_socket())
         .map_err(|e| format!("{}: {e}", dir.control_socket().display()))?;
     (&stream)
-        .write_all(b"detach\n")
+        .write_all(format!("{command}\n").as_bytes())
         .map_err(|e| e.to_string())?;
     let mut answer = String::new();
     BufReader::new(&stream)

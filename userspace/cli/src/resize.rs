@@ -4,9 +4,6 @@
 //! [`fuse_blk_attach::Resizer`]), then records the size in the device's
 //! state.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-
 use fuse_blk_attach::Resizer;
 
 use crate::state::{self, DeviceDir};
@@ -31,22 +28,8 @@ pub fn run(target: &str, size: &str) -> Result<(), String> {
             record.name
         ));
     }
-    let stream = UnixStream::connect(dir.control_socket())
-        .map_err(|e| format!("{}: {e}", dir.control_socket().display()))?;
-    (&stream)
-        .write_all(format!("{COMMAND} {bytes}\n").as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut answer = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut answer)
-        .map_err(|e| e.to_string())?;
-    match answer.trim_end() {
-        "ok" => Ok(()),
-        text => match text.strip_prefix("error ") {
-            Some(message) => Err(format!("{}: {message}", record.name)),
-            None => Err(format!("unexpected answer from the daemon: {text:?}")),
-        },
-    }
+    crate::daemon::request(&dir, &format!("{COMMAND} {bytes}"))
+        .map_err(|message| format!("{}: {message}", record.name))
 }
 
 /// The daemon's side: resizes with `resizer` (None where the device cannot
