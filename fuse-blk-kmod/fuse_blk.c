@@ -1304,9 +1304,9 @@ out_put:
 
 /*
  * Sets a device's size while it serves. The daemon has made its backend
- * serve the new size before a grow and stops serving the old end only
- * after a shrink: the driver needs nothing from it. Requests already past
- * the new end when shrinking finish as they would have.
+ * serve the new size first, growing or shrinking: the driver needs nothing
+ * from it. Requests already past the new end when shrinking finish as the
+ * daemon answers them (it refuses what lies past its new end).
  */
 static int fblk_resize(struct fuse_blk_resize __user *uarg)
 {

@@ -550,9 +550,7 @@ impl KmodDevice {
             .map(drop)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
     }
-}
 
-impl KmodDevice {
     /// Waits (up to 10 s) until this user may read and write `path`, so
     /// that the path `attach` prints can be used at once; says why not if
     /// it stays root's.

@@ -11,8 +11,8 @@
  *     live) while it serves; the kernel sends a change uevent with
  *     RESIZE=1. GET_FEATURES reports FUSE_BLK_F_RESIZE; CREATE echoes it
  *     and it asks nothing of the device. The daemon serves the new size
- *     first when a device grows, and stops serving the old end after the
- *     kernel when it shrinks: the driver never asks it about either.
+ *     before it tells the kernel, growing or shrinking: the driver never
+ *     asks it about either.
  *   - /dev/fuse-blk is the misc minor FUSE_BLK_MINOR of the range reserved
  *     for local use (was dynamic), so that its first open loads the module
  *     (a "devname:" alias, as /dev/fuse and /dev/loop-control have). A
