@@ -379,6 +379,18 @@ pub fn read_at(device: &Path, offset: u64, len: usize) -> Vec<u8> {
     buf
 }
 
+/// The size the kernel gives block device `device` (`/dev/NAME`), in
+/// bytes, from sysfs.
+pub fn kernel_size(device: &Path) -> u64 {
+    let name = device.file_name().expect("a device name").to_string_lossy();
+    let sectors: u64 = fs::read_to_string(format!("/sys/block/{name}/size"))
+        .expect("sysfs size")
+        .trim()
+        .parse()
+        .expect("sectors");
+    sectors * 512
+}
+
 /// Writes `data` at `offset` of a block device and syncs it.
 pub fn write_at(device: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;

@@ -7,16 +7,9 @@ use std::path::Path;
 use std::process::Child;
 use std::time::Duration;
 
-use fuse_blk_tests::{sh, spawn_fio_verify_in, Instance, TempDir};
+use fuse_blk_tests::{kernel_size, sh, spawn_fio_verify_in, Instance, TempDir};
 
 const MIB: u64 = 1 << 20;
-
-/// The size the kernel gives a block device, from sysfs.
-fn kernel_size(device: &Path) -> u64 {
-    let name = device.file_name().unwrap().to_str().unwrap();
-    let sectors = std::fs::read_to_string(format!("/sys/block/{name}/size")).unwrap();
-    sectors.trim().parse::<u64>().unwrap() * 512
-}
 
 /// Bytes of the file system mounted at `dir`.
 fn fs_bytes(dir: &Path) -> u64 {

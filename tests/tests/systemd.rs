@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use fuse_blk_tests::{assert_root, fio_verify_in_args, fuse_blk_bin, sh, Instance, TempDir};
+use fuse_blk_tests::{
+    assert_root, fio_verify_in_args, fuse_blk_bin, kernel_size, sh, Instance, TempDir,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -280,19 +282,6 @@ fn device_of(systemd: &Systemd, name: &str) -> Option<serde_json::Value> {
         .find(|device| device["name"] == name)
 }
 
-fn block_size_bytes(device: &str) -> u64 {
-    let name = Path::new(device)
-        .file_name()
-        .expect("name")
-        .to_string_lossy();
-    let sectors: u64 = std::fs::read_to_string(format!("/sys/block/{name}/size"))
-        .expect("sysfs size")
-        .trim()
-        .parse()
-        .expect("sectors");
-    sectors * 512
-}
-
 #[test]
 fn unit_verifies_clean() {
     assert_root();
@@ -367,7 +356,7 @@ fn unit_starts_reloads_stops_and_comes_back() {
         }),
         "{path} is no block device"
     );
-    assert_eq!(block_size_bytes(&path), 256 * MIB);
+    assert_eq!(kernel_size(Path::new(&path)), 256 * MIB);
     assert_eq!(systemd.property(unit, "ActiveState"), "active");
     let first_pid = device["pid"].as_u64().expect("pid").to_string();
     assert_eq!(systemd.property(unit, "MainPID"), first_pid);
@@ -521,7 +510,7 @@ fn up_all_and_down() {
         .expect("path")
         .to_owned();
     assert!(listed("two").is_some(), "two attached");
-    assert_eq!(block_size_bytes(&one), 32 * MIB);
+    assert_eq!(kernel_size(Path::new(&one)), 32 * MIB);
 
     // Again, with a bad file: the attached ones stay, the bad one is named.
     std::fs::write(
