@@ -16,18 +16,6 @@ trap cleanup EXIT
 MiB=$((1 << 20))
 sectors() { cat "/sys/block/${1#/dev/}/size"; }
 fs_bytes() { df -B1 --output=size /tmp/mnt | tail -n 1 | tr -d ' '; }
-fio_in_mnt() {   # a verifying writer in the mounted file system, in the background
-    fio --name=grow --directory=/tmp/mnt --ioengine=libaio --direct=1 \
-        --iodepth=8 --numjobs=2 --rw=randwrite --bs=16k --size=24M \
-        --time_based --runtime=$((15 * VM_SLOW)) --verify=crc32c \
-        --verify_backlog=256 --verify_fatal=1 --do_verify=1 --randrepeat=0 \
-        --verify_state_save=0 > /tmp/fio.log 2>&1 &
-    fio_pid=$!
-}
-fio_done() {
-    wait "$fio_pid" || { cat /tmp/fio.log; fail "fio verify failed across the resize"; }
-}
-
 # ext4 on an image: grown by 2x online.
 rm -f /tmp/grow.img; truncate -s 256M /tmp/grow.img
 dev=$(attach --name grow --queues 2 --block-size 4096 file:/tmp/grow.img)
@@ -36,14 +24,14 @@ mount "$dev" /tmp/mnt
 before=$(fs_bytes)
 udevadm monitor --kernel --property --subsystem-match=block > /tmp/uevents 2>/dev/null &
 monitor=$!
-fio_in_mnt
+start_load /tmp/mnt
 sleep 2
 "$FUSE_BLK" resize grow 512M
 [ "$(sectors "$dev")" = $((512 * MiB / 512)) ] || fail "sysfs size $(sectors "$dev") after the grow"
 [ "$(stat -c %s /tmp/grow.img)" = $((512 * MiB)) ] || fail "the image was not extended"
 [ "$(lsblk -bno SIZE "$dev")" = $((512 * MiB)) ] || fail "lsblk: $(lsblk -bno SIZE "$dev")"
 resize2fs "$dev" > /dev/null 2>&1 || fail "resize2fs online"
-fio_done
+stop_load
 sleep 1
 kill "$monitor" 2>/dev/null || true
 grep -q "RESIZE=1" /tmp/uevents || { cat /tmp/uevents; fail "no change uevent with RESIZE=1"; }
@@ -70,11 +58,11 @@ dev=$(attach --name growx --queues 2 mem:320M)
 mkfs.xfs -q -f "$dev"
 mount "$dev" /tmp/mnt
 before=$(fs_bytes)
-fio_in_mnt
+start_load /tmp/mnt
 sleep 2
 "$FUSE_BLK" resize growx 640M
 xfs_growfs /tmp/mnt > /dev/null || fail "xfs_growfs"
-fio_done
+stop_load
 after=$(fs_bytes)
 [ "$after" -gt $((before + 250 * MiB)) ] || fail "xfs grew from $before to $after bytes only"
 umount /tmp/mnt
