@@ -29,9 +29,13 @@ pub fn encode_request(opcode: u32, unique: u64, nodeid: u64, args: &[&[u8]]) -> 
 /// Why a reply could not be parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyError {
+    /// Fewer bytes than a `fuse_out_header`.
     ShortHeader,
+    /// `fuse_out_header.len` disagrees with the bytes received.
     LengthMismatch {
+        /// The length the header claims, in bytes.
         header_len: u32,
+        /// The bytes actually received.
         received: usize,
     },
     /// An error outside -511..=0, or an error reply that carries data.
@@ -59,7 +63,9 @@ impl std::error::Error for ReplyError {}
 /// A parsed reply: the unique it answers and either an errno or a payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reply<'a> {
+    /// The `unique` of the request this answers.
     pub unique: u64,
+    /// The payload after the header, or a positive errno.
     pub result: Result<&'a [u8], i32>,
 }
 

@@ -20,12 +20,18 @@ use crate::request::{parse_request, split_message, ParseError, ParseErrorKind, R
 /// One message read from `/dev/cuse`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CuseRequest<'a> {
+    /// CUSE_INIT, the first message; answer with the device's name.
     Init {
+        /// The message's header.
         header: InHeader,
+        /// The kernel's versions and flags.
         arg: CuseInitIn,
     },
+    /// FUSE_POLL on an open device file.
     Poll {
+        /// The message's header.
         header: InHeader,
+        /// Which events are asked for, and the handle to notify.
         arg: PollIn,
     },
     /// Every other message, as [`parse_request`] parses it.
@@ -33,6 +39,7 @@ pub enum CuseRequest<'a> {
 }
 
 impl CuseRequest<'_> {
+    /// The request's id, which its reply must carry.
     pub fn unique(&self) -> u64 {
         match self {
             CuseRequest::Init { header, .. } | CuseRequest::Poll { header, .. } => header.unique,

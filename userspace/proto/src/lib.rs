@@ -11,6 +11,8 @@
 //! daemon reads, [`reply`] encodes what it writes; [`cuse`] adds what a
 //! character device served through CUSE (`/dev/cuse`) speaks besides.
 
+#![deny(missing_docs)]
+
 pub mod abi;
 pub mod client;
 pub mod cuse;

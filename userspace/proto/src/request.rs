@@ -13,15 +13,28 @@ pub enum ParseErrorKind {
     /// Fewer bytes than a `fuse_in_header`.
     ShortHeader,
     /// `fuse_in_header.len` disagrees with the bytes received.
-    LengthMismatch { header_len: u32, received: usize },
+    LengthMismatch {
+        /// The length the header claims, in bytes.
+        header_len: u32,
+        /// The bytes actually received.
+        received: usize,
+    },
     /// The body is shorter than the opcode's argument structure.
     ShortBody {
+        /// The request's opcode.
         opcode: u32,
+        /// Bytes of body the opcode's arguments need.
         needed: usize,
+        /// Bytes of body received.
         got: usize,
     },
     /// A WRITE whose `size` disagrees with the data that follows.
-    WriteSizeMismatch { size: u32, data: usize },
+    WriteSizeMismatch {
+        /// `fuse_write_in.size`.
+        size: u32,
+        /// Bytes of data that follow the `fuse_write_in`.
+        data: usize,
+    },
     /// A name that is empty, lacks its NUL terminator or contains '/'.
     BadName,
     /// An opcode this crate does not parse.
@@ -32,7 +45,9 @@ pub enum ParseErrorKind {
 /// it is kept so that the caller can answer the request with an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ParseError {
+    /// What was wrong.
     pub kind: ParseErrorKind,
+    /// The message's header, if it was whole and its length right.
     pub header: Option<InHeader>,
 }
 
@@ -69,34 +84,60 @@ impl std::error::Error for ParseError {}
 /// What a request asks for, with its arguments borrowed from the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation<'a> {
+    /// FUSE_INIT, the handshake (zero-filled past what older kernels send).
     Init(abi::InitIn),
+    /// FUSE_DESTROY: the filesystem goes away; the last request.
     Destroy,
+    /// FUSE_INTERRUPT of an earlier request; never answered.
     Interrupt(abi::InterruptIn),
+    /// FUSE_LOOKUP of a name in the directory `header.nodeid`.
     Lookup {
+        /// The name, without its NUL terminator; never empty, no '/'.
         name: &'a [u8],
     },
+    /// FUSE_FORGET; never answered.
     Forget(abi::ForgetIn),
+    /// FUSE_BATCH_FORGET; never answered.
     BatchForget {
+        /// Number of `fuse_forget_one` entries (all present, checked).
         count: u32,
     },
+    /// FUSE_GETATTR.
     Getattr(abi::GetattrIn),
+    /// FUSE_SETATTR (truncate, chmod, utimes...).
     Setattr(abi::SetattrIn),
+    /// FUSE_OPEN.
     Open(abi::OpenIn),
+    /// FUSE_OPENDIR.
     Opendir(abi::OpenIn),
+    /// FUSE_READ.
     Read(abi::ReadIn),
+    /// FUSE_READDIR.
     Readdir(abi::ReadIn),
+    /// FUSE_READDIRPLUS.
     Readdirplus(abi::ReadIn),
+    /// FUSE_WRITE.
     Write {
+        /// The `fuse_write_in`; `arg.size` equals `data.len()` (checked).
         arg: abi::WriteIn,
+        /// The bytes to write.
         data: &'a [u8],
     },
+    /// FUSE_STATFS.
     Statfs,
+    /// FUSE_RELEASE.
     Release(abi::ReleaseIn),
+    /// FUSE_RELEASEDIR.
     Releasedir(abi::ReleaseIn),
+    /// FUSE_FSYNC.
     Fsync(abi::FsyncIn),
+    /// FUSE_FSYNCDIR.
     Fsyncdir(abi::FsyncIn),
+    /// FUSE_FLUSH.
     Flush(abi::FlushIn),
+    /// FUSE_FALLOCATE (punch hole, zero range, allocate).
     Fallocate(abi::FallocateIn),
+    /// FUSE_ACCESS.
     Access(abi::AccessIn),
     /// An opcode this crate knows by number but whose arguments fuse-blk
     /// never needs (xattrs, links, locks, ...): answered with an errno.
@@ -106,11 +147,14 @@ pub enum Operation<'a> {
 /// One parsed request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request<'a> {
+    /// The message's header: opcode, unique, node, caller.
     pub header: InHeader,
+    /// What it asks, with its arguments.
     pub operation: Operation<'a>,
 }
 
 impl Request<'_> {
+    /// The request's id, which its reply must carry.
     pub fn unique(&self) -> u64 {
         self.header.unique
     }
