@@ -6,6 +6,8 @@
 //! of the session engine: the same engine, handler and FUSE messages as the
 //! stock path, without the loop device and FUSE file in between.
 
+#![deny(missing_docs)]
+
 pub mod ring;
 pub mod uapi;
 
@@ -61,6 +63,8 @@ pub struct Control {
 }
 
 impl Control {
+    /// Opens `/dev/fuse-blk` (whose first open loads the module); the error
+    /// names the path.
     pub fn open() -> io::Result<Control> {
         let file = OpenOptions::new()
             .read(true)
@@ -71,6 +75,8 @@ impl Control {
         Ok(Control { file })
     }
 
+    /// The loaded module's ABI version and the feature flags it knows
+    /// (FUSE_BLK_IOC_GET_FEATURES).
     pub fn features(&self) -> io::Result<uapi::Features> {
         let mut features = uapi::Features::default();
         // SAFETY: the ioctl writes one `struct fuse_blk_features`, which
@@ -111,6 +117,8 @@ impl Control {
         Ok(params)
     }
 
+    /// Destroys device `dev_id` (FUSE_BLK_IOC_DESTROY): its channels read
+    /// FUSE_DESTROY and `/dev/fuseblkN` goes away.
     pub fn destroy(&self, dev_id: u32) -> io::Result<()> {
         // SAFETY: the ioctl reads one u32 from a live local.
         unsafe { uapi::destroy(self.file.as_raw_fd(), &dev_id) }
@@ -139,6 +147,8 @@ impl Control {
         Ok(())
     }
 
+    /// The state, channels and parameters of device `dev_id`
+    /// (FUSE_BLK_IOC_GET_INFO); ENODEV if there is none.
     pub fn info(&self, dev_id: u32) -> io::Result<uapi::Info> {
         let mut info = uapi::Info {
             dev_id,
@@ -180,9 +190,11 @@ pub fn attach_fd(dev_id: u32, queue: u16, takeover: bool) -> io::Result<OwnedFd>
 /// How to create a device beyond what its geometry says.
 #[derive(Debug, Clone)]
 pub struct KmodOptions {
+    /// Name shown in sysfs; cut to 31 bytes.
     pub name: String,
     /// Hardware queues, each served by one channel and thread.
     pub queues: u16,
+    /// Requests in flight per queue.
     pub queue_depth: u16,
     /// Largest request in bytes.
     pub max_io_bytes: u32,
@@ -325,6 +337,7 @@ pub struct KmodDevice {
 /// Why a [`KmodDevice`] stopped serving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
+    /// The device was destroyed (or is being).
     Destroyed,
     /// Another daemon took the device over; it lives on.
     HandedOver,
@@ -456,6 +469,7 @@ impl KmodDevice {
         Ok(())
     }
 
+    /// N of `/dev/fuseblkN`.
     pub fn dev_id(&self) -> u32 {
         self.dev_id
     }
@@ -471,6 +485,7 @@ impl KmodDevice {
         self.io_uring
     }
 
+    /// `/dev/fuseblkN`.
     pub fn device_path(&self) -> PathBuf {
         PathBuf::from(format!("/dev/fuseblk{}", self.dev_id))
     }
@@ -627,6 +642,7 @@ pub struct Destroyer {
 }
 
 impl Destroyer {
+    /// Destroys the device; a device that is gone already is no error.
     pub fn destroy(&self) -> io::Result<()> {
         match self.control.destroy(self.dev_id) {
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
