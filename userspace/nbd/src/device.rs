@@ -28,7 +28,10 @@ const MAX_PHYSICAL_BLOCK: u32 = 64 << 10;
 pub struct Options {
     /// Refuse writes even where the export allows them.
     pub read_only: bool,
+    /// The device's logical block size in bytes; the server's smallest
+    /// block must not be larger.
     pub logical_block_size: u32,
+    /// How long requests wait for a broken connection to come back.
     pub reconnect: ReconnectPolicy,
     /// Connections when the server allows several (multi-conn); one
     /// otherwise.
@@ -43,6 +46,9 @@ pub struct Options {
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 128;
 
 impl Options {
+    /// Options with the defaults besides: a connection per CPU, at most 8
+    /// (used where the server allows multi-conn), the default
+    /// [`ReconnectPolicy`] and [`DEFAULT_MAX_IN_FLIGHT`] commands each.
     pub fn new(read_only: bool, logical_block_size: u32) -> Options {
         Options {
             read_only,

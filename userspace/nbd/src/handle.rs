@@ -10,7 +10,9 @@ use crate::ffi;
 /// `nbd_connect_uri: connect: Connection refused`) and errno.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Error {
+    /// The errno a request fails with; EIO where libnbd gave none.
     pub errno: i32,
+    /// libnbd's message, naming the call that failed.
     pub message: String,
 }
 
@@ -51,17 +53,28 @@ impl std::error::Error for Error {}
 /// What the server told us about the export in the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Export {
+    /// Size in bytes.
     pub size: u64,
+    /// The server refuses writes.
     pub read_only: bool,
+    /// The server takes NBD_CMD_FLUSH (it has a write cache).
     pub can_flush: bool,
+    /// The server takes NBD_CMD_FLAG_FUA on writes.
     pub can_fua: bool,
+    /// The server takes NBD_CMD_TRIM.
     pub can_trim: bool,
+    /// The server takes NBD_CMD_WRITE_ZEROES.
     pub can_zero: bool,
+    /// Several connections to the export see one another's writes
+    /// (NBD_FLAG_CAN_MULTI_CONN).
     pub can_multi_conn: bool,
     /// Block size constraints (NBD_INFO_BLOCK_SIZE); 0 where the server
     /// gave none.
     pub minimum_block: u32,
+    /// Size in bytes the server serves best, a multiple of
+    /// `minimum_block`.
     pub preferred_block: u32,
+    /// Largest command payload the server takes, in bytes.
     pub maximum_block: u32,
 }
 
@@ -203,6 +216,7 @@ impl Handle {
         Ok(handle)
     }
 
+    /// The handshake is done: commands may be issued.
     pub fn is_ready(&self) -> bool {
         // SAFETY: the handle is live; this only reads its state.
         unsafe { ffi::nbd_aio_is_ready(self.raw.as_ptr()) == 1 }
@@ -311,6 +325,7 @@ impl Handle {
         .map(|cookie| cookie as u64)
     }
 
+    /// Issues NBD_CMD_FLUSH and returns its cookie.
     pub fn aio_flush(&self) -> Result<u64, Error> {
         // SAFETY: the handle is live; the command has no buffer.
         check64(unsafe {
@@ -319,6 +334,8 @@ impl Handle {
         .map(|cookie| cookie as u64)
     }
 
+    /// Issues NBD_CMD_TRIM of `count` bytes at `offset` and returns its
+    /// cookie.
     pub fn aio_trim(&self, count: u64, offset: u64) -> Result<u64, Error> {
         // SAFETY: the handle is live; the command has no buffer.
         check64(unsafe {

@@ -17,6 +17,8 @@
 //!   with many commands in flight.
 //! - [`NbdDevice`]: the `BlockDevice`.
 
+#![deny(missing_docs)]
+
 mod device;
 mod ffi;
 pub mod handle;

@@ -34,6 +34,7 @@ pub struct ReconnectPolicy {
     /// The wait before the second attempt (the first is at once); it
     /// doubles after every failed attempt, up to `max_delay`.
     pub first_delay: Duration,
+    /// The longest wait between two attempts.
     pub max_delay: Duration,
     /// A command the server has not answered within this counts as a
     /// broken connection: the link drops it, reconnects and issues the
@@ -73,10 +74,16 @@ pub enum LinkStatus {
     /// Connected, or not connected yet and never needed.
     Connected,
     /// The connection broke `for_` ago; requests wait.
-    Reconnecting { for_: Duration },
+    Reconnecting {
+        /// Time since the connection broke.
+        for_: Duration,
+    },
     /// The connection broke `for_` ago, longer than the timeout: requests
     /// fail with EIO until an attempt succeeds.
-    Down { for_: Duration },
+    Down {
+        /// Time since the connection broke.
+        for_: Duration,
+    },
 }
 
 /// `connected`, `reconnecting for 2.1s`, `down for 40.0s`: what `list`
@@ -137,17 +144,31 @@ impl Expectations {
 /// What a job asks of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// NBD_CMD_READ.
     Read,
-    Write { fua: bool },
+    /// NBD_CMD_WRITE.
+    Write {
+        /// With NBD_CMD_FLAG_FUA: durable before the reply.
+        fua: bool,
+    },
+    /// NBD_CMD_FLUSH.
     Flush,
+    /// NBD_CMD_TRIM.
     Trim,
-    Zero { no_hole: bool },
+    /// NBD_CMD_WRITE_ZEROES.
+    Zero {
+        /// With NBD_CMD_FLAG_NO_HOLE: the range stays allocated.
+        no_hole: bool,
+    },
 }
 
 /// The reply a job answers when it is done.
 pub enum Reply {
+    /// A read's: the data, or the error.
     Data(ReplyData),
+    /// A write's.
     Write(ReplyWrite),
+    /// A flush's, trim's or write-zeroes'.
     Empty(ReplyEmpty),
 }
 
@@ -284,6 +305,9 @@ impl Shared {
     }
 }
 
+/// One connection to the server that reconnects when it breaks, driven
+/// by a thread of its own with many commands in flight; jobs sent to it
+/// wait out an outage and are reissued, up to the policy's timeout.
 pub struct Link {
     shared: Arc<Shared>,
     timeout: Duration,
@@ -382,6 +406,7 @@ impl Link {
         }
     }
 
+    /// Whether the connection is up, and how long it has been down.
     pub fn status(&self) -> LinkStatus {
         let status = self.shared.status.lock();
         match status.outage_since {

@@ -18,7 +18,9 @@ const SCHEMES: [&str; 6] = [
 /// is one line for the user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UriError {
+    /// The BACKEND as given.
     pub uri: String,
+    /// What is wrong with it.
     pub reason: &'static str,
 }
 
