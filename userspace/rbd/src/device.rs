@@ -280,6 +280,7 @@ impl RbdDevice {
         })
     }
 
+    /// The image this device serves.
     pub fn spec(&self) -> &Spec {
         &self.spec
     }

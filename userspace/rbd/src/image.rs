@@ -34,7 +34,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the image is, from `rbd_stat`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Info {
+    /// Size in bytes.
     pub size: u64,
+    /// Bytes of the RADOS objects the image is striped over.
     pub object_size: u64,
 }
 

@@ -11,6 +11,8 @@
 //! - [`image`]: a connection to the cluster and an open image, safely.
 //! - [`RbdDevice`]: the `BlockDevice`.
 
+#![deny(missing_docs)]
+
 mod device;
 mod ffi;
 pub mod image;

@@ -9,9 +9,11 @@ pub const PREFIX: &str = "rbd:";
 /// A checked `rbd:` spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Spec {
+    /// The RADOS pool holding the image.
     pub pool: String,
     /// The RADOS namespace within the pool; empty for the default one.
     pub namespace: String,
+    /// The image's name within the pool (and namespace).
     pub image: String,
 }
 
