@@ -14,6 +14,8 @@
 //! driver to close the file, and unmounts; the workers then read ENODEV and
 //! [`StockDevice::wait`] returns.
 
+#![deny(missing_docs)]
+
 pub mod loopdev;
 pub mod mount;
 pub mod namespace;
@@ -90,6 +92,7 @@ struct Shared {
 /// Why a [`StockDevice`] stopped serving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
+    /// The device was detached: the loop device is gone, the file unmounted.
     Detached,
     /// Another daemon took the FUSE connection over.
     HandedOver,
@@ -100,7 +103,10 @@ pub enum Ended {
 /// loop driver's), which detaching waits for.
 #[derive(Debug)]
 pub struct Handover {
+    /// The FUSE connection's `/dev/fuse` descriptor, serving the device
+    /// file.
     pub fuse_fd: OwnedFd,
+    /// Open handles of the device file the loop driver holds.
     pub open_files: u64,
     /// The passthrough registration the device file's opens name, which
     /// the successor's must name too.
@@ -258,10 +264,12 @@ impl StockDevice {
         &self.device_path
     }
 
+    /// Where the one-file filesystem is mounted (private to this daemon).
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
     }
 
+    /// A handle that detaches the device from another thread.
     pub fn detacher(&self) -> Detacher {
         Detacher {
             shared: self.shared.clone(),

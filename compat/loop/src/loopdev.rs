@@ -66,7 +66,9 @@ struct LoopConfig {
 /// How to set up a loop device over a backing file.
 #[derive(Debug, Clone, Copy)]
 pub struct LoopOptions {
+    /// The loop device's logical block size in bytes.
     pub block_size: u32,
+    /// The loop device refuses writes.
     pub read_only: bool,
     /// Bypass the page cache on the backing file, so that data is cached
     /// once (above the loop device), not twice.
@@ -171,6 +173,7 @@ impl LoopDevice {
         })
     }
 
+    /// The block device, e.g. `/dev/loop3`.
     pub fn path(&self) -> &Path {
         &self.path
     }

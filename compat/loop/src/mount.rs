@@ -15,7 +15,13 @@ const FUSE_DEVICE: &str = "/dev/fuse";
 /// reads the u32 (the descriptor to clone) rather than writing it.
 const FUSE_DEV_IOC_CLONE: libc::c_ulong =
     nix::request_code_read!(229, 0, std::mem::size_of::<u32>());
-nix::ioctl_write_ptr_bad!(fuse_dev_ioc_clone, FUSE_DEV_IOC_CLONE, u32);
+nix::ioctl_write_ptr_bad!(
+    /// FUSE_DEV_IOC_CLONE on a fresh `/dev/fuse` descriptor: makes it a
+    /// second channel of the connection whose descriptor it is given.
+    fuse_dev_ioc_clone,
+    FUSE_DEV_IOC_CLONE,
+    u32
+);
 
 /// A FUSE mount of ours. Dropping it unmounts (lazily, as a last resort).
 #[derive(Debug)]
@@ -73,6 +79,7 @@ impl FuseMount {
         self.mounted = false;
     }
 
+    /// Where the filesystem is mounted.
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
     }

@@ -46,6 +46,8 @@ pub struct OneFileNamespace {
 }
 
 impl OneFileNamespace {
+    /// A root directory holding one file, `file_name`, of the device's size;
+    /// no handle open, no passthrough.
     pub fn new(file_name: &str, geometry: Geometry) -> OneFileNamespace {
         OneFileNamespace {
             file_name: file_name.to_owned(),
@@ -58,6 +60,7 @@ impl OneFileNamespace {
         }
     }
 
+    /// The device file's name in the root directory.
     pub fn file_name(&self) -> &str {
         &self.file_name
     }
@@ -74,6 +77,7 @@ impl OneFileNamespace {
         self.size.store(size, Ordering::Release);
     }
 
+    /// Open handles of the device file (OPENs not yet RELEASEd).
     pub fn open_files(&self) -> u64 {
         *self.open_files.lock()
     }

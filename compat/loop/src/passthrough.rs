@@ -30,7 +30,14 @@ struct BackingMap {
 
 // FUSE_DEV_IOC_BACKING_OPEN: _IOW(229, 1, struct fuse_backing_map); returns
 // the backing id.
-nix::ioctl_write_ptr!(backing_open, 229, 1, BackingMap);
+nix::ioctl_write_ptr!(
+    /// FUSE_DEV_IOC_BACKING_OPEN: registers a backing file with the
+    /// connection; returns its backing id.
+    backing_open,
+    229,
+    1,
+    BackingMap
+);
 
 /// Whether the device file's opens pass through, and to what.
 pub enum Backing {
@@ -38,7 +45,12 @@ pub enum Backing {
     Off,
     /// Pass through from the first open on, if the kernel allows it: the
     /// connection's descriptor and the file to register.
-    Wanted { fuse: OwnedFd, file: OwnedFd },
+    Wanted {
+        /// The FUSE connection's descriptor, the ioctl's target.
+        fuse: OwnedFd,
+        /// The backing file, open as the device needs it.
+        file: OwnedFd,
+    },
     /// Registered with the connection under this id.
     Registered(i32),
 }
@@ -49,12 +61,14 @@ pub struct Passthrough {
 }
 
 impl Passthrough {
+    /// Starts in `backing`'s state.
     pub fn new(backing: Backing) -> Passthrough {
         Passthrough {
             state: Mutex::new(backing),
         }
     }
 
+    /// Replaces the state, for the opens from now on.
     pub fn set(&self, backing: Backing) {
         *self.state.lock() = backing;
     }
