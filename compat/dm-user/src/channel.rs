@@ -33,6 +33,8 @@ use fuse_blk::proto::abi::{
 };
 use fuse_blk::{BlockDevice, Channel, ReplySink, Session, SessionConfig, Stop};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::pthread::{pthread_kill, pthread_self, Pthread};
+use nix::sys::signal::Signal;
 use parking_lot::Mutex;
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -54,6 +56,10 @@ pub struct DmUserChannel {
     node: File,
     pending: Mutex<HashMap<u64, Pending>>,
     next_unique: Arc<AtomicU64>,
+    /// The thread in read(2) of the node, if one is: [`Stopper::stop`]
+    /// wakes it with a signal, since dm-user's target has no poll and a
+    /// read there blocks until a message comes.
+    reader: Mutex<Option<Pthread>>,
 }
 
 impl DmUserChannel {
@@ -64,6 +70,26 @@ impl DmUserChannel {
             node,
             pending: Mutex::new(HashMap::new()),
             next_unique: uniques,
+            reader: Mutex::new(None),
+        }
+    }
+
+    /// One read(2) of the node, during which [`DmUserChannel::wake_reader`]
+    /// can interrupt it.
+    fn read_node(&self, buf: &mut [u8]) -> io::Result<usize> {
+        *self.reader.lock() = Some(pthread_self());
+        let read = (&self.node).read(buf);
+        *self.reader.lock() = None;
+        read
+    }
+
+    /// Sends `signal` to the thread in read(2) of the node, if one is; a
+    /// handler installed without SA_RESTART makes the read fail with EINTR
+    /// (on the bridge through FUSE_INTERRUPT). Sent under the lock the
+    /// reader clears after its read, so it reaches no other call.
+    fn wake_reader(&self, signal: Signal) {
+        if let Some(thread) = *self.reader.lock() {
+            let _ = pthread_kill(thread, signal);
         }
     }
 
@@ -73,7 +99,6 @@ impl DmUserChannel {
     /// a message that comes in pieces is read on to its end. `None` once
     /// the target is gone (ENOTBLK) or the node was closed.
     fn read_message(&self, buf: &mut [u8]) -> io::Result<Option<Header>> {
-        let mut node = &self.node;
         let room = &mut buf[MESSAGE_AT..];
         let mut have = 0;
         loop {
@@ -106,7 +131,7 @@ impl DmUserChannel {
                 have = 0;
                 continue;
             }
-            match node.read(&mut room[have..wanted]) {
+            match self.read_node(&mut room[have..wanted]) {
                 Ok(0) => return Ok(None),
                 Ok(n) => have += n,
                 Err(e) if e.raw_os_error() == Some(libc::ENOTBLK) => return Ok(None),
@@ -354,7 +379,32 @@ pub fn serve_descriptors(
 /// first, so that its counters can be taken before it serves.
 pub struct Server {
     session: Arc<Session>,
-    channels: Vec<Arc<dyn Channel>>,
+    channels: Vec<Arc<DmUserChannel>>,
+}
+
+/// Stops a [`Server`] from another thread: a daemon being replaced stops
+/// reading, answers what it has read and ends, leaving its descriptors to
+/// be closed (what they still held goes to the node's other daemons).
+#[derive(Clone)]
+pub struct Stopper {
+    session: Arc<Session>,
+    channels: Vec<Arc<DmUserChannel>>,
+}
+
+impl Stopper {
+    /// Makes every worker leave once it has answered the message it is
+    /// handling. Workers waiting in poll(2) are woken by the engine's stop;
+    /// one blocked in read(2) (dm-user's target has no poll, and on any
+    /// node several descriptors may be woken by one message) by `wake`,
+    /// whose handler must be installed without SA_RESTART. Call it again
+    /// until [`Server::serve`] returns: a worker about to read when it was
+    /// called notices only at the next call.
+    pub fn stop(&self, wake: Signal) {
+        self.session.stop();
+        for channel in &self.channels {
+            channel.wake_reader(wake);
+        }
+    }
 }
 
 impl Server {
@@ -375,14 +425,28 @@ impl Server {
         let uniques = Arc::new(AtomicU64::new(1));
         let channels = descriptors
             .into_iter()
-            .map(|file| Arc::new(DmUserChannel::new(file, uniques.clone())) as Arc<dyn Channel>)
+            .map(|file| Arc::new(DmUserChannel::new(file, uniques.clone())))
             .collect();
         Ok(Server { session, channels })
     }
 
-    /// Serves until every descriptor has ended (the target is gone).
+    /// What stops this server from another thread.
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            session: self.session.clone(),
+            channels: self.channels.clone(),
+        }
+    }
+
+    /// Serves until every descriptor has ended (the target is gone), or
+    /// until stopped.
     pub fn serve(self) -> io::Result<()> {
-        self.session.serve(self.channels)
+        let channels = self
+            .channels
+            .into_iter()
+            .map(|channel| channel as Arc<dyn Channel>)
+            .collect();
+        self.session.serve(channels)
     }
 }
 

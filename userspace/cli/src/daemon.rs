@@ -248,6 +248,7 @@ fn attach(
                 ),
             },
             attach_args: std::env::args_os().skip(1).collect(),
+            contents_in_process: backend.to_string().starts_with("mem:"),
         };
         let serving = dm_user::start(device, setup).map_err(undo)?;
         record.transport = serving.transport().into();
@@ -579,6 +580,18 @@ fn handle_control(stream: UnixStream, control: &Controls) -> std::io::Result<()>
             control.resizer.as_ref(),
             &control.dir,
         ));
+    }
+    if let Some(exe) = line
+        .strip_prefix(dm_user::HANDOFF_CHILD)
+        .and_then(|rest| rest.strip_prefix(' '))
+    {
+        return answer(match detacher {
+            DetachHandle::DmUser(dm_user) => match dm_user.hand_over_child(Path::new(exe)) {
+                Ok(()) => "ok".into(),
+                Err(e) => format!("error {e}"),
+            },
+            DetachHandle::Device(_) => "error not a device on a dm-user node".into(),
+        });
     }
     match line {
         "detach" => match detacher.detach() {

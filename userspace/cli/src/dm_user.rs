@@ -5,21 +5,26 @@
 //! `/dev/mapper/NAME`. Elsewhere the bridge stands in: this daemon serves
 //! the node through CUSE and the bridge's fuse-blk device (module or stock
 //! path), whose path the user gets; the handler serves the node from a
-//! child process (see [`on_bridge`] for why not a thread).
+//! child process (see [`on_bridge`] for why not a thread), started again
+//! when it dies and replaced by `handoff`.
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fuse_blk::BlockDevice;
 use fuse_blk_attach::{busy, AttachOptions, AttachedDevice, Ended};
-use fuse_blk_dm_user::channel::{self, Server};
+use fuse_blk_dm_user::channel::{self, Server, Stopper};
 use fuse_blk_dm_user::target::{self, Target};
 use fuse_blk_dm_user::{cuse, DmUser, Policy, SECTOR};
+use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::unistd::Pid;
+use parking_lot::{Condvar, Mutex};
 
 /// `list`'s transport for a device on dm-user's own target.
 pub const ON_TARGET: &str = "dm-user";
@@ -40,6 +45,30 @@ const BRIDGE_GRACE: Duration = Duration::from_secs(3);
 /// stdout once its descriptors are open.
 pub const SERVE_NODE_OPTION: &str = "--serve-dm-user-node";
 
+/// The control command that replaces the bridge's child by one started
+/// from the program named after it (`handoff-child EXE`).
+pub const HANDOFF_CHILD: &str = "handoff-child";
+
+/// How often the bridge looks whether its child is still there.
+const WATCH_INTERVAL: Duration = Duration::from_millis(50);
+/// The wait before the first new child after one died, doubled for each
+/// further one up to [`LAST_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const LAST_BACKOFF: Duration = Duration::from_secs(2);
+/// A child that served this long died of something other than the way it
+/// starts: the next one is started after [`FIRST_BACKOFF`] again.
+const STEADY: Duration = Duration::from_secs(10);
+/// Children in a row that died before serving, after which no more are
+/// started (requests then fail after `--recovery-timeout-ms`).
+const GIVE_UP_AFTER: u32 = 5;
+/// How long a child being replaced has to answer what it read and exit
+/// after SIGTERM before it is killed (its descriptors' messages are queued
+/// again either way).
+const RETIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// What wakes a worker of a child being replaced out of read(2) (SIGTERM
+/// stays blocked in every thread, received by one of its own).
+const WAKE_SIGNAL: Signal = Signal::SIGUSR1;
+
 /// How a handler is set to serve.
 pub struct Setup<'a> {
     pub name: &'a str,
@@ -52,6 +81,10 @@ pub struct Setup<'a> {
     /// This daemon's own `attach` arguments, which its child on the bridge
     /// is started with.
     pub attach_args: Vec<OsString>,
+    /// Whether the handler's contents live in its process (`mem:`): on the
+    /// bridge a new child would serve an empty device, so none is started
+    /// after a death, and `handoff` is refused.
+    pub contents_in_process: bool,
 }
 
 /// A handler serving a dm-user node, and what made the node.
@@ -67,12 +100,36 @@ enum Carrier {
     Bridge(Box<Bridged>),
 }
 
-/// The bridge's node, the fuse-blk device it serves, and the child that
-/// serves the node with the handler.
+/// The bridge's node, the fuse-blk device it serves, and the children
+/// that serve the node with the handler.
 struct Bridged {
     device: AttachedDevice,
     bridge: DmUser,
-    child: Child,
+    children: Arc<Children>,
+    supervisor: JoinHandle<()>,
+}
+
+/// The bridge's child serving the node, and what starts another: the
+/// supervisor thread when it dies, `handoff` to replace it.
+pub struct Children {
+    node: PathBuf,
+    attach_args: Vec<OsString>,
+    contents_in_process: bool,
+    state: Mutex<ChildState>,
+    /// Wakes the supervisor: the device is ending, or a handoff replaced
+    /// the child.
+    wake: Condvar,
+    /// The device is detached: no child is started any more.
+    ending: AtomicBool,
+}
+
+struct ChildState {
+    /// None while a new one is waited for (after a death).
+    current: Option<Child>,
+    started: Instant,
+    /// The program children are started from: this one's, or the one a
+    /// handoff named (an upgraded fuse-blk).
+    exe: PathBuf,
 }
 
 /// Starts serving `handler` on a new dm-user node; nothing is left behind
@@ -149,42 +206,244 @@ fn on_bridge(handler: Arc<dyn BlockDevice>, setup: Setup<'_>) -> Result<Serving,
         setup.bridge_policy,
     )
     .map_err(|e| format!("dm-user: {e}"))?;
-    let mut child = match start_child(bridge.node(), &setup.attach_args) {
+    // Found now: once an upgrade replaced the program, this process's own
+    // path names the deleted one.
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            bridge.finish(Duration::ZERO);
+            return Err(format!("finding myself: {e}"));
+        }
+    };
+    let child = match start_child(&exe, bridge.node(), &setup.attach_args) {
         Ok(child) => child,
         Err(e) => {
             bridge.finish(Duration::ZERO);
             return Err(e);
         }
     };
+    let children = Arc::new(Children {
+        node: bridge.node().to_owned(),
+        attach_args: setup.attach_args,
+        contents_in_process: setup.contents_in_process,
+        state: Mutex::new(ChildState {
+            current: Some(child),
+            started: Instant::now(),
+            exe,
+        }),
+        wake: Condvar::new(),
+        ending: AtomicBool::new(false),
+    });
     // The child reads the node already: the kernel's partition scan of
     // the new device is answered.
-    match fuse_blk_attach::attach(bridge.device(), &setup.bridge_device) {
-        Ok(device) => Ok(Serving {
+    let device = match fuse_blk_attach::attach(bridge.device(), &setup.bridge_device) {
+        Ok(device) => device,
+        Err(e) => {
+            end_children(&children, bridge, None);
+            return Err(e.to_string());
+        }
+    };
+    let watched = children.clone();
+    match std::thread::Builder::new()
+        .name("dm-user-child".into())
+        .spawn(move || supervise(&watched))
+    {
+        Ok(supervisor) => Ok(Serving {
             carrier: Carrier::Bridge(Box::new(Bridged {
                 device,
                 bridge,
-                child,
+                children,
+                supervisor,
             })),
         }),
         Err(e) => {
-            // Ends the child's reads with ENOTBLK.
-            bridge.finish(BRIDGE_GRACE);
-            let _ = child.wait();
-            Err(e.to_string())
+            drop(device);
+            end_children(&children, bridge, None);
+            Err(format!(
+                "starting the thread watching the dm-user daemon: {e}"
+            ))
         }
     }
 }
 
-/// Starts this program again as the bridge's child, serving `node`, and
-/// waits until it has its descriptors open (or has failed).
-fn start_child(node: &Path, attach_args: &[OsString]) -> Result<Child, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("finding myself: {e}"))?;
+/// Ends the bridge once its device is gone: no more children are started,
+/// the children's reads end with ENOTBLK, and they exit.
+fn end_children(children: &Children, bridge: DmUser, supervisor: Option<JoinHandle<()>>) {
+    children.ending.store(true, Ordering::Release);
+    children.wake.notify_all();
+    bridge.finish(BRIDGE_GRACE);
+    if let Some(supervisor) = supervisor {
+        let _ = supervisor.join();
+    }
+    let child = children.state.lock().current.take();
+    match child.map(|mut child| child.wait()) {
+        Some(Ok(status)) if !status.success() => {
+            log::warn!("dm-user: the daemon serving the node exited ({status})")
+        }
+        Some(Err(e)) => log::warn!("dm-user: waiting for the daemon serving the node: {e}"),
+        _ => {}
+    }
+}
+
+/// The supervisor thread: when the child dies while the device is
+/// attached, starts another, after a wait that doubles for each death in a
+/// row (what the dead one held is queued again by the bridge, for the next
+/// one). Gives up after [`GIVE_UP_AFTER`] children in a row that died
+/// before serving; a handoff may still start one.
+fn supervise(children: &Children) {
+    let mut backoff = FIRST_BACKOFF;
+    let mut state = children.state.lock();
+    loop {
+        let (pid, status) = loop {
+            if children.ending() {
+                return;
+            }
+            if let Some(child) = state.current.as_mut() {
+                match child.try_wait() {
+                    Ok(Some(status)) => break (child.id(), status.to_string()),
+                    Ok(None) => {}
+                    Err(e) => break (child.id(), format!("waiting for it failed: {e}")),
+                }
+            }
+            children.wake.wait_for(&mut state, WATCH_INTERVAL);
+        };
+        state.current = None;
+        let node = children.node.display();
+        if children.contents_in_process {
+            log::error!(
+                "dm-user: the daemon serving {node} (pid {pid}) exited ({status}); the device's contents were in it: no other is started, requests fail after --recovery-timeout-ms"
+            );
+            while !children.ending() {
+                children.wake.wait_for(&mut state, WATCH_INTERVAL);
+            }
+            return;
+        }
+        if state.started.elapsed() >= STEADY {
+            backoff = FIRST_BACKOFF;
+        }
+        log::warn!(
+            "dm-user: the daemon serving {node} (pid {pid}) exited ({status}); starting another in {backoff:?}"
+        );
+        let mut failures = 0;
+        while state.current.is_none() {
+            let deadline = Instant::now() + backoff;
+            while !children.ending() && state.current.is_none() && Instant::now() < deadline {
+                children.wake.wait_until(&mut state, deadline);
+            }
+            if children.ending() {
+                return;
+            }
+            if state.current.is_some() {
+                // A handoff started one meanwhile.
+                break;
+            }
+            backoff = (backoff * 2).min(LAST_BACKOFF);
+            match start_child(&state.exe, &children.node, &children.attach_args) {
+                Ok(child) => {
+                    log::info!("dm-user: pid {} serves {node} now", child.id());
+                    state.current = Some(child);
+                    state.started = Instant::now();
+                }
+                Err(e) => {
+                    failures += 1;
+                    log::error!("dm-user: starting another daemon for {node}: {e}");
+                    if failures >= GIVE_UP_AFTER {
+                        log::error!(
+                            "dm-user: {failures} daemons in a row ended before serving {node}: no more are started; requests fail after --recovery-timeout-ms (fuse-blk handoff starts one)"
+                        );
+                        while !children.ending() && state.current.is_none() {
+                            children.wake.wait_for(&mut state, WATCH_INTERVAL);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Children {
+    fn ending(&self) -> bool {
+        self.ending.load(Ordering::Acquire)
+    }
+
+    /// Starts a child from `exe` and, once it serves, ends the one it
+    /// replaces gracefully: SIGTERM, on which it stops reading, answers
+    /// what it read and exits; killed if it has not within
+    /// [`RETIRE_TIMEOUT`] (the bridge queues again what its descriptors
+    /// held, so even that loses nothing).
+    fn hand_over(&self, exe: &Path) -> Result<(), String> {
+        if self.contents_in_process {
+            return Err(
+                "a mem: device's contents live in its dm-user daemon and cannot be handed over"
+                    .into(),
+            );
+        }
+        let mut state = self.state.lock();
+        if self.ending() {
+            return Err("the device is being detached".into());
+        }
+        let child = start_child(exe, &self.node, &self.attach_args)?;
+        log::info!(
+            "dm-user: handoff: pid {} ({}) serves {}",
+            child.id(),
+            exe.display(),
+            self.node.display()
+        );
+        let old = state.current.replace(child);
+        state.exe = exe.to_owned();
+        state.started = Instant::now();
+        drop(state);
+        self.wake.notify_all();
+        if let Some(old) = old {
+            retire(old);
+        }
+        Ok(())
+    }
+}
+
+/// Ends a replaced child: SIGTERM, then SIGKILL after [`RETIRE_TIMEOUT`].
+fn retire(mut child: Child) {
+    let pid = child.id();
+    // Not reaped yet, so the pid is still this child's.
+    if let Err(e) = signal::kill(Pid::from_raw(pid as i32), Signal::SIGTERM) {
+        log::warn!("dm-user: SIGTERM to the replaced daemon (pid {pid}): {e}");
+    }
+    let deadline = Instant::now() + RETIRE_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return,
+            Ok(Some(status)) => {
+                log::warn!("dm-user: the replaced daemon (pid {pid}) exited ({status})");
+                return;
+            }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                log::warn!(
+                    "dm-user: the replaced daemon (pid {pid}) did not exit within {RETIRE_TIMEOUT:?} of SIGTERM: killed"
+                );
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+            Err(e) => {
+                log::warn!("dm-user: waiting for the replaced daemon (pid {pid}): {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Starts `exe` (this program, or the one a handoff named) as the bridge's
+/// child, serving `node`, and waits until it has its descriptors open (or
+/// has failed).
+fn start_child(exe: &Path, node: &Path, attach_args: &[OsString]) -> Result<Child, String> {
     let args = attach_args
         .iter()
         .filter(|arg| !arg.to_string_lossy().starts_with("--ready-fd"));
     // Its stderr is this daemon's (the log); its signal mask too, which
     // blocks the signals that detach: the daemon ends it through the
-    // bridge, after the device is gone.
+    // bridge, after the device is gone (SIGTERM, which a child takes as
+    // the end of its turn, is received by a thread of its own).
     let mut child = Command::new(exe)
         .args(args)
         .arg(SERVE_NODE_OPTION)
@@ -192,7 +451,7 @@ fn start_child(node: &Path, attach_args: &[OsString]) -> Result<Child, String> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("starting the dm-user daemon: {e}"))?;
+        .map_err(|e| format!("starting the dm-user daemon {}: {e}", exe.display()))?;
     let mut line = String::new();
     let stdout = child.stdout.take().expect("piped");
     let _ = BufReader::new(stdout).read_line(&mut line);
@@ -211,6 +470,8 @@ fn start_child(node: &Path, attach_args: &[OsString]) -> Result<Child, String> {
 
 /// The bridge's child: serves `backend` on `node` until the bridge ends
 /// (ENOTBLK), having said `ok` on stdout once its descriptors were open.
+/// SIGTERM (from a handoff that replaces it) makes it stop reading, answer
+/// what it read, and exit 0.
 pub fn serve_as_child(
     node: &Path,
     backend: &crate::backend::Backend,
@@ -218,21 +479,63 @@ pub fn serve_as_child(
     descriptors: u16,
 ) -> Result<(), String> {
     let ready = || -> Result<Server, String> {
+        // Before any thread exists, so that every thread inherits the mask.
+        let mut term = SigSet::empty();
+        term.add(Signal::SIGTERM);
+        term.thread_block()
+            .map_err(|e| format!("blocking SIGTERM: {e}"))?;
         let handler = backend.open(false, block_size).map_err(|e| e.to_string())?;
         let files = channel::open_node(node, descriptors).map_err(|e| e.to_string())?;
-        Server::new(handler, files, MAX_MESSAGE).map_err(|e| e.to_string())
+        let server = Server::new(handler, files, MAX_MESSAGE).map_err(|e| e.to_string())?;
+        stop_on_sigterm(term, server.stopper())?;
+        Ok(server)
     };
     let mut stdout = io::stdout();
     match ready() {
         Ok(server) => {
             let _ = writeln!(stdout, "ok").and_then(|()| stdout.flush());
-            server.serve().map_err(|e| format!("dm-user daemon: {e}"))
+            server.serve().map_err(|e| format!("dm-user daemon: {e}"))?;
+            log::debug!("dm-user: pid {} ends", std::process::id());
+            Ok(())
         }
         Err(e) => {
             let _ = writeln!(stdout, "error {e}").and_then(|()| stdout.flush());
             Err(e)
         }
     }
+}
+
+/// A thread that waits for SIGTERM (blocked in every thread) and then
+/// stops the server, again and again until the process exits: a worker
+/// that was about to read when it was woken notices at the next round.
+fn stop_on_sigterm(term: SigSet, stopper: Stopper) -> Result<(), String> {
+    extern "C" fn woken(_: libc::c_int) {}
+    // No SA_RESTART: the signal ends a read(2) of the node with EINTR.
+    let action = SigAction::new(
+        SigHandler::Handler(woken),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: the handler does nothing, which is async-signal-safe.
+    unsafe { signal::sigaction(WAKE_SIGNAL, &action) }
+        .map_err(|e| format!("installing the {WAKE_SIGNAL} handler: {e}"))?;
+    std::thread::Builder::new()
+        .name("dm-user-stop".into())
+        .spawn(move || {
+            if term.wait().is_err() {
+                return;
+            }
+            log::info!(
+                "dm-user: pid {}: SIGTERM: answering what was read, then exiting",
+                std::process::id()
+            );
+            loop {
+                stopper.stop(WAKE_SIGNAL);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .map(drop)
+        .map_err(|e| format!("starting the signal thread: {e}"))
 }
 
 fn start_server(
@@ -274,7 +577,10 @@ impl Serving {
     pub fn detacher(&self) -> io::Result<Detacher> {
         Ok(match &self.carrier {
             Carrier::Target { target, .. } => Detacher::Target(target.clone()),
-            Carrier::Bridge(bridged) => Detacher::Bridge(bridged.device.detacher()?),
+            Carrier::Bridge(bridged) => Detacher::Bridge {
+                device: bridged.device.detacher()?,
+                children: bridged.children.clone(),
+            },
         })
     }
 
@@ -292,11 +598,11 @@ impl Serving {
                 let Bridged {
                     device,
                     bridge,
-                    mut child,
+                    children,
+                    supervisor,
                 } = *bridged;
                 drop(device);
-                bridge.finish(BRIDGE_GRACE);
-                let _ = child.wait();
+                end_children(&children, bridge, Some(supervisor));
             }
         }
     }
@@ -319,18 +625,12 @@ impl Serving {
                 let Bridged {
                     device,
                     bridge,
-                    mut child,
+                    children,
+                    supervisor,
                 } = *bridged;
                 let ended = device.wait();
                 // The device is gone: the child's reads end with ENOTBLK.
-                bridge.finish(BRIDGE_GRACE);
-                match child.wait() {
-                    Ok(status) if !status.success() => {
-                        log::warn!("dm-user: the daemon serving the node exited ({status})")
-                    }
-                    Err(e) => log::warn!("dm-user: waiting for the daemon serving the node: {e}"),
-                    Ok(_) => {}
-                }
+                end_children(&children, bridge, Some(supervisor));
                 ended
             }
         }
@@ -347,7 +647,10 @@ fn join(server: JoinHandle<io::Result<()>>) -> io::Result<()> {
 #[derive(Clone)]
 pub enum Detacher {
     Target(Arc<Target>),
-    Bridge(fuse_blk_attach::Detacher),
+    Bridge {
+        device: fuse_blk_attach::Detacher,
+        children: Arc<Children>,
+    },
 }
 
 impl Detacher {
@@ -355,7 +658,7 @@ impl Detacher {
     /// exclusively.
     pub fn detach(&self) -> io::Result<()> {
         match self {
-            Detacher::Bridge(detacher) => detacher.detach(),
+            Detacher::Bridge { device, .. } => device.detach(),
             Detacher::Target(target) => {
                 let device = target.device_path();
                 if busy::in_use(&device) {
@@ -375,12 +678,26 @@ impl Detacher {
     /// Removes the device once nothing holds it any more.
     pub fn detach_when_unused(&self) -> io::Result<()> {
         match self {
-            Detacher::Bridge(detacher) => detacher.detach_when_unused(),
+            Detacher::Bridge { device, .. } => device.detach_when_unused(),
             Detacher::Target(target) => {
                 while busy::in_use(&target.device_path()) {
                     std::thread::sleep(Duration::from_millis(200));
                 }
                 remove_target(target)
+            }
+        }
+    }
+}
+
+impl Detacher {
+    /// `handoff`: on the bridge, the child serving the node is replaced by
+    /// one started from `exe` (the `handoff` command's program, an upgraded
+    /// fuse-blk); the bridge, which stands in for dm-user's target, stays.
+    pub fn hand_over_child(&self, exe: &Path) -> Result<(), String> {
+        match self {
+            Detacher::Bridge { children, .. } => children.hand_over(exe),
+            Detacher::Target(_) => {
+                Err("a device on dm-user's own target cannot be handed over yet".into())
             }
         }
     }
@@ -404,4 +721,20 @@ pub fn remove_left_target(name: &str) {
     if let Err(e) = Target::existing(name).remove() {
         log::warn!("{e}");
     }
+}
+
+/// `fuse-blk handoff` of a device on the bridge: asks its daemon to
+/// replace the child serving the node with one running this program, so
+/// that an upgraded fuse-blk takes over the handler. The daemon answers
+/// once the new child serves and the old one has ended.
+pub fn hand_over(dir: &crate::state::DeviceDir, name: &str) -> Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("handoff needs root".into());
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("finding myself: {e}"))?;
+    let exe = exe
+        .to_str()
+        .ok_or_else(|| format!("{}: not a UTF-8 path", exe.display()))?;
+    crate::daemon::request(dir, &format!("{HANDOFF_CHILD} {exe}"))
+        .map_err(|e| format!("{name}: {e}"))
 }

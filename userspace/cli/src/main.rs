@@ -54,6 +54,10 @@ enum Commands {
     /// daemon dies, the stock kernel fails the device's I/O and nothing can
     /// recover it (the kernel module can: see `attach --recover`). A mem:
     /// backend cannot be handed over: its contents live in the old daemon.
+    ///
+    /// `--transport dm-user` on the bridge: the daemon stays (it stands in
+    /// for dm-user's target) and the handler's process serving the node is
+    /// replaced by one running this program.
     Handoff {
         /// The device path or its name.
         device: String,
@@ -418,10 +422,10 @@ fn spawn_daemon(args: Vec<std::ffi::OsString>) -> Result<(), String> {
 }
 
 fn handoff(target: &str) -> Result<(), String> {
-    let (_, record) = state::find(target)?;
-    if record.transport.starts_with(dm_user::ON_TARGET) {
+    let (dir, record) = state::find(target)?;
+    if record.transport == dm_user::ON_TARGET {
         return Err(format!(
-            "{}: a device on a dm-user node cannot be handed over yet",
+            "{}: a device on dm-user's own target cannot be handed over yet",
             record.name
         ));
     }
@@ -436,6 +440,10 @@ fn handoff(target: &str) -> Result<(), String> {
             "{}: a mem: device's contents live in its daemon and cannot be handed over",
             record.name
         ));
+    }
+    if record.transport == dm_user::ON_BRIDGE {
+        // The bridge stays; the child serving its node is replaced.
+        return dm_user::hand_over(&dir, &record.name);
     }
     // A user hands over module devices of its own (the module checks).
     if !nix::unistd::geteuid().is_root() && record.dev_id.is_none() {
