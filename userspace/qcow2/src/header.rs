@@ -21,6 +21,7 @@
 
 use std::fmt;
 
+/// The first four bytes of every qcow2 image.
 pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 /// Bytes of the fixed header of a version 2 image.
 pub const V2_HEADER_LENGTH: u32 = 72;
@@ -62,30 +63,48 @@ mod extension {
 pub enum Compression {
     /// Raw deflate (no zlib header), window of 4 KiB (-12 bits).
     Deflate,
+    /// Zstandard frames (compression type 1).
     Zstd,
 }
 
 /// The parts of a qcow2 header this crate uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// 2 or 3.
     pub version: u32,
+    /// The backing file's name as stored, relative to the image's
+    /// directory unless absolute; `None` without one.
     pub backing_file: Option<String>,
     /// From the backing format extension: `raw`, `qcow2`, ...
     pub backing_format: Option<String>,
+    /// log2 of the cluster size in bytes, 9 to 21.
     pub cluster_bits: u32,
+    /// Guest (virtual) size in bytes, as the header says it.
     pub size: u64,
+    /// Entries (8 bytes each) of the L1 table.
     pub l1_size: u32,
+    /// File offset of the L1 table, cluster-aligned.
     pub l1_table_offset: u64,
+    /// File offset of the refcount table, cluster-aligned.
     pub refcount_table_offset: u64,
+    /// Clusters the refcount table occupies.
     pub refcount_table_clusters: u32,
+    /// Number of internal snapshots.
     pub nb_snapshots: u32,
+    /// File offset of the snapshot table.
     pub snapshots_offset: u64,
+    /// [`incompatible`] bits: one this crate does not know refuses the
+    /// image.
     pub incompatible_features: u64,
+    /// [`compatible`] bits: safe to ignore.
     pub compatible_features: u64,
+    /// Bits a writer that does not know them must clear.
     pub autoclear_features: u64,
     /// log2 of the refcount width in bits (4 = 16-bit, version 2's only).
     pub refcount_order: u32,
+    /// Bytes of the fixed header; the extensions follow.
     pub header_length: u32,
+    /// How compressed clusters are compressed.
     pub compression: Compression,
 }
 
@@ -93,37 +112,68 @@ pub struct Header {
 /// line, shown after the image's path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeaderError {
+    /// No qcow2 magic.
     NotQcow2,
+    /// The file ends inside the header.
     Truncated {
+        /// The file's length in bytes.
         len: u64,
     },
+    /// A version other than 2 or 3.
     UnsupportedVersion(u32),
+    /// Clusters outside 512 bytes to 2 MiB.
     BadClusterBits(u32),
+    /// The image is encrypted.
     Encrypted,
+    /// qemu marked the image corrupt.
     Corrupt,
+    /// Guest data lives in an external data file.
     ExternalDataFile,
+    /// Extended L2 entries (subclusters).
     ExtendedL2,
+    /// Incompatible feature bits this crate does not know.
     UnknownIncompatible(u64),
+    /// A refcount width outside 1 to 64 bits.
     BadRefcountOrder(u32),
+    /// A header length that is too short, not a multiple of 8, larger
+    /// than a cluster, or without room for the compression type it
+    /// announces.
     BadHeaderLength(u32),
+    /// A compression type other than deflate (0) or zstd (1).
     UnknownCompression(u8),
+    /// A table that does not start on a cluster boundary.
     Misaligned {
+        /// Which table.
         what: &'static str,
+        /// Its file offset.
         offset: u64,
     },
+    /// A table at offset 0 or past the end of the file.
     OutsideFile {
+        /// Which table.
         what: &'static str,
+        /// Its file offset.
         offset: u64,
+        /// The file's length in bytes.
         len: u64,
     },
+    /// An L1 table too small to map the guest size.
     L1TooSmall {
+        /// Entries the header gives it.
         entries: u32,
+        /// Entries the guest size needs.
         needed: u64,
     },
+    /// A backing file name that is empty, longer than 1023 bytes, not
+    /// UTF-8, or outside the first cluster.
     BadBackingName,
+    /// A header extension that runs past the first cluster, or whose data
+    /// does not parse.
     BadExtension {
+        /// File offset of the extension.
         offset: u64,
     },
+    /// A guest size beyond 2^62 bytes.
     TooLarge(u64),
 }
 
@@ -199,6 +249,7 @@ fn be64(buf: &[u8], at: usize) -> u64 {
 }
 
 impl Header {
+    /// Bytes per cluster.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }

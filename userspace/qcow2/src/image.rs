@@ -86,6 +86,9 @@ struct Tables {
     l2: TableCache<Vec<u64>>,
 }
 
+/// An open qcow2 image (with its backing chain) that reads and writes
+/// guest bytes; see the module documentation for its locking and crash
+/// ordering.
 pub struct Image {
     path: PathBuf,
     file: File,
@@ -275,6 +278,7 @@ impl Image {
         })
     }
 
+    /// The guest size in bytes, as grown since opening.
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
@@ -338,14 +342,17 @@ impl Image {
         Ok(())
     }
 
+    /// The header as read when the image was opened.
     pub fn header(&self) -> &Header {
         &self.header
     }
 
+    /// The image file's path, as opened.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Opened read-only: writes fail.
     pub fn is_read_only(&self) -> bool {
         self.read_only
     }
