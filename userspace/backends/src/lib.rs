@@ -14,6 +14,8 @@
 //! assert_eq!(device.geometry().size, 64 << 20);
 //! ```
 
+#![deny(missing_docs)]
+
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
@@ -40,9 +42,21 @@ pub use null::NullDevice;
 /// `file:PATH` or `null:SIZE`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum BackendSpec {
-    Mem { size: u64 },
-    File { path: PathBuf },
-    Null { size: u64 },
+    /// `mem:SIZE`: a [`MemDevice`].
+    Mem {
+        /// Capacity in bytes.
+        size: u64,
+    },
+    /// `file:PATH`: a [`FileDevice`].
+    File {
+        /// The image file or host block device.
+        path: PathBuf,
+    },
+    /// `null:SIZE`: a [`NullDevice`].
+    Null {
+        /// Capacity in bytes.
+        size: u64,
+    },
 }
 
 const EXPECTED: &str = "expected mem:SIZE, file:PATH or null:SIZE";
@@ -54,13 +68,24 @@ pub enum BackendSpecError {
     /// The argument was empty.
     Empty,
     /// The part before the colon is not a backend this crate has.
-    UnknownBackend { name: String },
+    UnknownBackend {
+        /// The part before the colon.
+        name: String,
+    },
     /// `mem` or `null` without a size.
-    MissingSize { backend: &'static str },
+    MissingSize {
+        /// `mem` or `null`.
+        backend: &'static str,
+    },
     /// `file` without a path.
     MissingPath,
     /// The size after `mem:` or `null:` does not parse.
-    InvalidSize { spec: String, error: SizeError },
+    InvalidSize {
+        /// The whole argument.
+        spec: String,
+        /// Why the size was refused.
+        error: SizeError,
+    },
 }
 
 impl fmt::Display for BackendSpecError {
@@ -97,7 +122,9 @@ pub enum SizeErrorReason {
 /// A size that [`parse_size`] refused, with the text it was given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SizeError {
+    /// The size as given.
     pub text: String,
+    /// What is wrong with it.
     pub reason: SizeErrorReason,
 }
 
