@@ -28,6 +28,8 @@
 //! # }
 //! ```
 
+#![deny(missing_docs)]
+
 mod conn;
 
 use std::ffi::OsStr;
