@@ -18,10 +18,11 @@ listed() {
 }
 # The pid of device $1's daemon once it is not $2 (after a handoff or a
 # recovery the successor records itself), and how many listings that took
-# (1: listed at once): within 10 s, else empty.
+# (1: listed at once): within 10 s (times VM_SLOW on the debug kernel),
+# else empty.
 successor() {
     local name=$1 old=$2 pid i
-    for i in $(seq 100); do
+    for i in $(seq $((100 * ${VM_SLOW:-1}))); do
         pid=$(listed "$name" pid)
         if [ -n "$pid" ] && [ "$pid" != "$old" ]; then echo "$pid $i"; return; fi
         sleep 0.1
