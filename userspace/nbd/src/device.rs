@@ -48,7 +48,7 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 128;
 impl Options {
     /// Options with the defaults besides: a connection per CPU, at most 8
     /// (used where the server allows multi-conn), the default
-    /// [`ReconnectPolicy`] and [`DEFAULT_MAX_IN_FLIGHT`] commands each.
+    /// [`ReconnectPolicy`] and `DEFAULT_MAX_IN_FLIGHT` (128) commands each.
     pub fn new(read_only: bool, logical_block_size: u32) -> Options {
         Options {
             read_only,

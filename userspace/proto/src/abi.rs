@@ -105,7 +105,7 @@ pub mod opcode {
     /// reply.
     pub const BATCH_FORGET: u32 = 42;
     /// FUSE_FALLOCATE: `fallocate(2)` on an open file; `FallocateIn`, mode bits
-    /// in [`falloc`].
+    /// in [`falloc`](super::falloc).
     pub const FALLOCATE: u32 = 43;
     /// FUSE_READDIRPLUS: list a directory with each entry's attributes.
     pub const READDIRPLUS: u32 = 44;
