@@ -39,7 +39,7 @@
 //! The `examples/` directory of this crate has complete programs: `zeros`,
 //! `ramdisk` and `overlay` (`cargo run --example overlay -- IMAGE`).
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod busy;
 
