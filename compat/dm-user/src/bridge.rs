@@ -19,6 +19,7 @@ pub type Done = Box<dyn FnOnce(Result<Vec<u8>, i32>) + Send>;
 
 /// One block request on its way to a daemon.
 pub struct Message {
+    /// What the daemon reads first.
     pub header: Header,
     /// A WRITE's data.
     pub data: Vec<u8>,
@@ -61,7 +62,9 @@ impl Message {
 pub enum Action {
     /// Answer FUSE request `unique`: data (a READ reply) or an errno.
     Reply {
+        /// The FUSE request answered.
         unique: u64,
+        /// Data, or an errno.
         result: Result<Vec<u8>, i32>,
     },
     /// Wake the poll waiters registered with this kernel handle.
@@ -71,7 +74,9 @@ pub enum Action {
 /// What a `read(2)` chunk on the device gets.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReadOutcome {
+    /// What the read returns.
     Data(Vec<u8>),
+    /// The read fails with this errno.
     Error(i32),
     /// No message yet: answered later through an [`Action::Reply`].
     Parked,
@@ -139,6 +144,7 @@ fn complete(completions: Completions) {
 }
 
 impl Bridge {
+    /// A bridge with no message and no descriptor yet.
     pub fn new(policy: Policy) -> Bridge {
         Bridge {
             state: Mutex::new(State {

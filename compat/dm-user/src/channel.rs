@@ -700,4 +700,92 @@ mod tests {
         assert_eq!(target.ask(kind::READ, 0, 8, 12288, &[]).1, data);
         target.finish();
     }
+
+    /// A memory device's server on a stream socket pair, with its
+    /// stopper and the thread serving; SIGUSR1 wakes its reads.
+    fn stoppable() -> (Target, Stopper, JoinHandle<io::Result<()>>) {
+        extern "C" fn woken(_: libc::c_int) {}
+        let action = nix::sys::signal::SigAction::new(
+            nix::sys::signal::SigHandler::Handler(woken),
+            nix::sys::signal::SaFlags::empty(),
+            nix::sys::signal::SigSet::empty(),
+        );
+        // SAFETY: the handler does nothing, which is async-signal-safe.
+        unsafe { nix::sys::signal::sigaction(Signal::SIGUSR1, &action) }.expect("sigaction");
+        let (target, daemon) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair");
+        let device = Arc::new(MemDevice::new(SIZE, 4096).expect("mem device"));
+        let server = Server::new(device, vec![File::from(daemon)], 1 << 20).expect("server");
+        let stopper = server.stopper();
+        let serving = std::thread::spawn(move || server.serve());
+        let target = Target {
+            socket: File::from(target),
+            daemon: None,
+        };
+        (target, stopper, serving)
+    }
+
+    /// Stops the server until it ends (10 s at most).
+    fn stop_until_ended(stopper: &Stopper, serving: JoinHandle<io::Result<()>>) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !serving.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stopped server did not end"
+            );
+            stopper.stop(Signal::SIGUSR1);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        serving.join().expect("no panic").expect("served");
+    }
+
+    /// A daemon being replaced, stopped while a message has come only in
+    /// part (its worker in read(2) for the rest, interrupted by the
+    /// signal), answers that message and then ends, the target still
+    /// there.
+    #[test]
+    fn a_stopped_server_answers_what_it_read_and_ends() {
+        let (target, stopper, serving) = stoppable();
+        let data = pattern(4096, 3);
+        assert_eq!(
+            target.ask(kind::WRITE, 0, 8, 4096, &data).0,
+            answer::SUCCESS
+        );
+        let header = Header {
+            seq: 9,
+            kind: kind::READ,
+            flags: 0,
+            sector: 8,
+            len: 4096,
+        }
+        .encode();
+        (&target.socket).write_all(&header[..7]).expect("a piece");
+        std::thread::sleep(Duration::from_millis(100));
+        stopper.stop(Signal::SIGUSR1);
+        std::thread::sleep(Duration::from_millis(100));
+        stopper.stop(Signal::SIGUSR1);
+        (&target.socket).write_all(&header[7..]).expect("the rest");
+        let (answered, read) = target.answer(4096);
+        assert_eq!((answered.seq, answered.kind), (9, answer::SUCCESS));
+        assert!(read == data, "read back other data");
+        stop_until_ended(&stopper, serving);
+    }
+
+    /// A worker in read(2) with nothing to come (as on dm-user's target,
+    /// which has no poll) is ended by the stop's signal. A message with no
+    /// request behind it is answered by the channel, which then reads again
+    /// without polling: that is where the worker waits here.
+    #[test]
+    fn a_stop_ends_a_read_with_nothing_to_come() {
+        let (target, stopper, serving) = stoppable();
+        target.send(10, 99, 0, 0, 0, &[]);
+        assert_eq!(target.answer(0).0.kind, answer::UNSUPPORTED);
+        std::thread::sleep(Duration::from_millis(100));
+        stop_until_ended(&stopper, serving);
+    }
 }

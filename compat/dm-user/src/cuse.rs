@@ -56,6 +56,7 @@ impl Connection {
         self.send(error_header(unique, errno).as_bytes());
     }
 
+    /// Does what the bridge asked: answers parked reads, wakes pollers.
     pub fn perform(&self, actions: Vec<Action>) {
         for action in actions {
             match action {
@@ -163,10 +164,12 @@ impl CuseDevice {
         })
     }
 
+    /// The node the kernel made, `/dev/dm-user/NAME`.
     pub fn node(&self) -> &Path {
         &self.node
     }
 
+    /// The FUSE connection the bridge's actions are performed on.
     pub fn connection(&self) -> Arc<Connection> {
         self.connection.clone()
     }

@@ -16,6 +16,8 @@
 //!
 //! See Documentation/DM-USER.md.
 
+#![deny(missing_docs)]
+
 pub mod bridge;
 pub mod channel;
 pub mod cuse;
