@@ -115,11 +115,6 @@ fn kmod_transport_without_the_module_is_refused() {
 #[test]
 fn dm_user_transport_refuses_in_one_line() {
     let instance = Instance::new("dmu-transport");
-    let message = attach_fails(
-        &instance,
-        &["--transport", "dm-user", "--read-only", "mem:1M"],
-    );
-    assert!(message.contains("--read-only"), "{message}");
     let message = attach_fails(&instance, &["--transport", "dm-user", "dm-user:inner:1M"]);
     assert!(message.contains("dm-user: backend"), "{message}");
     let message = attach_fails(

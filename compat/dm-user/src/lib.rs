@@ -48,11 +48,20 @@ pub struct DmUser {
 
 impl DmUser {
     /// Creates `/dev/dm-user/NAME` for a block device of `size` bytes of
-    /// `block_size`-byte blocks. Fails with a one-line message naming the
-    /// cuse module where `/dev/cuse` is missing.
-    pub fn create(name: &str, size: u64, block_size: u32, policy: Policy) -> io::Result<DmUser> {
+    /// `block_size`-byte blocks, read-only if `read_only` (the fuse-blk
+    /// device is then read-only: writes never reach the node's daemon).
+    /// Fails with a one-line message naming the cuse module where
+    /// `/dev/cuse` is missing.
+    pub fn create(
+        name: &str,
+        size: u64,
+        block_size: u32,
+        read_only: bool,
+        policy: Policy,
+    ) -> io::Result<DmUser> {
         let mut geometry = Geometry::new(size, block_size);
         geometry.features = Features::ALL;
+        geometry.read_only = read_only;
         geometry.validate()?;
         let bridge = Arc::new(Bridge::new(policy));
         let cuse = CuseDevice::create(&format!("dm-user/{name}"), bridge.clone())?;

@@ -57,13 +57,15 @@ pub struct Target {
 }
 
 impl Target {
-    /// Makes the target `NAME` of `size` bytes with its table loaded but not
+    /// Makes the target `NAME` of `size` bytes (read-only if `read_only`:
+    /// the table is loaded so, and the block device refuses writes) with
+    /// its table loaded but not
     /// yet active: its node `/dev/dm-user/NAME` exists, its block device
     /// takes no I/O until [`Target::resume`]. A daemon opens the node in
     /// between, so that nothing reading the new device (udev's probe on
     /// resume) meets dm-user's wait for a first daemon and fails. On error
     /// nothing is left.
-    pub fn create(name: &str, size: u64) -> io::Result<Target> {
+    pub fn create(name: &str, size: u64, read_only: bool) -> io::Result<Target> {
         if size == 0 || size % SECTOR != 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -78,9 +80,11 @@ impl Target {
             name: name.to_owned(),
         };
         let table = format!("0 {sectors} user 0 {sectors} {name}");
-        if let Err(e) =
-            dmsetup(&["load", name, "--table", &table]).and_then(|()| target.await_node())
-        {
+        let mut load = vec!["load", name, "--table", &table];
+        if read_only {
+            load.push("--readonly");
+        }
+        if let Err(e) = dmsetup(&load).and_then(|()| target.await_node()) {
             let _ = target.remove();
             return Err(e);
         }

@@ -192,13 +192,9 @@ impl Backend {
                 Ok(device)
             }
             Backend::DmUser { name, size, policy } => {
-                if read_only {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "a dm-user device cannot be read-only",
-                    ));
-                }
-                let dm_user = DmUser::create(name, *size, block_size, *policy)
+                // Read-only: the block device refuses writes, which never
+                // reach the node's daemon.
+                let dm_user = DmUser::create(name, *size, block_size, read_only, *policy)
                     .map_err(|e| io::Error::new(e.kind(), format!("dm-user: {e}")))?;
                 log::info!("dm-user: {} serves the device", dm_user.node().display());
                 let device = dm_user.device();

@@ -155,7 +155,9 @@ fn on_target(handler: Arc<dyn BlockDevice>, setup: &Setup<'_>) -> Result<Serving
             geometry.logical_block_size
         ));
     }
-    let target = Arc::new(Target::create(setup.name, geometry.size).map_err(|e| e.to_string())?);
+    let target = Arc::new(
+        Target::create(setup.name, geometry.size, geometry.read_only).map_err(|e| e.to_string())?,
+    );
     let undo = |e: String| {
         let _ = target.remove();
         e
@@ -203,6 +205,7 @@ fn on_bridge(handler: Arc<dyn BlockDevice>, setup: Setup<'_>) -> Result<Serving,
         setup.name,
         geometry.size,
         geometry.logical_block_size,
+        geometry.read_only,
         setup.bridge_policy,
     )
     .map_err(|e| format!("dm-user: {e}"))?;
@@ -475,6 +478,7 @@ fn start_child(exe: &Path, node: &Path, attach_args: &[OsString]) -> Result<Chil
 pub fn serve_as_child(
     node: &Path,
     backend: &crate::backend::Backend,
+    read_only: bool,
     block_size: u32,
     descriptors: u16,
 ) -> Result<(), String> {
@@ -484,7 +488,9 @@ pub fn serve_as_child(
         term.add(Signal::SIGTERM);
         term.thread_block()
             .map_err(|e| format!("blocking SIGTERM: {e}"))?;
-        let handler = backend.open(false, block_size).map_err(|e| e.to_string())?;
+        let handler = backend
+            .open(read_only, block_size)
+            .map_err(|e| e.to_string())?;
         let files = channel::open_node(node, descriptors).map_err(|e| e.to_string())?;
         let server = Server::new(handler, files, MAX_MESSAGE).map_err(|e| e.to_string())?;
         stop_on_sigterm(term, server.stopper())?;

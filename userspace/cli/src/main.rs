@@ -328,15 +328,11 @@ fn attach(args: AttachArgs) -> Result<(), String> {
         if args.recover.is_some() {
             return Err("--transport dm-user: a device on a dm-user node cannot be recovered by another daemon yet".into());
         }
-        if args.read_only {
-            return Err(
-                "--transport dm-user: --read-only is not offered on a dm-user node yet".into(),
-            );
-        }
         if let Some(node) = &args.serve_dm_user_node {
             return dm_user::serve_as_child(
                 node,
                 &backend,
+                args.read_only,
                 args.block_size,
                 args.dm_user_descriptors(),
             );
