@@ -289,14 +289,44 @@ fn recover(
         .thread_block()
         .map_err(|e| format!("blocking signals: {e}"))?;
     let (dir, mut record) = state::find(target)?;
-    if record.transport.starts_with(dm_user::ON_TARGET) {
+    if record.transport == dm_user::ON_BRIDGE {
         return Err(format!(
-            "{}: a device on a dm-user node cannot be recovered by another daemon yet",
+            "{}: a device on the dm-user bridge cannot be recovered by another daemon (fuse-blk handoff replaces the process serving its node)",
+            record.name
+        ));
+    }
+    if args.dm_user_transport() != (record.transport == dm_user::ON_TARGET) {
+        return Err(format!(
+            "{}: --transport dm-user recovers a device on dm-user's target, and only it",
             record.name
         ));
     }
     if detached {
         redirect_stderr(&dir)?;
+    }
+    if record.transport == dm_user::ON_TARGET {
+        let device = backend
+            .open(record.read_only, record.block_size)
+            .map_err(|e| e.to_string())?;
+        let serving = dm_user::take_over(&record.name, device, args.dm_user_descriptors())?;
+        // This daemon reads the node already: the old one, if alive,
+        // answers what it read and exits.
+        if record.daemon_alive() {
+            if let Err(e) = request(&dir, dm_user::RETIRE) {
+                serving.abandon();
+                return Err(format!("{}: stopping the old daemon: {e}", record.name));
+            }
+        }
+        record.pid = std::process::id();
+        record.start_time = state::process_start_time(record.pid);
+        record.backend = backend.to_string();
+        log::info!(
+            "{}: {} recovered by pid {}",
+            record.name,
+            record.device,
+            record.pid
+        );
+        return Ok((Served::DmUser(serving), dir, record));
     }
     let device = backend
         .open(record.read_only, record.block_size)
@@ -580,6 +610,15 @@ fn handle_control(stream: UnixStream, control: &Controls) -> std::io::Result<()>
             control.resizer.as_ref(),
             &control.dir,
         ));
+    }
+    if line == dm_user::RETIRE {
+        return answer(match detacher {
+            DetachHandle::DmUser(dm_user) => match dm_user.retire() {
+                Ok(()) => "ok".into(),
+                Err(e) => format!("error {e}"),
+            },
+            DetachHandle::Device(_) => "error not a device on a dm-user node".into(),
+        });
     }
     if let Some(exe) = line
         .strip_prefix(dm_user::HANDOFF_CHILD)

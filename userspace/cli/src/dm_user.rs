@@ -49,6 +49,10 @@ pub const SERVE_NODE_OPTION: &str = "--serve-dm-user-node";
 /// from the program named after it (`handoff-child EXE`).
 pub const HANDOFF_CHILD: &str = "handoff-child";
 
+/// The control command with which the successor of a daemon on dm-user's
+/// target, serving the node already, has the daemon stop serving it.
+pub const RETIRE: &str = "retire-dm-user";
+
 /// How often the bridge looks whether its child is still there.
 const WATCH_INTERVAL: Duration = Duration::from_millis(50);
 /// The wait before the first new child after one died, doubled for each
@@ -96,8 +100,45 @@ enum Carrier {
     Target {
         target: Arc<Target>,
         server: JoinHandle<io::Result<()>>,
+        retiring: Retiring,
+        /// Served after another daemon (handoff, recovery): the target is
+        /// not this process's to remove when it cannot go on.
+        taken_over: bool,
     },
     Bridge(Box<Bridged>),
+}
+
+/// Stops this daemon's server on dm-user's target once a successor serves
+/// the node (handoff): its workers stop reading, answer what they read,
+/// and the daemon ends without removing the target.
+#[derive(Clone)]
+pub struct Retiring {
+    stopper: Stopper,
+    handed_over: Arc<AtomicBool>,
+}
+
+impl Retiring {
+    fn retire(&self) -> Result<(), String> {
+        if self.handed_over.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        log::info!(
+            "dm-user: another daemon serves the node: answering what was read, then exiting"
+        );
+        let stopper = self.stopper.clone();
+        std::thread::Builder::new()
+            .name("dm-user-stop".into())
+            .spawn(move || loop {
+                stopper.stop(WAKE_SIGNAL);
+                std::thread::sleep(Duration::from_millis(20));
+            })
+            .map(drop)
+            .map_err(|e| format!("starting the thread that stops the server: {e}"))
+    }
+
+    fn handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::Acquire)
+    }
 }
 
 /// The bridge's node, the fuse-blk device it serves, and the children
@@ -169,7 +210,7 @@ fn on_target(handler: Arc<dyn BlockDevice>, setup: &Setup<'_>) -> Result<Serving
     let descriptors = channel::open_node(&node, setup.descriptors)
         .map_err(|e| e.to_string())
         .map_err(undo)?;
-    let server = start_server(handler, descriptors).map_err(undo)?;
+    let (server, retiring) = start_server(handler, descriptors).map_err(undo)?;
     if let Err(e) = target.resume() {
         // Removing it ends the server's reads with ENOTBLK.
         let message = undo(e.to_string());
@@ -182,7 +223,40 @@ fn on_target(handler: Arc<dyn BlockDevice>, setup: &Setup<'_>) -> Result<Serving
         node.display()
     );
     Ok(Serving {
-        carrier: Carrier::Target { target, server },
+        carrier: Carrier::Target {
+            target,
+            server,
+            retiring,
+            taken_over: false,
+        },
+    })
+}
+
+/// `handoff` (or `attach --recover` after a crash) of a device on dm-user's
+/// target: serves the target's node with `handler`, beside the daemon that
+/// serves it now, which is then asked to stop ([`RETIRE`]). dm-user lets
+/// any number of descriptors be open; what a closing one held would fail,
+/// so the old daemon answers everything it read before it closes.
+pub fn take_over(
+    name: &str,
+    handler: Arc<dyn BlockDevice>,
+    descriptors: u16,
+) -> Result<Serving, String> {
+    let target = Arc::new(Target::existing(name));
+    let files = channel::open_node(&target.node(), descriptors).map_err(|e| e.to_string())?;
+    let (server, retiring) = start_server(handler, files)?;
+    log::info!(
+        "dm-user: {} served by pid {}",
+        target.node().display(),
+        std::process::id()
+    );
+    Ok(Serving {
+        carrier: Carrier::Target {
+            target,
+            server,
+            retiring,
+            taken_over: true,
+        },
     })
 }
 
@@ -511,12 +585,10 @@ pub fn serve_as_child(
     }
 }
 
-/// A thread that waits for SIGTERM (blocked in every thread) and then
-/// stops the server, again and again until the process exits: a worker
-/// that was about to read when it was woken notices at the next round.
-fn stop_on_sigterm(term: SigSet, stopper: Stopper) -> Result<(), String> {
+/// Installs the handler of [`WAKE_SIGNAL`], without SA_RESTART: the signal
+/// ends a read(2) of the node with EINTR.
+fn install_wake_handler() -> Result<(), String> {
     extern "C" fn woken(_: libc::c_int) {}
-    // No SA_RESTART: the signal ends a read(2) of the node with EINTR.
     let action = SigAction::new(
         SigHandler::Handler(woken),
         SaFlags::empty(),
@@ -524,7 +596,15 @@ fn stop_on_sigterm(term: SigSet, stopper: Stopper) -> Result<(), String> {
     );
     // SAFETY: the handler does nothing, which is async-signal-safe.
     unsafe { signal::sigaction(WAKE_SIGNAL, &action) }
-        .map_err(|e| format!("installing the {WAKE_SIGNAL} handler: {e}"))?;
+        .map(drop)
+        .map_err(|e| format!("installing the {WAKE_SIGNAL} handler: {e}"))
+}
+
+/// A thread that waits for SIGTERM (blocked in every thread) and then
+/// stops the server, again and again until the process exits: a worker
+/// that was about to read when it was woken notices at the next round.
+fn stop_on_sigterm(term: SigSet, stopper: Stopper) -> Result<(), String> {
+    install_wake_handler()?;
     std::thread::Builder::new()
         .name("dm-user-stop".into())
         .spawn(move || {
@@ -547,12 +627,18 @@ fn stop_on_sigterm(term: SigSet, stopper: Stopper) -> Result<(), String> {
 fn start_server(
     handler: Arc<dyn BlockDevice>,
     descriptors: Vec<std::fs::File>,
-) -> Result<JoinHandle<io::Result<()>>, String> {
+) -> Result<(JoinHandle<io::Result<()>>, Retiring), String> {
+    install_wake_handler()?;
     let server = Server::new(handler, descriptors, MAX_MESSAGE).map_err(|e| e.to_string())?;
-    std::thread::Builder::new()
+    let retiring = Retiring {
+        stopper: server.stopper(),
+        handed_over: Arc::new(AtomicBool::new(false)),
+    };
+    let thread = std::thread::Builder::new()
         .name("dm-user".into())
         .spawn(move || server.serve())
-        .map_err(|e| format!("starting the dm-user daemon's thread: {e}"))
+        .map_err(|e| format!("starting the dm-user daemon's thread: {e}"))?;
+    Ok((thread, retiring))
 }
 
 impl Serving {
@@ -582,7 +668,12 @@ impl Serving {
 
     pub fn detacher(&self) -> io::Result<Detacher> {
         Ok(match &self.carrier {
-            Carrier::Target { target, .. } => Detacher::Target(target.clone()),
+            Carrier::Target {
+                target, retiring, ..
+            } => Detacher::Target {
+                target: target.clone(),
+                retiring: retiring.clone(),
+            },
             Carrier::Bridge(bridged) => Detacher::Bridge {
                 device: bridged.device.detacher()?,
                 children: bridged.children.clone(),
@@ -594,8 +685,16 @@ impl Serving {
     /// on (nothing has used the device yet).
     pub fn abandon(self) {
         match self.carrier {
-            Carrier::Target { target, server } => {
-                if let Err(e) = target.remove() {
+            Carrier::Target {
+                target,
+                server,
+                retiring,
+                taken_over,
+            } => {
+                if taken_over {
+                    // The target stays for the next daemon.
+                    let _ = retiring.retire();
+                } else if let Err(e) = target.remove() {
                     log::error!("dm-user: removing {}: {e}", target.name());
                 }
                 let _ = join(server);
@@ -616,8 +715,16 @@ impl Serving {
     /// Serves until the target is removed or the bridge's device detached.
     pub fn wait(self) -> io::Result<Ended> {
         match self.carrier {
-            Carrier::Target { target, server } => {
+            Carrier::Target {
+                target,
+                server,
+                retiring,
+                ..
+            } => {
                 let served = join(server);
+                if retiring.handed_over() {
+                    return served.map(|()| Ended::HandedOver);
+                }
                 if served.is_err() {
                     // The daemon ends with the target still there: without
                     // it the target's I/O would fail.
@@ -652,7 +759,10 @@ fn join(server: JoinHandle<io::Result<()>>) -> io::Result<()> {
 /// Detaches a device served on a dm-user node, from any thread.
 #[derive(Clone)]
 pub enum Detacher {
-    Target(Arc<Target>),
+    Target {
+        target: Arc<Target>,
+        retiring: Retiring,
+    },
     Bridge {
         device: fuse_blk_attach::Detacher,
         children: Arc<Children>,
@@ -665,7 +775,7 @@ impl Detacher {
     pub fn detach(&self) -> io::Result<()> {
         match self {
             Detacher::Bridge { device, .. } => device.detach(),
-            Detacher::Target(target) => {
+            Detacher::Target { target, .. } => {
                 let device = target.device_path();
                 if busy::in_use(&device) {
                     return Err(io::Error::new(
@@ -685,7 +795,7 @@ impl Detacher {
     pub fn detach_when_unused(&self) -> io::Result<()> {
         match self {
             Detacher::Bridge { device, .. } => device.detach_when_unused(),
-            Detacher::Target(target) => {
+            Detacher::Target { target, .. } => {
                 while busy::in_use(&target.device_path()) {
                     std::thread::sleep(Duration::from_millis(200));
                 }
@@ -702,8 +812,20 @@ impl Detacher {
     pub fn hand_over_child(&self, exe: &Path) -> Result<(), String> {
         match self {
             Detacher::Bridge { children, .. } => children.hand_over(exe),
-            Detacher::Target(_) => {
-                Err("a device on dm-user's own target cannot be handed over yet".into())
+            Detacher::Target { .. } => Err(
+                "a device on dm-user's own target is handed over by a new daemon (fuse-blk handoff)"
+                    .into(),
+            ),
+        }
+    }
+
+    /// [`RETIRE`]: a successor serves the node of this device on dm-user's
+    /// target; this daemon stops serving it and exits.
+    pub fn retire(&self) -> Result<(), String> {
+        match self {
+            Detacher::Target { retiring, .. } => retiring.retire(),
+            Detacher::Bridge { .. } => {
+                Err("a device on the dm-user bridge hands over its child (handoff-child)".into())
             }
         }
     }

@@ -55,9 +55,11 @@ enum Commands {
     /// recover it (the kernel module can: see `attach --recover`). A mem:
     /// backend cannot be handed over: its contents live in the old daemon.
     ///
-    /// `--transport dm-user` on the bridge: the daemon stays (it stands in
-    /// for dm-user's target) and the handler's process serving the node is
-    /// replaced by one running this program.
+    /// `--transport dm-user`: on dm-user's target, the new daemon opens the
+    /// node, then the old one answers what it read and exits; on the bridge
+    /// the daemon stays (it stands in for dm-user's target) and the
+    /// handler's process serving the node is replaced by one running this
+    /// program.
     Handoff {
         /// The device path or its name.
         device: String,
@@ -325,9 +327,6 @@ fn attach(args: AttachArgs) -> Result<(), String> {
                 "{backend}: --transport dm-user serves a backend on a dm-user node; a dm-user: backend is served by a daemon of its own"
             ));
         }
-        if args.recover.is_some() {
-            return Err("--transport dm-user: a device on a dm-user node cannot be recovered by another daemon yet".into());
-        }
         if let Some(node) = &args.serve_dm_user_node {
             return dm_user::serve_as_child(
                 node,
@@ -419,12 +418,6 @@ fn spawn_daemon(args: Vec<std::ffi::OsString>) -> Result<(), String> {
 
 fn handoff(target: &str) -> Result<(), String> {
     let (dir, record) = state::find(target)?;
-    if record.transport == dm_user::ON_TARGET {
-        return Err(format!(
-            "{}: a device on dm-user's own target cannot be handed over yet",
-            record.name
-        ));
-    }
     if record.backend.starts_with("dm-user:") {
         return Err(format!(
             "{}: a dm-user device's node lives in its daemon and cannot be handed over yet",
@@ -453,6 +446,11 @@ fn handoff(target: &str) -> Result<(), String> {
         "--recover".to_owned(),
         record.name.clone(),
     ];
+    if record.transport == dm_user::ON_TARGET {
+        // The successor opens the target's node, then the old daemon
+        // stops reading, answers what it read and exits.
+        args.extend(["--transport".to_owned(), "dm-user".to_owned()]);
+    }
     args.extend(record.serving_args());
     args.push(record.backend.clone());
     spawn_daemon(args.into_iter().map(Into::into).collect())?;
