@@ -7,7 +7,7 @@ use std::thread;
 use fuse_blk::{BlockDevice, Features, Geometry, ReplyData, ReplyEmpty, ReplyWrite, Request};
 
 use crate::handle::{Error, Export, Handle};
-use crate::link::{Expectations, Job, Kind, Link, LinkStatus, ReconnectPolicy};
+use crate::link::{Expectations, Job, Kind, Link, LinkStatus, Pieces, ReconnectPolicy};
 use crate::uri;
 
 /// Largest read or write sent as one command when the server states no
@@ -136,15 +136,6 @@ fn geometry(uri: &str, export: &Export, options: &Options) -> io::Result<Geometr
     Ok(geometry)
 }
 
-/// `(offset, length)` pieces of at most `max` covering `[offset, offset +
-/// len)`.
-fn pieces(offset: u64, len: u64, max: u64) -> impl Iterator<Item = (u64, u64)> {
-    let end = offset + len;
-    (offset..end)
-        .step_by(max as usize)
-        .map(move |start| (start, max.min(end - start)))
-}
-
 impl NbdDevice {
     /// Connects to the export `uri` names (`nbd://HOST[:PORT]/EXPORT`,
     /// `nbd+unix:///EXPORT?socket=PATH`, ...). Every failure is one line
@@ -255,9 +246,12 @@ impl BlockDevice for NbdDevice {
 
     fn read(&self, req: &Request, offset: u64, len: u32, reply: ReplyData) {
         let max = u64::from(self.max_request);
-        let pieces = pieces(offset, u64::from(len), max).collect();
+        let pieces = Pieces::new(offset, u64::from(len), max);
         let link = self.link(req);
-        link.submit(Job::read(pieces, link.buffer(len as usize), reply));
+        match link.buffer(len as usize) {
+            Ok(buffer) => link.submit(Job::read(pieces, buffer, reply)),
+            Err(e) => reply.error(e.raw_os_error().unwrap_or(libc::ENOMEM)),
+        }
     }
 
     /// The data is copied: the handler's slice is the transport's, lent
@@ -265,11 +259,15 @@ impl BlockDevice for NbdDevice {
     fn write(&self, req: &Request, offset: u64, data: &[u8], fua: bool, reply: ReplyWrite) {
         let fua = fua && self.export.can_fua;
         let max = u64::from(self.max_request);
-        let pieces = pieces(offset, data.len() as u64, max).collect();
+        let pieces = Pieces::new(offset, data.len() as u64, max);
         let link = self.link(req);
-        let mut copy = link.buffer(data.len());
-        copy.extend_from_slice(data);
-        link.submit(Job::write(pieces, copy, fua, reply));
+        match link.buffer(data.len()) {
+            Ok(mut copy) => {
+                copy.fill_from(data);
+                link.submit(Job::write(pieces, copy, fua, reply));
+            }
+            Err(e) => reply.error(e.raw_os_error().unwrap_or(libc::ENOMEM)),
+        }
     }
 
     /// NBD_CMD_FLUSH covers every write the server answered, on any of
@@ -282,14 +280,14 @@ impl BlockDevice for NbdDevice {
             return reply.ok();
         }
         self.link(req)
-            .submit(Job::range(Kind::Flush, vec![(0, 0)], reply));
+            .submit(Job::range(Kind::Flush, Pieces::one_without_range(), reply));
     }
 
     fn discard(&self, req: &Request, offset: u64, len: u64, reply: ReplyEmpty) {
         if !self.geometry.features.discard {
             return reply.error(libc::EOPNOTSUPP);
         }
-        let pieces = pieces(offset, len, MAX_RANGE_COMMAND).collect();
+        let pieces = Pieces::new(offset, len, MAX_RANGE_COMMAND);
         self.link(req).submit(Job::range(Kind::Trim, pieces, reply));
     }
 
@@ -306,7 +304,7 @@ impl BlockDevice for NbdDevice {
         if !self.geometry.features.write_zeroes {
             return reply.error(libc::EOPNOTSUPP);
         }
-        let pieces = pieces(offset, len, MAX_RANGE_COMMAND).collect();
+        let pieces = Pieces::new(offset, len, MAX_RANGE_COMMAND);
         let kind = Kind::Zero {
             no_hole: !may_unmap,
         };
@@ -333,21 +331,6 @@ mod tests {
             can_zero: true,
             ..Export::default()
         }
-    }
-
-    #[test]
-    fn pieces_cover_the_range() {
-        let all: Vec<_> = pieces(4096, 10 << 20, 4 << 20).collect();
-        assert_eq!(
-            all,
-            [
-                (4096, 4 << 20),
-                (4096 + (4 << 20), 4 << 20),
-                (4096 + (8 << 20), 2 << 20)
-            ]
-        );
-        assert_eq!(pieces(0, 512, 4096).collect::<Vec<_>>(), [(0, 512)]);
-        assert_eq!(pieces(0, 0, 4096).count(), 0);
     }
 
     #[test]

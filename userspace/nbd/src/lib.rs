@@ -12,6 +12,7 @@
 //! caller at once.
 //!
 //! - [`uri`]: recognising and checking NBD URIs.
+//! - [`buffer`]: a command's data, large ones in mappings of their own.
 //! - [`handle`]: one libnbd handle (a connection), safely.
 //! - [`link`]: a connection that reconnects, driven by a thread of its own
 //!   with many commands in flight.
@@ -19,6 +20,7 @@
 
 #![deny(missing_docs)]
 
+pub mod buffer;
 mod device;
 mod ffi;
 pub mod handle;

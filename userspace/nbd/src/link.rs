@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use fuse_blk::{ReplyData, ReplyEmpty, ReplyWrite};
 use parking_lot::Mutex;
 
+use crate::buffer::{Buffer, Spare};
 use crate::handle::{Error, Export, Handle};
 
 /// How a link waits for the server to come back, and how long it gives a
@@ -172,17 +173,72 @@ pub enum Reply {
     Empty(ReplyEmpty),
 }
 
+/// The commands of a job: `[offset, offset + len)` in pieces of at most
+/// `max` bytes each, in order (computed, not listed: a job allocates
+/// nothing on the handler's thread but its buffer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pieces {
+    offset: u64,
+    len: u64,
+    max: u64,
+    count: usize,
+}
+
+impl Pieces {
+    /// `[offset, offset + len)` in pieces of at most `max` (not 0)
+    /// bytes; none when `len` is 0.
+    pub fn new(offset: u64, len: u64, max: u64) -> Pieces {
+        assert!(max > 0, "pieces of no bytes");
+        Pieces {
+            offset,
+            len,
+            max,
+            count: len.div_ceil(max) as usize,
+        }
+    }
+
+    /// One command about no range: a flush.
+    pub fn one_without_range() -> Pieces {
+        Pieces {
+            offset: 0,
+            len: 0,
+            max: 1,
+            count: 1,
+        }
+    }
+
+    /// How many commands.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Bytes covered.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether there is no command at all.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// `(offset, length)` of piece `index`, and its offset from the first
+    /// piece's.
+    fn get(&self, index: usize) -> (u64, u64, u64) {
+        let from_start = index as u64 * self.max;
+        let length = self.max.min(self.len - from_start.min(self.len));
+        (self.offset + from_start, length, from_start)
+    }
+}
+
 /// One handler call: one NBD command per piece (a read or write larger
 /// than the server takes is split), answered once all are done.
 pub struct Job {
     kind: Kind,
-    /// `(offset, length)` of each command.
-    pieces: Vec<(u64, u64)>,
+    pieces: Pieces,
     /// Reads and writes: the data of the whole job, from the first
-    /// piece's offset. A read's buffer is allocated but not initialised
-    /// (its length stays 0) until every piece succeeded: libnbd writes
-    /// into its spare capacity.
-    buffer: Vec<u8>,
+    /// piece's offset. libnbd writes a read's into it.
+    buffer: Buffer,
     /// Bytes of data a read answers.
     data_len: usize,
     reply: Reply,
@@ -193,33 +249,34 @@ pub struct Job {
 }
 
 impl Job {
-    /// A read of `pieces` (contiguous, in order) into `buffer` (from
-    /// [`Link::buffer`]: empty, with room for them all).
-    pub fn read(pieces: Vec<(u64, u64)>, mut buffer: Vec<u8>, reply: ReplyData) -> Job {
-        let data_len = pieces.iter().map(|(_, len)| *len as usize).sum();
-        buffer.clear();
-        buffer.reserve_exact(data_len);
+    /// A read of `pieces` into `buffer` (from [`Link::buffer`], with room
+    /// for them all).
+    pub fn read(pieces: Pieces, buffer: Buffer, reply: ReplyData) -> Job {
+        let data_len = pieces.len() as usize;
+        assert!(
+            data_len <= buffer.capacity(),
+            "a read larger than its buffer"
+        );
         Job::new(Kind::Read, pieces, buffer, data_len, Reply::Data(reply))
     }
 
-    /// A write of `data` in `pieces` (contiguous, in order, covering it).
-    pub fn write(pieces: Vec<(u64, u64)>, data: Vec<u8>, fua: bool, reply: ReplyWrite) -> Job {
+    /// A write of the data in `data` (filled with [`Buffer::fill_from`])
+    /// in `pieces`, which cover it.
+    pub fn write(pieces: Pieces, data: Buffer, fua: bool, reply: ReplyWrite) -> Job {
+        assert!(
+            pieces.len() <= data.capacity() as u64,
+            "a write larger than its buffer"
+        );
         Job::new(Kind::Write { fua }, pieces, data, 0, Reply::Write(reply))
     }
 
     /// A flush, trim or write-zeroes.
-    pub fn range(kind: Kind, pieces: Vec<(u64, u64)>, reply: ReplyEmpty) -> Job {
-        Job::new(kind, pieces, Vec::new(), 0, Reply::Empty(reply))
+    pub fn range(kind: Kind, pieces: Pieces, reply: ReplyEmpty) -> Job {
+        Job::new(kind, pieces, Buffer::empty(), 0, Reply::Empty(reply))
     }
 
-    fn new(
-        kind: Kind,
-        pieces: Vec<(u64, u64)>,
-        buffer: Vec<u8>,
-        data_len: usize,
-        reply: Reply,
-    ) -> Job {
-        let remaining = pieces.len();
+    fn new(kind: Kind, pieces: Pieces, buffer: Buffer, data_len: usize, reply: Reply) -> Job {
+        let remaining = pieces.count();
         Job {
             kind,
             pieces,
@@ -233,15 +290,12 @@ impl Job {
 
     /// Answers the reply: the data or success, or the first error; gives
     /// the buffer back, for another job.
-    fn answer(mut self) -> Vec<u8> {
+    fn answer(self) -> Buffer {
         match (self.reply, self.error) {
             (Reply::Data(reply), None) => {
-                // SAFETY: every piece of the read succeeded, and libnbd
-                // fills a successful read's whole buffer, so the first
-                // `data_len` bytes of the capacity (reserved at the
-                // start, never reallocated) are initialised.
-                unsafe { self.buffer.set_len(self.data_len) };
-                reply.data(&self.buffer);
+                // SAFETY: every piece of the read was answered, so no
+                // command is left to write the buffer.
+                reply.data(unsafe { self.buffer.bytes(self.data_len) });
             }
             (Reply::Data(reply), Some(errno)) => reply.error(errno),
             (Reply::Write(reply), None) => reply.ok(),
@@ -252,13 +306,6 @@ impl Job {
         self.buffer
     }
 }
-
-/// Buffers at least this large are kept for reuse: a fresh one of a
-/// MiB costs its page faults, and zeroing, on every request.
-const POOLED_MIN: usize = 64 << 10;
-
-/// Spare buffers a link keeps at most.
-const POOLED_MAX: usize = 16;
 
 /// How long a link is idle before it gives its spare buffers back, and
 /// the allocator what was freed (an idle daemon stays small).
@@ -282,17 +329,14 @@ struct Shared {
     wake: OwnedFd,
     status: Mutex<Status>,
     /// Buffers of answered jobs, for the next ones.
-    spare: Mutex<Vec<Vec<u8>>>,
+    spare: Mutex<Spare>,
 }
 
 impl Shared {
-    fn recycle(&self, mut buffer: Vec<u8>) {
-        if buffer.capacity() >= POOLED_MIN {
-            let mut spare = self.spare.lock();
-            if spare.len() < POOLED_MAX {
-                buffer.clear();
-                spare.push(buffer);
-            }
+    /// Keeps a job's buffer for another job, while there is room.
+    fn recycle(&self, buffer: Buffer) {
+        if buffer.capacity() > 0 {
+            self.spare.lock().put(buffer);
         }
     }
 
@@ -341,7 +385,7 @@ impl Link {
                 generation,
                 outage_since: None,
             }),
-            spare: Mutex::new(Vec::new()),
+            spare: Mutex::new(Spare::default()),
         });
         let worker = Worker {
             uri: uri.to_owned(),
@@ -360,6 +404,7 @@ impl Link {
             queued: VecDeque::new(),
             in_flight: BTreeMap::new(),
             release_due: None,
+            served_since_release: false,
         };
         let thread = std::thread::Builder::new()
             .name(format!("nbd-link-{index}"))
@@ -371,16 +416,13 @@ impl Link {
         })
     }
 
-    /// An empty buffer with room for `len` bytes, for a job's data: a
-    /// spare one when there is one.
-    pub fn buffer(&self, len: usize) -> Vec<u8> {
-        if len >= POOLED_MIN {
-            let mut spare = self.shared.spare.lock();
-            if let Some(index) = spare.iter().position(|b| b.capacity() >= len) {
-                return spare.swap_remove(index);
-            }
+    /// A buffer with room for `len` bytes, for a job's data: a spare one
+    /// when there is one. Fails only when no memory can be mapped.
+    pub fn buffer(&self, len: usize) -> io::Result<Buffer> {
+        if let Some(buffer) = self.shared.spare.lock().take(len) {
+            return Ok(buffer);
         }
-        Vec::with_capacity(len)
+        Buffer::with_capacity(len)
     }
 
     /// Hands `job` to the link's thread, which answers it; after
@@ -508,16 +550,23 @@ struct Worker {
     in_flight: BTreeMap<u64, InFlight>,
     /// When the spare buffers go, if the link stays idle till then.
     release_due: Option<Instant>,
+    /// Jobs came since the last release: their bookkeeping (libnbd's
+    /// commands, this thread's maps) went through the allocator.
+    served_since_release: bool,
 }
 
 impl Worker {
     fn run(mut self) {
+        // The list handler threads push to and the one emptied here trade
+        // places, each keeping its capacity: a handler thread grows it
+        // only past the longest list so far, and its arena sees nothing.
+        let mut drained = Vec::new();
         loop {
-            let incoming = match self.shared.incoming.lock().as_mut() {
-                Some(jobs) => std::mem::take(jobs),
+            match self.shared.incoming.lock().as_mut() {
+                Some(jobs) => std::mem::swap(jobs, &mut drained),
                 None => break,
-            };
-            for job in incoming {
+            }
+            for job in drained.drain(..) {
                 self.accept(job);
             }
             self.step();
@@ -528,6 +577,7 @@ impl Worker {
 
     fn accept(&mut self, job: Job) {
         self.release_due = None;
+        self.served_since_release = true;
         if job.pieces.is_empty() {
             let buffer = job.answer();
             return self.shared.recycle(buffer);
@@ -535,7 +585,7 @@ impl Worker {
         let id = self.next_job;
         self.next_job += 1;
         self.queued
-            .extend((0..job.pieces.len()).map(|piece| (id, piece)));
+            .extend((0..job.pieces.count()).map(|piece| (id, piece)));
         self.jobs.insert(id, job);
     }
 
@@ -585,21 +635,25 @@ impl Worker {
         self.release_when_idle(now);
     }
 
-    /// Once idle for [`RELEASE_AFTER`], drops the spare buffers and has
-    /// the allocator give back the free memory of every thread's arena
-    /// (the buffers were allocated on the handler threads).
+    /// Once idle for [`RELEASE_AFTER`] after serving jobs, drops the
+    /// spare buffers (mappings: unmapped at once) and has the allocator
+    /// give back the free memory inside every thread's arena (jobs and
+    /// their lists are allocated on the handler threads).
     fn release_when_idle(&mut self, now: Instant) {
         if !self.jobs.is_empty() {
             self.release_due = None;
             return;
         }
         match self.release_due {
-            None if !self.shared.spare.lock().is_empty() => {
+            None if self.served_since_release || !self.shared.spare.lock().is_empty() => {
                 self.release_due = Some(now + RELEASE_AFTER);
             }
             Some(due) if now >= due => {
                 self.release_due = None;
-                self.shared.spare.lock().clear();
+                self.served_since_release = false;
+                // Unmapped outside the lock, which handler threads take.
+                let spare = std::mem::take(&mut *self.shared.spare.lock());
+                drop(spare);
                 // SAFETY: malloc_trim has no preconditions; it only
                 // returns free memory to the system.
                 unsafe { libc::malloc_trim(0) };
@@ -766,8 +820,8 @@ impl Worker {
             let Some(job) = self.jobs.get_mut(&id) else {
                 continue;
             };
-            let (offset, len) = job.pieces[piece];
-            let at = (offset - job.pieces[0].0) as usize;
+            let (offset, len, at) = job.pieces.get(piece);
+            let at = at as usize;
             let issued = match job.kind {
                 // SAFETY: `at + len` lies within the buffer's capacity
                 // (the job's pieces cover its data), which is neither
@@ -780,7 +834,7 @@ impl Worker {
                 // SAFETY: as for reads; the data is not changed while the
                 // job lives.
                 Kind::Write { fua } => unsafe {
-                    handle.aio_pwrite(job.buffer.as_ptr().add(at), len as usize, offset, fua)
+                    handle.aio_pwrite(job.buffer.as_mut_ptr().add(at), len as usize, offset, fua)
                 },
                 Kind::Flush => handle.aio_flush(),
                 Kind::Trim => handle.aio_trim(len, offset),
@@ -932,5 +986,30 @@ fn complete(shared: &Shared, jobs: &mut HashMap<u64, Job>, id: u64, error: Optio
         if let Some(job) = jobs.remove(&id) {
             shared.recycle(job.answer());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all(pieces: Pieces) -> Vec<(u64, u64, u64)> {
+        (0..pieces.count()).map(|index| pieces.get(index)).collect()
+    }
+
+    #[test]
+    fn pieces_cover_the_range() {
+        assert_eq!(
+            all(Pieces::new(4096, 10 << 20, 4 << 20)),
+            [
+                (4096, 4 << 20, 0),
+                (4096 + (4 << 20), 4 << 20, 4 << 20),
+                (4096 + (8 << 20), 2 << 20, 8 << 20)
+            ]
+        );
+        assert_eq!(all(Pieces::new(0, 512, 4096)), [(0, 512, 0)]);
+        assert_eq!(all(Pieces::new(8192, 8192, 4096)).len(), 2);
+        assert!(Pieces::new(0, 0, 4096).is_empty());
+        assert_eq!(all(Pieces::one_without_range()), [(0, 0, 0)]);
     }
 }
