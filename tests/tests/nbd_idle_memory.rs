@@ -13,10 +13,10 @@
 //! What is measured leaves out the engine's own buffers (the mappings a
 //! stock-path worker receives requests in, made at attach): each worker
 //! gives its own back after an idle second, which `idle_memory.rs`
-//! checks, but a worker woken for a request another worker took first
-//! then waits in its read with its buffer still resident, for as long as
-//! no request comes (seen here as 0.5-2 MiB in 3 of 24 runs; not the
-//! `nbd:` backend's, and not on the io_uring transports).
+//! checks. (A worker woken for a request another worker took first used
+//! to wait in its read with its buffer still resident, seen here as
+//! 0.5-2 MiB in 3 of 24 runs; the engine now bounds that wait too, see
+//! `Channel::receive_or_idle`.)
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};

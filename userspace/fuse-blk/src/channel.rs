@@ -4,7 +4,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -41,6 +41,26 @@ pub trait Channel: ReplySink + Send + Sync + 'static {
     fn wait_ready(&self, timeout: Duration, stop: &Stop) -> io::Result<bool> {
         let _ = (timeout, stop);
         Ok(true)
+    }
+
+    /// As `receive_or_stop`, but gives up with `ErrorKind::TimedOut` once
+    /// no request has come for `idle`: how a worker holding large buffers
+    /// learns it may give them back. A request another worker of the
+    /// channel reads first does not end the wait. The default waits with
+    /// [`wait_ready`](Channel::wait_ready) and then receives, which blocks
+    /// if another worker took the request meanwhile; [`FdChannel`] bounds
+    /// the whole wait.
+    fn receive_or_idle(
+        &self,
+        buf: &mut [u8],
+        stop: &Stop,
+        idle: Duration,
+    ) -> io::Result<Option<usize>> {
+        if self.wait_ready(idle, stop)? {
+            self.receive_or_stop(buf, stop)
+        } else {
+            Err(io::ErrorKind::TimedOut.into())
+        }
     }
 
     /// Sends one reply gathered from `parts`.
@@ -149,14 +169,26 @@ impl FdChannel {
     }
 
     /// Reads one message, waiting in poll(2) while none is there.
-    fn read_message(&self, buf: &mut [u8], stop: Option<&Stop>) -> io::Result<Option<usize>> {
+    /// Reads the next message, waiting for one; with `idle`, for no longer
+    /// than that in all (then `ErrorKind::TimedOut`), however many times
+    /// another reader takes a message first.
+    fn read_message(
+        &self,
+        buf: &mut [u8],
+        stop: Option<&Stop>,
+        idle: Option<Duration>,
+    ) -> io::Result<Option<usize>> {
+        let deadline = idle.map(|idle| Instant::now() + idle);
         loop {
             match nix::unistd::read(&self.fd, buf) {
                 // EOF: the peer of a socket-backed channel has gone.
                 Ok(0) => return Ok(None),
                 Ok(n) => return Ok(Some(n)),
                 Err(Errno::EAGAIN) => {
-                    self.wait_readable(None, stop)?;
+                    let left = deadline.map(|end| end.saturating_duration_since(Instant::now()));
+                    if left == Some(Duration::ZERO) || !self.wait_readable(left, stop)? {
+                        return Err(io::ErrorKind::TimedOut.into());
+                    }
                 }
                 // ENOENT: the request was interrupted before it was read.
                 Err(Errno::ENOENT) => continue,
@@ -296,11 +328,20 @@ impl AsFd for FdChannel {
 
 impl Channel for FdChannel {
     fn receive(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        self.read_message(buf, None)
+        self.read_message(buf, None, None)
     }
 
     fn receive_or_stop(&self, buf: &mut [u8], stop: &Stop) -> io::Result<Option<usize>> {
-        self.read_message(buf, Some(stop))
+        self.read_message(buf, Some(stop), None)
+    }
+
+    fn receive_or_idle(
+        &self,
+        buf: &mut [u8],
+        stop: &Stop,
+        idle: Duration,
+    ) -> io::Result<Option<usize>> {
+        self.read_message(buf, Some(stop), Some(idle))
     }
 
     fn wait_ready(&self, timeout: Duration, stop: &Stop) -> io::Result<bool> {

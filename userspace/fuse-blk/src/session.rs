@@ -53,7 +53,7 @@ pub(crate) const IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// A read/write-channel worker keeps this much of its buffers touched
 /// without counting itself as holding memory: small requests alone never
-/// make it wait for idleness (a poll(2) before each read) to give it back.
+/// make it bound its wait for the next request to give it back.
 const IDLE_KEEP: usize = 64 * 1024;
 
 /// `Session::granted_flags2` before FUSE_INIT (no real flags2 has all bits).
@@ -363,33 +363,38 @@ impl Session {
         // given back.
         let mut touched = 0;
         while !self.stopping.load(Ordering::Acquire) {
-            if touched.max(reply::fill_buffer_touched()) > IDLE_KEEP {
-                match channel.wait_ready(IDLE_TICK, stop) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        // SAFETY: no request is being handled, and none
-                        // refers into the buffer afterwards (a handler sees
-                        // WRITE data only for the length of its call).
-                        unsafe { buffer.release(0, touched) };
-                        reply::release_fill_buffer();
-                        touched = 0;
-                        continue;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
+            // With more than IDLE_KEEP of the buffers touched, the wait for
+            // the next request is bounded, so that an idle worker gives
+            // them back.
+            let holding = touched.max(reply::fill_buffer_touched()) > IDLE_KEEP;
+            let received = {
+                // SAFETY: the mapping is this worker's alone, and the slice
+                // ends with this block, before the buffer can be released.
+                let buf = unsafe { std::slice::from_raw_parts_mut(buffer.as_ptr(), buffer.len()) };
+                if holding {
+                    channel.receive_or_idle(buf, stop, IDLE_TICK)
+                } else {
+                    channel.receive_or_stop(buf, stop)
                 }
-            }
-            // SAFETY: the mapping is this worker's alone, and the slice
-            // ends with this turn, before the buffer can be released.
-            let buf = unsafe { std::slice::from_raw_parts_mut(buffer.as_ptr(), buffer.len()) };
-            match channel.receive_or_stop(buf, stop) {
+            };
+            match received {
                 Ok(Some(len)) => {
                     touched = touched.max(len);
-                    if !self.dispatch(queue, &buf[..len], channel) {
+                    // SAFETY: as above; the request ends with its dispatch.
+                    let message = unsafe { std::slice::from_raw_parts(buffer.as_ptr(), len) };
+                    if !self.dispatch(queue, message, channel) {
                         break;
                     }
                 }
                 Ok(None) => break,
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    // SAFETY: no request is being handled, and none refers
+                    // into the buffer afterwards (a handler sees WRITE data
+                    // only for the length of its call).
+                    unsafe { buffer.release(0, touched) };
+                    reply::release_fill_buffer();
+                    touched = 0;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }

@@ -265,3 +265,40 @@ fn a_shared_channel_waited_on_with_a_new_stop_is_stopped_by_it() {
     nix::unistd::write(&peer, b"go").unwrap();
     assert_eq!(channel.receive_or_stop(&mut buf, &third).unwrap(), Some(2));
 }
+
+/// A worker holding large buffers waits for its next request for a bounded
+/// time, also when the request that made the channel ready was read by
+/// another worker first: it does not wait on, buffers resident, until the
+/// next request comes (seen on the stock path with several workers).
+#[test]
+fn an_idle_wait_ends_though_another_reader_took_the_request() {
+    let (ours, peer) = pair();
+    let channel = FdChannel::new_shared(ours);
+    let stop = fuse_blk::Stop::new().unwrap();
+    let mut buf = [0u8; 8];
+    nix::unistd::write(&peer, b"go").unwrap();
+    assert!(channel.wait_ready(Duration::from_secs(5), &stop).unwrap());
+    // Another worker reads it first.
+    assert_eq!(channel.receive(&mut buf).unwrap(), Some(2));
+    let idle = Duration::from_millis(300);
+    let start = Instant::now();
+    let waited = channel.receive_or_idle(&mut buf, &stop, idle);
+    assert_eq!(
+        waited.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::TimedOut)
+    );
+    // poll(2) and epoll_wait(2) count in whole milliseconds.
+    assert!(
+        start.elapsed() >= idle - Duration::from_millis(2),
+        "{:?}",
+        start.elapsed()
+    );
+    // A request that comes within the wait is read.
+    nix::unistd::write(&peer, b"on").unwrap();
+    assert_eq!(
+        channel
+            .receive_or_idle(&mut buf, &stop, Duration::from_secs(30))
+            .unwrap(),
+        Some(2)
+    );
+}
