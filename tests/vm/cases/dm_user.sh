@@ -129,6 +129,29 @@ grep -q 'the target is gone' /tmp/rust2.out || fail "rust daemon: no ENOTBLK ($(
 [ -z "$("$FUSE_BLK" list --json | tr -d '[]\n ')" ] || fail "still listed"
 no_io_errors
 
+# --read-only: the block device refuses writes, which never reach the
+# daemon (its store stays zeros, and the device's counters show none);
+# reads are served.
+step "read-only"
+rdev=$(attach --read-only dm-user:dmro:16M)
+"$daemon" /dev/dm-user/dmro 16M 2> /tmp/daemon5.log &
+d5=$!
+[ "$(blockdev --getro "$rdev")" = 1 ] || fail "$rdev is not read-only"
+[ "$(listed dmro read_only)" = true ] || fail "list: $("$FUSE_BLK" list --json)"
+if out=$(dd if=/dev/urandom of="$rdev" bs=4k count=1 oflag=direct 2>&1); then
+    fail "a write to the read-only device: $out"
+fi
+echo "write refused: $out"
+echo "$out" | grep -Eq 'Read-only|Operation not permitted|Permission denied' || fail "write: $out"
+[ "$(dd if="$rdev" bs=1M count=16 iflag=direct status=none | tr -d '\0' | wc -c)" = 0 ] ||
+    fail "the daemon's store was written"
+"$FUSE_BLK" stats dmro --prometheus > /tmp/prom
+grep -E 'bytes_total\{device="dmro",op="read"\} [1-9]' /tmp/prom || { cat /tmp/prom; fail "no read counted"; }
+grep -E 'op="write"\} [1-9]' /tmp/prom && fail "writes reached the daemon"
+detach dmro
+wait "$d5" || fail "the read-only device's daemon did not exit 0 on detach ($(cat /tmp/daemon5.log))"
+no_io_errors
+
 # The stock path (FUSE file + loop device) under the same node: the C
 # daemon with four threads, then the Rust one; fio verify, then ext4.
 step "stock path"
