@@ -26,7 +26,7 @@ mkdir -p /tmp/mnt
 mount "$dev" /tmp/mnt
 dmesg_mark=$(dmesg | wc -l)
 start_load /tmp/mnt
-for i in $(seq 8); do
+for i in $(seq "$(repeats 8)"); do
     old=$daemon
     start_daemon fuser-file-takeover "$image" "$id"
     wait "$old" || fail "handoff $i: the old daemon failed"

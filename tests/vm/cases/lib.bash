@@ -106,3 +106,7 @@ repeats() {
     local n=$(( $1 / ${VM_SLOW:-1} ))
     echo $(( n > 0 ? n : 1 ))
 }
+# How many MiB a case's data-path load moves: $1, divided the same way as
+# repeats on the debug kernel (its sanitizers see each path on the first
+# MiB; the volume is for the other kernels).
+scaled_mib() { repeats "$1"; }
