@@ -246,6 +246,39 @@ pub fn sh(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Field `field` of process `pid`'s /proc status (`VmRSS`, `RssAnon`,
+/// `VmHWM`...), in KiB.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {status}"))
+}
+
+/// A fio load without verification on `device`: `jobs` jobs at depth
+/// `depth` (each on its own 64 MiB stretch), `rw` in blocks of
+/// `block_size`, `size` each; panics with fio's output if it fails.
+pub fn fio_load(device: &str, rw: &str, block_size: &str, size: &str, depth: u32, jobs: u32) {
+    sh(
+        "fio",
+        &[
+            "--name=load",
+            &format!("--filename={device}"),
+            "--ioengine=libaio",
+            "--direct=1",
+            &format!("--iodepth={depth}"),
+            &format!("--numjobs={jobs}"),
+            &format!("--rw={rw}"),
+            &format!("--bs={block_size}"),
+            &format!("--size={size}"),
+            "--offset_increment=64M",
+            "--group_reporting",
+        ],
+    );
+}
+
 /// fio writing `size` of `device` with `rw` (randwrite, randrw) in blocks
 /// of `block_size`, each block checked by crc32c when read back; panics
 /// with fio's output unless every block verifies.

@@ -4,42 +4,12 @@
 //! read/write channel, are checked in the guest
 //! (`tests/vm/cases/idle_memory.sh`).
 
-use std::fs;
 use std::thread::sleep;
 use std::time::Duration;
 
-use fuse_blk_tests::{sh, Instance, TempDir};
+use fuse_blk_tests::{fio_load, status_kib, Instance, TempDir};
 
 const MIB: u64 = 1 << 20;
-
-/// Resident memory of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("daemon status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS in {status}"))
-}
-
-fn fio(device: &str, rw: &str) {
-    sh(
-        "fio",
-        &[
-            "--name=large",
-            &format!("--filename={device}"),
-            "--ioengine=libaio",
-            "--direct=1",
-            "--iodepth=16",
-            "--numjobs=4",
-            &format!("--rw={rw}"),
-            "--bs=1M",
-            "--size=64M",
-            "--offset_increment=64M",
-            "--group_reporting",
-        ],
-    );
-}
 
 #[test]
 fn an_idle_read_write_daemon_gives_its_buffers_back() {
@@ -58,13 +28,13 @@ fn an_idle_read_write_daemon_gives_its_buffers_back() {
         &format!("file:{}", image.display()),
     ]);
     let pid = instance.daemons()[0];
-    let before = rss_kib(pid);
-    fio(device.path_str(), "write");
-    fio(device.path_str(), "read");
-    let busy = rss_kib(pid);
+    let before = status_kib(pid, "VmRSS");
+    fio_load(device.path_str(), "write", "1M", "64M", 16, 4);
+    fio_load(device.path_str(), "read", "1M", "64M", 16, 4);
+    let busy = status_kib(pid, "VmRSS");
     // Buffers go back after a second without requests.
     sleep(Duration::from_secs(3));
-    let idle = rss_kib(pid);
+    let idle = status_kib(pid, "VmRSS");
     eprintln!("RSS: {before} KiB before I/O, {busy} KiB after it, {idle} KiB idle");
     // The check means something only if the I/O did fill buffers: one
     // thread's 1 MiB at least.

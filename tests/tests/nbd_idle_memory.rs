@@ -24,24 +24,13 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use fuse_blk_nbd::testutil::Server;
-use fuse_blk_tests::{sh, Instance, TempDir};
+use fuse_blk_tests::{fio_load, status_kib, Instance, TempDir};
 
 /// Anonymous memory an idle daemon may keep beyond what it had before
 /// the I/O (thread stacks touched, the link thread's arena): measured
 /// 0.16-0.2 MiB in 20 runs and 0.9 MiB in one; 1.3-6 MiB in 10 runs
 /// while buffers came from malloc.
 const IDLE_SLACK_KIB: u64 = 1152;
-
-/// Field `field` of process `pid`'s status (`RssAnon`, `VmHWM`...), in
-/// KiB.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("daemon status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in {status}"))
-}
 
 /// Address ranges of the process's mappings made with `MAP_NORESERVE`
 /// and `MADV_NOHUGEPAGE` (`nr` and `nh` in smaps' VmFlags): at attach,
@@ -97,25 +86,6 @@ fn rss_anon_kib(pid: u32, engine: &[(u64, u64)]) -> u64 {
     status_kib(pid, "RssAnon") - resident_kib(pid, engine)
 }
 
-fn fio(device: &str, name: &str, rw: &str, block_size: &str, size: &str) {
-    sh(
-        "fio",
-        &[
-            &format!("--name={name}"),
-            &format!("--filename={device}"),
-            "--ioengine=libaio",
-            "--direct=1",
-            "--iodepth=32",
-            "--numjobs=2",
-            &format!("--rw={rw}"),
-            &format!("--bs={block_size}"),
-            &format!("--size={size}"),
-            "--offset_increment=64M",
-            "--group_reporting",
-        ],
-    );
-}
-
 #[test]
 fn an_idle_nbd_daemon_gives_back_what_its_io_took() {
     let instance = Instance::new("nbd-idle");
@@ -136,10 +106,10 @@ fn an_idle_nbd_daemon_gives_back_what_its_io_took() {
     let before = rss_anon_kib(pid, &engine);
     let before_total = status_kib(pid, "VmRSS");
 
-    fio(device.path_str(), "large-write", "write", "1M", "64M");
-    fio(device.path_str(), "large-read", "read", "1M", "64M");
-    fio(device.path_str(), "small-write", "randwrite", "4k", "8M");
-    fio(device.path_str(), "small-read", "randread", "4k", "8M");
+    fio_load(device.path_str(), "write", "1M", "64M", 32, 2);
+    fio_load(device.path_str(), "read", "1M", "64M", 32, 2);
+    fio_load(device.path_str(), "randwrite", "4k", "8M", 32, 2);
+    fio_load(device.path_str(), "randread", "4k", "8M", 32, 2);
     // The peak: buffers may be given back already between two fio runs.
     let peak = status_kib(pid, "VmHWM");
 
