@@ -197,6 +197,12 @@ impl Image {
             // what went wrong in one line of its own.
             ("log_to_stderr", "false"),
             ("err_to_stderr", "false"),
+            // No librbd cache: its default policy (writearound) completes a
+            // write before the OSDs have it, and the daemon that serves next
+            // (a handoff's successor, `attach --recover`) is another client
+            // that reads from the OSDs: it read stale data under fio verify
+            // in a handoff. The kernel's page cache is above the device.
+            ("rbd_cache", "false"),
             // A discard must read back as zeros where it covers part of
             // an object too (the stock path's punched holes do).
             ("rbd_skip_partial_discard", "false"),
