@@ -384,8 +384,33 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        // A test that failed with a file system mounted in here (its own
+        // `mount`) leaves it mounted: that kept the device from being
+        // detached, its daemon alive with nothing to serve, and a later
+        // test's `sync` waiting on it for 20 minutes. Unmounted lazily,
+        // deepest first, before the removal (which would otherwise go
+        // into the mounted file system).
+        for mountpoint in mounts_below(&self.0).iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(mountpoint).status();
+        }
         let _ = fs::remove_dir_all(&self.0);
     }
+}
+
+/// Mount points at or below `dir`, in the order /proc/self/mountinfo
+/// lists them (a mount before those on top of it).
+fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        // mountinfo escapes spaces and the like as octal; test directories
+        // have none.
+        .map(PathBuf::from)
+        .filter(|mountpoint| mountpoint.starts_with(dir))
+        .collect()
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*), so that a failure can be
@@ -430,4 +455,25 @@ pub fn write_at(device: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> 
     let file = fs::OpenOptions::new().write(true).open(device)?;
     file.write_all_at(data, offset)?;
     file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file system left mounted in a temporary directory (a failed
+    /// test's) is unmounted when the directory goes.
+    #[test]
+    fn a_temp_dir_unmounts_what_was_left_mounted_in_it() {
+        assert_root();
+        let dir = TempDir::new("tempdir-mount");
+        let mnt = dir.join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        sh("mount", &["-t", "tmpfs", "tmpfs", mnt.to_str().unwrap()]);
+        let path = dir.0.clone();
+        assert_eq!(mounts_below(&path), [mnt]);
+        drop(dir);
+        assert!(mounts_below(&path).is_empty(), "still mounted");
+        assert!(!path.exists(), "{} left", path.display());
+    }
 }
