@@ -110,3 +110,13 @@ repeats() {
 # repeats on the debug kernel (its sanitizers see each path on the first
 # MiB; the volume is for the other kernels).
 scaled_mib() { repeats "$1"; }
+# Ends the systemd-udevd a case started, and waits until it has gone:
+# `udevadm control --exit` returns at once, and a udevd still probing
+# would read the next case's new devices (takeover's check that nothing is
+# queued saw such a read).
+stop_udevd() {
+    udevadm control --exit || true
+    local end=$((SECONDS + 10 * ${VM_SLOW:-1}))
+    while pgrep -x systemd-udevd > /dev/null && [ $SECONDS -lt "$end" ]; do sleep 0.1; done
+    ! pgrep -x systemd-udevd > /dev/null || echo "systemd-udevd still runs" >&2
+}

@@ -24,7 +24,7 @@ cleanup() {
         gone_within 30 "$unshare_pid" || kill -9 "$unshare_pid" 2>/dev/null || true
         wait "$unshare_pid" 2>/dev/null || true
     fi
-    [ "$udevd_running" = 0 ] || udevadm control --exit
+    [ "$udevd_running" = 0 ] || stop_udevd
     umount $work/udev-db 2>/dev/null || true
     umount /tmp/mnt 2>/dev/null || true
     "$FUSE_BLK" detach sdk 2>/dev/null || true

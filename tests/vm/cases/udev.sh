@@ -13,7 +13,7 @@ udevd_running=0
 cleanup() {   # also after a failure: nothing of the case is left
     "$FUSE_BLK" detach ud 2>/dev/null || true
     "$FUSE_BLK" detach uds 2>/dev/null || true
-    [ "$udevd_running" = 0 ] || udevadm control --exit
+    [ "$udevd_running" = 0 ] || stop_udevd
     umount /mnt
 }
 trap cleanup EXIT

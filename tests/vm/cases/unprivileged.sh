@@ -26,7 +26,7 @@ cleanup() {   # also after a failure: nothing of the case is left
     echo 0 > $param/unprivileged
     echo 8 > $param/max_devices_per_user
     for n in a1 a2 a3; do as_user $A "$FUSE_BLK" detach $n 2>/dev/null || true; done
-    [ "$udevd_running" = 0 ] || udevadm control --exit
+    [ "$udevd_running" = 0 ] || stop_udevd
     chgrp root /dev/fuse-blk
     chmod 0600 /dev/fuse-blk
 }
