@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use fuse_blk::proto::abi::{self, opcode, InitOut};
+use fuse_blk::proto::abi::{self, opcode, InHeader, InitOut};
 use fuse_blk_kmod::attach_fd;
 
 use super::{expect_refused, read_message, reply_bytes, write_reply};
@@ -68,6 +68,7 @@ fn checks(id: u32) -> io::Result<()> {
     serve_reader(&late, &mut buf, &mut reader(id)?)?;
     println!("takeover: the winner serves the next request");
 
+    drain(&late, &mut buf)?;
     nowait_read(&late)?;
     stale_reply_after_elevator_switch(id, &late, &mut buf)
 }
@@ -169,24 +170,50 @@ fn serve_until(
             continue;
         }
         let (request, body) = read_message(channel, buf)?;
-        if request.opcode != opcode::READ {
-            return Err(io::Error::other(format!(
-                "unexpected opcode {}",
-                request.opcode
-            )));
-        }
-        let read_in = <abi::ReadIn as zerocopy::FromBytes>::read_from_prefix(&body)
-            .map_err(|_| io::Error::other("short READ"))?
-            .0;
-        let zeros = vec![0; read_in.size as usize];
-        if let Some(errno) = write_reply(channel, &reply_bytes(request.unique, 0, &zeros, None)) {
-            return Err(io::Error::other(format!(
-                "valid READ reply refused: {errno}"
-            )));
-        }
+        answer_read(channel, &request, &body)?;
         if first == 0 {
             first = request.unique;
         }
+    }
+}
+
+/// Answers READ `request` (its `body`) with zeros; any other request is an
+/// error. Returns the READ's offset and size.
+fn answer_read(channel: &File, request: &InHeader, body: &[u8]) -> io::Result<(u64, u32)> {
+    if request.opcode != opcode::READ {
+        return Err(io::Error::other(format!(
+            "unexpected opcode {}",
+            request.opcode
+        )));
+    }
+    let read_in = <abi::ReadIn as zerocopy::FromBytes>::read_from_prefix(body)
+        .map_err(|_| io::Error::other("short READ"))?
+        .0;
+    let zeros = vec![0; read_in.size as usize];
+    if let Some(errno) = write_reply(channel, &reply_bytes(request.unique, 0, &zeros, None)) {
+        return Err(io::Error::other(format!(
+            "valid READ reply refused: {errno}"
+        )));
+    }
+    Ok((read_in.offset, read_in.size))
+}
+
+/// Answers what is still queued on `channel` until nothing has come for
+/// 300 ms: READs after the reader's own (seen after the systemd case,
+/// from something probing the new device), which the RWF_NOWAIT check
+/// would otherwise read.
+fn drain(channel: &File, buf: &mut [u8]) -> io::Result<()> {
+    loop {
+        let mut fds = [nix::poll::PollFd::new(
+            channel.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        if nix::poll::poll(&mut fds, 300u16).map_err(io::Error::from)? == 0 {
+            return Ok(());
+        }
+        let (request, body) = read_message(channel, buf)?;
+        let (offset, size) = answer_read(channel, &request, &body)?;
+        println!("takeover: answered a later READ of {size} bytes at {offset}");
     }
 }
 
