@@ -55,15 +55,13 @@ dev=$(attach --name mapped --queues 1 --io uring mem:64M)
 fio --name=mapped --filename="$dev" --ioengine=libaio --direct=1 --rw=write --bs=1M \
     --iodepth=16 --size=48M --verify=crc32c --do_verify=0 --verify_state_save=0 \
     --output=/tmp/fio.out || { cat /tmp/fio.out; fail "fio fill"; }
-# Anonymous memory of device $1's daemon, in kB.
-anon_kb() { sed -n 's/^RssAnon:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$(daemon_pid "$1")/status"; }
 sleep 3
-before=$(anon_kb mapped)
+before=$(daemon_kb mapped RssAnon)
 # Read twice, each time verified against what the fill wrote.
 fio --name=mapped --filename="$dev" --ioengine=libaio --direct=1 --rw=read --bs=1M \
     --iodepth=16 --size=48M --loops=2 --verify=crc32c --verify_fatal=1 \
     --output=/tmp/fio.out || { cat /tmp/fio.out; fail "fio mapped reads"; }
-after=$(anon_kb mapped)
+after=$(daemon_kb mapped RssAnon)
 echo "mem: reads from the store: anonymous memory ${before} kB before, ${after} kB after"
 [ $((after - before)) -lt 6144 ] || fail "READ replies went through the payload buffers ($before -> $after kB)"
 detach mapped
@@ -78,10 +76,10 @@ fio --name=scatter --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite
     --iodepth=16 --size=48M --number_ios=3072 --randrepeat=0 \
     --output=/tmp/fio.out || { cat /tmp/fio.out; fail "fio scattered writes"; }
 sleep 3
-before=$(anon_kb gathered)
+before=$(daemon_kb gathered RssAnon)
 fio --name=gathered --filename="$dev" --ioengine=libaio --direct=1 --rw=read --bs=1M \
     --iodepth=16 --size=48M --loops=2 --output=/tmp/fio.out || { cat /tmp/fio.out; fail "fio gathered reads"; }
-after=$(anon_kb gathered)
+after=$(daemon_kb gathered RssAnon)
 echo "mem: gathered reads: anonymous memory ${before} kB before, ${after} kB after"
 [ $((after - before)) -lt 6144 ] || fail "gathered READ replies went through the payload buffers ($before -> $after kB)"
 dd if="$dev" of=/tmp/by-block bs=4k count=12288 iflag=direct status=none || fail "4 KiB reads"

@@ -7,15 +7,12 @@ mount -t tmpfs -o size=300M tmpfs /mnt
 # Also after a failure: nothing of the case is left.
 trap 'touch /tmp/idle.stop; "$FUSE_BLK" detach idle 2>/dev/null || true; umount /mnt 2>/dev/null || true' EXIT
 truncate -s 256M /mnt/idle.img
-# kB of status field $1 of the daemon (VmRSS: resident; RssAnon: its
-# anonymous part, where the buffers are).
-kb() { sed -n "s/^$1:[[:space:]]*\([0-9]*\) kB/\1/p" "/proc/$(daemon_pid idle)/status"; }
 for io in $(io_modes); do
     # Without passthrough: the I/O has to go through the daemon's buffers.
     dev=$(attach --name idle --io "$io" --queues 2 --no-passthrough file:/mnt/idle.img)
     sleep 2
-    before=$(kb VmRSS)
-    before_anon=$(kb RssAnon)
+    before=$(daemon_kb idle VmRSS)
+    before_anon=$(daemon_kb idle RssAnon)
     # The most anonymous memory while fio runs, sampled every 0.1 s: what
     # shows the I/O used the buffers. Not VmHWM: the page cache of fio's
     # I/O may push the daemon's file pages (its binary) out meanwhile on
@@ -24,7 +21,7 @@ for io in $(io_modes); do
     rm -f /tmp/idle.stop
     ( peak=0
       while [ ! -e /tmp/idle.stop ]; do
-          now=$(kb RssAnon); [ "${now:-0}" -le "$peak" ] || peak=$now
+          now=$(daemon_kb idle RssAnon); [ "${now:-0}" -le "$peak" ] || peak=$now
           echo "$peak" > /tmp/idle.peak; sleep 0.1
       done ) &
     sampler=$!
@@ -36,7 +33,7 @@ for io in $(io_modes); do
     wait "$sampler"
     busy_anon=$(cat /tmp/idle.peak)
     sleep 3
-    idle=$(kb VmRSS)
+    idle=$(daemon_kb idle VmRSS)
     echo "$io: RSS ${before} kB idle at start (${before_anon} kB anonymous), ${busy_anon} kB anonymous at most during 1 MiB I/O at depth 16, ${idle} kB idle again"
     [ "$before" -lt 8192 ] || fail "$io: idle at start: $before kB"
     [ "$idle" -lt 8192 ] || fail "$io: idle after I/O: $idle kB"

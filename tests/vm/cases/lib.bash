@@ -11,6 +11,9 @@ listed() {
         | sed -n "s/.*\"$2\":\"\{0,1\}\([^,\"}]*\).*/\1/p"
 }
 daemon_pid() { listed "$1" pid; }
+# kB of field $2 of device $1's daemon's /proc status (VmRSS: resident;
+# RssAnon: its anonymous part, where buffers are).
+daemon_kb() { sed -n "s/^$2:[[:space:]]*\([0-9]*\) kB/\1/p" "/proc/$(daemon_pid "$1")/status"; }
 # Whether the loaded module offers feature $1 (FUSE_BLK_F_<NAME> in lower
 # case: uring, passthrough...).
 module_offers() { "$VMTEST" features | tr ' ' '\n' | grep -qx "$1"; }
