@@ -61,8 +61,11 @@ DMUSER_PAIRS = [
     ("fuse-blk-mem-uring", "dmu-bridge-rust", None),
     ("fuse-blk-mem-rw", "dmu-bridge-rust", None),
     ("fuse-blk-mem-uring", "dmu-bridge-c", None),
+    ("fuse-blk-mem-uring", "dmu-existing-c", None),
+    ("dmu-existing-rust", "dmu-existing-c", None),
     ("ext4-fuse-blk-mem-rw", "tmpfs-file", None),
     ("ext4-dmu-existing-rust", "tmpfs-file", None),
+    ("ext4-dmu-existing-c", "tmpfs-file", None),
     ("ext4-dmu-bridge-rust", "tmpfs-file", None),
     ("ext4-dmu-bridge-c", "tmpfs-file", None),
 ]
