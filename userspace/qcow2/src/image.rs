@@ -29,6 +29,21 @@
 //! the file, durable or in the page cache: a crash of the daemon or of the
 //! machine leaves leaked clusters at most (the unused rest of a reserve
 //! among them; a clean close gives it back).
+//!
+//! Compressed writes ([`Options::compress_writes`]). A whole guest cluster
+//! written into one that is unallocated, zero or compressed is deflated
+//! (or zstd-compressed) before any lock is taken; if that saves a sector
+//! or more, the bytes are packed, as qemu packs them, at a cursor running
+//! through host clusters taken from the reserve: a new host cluster when
+//! they do not fit, the data spilling over only into the next cluster of
+//! the file when that is the one the reserve hands out. Every compressed
+//! cluster holds one reference to each host cluster its sectors touch.
+//! The cursor's host cluster is given spare references in advance (its
+//! refcount raised and synced, as the reserve's are), which its next
+//! compressed clusters take without a sync each; the L2 entry is written
+//! after the data, under `writer` and the guest cluster's claim as for a
+//! normal allocation. A crash leaves the spare references as leaks; a
+//! close gives them back.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -43,7 +58,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::backing::Backing;
 use crate::cache::TableCache;
-use crate::compressed::{decompress, CompressedExtent};
+use crate::compressed::{compress, decompress, CompressedExtent};
 use crate::header::{Header, AUTOCLEAR_OFFSET};
 
 /// Where the header's guest size is (followed by crypt_method and l1_size).
@@ -65,7 +80,7 @@ const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 
 /// What one L2 entry says about its guest cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Cluster {
+pub(crate) enum Cluster {
     /// Not in this image: the backing file's data, or zeros.
     Unallocated,
     /// Reads as zeros; `host` is a cluster kept allocated for it.
@@ -91,12 +106,12 @@ struct Tables {
 /// ordering.
 pub struct Image {
     path: PathBuf,
-    file: File,
+    pub(crate) file: File,
     header: Header,
     read_only: bool,
     backing: Option<Backing>,
     tables: RwLock<Tables>,
-    refcounts: Mutex<Refcounts>,
+    pub(crate) refcounts: Mutex<Refcounts>,
     writer: Mutex<()>,
     /// Guest clusters with an allocating write, discard or zeroing in
     /// progress (see [`Image::claim`]).
@@ -106,6 +121,11 @@ pub struct Image {
     /// Clusters whose refcount of 1 is already durable, handed out by
     /// [`Image::allocate`], last first.
     reserve: Mutex<Vec<u64>>,
+    /// Whole clusters written into unallocated, zero or compressed ones are
+    /// stored compressed when that saves space ([`Options::compress_writes`]).
+    compress_writes: bool,
+    /// Changed under `writer` only.
+    compressed_cursor: Mutex<Option<CompressedCursor>>,
     /// End of the file as far as clusters go: the file's length rounded up
     /// to a cluster, grown by allocations. No metadata may point past it.
     file_end: AtomicU64,
@@ -131,6 +151,22 @@ impl Drop for Claim<'_> {
         self.image.busy_done.notify_all();
     }
 }
+
+/// Where compressed clusters go next (see the module documentation).
+#[derive(Debug, Clone, Copy)]
+struct CompressedCursor {
+    /// The host cluster being filled.
+    host: u64,
+    /// Its first free byte (inside it).
+    next: u64,
+    /// References its refcount counts that no L2 entry uses yet.
+    spare: u64,
+}
+
+/// Spare references a compressed host cluster is given at a time: one sync
+/// for up to this many compressed clusters (fewer where the refcount width
+/// ends; a crash leaks what is left unused).
+const SPARE_REFERENCES: u64 = 64;
 
 /// A piece of a guest request lying in one cluster.
 struct Piece {
@@ -269,6 +305,8 @@ impl Image {
             busy_done: Condvar::new(),
             reuse_gate: RwLock::new(()),
             reserve: Mutex::new(Vec::new()),
+            compress_writes: options.compress_writes && !read_only,
+            compressed_cursor: Mutex::new(None),
             file_end: AtomicU64::new(file_end),
             fixed_metadata,
             size: AtomicU64::new(header.size),
@@ -414,7 +452,7 @@ impl Image {
                 .any(|&(start, len)| host < start + len && start < host + size)
     }
 
-    fn classify(&self, guest_cluster: u64, entry: u64) -> io::Result<Cluster> {
+    pub(crate) fn classify(&self, guest_cluster: u64, entry: u64) -> io::Result<Cluster> {
         if entry & COMPRESSED != 0 {
             if entry & COPIED != 0 {
                 return Err(self.bad_l2(guest_cluster, entry));
@@ -477,7 +515,7 @@ impl Image {
     }
 
     /// The L2 entry of a guest cluster (0 when its L2 table is absent).
-    fn l2_entry(&self, guest_cluster: u64) -> io::Result<u64> {
+    pub(crate) fn l2_entry(&self, guest_cluster: u64) -> io::Result<u64> {
         let l1_index = guest_cluster / self.l2_entries();
         let l2_index = (guest_cluster % self.l2_entries()) as usize;
         {
@@ -625,7 +663,14 @@ impl Image {
         for piece in self.pieces(offset, data.len() as u64) {
             let chunk = &data[done..done + piece.len];
             done += piece.len;
-            if !self.write_in_place(&piece, chunk)? {
+            if self.write_in_place(&piece, chunk)? {
+                continue;
+            }
+            let whole =
+                piece.len as u64 == self.cluster_size() || self.is_last_cluster_tail(&piece);
+            if self.compress_writes && whole {
+                self.write_compressed(&piece, chunk)?;
+            } else {
                 let _claim = self.claim(piece.cluster);
                 self.write_allocating(&piece, chunk)?;
             }
@@ -705,6 +750,159 @@ impl Image {
             }
         }
         self.flush_if_cache_full()
+    }
+
+    /// Writes a whole guest cluster (`chunk`: the cluster, or the image's
+    /// end in its last one) that is not a cluster this image owns: stored
+    /// compressed into an unallocated, zero or compressed cluster when that
+    /// saves a sector or more, else as [`write_allocating`] does.
+    ///
+    /// [`write_allocating`]: Self::write_allocating
+    fn write_compressed(&self, piece: &Piece, chunk: &[u8]) -> io::Result<()> {
+        let cluster_size = self.cluster_size() as usize;
+        // Outside any lock. The last cluster's part past the image's end is
+        // zeros, as qemu writes it.
+        let compressed = if chunk.len() == cluster_size {
+            compress(self.header.compression, chunk, cluster_size - 512)
+        } else {
+            let mut padded = vec![0u8; cluster_size];
+            padded[..chunk.len()].copy_from_slice(chunk);
+            compress(self.header.compression, &padded, cluster_size - 512)
+        };
+        let _claim = self.claim(piece.cluster);
+        let Some(compressed) = compressed else {
+            return self.write_allocating(piece, chunk);
+        };
+        let (cluster, extent) = {
+            let _writer = self.writer.lock();
+            let entry = self.l2_entry(piece.cluster)?;
+            let cluster = self.classify(piece.cluster, entry)?;
+            match cluster {
+                Cluster::Normal { host, copied: true } => {
+                    // Allocated by another writer while this one waited;
+                    // the claim keeps it from being freed.
+                    drop(_writer);
+                    return self.file.write_all_at(chunk, host);
+                }
+                Cluster::Normal { copied: false, .. } => {
+                    // Shared with a snapshot: copied as a normal cluster.
+                    drop(_writer);
+                    return self.write_allocating(piece, chunk);
+                }
+                _ => {}
+            }
+            self.own_l2_table(piece.cluster / self.l2_entries())?;
+            let offset = self.place_compressed(compressed.len() as u64)?;
+            (
+                cluster,
+                CompressedExtent::of_bytes(offset, compressed.len() as u64),
+            )
+        };
+        // The references placing took keep these bytes from being freed or
+        // handed to other data meanwhile.
+        let written = self.file.write_all_at(&compressed, extent.offset);
+        let _writer = self.writer.lock();
+        let entry = COMPRESSED | extent.to_entry(self.cluster_bits());
+        match written.and_then(|()| self.set_l2_entry(piece.cluster, entry)) {
+            Ok(()) => self.drop_references(self.references(cluster)),
+            Err(e) => {
+                // Unused (or maybe used by an entry the next flush puts
+                // back): its references go at the next flush.
+                self.drop_references(self.references(Cluster::Compressed(extent)));
+                return Err(e);
+            }
+        }
+        self.flush_if_cache_full()
+    }
+
+    /// Under `writer`: room for `len` compressed bytes at the cursor,
+    /// taking one reference to each host cluster they touch (their
+    /// refcounts durable already); returns their host offset.
+    fn place_compressed(&self, len: u64) -> io::Result<u64> {
+        let cluster_size = self.cluster_size();
+        let mut cursor = self.compressed_cursor.lock();
+        // A cursor whose cluster has no spare reference left gets more,
+        // or is left (a refcount at its width's maximum).
+        if let Some(current) = cursor.as_mut() {
+            let fits = current.next + len <= current.host + cluster_size;
+            if current.spare == 0 && fits && !self.add_spare_references(current)? {
+                *cursor = None;
+            }
+        }
+        if let Some(current) = cursor.as_mut() {
+            if current.next + len <= current.host + cluster_size {
+                let offset = current.next;
+                current.next += len;
+                current.spare -= 1;
+                if current.next == current.host + cluster_size {
+                    self.leave_cursor(&mut cursor);
+                }
+                return Ok(offset);
+            }
+        }
+        let fresh = self.allocate()?;
+        // Spilling over from the cursor's cluster into the next one.
+        if let Some(current) = cursor.as_mut() {
+            let contiguous = fresh == current.host + cluster_size;
+            let spill = contiguous
+                && (current.spare > 0
+                    || self.add_spare_references(current).inspect_err(|_| {
+                        // Unused: free it again at the next flush.
+                        self.refcounts.lock().defer_decrement(fresh);
+                    })?);
+            if spill {
+                let offset = current.next;
+                current.spare -= 1;
+                self.leave_cursor(&mut cursor);
+                *cursor = Some(CompressedCursor {
+                    host: fresh,
+                    next: offset + len,
+                    spare: 0,
+                });
+                return Ok(offset);
+            }
+        }
+        self.leave_cursor(&mut cursor);
+        *cursor = Some(CompressedCursor {
+            host: fresh,
+            next: fresh + len,
+            spare: 0,
+        });
+        Ok(fresh)
+    }
+
+    /// Under `writer`: raises the refcount of the cursor's cluster by up to
+    /// [`SPARE_REFERENCES`] and makes that durable; false when its
+    /// refcount is at the maximum already.
+    fn add_spare_references(&self, cursor: &mut CompressedCursor) -> io::Result<bool> {
+        let mut refcounts = self.refcounts.lock();
+        let added = refcounts.add_references(&self.file, cursor.host, SPARE_REFERENCES)?;
+        if added == 0 {
+            return Ok(false);
+        }
+        let written = refcounts
+            .write_back(&self.file, || self.sync())
+            .and_then(|_| self.sync());
+        if let Err(e) = written {
+            // Not durable: used by nothing; dropped at the next flush.
+            for _ in 0..added {
+                refcounts.defer_decrement(cursor.host);
+            }
+            return Err(e);
+        }
+        cursor.spare += added;
+        Ok(true)
+    }
+
+    /// Under `writer`: the cursor leaves its cluster, giving its spare
+    /// references back at the next flush.
+    fn leave_cursor(&self, cursor: &mut Option<CompressedCursor>) {
+        if let Some(left) = cursor.take() {
+            let mut refcounts = self.refcounts.lock();
+            for _ in 0..left.spare {
+                refcounts.defer_decrement(left.host);
+            }
+        }
     }
 
     /// Marks a guest cluster as having a metadata change in progress,
@@ -809,6 +1007,7 @@ impl Image {
 
     /// Under `writer`: gives the unused reserve back at the next flush.
     fn release_reserve(&self) {
+        self.leave_cursor(&mut self.compressed_cursor.lock());
         let unused = std::mem::take(&mut *self.reserve.lock());
         let mut refcounts = self.refcounts.lock();
         for host in unused {
@@ -1078,6 +1277,14 @@ impl Image {
         };
         self.sync()?;
         self.crash_point(4)?;
+        {
+            // A cursor whose cluster was freed (it had no spare reference,
+            // and its compressed clusters were all replaced) starts anew.
+            let mut cursor = self.compressed_cursor.lock();
+            if cursor.is_some_and(|c| freed.contains(&c.host)) {
+                *cursor = None;
+            }
+        }
         // Give the freed space back to the file system; it reads as zeros,
         // which a reader that looked the cluster up before it was freed may
         // see (a discard racing with a read).

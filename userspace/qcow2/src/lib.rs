@@ -6,7 +6,11 @@
 //!   never written: unallocated clusters read from them, writes allocate
 //!   in the image, copying the rest of a partly written cluster;
 //! - compressed clusters (deflate, or zstd for `compression_type=zstd`),
-//!   read; writing into one allocates a normal cluster;
+//!   read; a partial write into one allocates a normal cluster;
+//! - compressed writes, on request ([`Options::compress_writes`]): whole
+//!   clusters written into unallocated, zero or compressed ones are stored
+//!   compressed when that saves a sector, packed as qemu packs them, so
+//!   that qemu reads them (deflate with qemu's 4 KiB window, or zstd);
 //! - internal snapshots, left intact: clusters shared with them (refcount
 //!   above 1, no COPIED flag) are copied before being written;
 //! - discard and write-zeroes as zero clusters (version 3) or deallocation,
@@ -76,6 +80,15 @@ pub struct Options {
     /// left it. No later than `wait` after the open, requests fail with
     /// EIO. So two processes never write the image's metadata at once.
     pub wait_for_lock: Option<Duration>,
+    /// Store whole clusters compressed, as qemu does for `qemu-img convert
+    /// -c` or `qemu-io -c "write -c"`: a write covering a guest cluster
+    /// entirely (or the image's end in its last cluster) into one that is
+    /// unallocated, zero or compressed is compressed with the image's
+    /// compression type (deflate with a 4 KiB window, or zstd), and stored
+    /// so when that saves at least one 512-byte sector; partial writes,
+    /// and writes into normal clusters, are stored as they are. Off by
+    /// default; nothing for a read-only image.
+    pub compress_writes: bool,
 }
 
 impl Default for Options {
@@ -84,6 +97,7 @@ impl Default for Options {
             l2_cache_bytes: 4 << 20,
             refcount_cache_bytes: 1 << 20,
             wait_for_lock: None,
+            compress_writes: false,
         }
     }
 }

@@ -182,6 +182,24 @@ impl Refcounts {
         }
     }
 
+    /// The largest refcount the width holds.
+    fn max_refcount(&self) -> u64 {
+        u64::MAX >> (64 - (1u32 << self.refcount_order))
+    }
+
+    /// Adds up to `wanted` references to the allocated cluster at `host`,
+    /// fewer where the refcount width ends; returns how many it added. As
+    /// for [`allocate`](Self::allocate), they must be written back before
+    /// metadata uses them.
+    pub fn add_references(&mut self, file: &File, host: u64, wanted: u64) -> io::Result<u64> {
+        let count = self.get(file, host)?;
+        let added = wanted.min(self.max_refcount() - count);
+        if added > 0 {
+            self.set(file, host, count + added)?;
+        }
+        Ok(added)
+    }
+
     /// Moves the refcount table to a larger one at the end of the file,
     /// with room for `needed_index`, when a cluster beyond what the table
     /// covers is allocated (`reserved`, about to be used, is kept clear).

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use crate::{Options, Qcow2Device};
+use crate::compressed::CompressedExtent;
+use crate::image::Cluster;
+use crate::{Image, Options, Qcow2Device};
 use fuse_blk_backends::testutil::{pattern, Harness};
 
 const MIB: u64 = 1 << 20;
@@ -138,6 +140,19 @@ fn open_err(path: &Path, read_only: bool) -> String {
         Ok(_) => panic!("{} opened", path.display()),
         Err(e) => e.to_string(),
     }
+}
+
+/// Bytes that do not compress (xorshift), unlike [`pattern`]'s.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
 }
 
 /// A device and the bytes it should hold.
@@ -717,6 +732,290 @@ fn compressed_clusters() {
     }
 }
 
+/// `qemu-img map --output=json`: (start, length, compressed) of each
+/// extent it lists.
+fn qemu_map(path: &Path) -> Vec<(u64, u64, bool)> {
+    let map = qemu(
+        "qemu-img",
+        &["map", "--output=json", path.to_str().unwrap()],
+    );
+    let number = |line: &str, key: &str| -> u64 {
+        let at = line.find(key).unwrap_or_else(|| panic!("{key} in {line}")) + key.len();
+        line[at..]
+            .trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    map.lines()
+        .filter(|line| line.contains("\"start\""))
+        .map(|line| {
+            assert!(line.contains("\"compressed\""), "qemu-img map: {line}");
+            (
+                number(line, "\"start\":"),
+                number(line, "\"length\":"),
+                line.contains("\"compressed\": true"),
+            )
+        })
+        .collect()
+}
+
+/// Whether qemu calls every byte of `start..start + len` compressed, or
+/// none of them.
+fn qemu_compressed(map: &[(u64, u64, bool)], start: u64, len: u64) -> Option<bool> {
+    let mut seen = None;
+    for &(at, length, compressed) in map {
+        if at < start + len && start < at + length {
+            match seen {
+                None => seen = Some(compressed),
+                Some(c) if c != compressed => return None,
+                Some(_) => {}
+            }
+        }
+    }
+    seen
+}
+
+/// A device with compressed writes, and a model of zeros.
+fn compressing(path: &Path) -> Checked {
+    let options = Options {
+        compress_writes: true,
+        ..Options::default()
+    };
+    let device = open_with(path, false, &options).unwrap();
+    let size = device.geometry().size as usize;
+    Checked {
+        device,
+        model: vec![0; size],
+    }
+}
+
+/// Compressed writes read back by qemu: images of each cluster size,
+/// compression type and version written through the device with
+/// compressible data (stored compressed: `qemu-img map` says so, and the
+/// file is a fraction of it) and data that does not compress (stored as
+/// normal clusters); `qemu-img check` clean and `qemu-img compare` equal
+/// after it, and again after partial overwrites, discards, zeroing and
+/// whole rewrites of compressed clusters.
+#[test]
+fn compressed_writes_qemu_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, options, cluster) in [
+        ("64k", "", 65536u64),
+        ("4k", "cluster_size=4096", 4096),
+        ("2m", "cluster_size=2M", 2 * MIB),
+        ("zstd", "compression_type=zstd", 65536),
+        ("zstd-4k", "compression_type=zstd,cluster_size=4096", 4096),
+        ("v2", "compat=0.10", 65536),
+        ("v2-4k", "compat=0.10,cluster_size=4096", 4096),
+    ] {
+        let path = dir.path().join(format!("{name}.qcow2"));
+        // 48 clusters at least: a quarter compressible, a quarter not, the
+        // rest left alone.
+        let size = (48 * cluster).max(8 * MIB);
+        let quarter = size / 4;
+        create(&path, options, size);
+        let created = fs::metadata(&path).unwrap().len();
+        let mut checked = compressing(&path);
+        // One large write across many clusters, then one cluster at a
+        // time, then the incompressible quarter.
+        checked.write(0, &pattern(1, (quarter / 2) as usize));
+        for at in (quarter / 2..quarter).step_by(cluster as usize) {
+            checked.write(at, &pattern(at, cluster as usize));
+        }
+        checked.write(quarter, &noise(2, quarter as usize));
+        checked.verify();
+        let Checked { device, model } = checked;
+        drop(device);
+        assert_clean(&path);
+        assert_same(&path, &model);
+        let map = qemu_map(&path);
+        assert_eq!(
+            qemu_compressed(&map, 0, quarter),
+            Some(true),
+            "{name}: {map:?}"
+        );
+        assert_eq!(
+            qemu_compressed(&map, quarter, quarter),
+            Some(false),
+            "{name}: {map:?}"
+        );
+        let len = fs::metadata(&path).unwrap().len();
+        // Metadata: what qemu-img created, and an L2 table or two.
+        let metadata = created + 2 * cluster;
+        eprintln!(
+            "{name}: {} KiB written ({} KiB compressible), image {} KiB, {} KiB created empty",
+            (2 * quarter) >> 10,
+            quarter >> 10,
+            len >> 10,
+            created >> 10
+        );
+        assert!(
+            len < metadata + quarter + quarter / 4,
+            "{name}: {len} bytes for {quarter} incompressible and {quarter} compressible"
+        );
+
+        // Into compressed clusters: partial overwrites (normal clusters
+        // after), discards, zeroing, whole rewrites compressible or not.
+        let mut checked = compressing(&path);
+        checked.model = model;
+        checked.write(cluster + 512, &noise(3, 1024));
+        checked.device.discard(2 * cluster, 2 * cluster).unwrap();
+        checked.model[2 * cluster as usize..4 * cluster as usize].fill(0);
+        checked.zero(4 * cluster, cluster, true);
+        checked.zero(5 * cluster, cluster, false);
+        checked.write(6 * cluster, &pattern(7, 2 * cluster as usize));
+        checked.write(8 * cluster, &noise(8, cluster as usize));
+        // A whole cluster straddling two: two partial writes.
+        checked.write(9 * cluster + cluster / 2, &pattern(9, cluster as usize));
+        // Compressible data over incompressible normal clusters: written in
+        // place, as before.
+        checked.write(quarter, &pattern(10, cluster as usize));
+        checked.verify();
+        let Checked { device, model } = checked;
+        drop(device);
+        assert_clean(&path);
+        assert_same(&path, &model);
+        let map = qemu_map(&path);
+        for (what, start, clusters, compressed) in [
+            ("partly overwritten", cluster, 1, false),
+            ("rewritten compressible", 6 * cluster, 2, true),
+            ("rewritten incompressible", 8 * cluster, 1, false),
+            ("straddled", 9 * cluster, 2, false),
+            ("untouched", 11 * cluster, 1, true),
+            ("normal, rewritten in place", quarter, 1, false),
+        ] {
+            assert_eq!(
+                qemu_compressed(&map, start, clusters * cluster),
+                Some(compressed),
+                "{name}: {what} at {start:#x}: {map:?}"
+            );
+        }
+    }
+}
+
+/// The end of an image whose size is not a multiple of the cluster: a
+/// write reaching it covers the last cluster, which is stored compressed
+/// (as qemu does, its tail past the end compressed as zeros).
+#[test]
+fn compressed_write_of_a_short_last_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    for options in ["", "compression_type=zstd", "compat=0.10"] {
+        let path = dir.path().join("short.qcow2");
+        let _ = fs::remove_file(&path);
+        let size = MIB + 12288;
+        create(&path, options, size);
+        let mut checked = compressing(&path);
+        checked.write(MIB, &pattern(4, 12288));
+        // Not reaching the end: stored as a normal cluster.
+        checked.write(MIB - 65536, &pattern(5, 32768));
+        checked.verify();
+        let Checked { device, model } = checked;
+        drop(device);
+        assert_clean(&path);
+        assert_same(&path, &model);
+        let map = qemu_map(&path);
+        assert_eq!(
+            qemu_compressed(&map, MIB, 12288),
+            Some(true),
+            "{options}: {map:?}"
+        );
+        assert_eq!(
+            qemu_compressed(&map, MIB - 65536, 32768),
+            Some(false),
+            "{options}: {map:?}"
+        );
+    }
+}
+
+/// The host clusters compressed clusters share: packed several to a host
+/// cluster, one spilling into the next, each host cluster's refcount the
+/// number of compressed clusters touching it, and zero once all of them
+/// were rewritten, discarded or zeroed.
+#[test]
+fn compressed_clusters_share_host_clusters_and_free_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pack.qcow2");
+    create(&path, "", 4 * MIB);
+    let cluster = 65536usize;
+    // About 24000 bytes each once compressed: noise, then zeros.
+    let clusters = 6;
+    let mut checked = compressing(&path);
+    for i in 0..clusters {
+        let mut data = noise(100 + i as u64, 24000);
+        data.resize(cluster, 0);
+        checked.write((i * cluster) as u64, &data);
+    }
+    checked.verify();
+    let Checked { device, model } = checked;
+    drop(device);
+    assert_clean(&path);
+    assert_same(&path, &model);
+
+    let image = Image::open(&path, true, &Options::default()).unwrap();
+    let extents: Vec<CompressedExtent> = (0..clusters as u64)
+        .map(|c| {
+            let entry = image.l2_entry(c).unwrap();
+            match image.classify(c, entry).unwrap() {
+                Cluster::Compressed(extent) => extent,
+                other => panic!("guest cluster {c}: {other:?}"),
+            }
+        })
+        .collect();
+    let mut touching: std::collections::BTreeMap<u64, u64> = Default::default();
+    for extent in &extents {
+        for host in extent.host_clusters(16) {
+            *touching.entry(host).or_default() += 1;
+        }
+    }
+    assert!(
+        touching.values().any(|&n| n >= 2),
+        "no host cluster holds two compressed clusters: {extents:?}"
+    );
+    assert!(
+        extents.iter().any(|e| e.host_clusters(16).count() == 2),
+        "none spills into the next host cluster: {extents:?}"
+    );
+    assert!(
+        extents
+            .windows(2)
+            .all(|w| w[1].offset >= w[0].offset + 24000),
+        "overlapping: {extents:?}"
+    );
+    let refcount =
+        |image: &Image, host: u64| image.refcounts.lock().get(&image.file, host).unwrap();
+    for (&host, &count) in &touching {
+        assert_eq!(refcount(&image, host), count, "host cluster {host:#x}");
+    }
+    drop(image);
+
+    // Each of them replaced, one way or another.
+    let mut checked = Checked {
+        device: compressing(&path).device,
+        model,
+    };
+    checked.write(512, &noise(1, 512));
+    checked
+        .device
+        .discard(cluster as u64, cluster as u64)
+        .unwrap();
+    checked.model[cluster..2 * cluster].fill(0);
+    checked.zero(2 * cluster as u64, cluster as u64, true);
+    checked.write(3 * cluster as u64, &noise(3, cluster));
+    checked.write(4 * cluster as u64, &pattern(4, 2 * cluster));
+    checked.verify();
+    let Checked { device, model } = checked;
+    drop(device);
+    assert_clean(&path);
+    assert_same(&path, &model);
+    let image = Image::open(&path, true, &Options::default()).unwrap();
+    for &host in touching.keys() {
+        assert_eq!(refcount(&image, host), 0, "host cluster {host:#x} kept");
+    }
+}
+
 #[test]
 fn internal_snapshot_is_left_intact() {
     let dir = tempfile::tempdir().unwrap();
@@ -810,6 +1109,91 @@ fn concurrent_requests() {
     drop(device);
     assert_clean(&path);
     assert_same(&path, &model);
+}
+
+/// Compressed writes from several threads at once, sharing the cursor's
+/// host clusters, L2 tables and tiny caches: each thread owns every fourth
+/// 4 KiB cluster and writes it whole (compressible or not), partly, or
+/// discards it, flushing now and then; the image is checked against the
+/// combined model at the end.
+#[test]
+fn concurrent_compressed_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("par-compressed.qcow2");
+    let size = 16 * MIB;
+    let cluster = 4096u64;
+    create(&path, "cluster_size=4096", size);
+    let options = Options {
+        l2_cache_bytes: 0,
+        refcount_cache_bytes: 0,
+        compress_writes: true,
+        ..Options::default()
+    };
+    let device = Arc::new(Qcow2Device::open(&path, false, 512, &options).unwrap());
+    let clusters = size / cluster;
+    let models: Vec<Vec<u8>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let device = device.clone();
+                scope.spawn(move || {
+                    let harness = Harness::new(device);
+                    let mut model = vec![0u8; size as usize];
+                    for round in 0..300u64 {
+                        let c = (round * 97 + t * 13) % (clusters / 4) * 4 + t;
+                        let at = c * cluster;
+                        let seed = t * 10_000 + round;
+                        let range = at as usize..(at + cluster) as usize;
+                        match round % 5 {
+                            0 | 1 => {
+                                let data = pattern(seed, cluster as usize);
+                                harness.write(at, &data, false).unwrap();
+                                model[range].copy_from_slice(&data);
+                            }
+                            2 => {
+                                let data = noise(seed, cluster as usize);
+                                harness.write(at, &data, false).unwrap();
+                                model[range].copy_from_slice(&data);
+                            }
+                            3 => {
+                                let data = noise(seed, 1024);
+                                harness.write(at + 512, &data, false).unwrap();
+                                model[range.start + 512..range.start + 1536].copy_from_slice(&data);
+                            }
+                            _ => {
+                                harness.discard(at, cluster).unwrap();
+                                model[range].fill(0);
+                            }
+                        }
+                        if round % 25 == 24 {
+                            harness.flush().unwrap();
+                        }
+                    }
+                    model
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let mut model = vec![0u8; size as usize];
+    for c in 0..clusters {
+        let range = (c * cluster) as usize..((c + 1) * cluster) as usize;
+        model[range.clone()].copy_from_slice(&models[(c % 4) as usize][range]);
+    }
+    let checked = Checked {
+        device: Harness::new(device.clone()),
+        model,
+    };
+    checked.verify();
+    let Checked {
+        device: harness,
+        model,
+    } = checked;
+    drop(harness);
+    drop(device);
+    assert_clean(&path);
+    assert_same(&path, &model);
+    let map = qemu_map(&path);
+    assert!(map.iter().any(|&(_, _, compressed)| compressed), "{map:?}");
 }
 
 /// Threads own interleaved 2 KiB stripes of an overlay (over a raw base),
@@ -1278,6 +1662,15 @@ fn assert_no_corruption(path: &Path) {
 /// snapshot clusters, discards, a refcount table grown by the writes.
 #[test]
 fn a_killed_daemon_leaves_every_answered_write() {
+    a_killed_daemon(false);
+    a_killed_daemon(true);
+}
+
+fn a_killed_daemon(compress_writes: bool) {
+    let options = Options {
+        compress_writes,
+        ..Options::default()
+    };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("killed.qcow2");
     let p = path.to_str().unwrap();
@@ -1287,7 +1680,7 @@ fn a_killed_daemon_leaves_every_answered_write() {
     qemu("qemu-img", &["snapshot", "-c", "s", p]);
     let mut model = vec![0u8; size as usize];
     model[..MIB as usize].fill(0x33);
-    let device = Arc::new(Qcow2Device::open(&path, false, 512, &Options::default()).unwrap());
+    let device = Arc::new(Qcow2Device::open(&path, false, 512, &options).unwrap());
     let mut checked = Checked {
         device: Harness::new(device.clone()),
         model,
@@ -1323,6 +1716,17 @@ fn a_killed_daemon_leaves_every_answered_write() {
 /// intact, and everything once the L1 table is written.
 #[test]
 fn crash_at_each_flush_step_leaves_leaks_at_most() {
+    crash_at_each_flush_step(false);
+    crash_at_each_flush_step(true);
+}
+
+/// With compressed writes or not (the 4 KiB clusters of compressible data
+/// written whole are stored compressed then).
+fn crash_at_each_flush_step(compress_writes: bool) {
+    let options = Options {
+        compress_writes,
+        ..Options::default()
+    };
     for step in 0..=4 {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("base.raw");
@@ -1351,7 +1755,7 @@ fn crash_at_each_flush_step_leaves_leaks_at_most() {
         let mut snapshot = pattern(3, size);
         snapshot[MIB as usize..2 * MIB as usize].fill(0x71);
 
-        let device = Arc::new(Qcow2Device::open(&path, false, 512, &Options::default()).unwrap());
+        let device = Arc::new(Qcow2Device::open(&path, false, 512, &options).unwrap());
         let mut checked = Checked {
             device: Harness::new(device.clone()),
             model: snapshot.clone(),
@@ -1470,9 +1874,14 @@ mod model {
         #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
         /// Random requests against a Vec, over a raw backing file, with
-        /// reopens; the image is clean and equal to the model at the end.
+        /// reopens, with compressed writes or not; the image is clean and
+        /// equal to the model at the end.
         #[test]
-        fn matches_a_model(ops in proptest::collection::vec(op(), 1..60), backing in any::<bool>()) {
+        fn matches_a_model(
+            ops in proptest::collection::vec(op(), 1..60),
+            backing in any::<bool>(),
+            compress_writes in any::<bool>(),
+        ) {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("model.qcow2");
             let size = SECTORS * 512;
@@ -1485,12 +1894,17 @@ mod model {
             } else {
                 create(&path, "cluster_size=4096", size);
             }
-            let options = Options { l2_cache_bytes: 0, refcount_cache_bytes: 0, ..Options::default() };
+            let options = Options { l2_cache_bytes: 0, refcount_cache_bytes: 0, compress_writes, ..Options::default() };
             let mut device = open_with(&path, false, &options).unwrap();
             for op in ops {
                 match op {
                     Op::Write { sector, sectors, seed } => {
-                        let data = pattern(seed, (sectors * 512) as usize);
+                        // Compressible or not, for compressed writes.
+                        let data = if seed % 2 == 0 {
+                            pattern(seed, (sectors * 512) as usize)
+                        } else {
+                            noise(seed, (sectors * 512) as usize)
+                        };
                         device.write(sector * 512, &data, false).unwrap();
                         model[(sector * 512) as usize..((sector + sectors) * 512) as usize].copy_from_slice(&data);
                     }
