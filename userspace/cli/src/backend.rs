@@ -61,6 +61,11 @@ const DM_USER_GRACE: Duration = Duration::from_secs(3);
 
 impl Backend {
     pub fn parse(text: &str, args: &AttachArgs) -> Result<Backend, String> {
+        if args.qcow2_compress && !text.starts_with("qcow2:") {
+            return Err(format!(
+                "{text}: --qcow2-compress is for qcow2: images only"
+            ));
+        }
         if fuse_blk_nbd::uri::is_nbd_uri(text) {
             fuse_blk_nbd::uri::check(text).map_err(|e| e.to_string())?;
             let default = ReconnectPolicy::default();
@@ -101,6 +106,7 @@ impl Backend {
             if let Some(bytes) = args.qcow2_refcount_cache {
                 options.refcount_cache_bytes = bytes;
             }
+            options.compress_writes = args.qcow2_compress;
             if args.recover.is_some() {
                 // A handoff's successor starts while the old daemon still
                 // holds the image: its requests wait for the old one to

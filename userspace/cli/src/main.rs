@@ -226,6 +226,14 @@ pub struct AttachArgs {
     /// qcow2: bytes of refcount blocks kept in memory (default 1M).
     #[arg(long, value_name = "SIZE", value_parser = parse_cache_size)]
     qcow2_refcount_cache: Option<usize>,
+    /// qcow2: store whole clusters compressed, as `qemu-img convert -c`
+    /// does: a write covering a cluster (or the image's end) that is
+    /// unallocated, zero or compressed is compressed with the image's
+    /// compression type (deflate, or zstd) and kept so when that saves
+    /// space; qemu reads the result. Partial writes, and writes into
+    /// normal clusters, are stored as they are.
+    #[arg(long)]
+    qcow2_compress: bool,
     /// Internal: the descriptor on which a background daemon reports
     /// readiness to the `attach` that started it.
     #[arg(long, hide = true)]
