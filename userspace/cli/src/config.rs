@@ -324,6 +324,24 @@ mod tests {
     }
 
     #[test]
+    fn qcow2_options_in_a_file() {
+        let args = parsed(
+            "backend = qcow2:/var/lib/images/vm.qcow2\nqcow2-compress = yes\nqcow2-l2-cache = 8M\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            args,
+            [
+                "--name",
+                "data",
+                "--qcow2-compress",
+                "--qcow2-l2-cache=8M",
+                "qcow2:/var/lib/images/vm.qcow2"
+            ]
+        );
+    }
+
+    #[test]
     fn bad_files_are_refused_in_one_line_naming_file_and_line() {
         for (text, expected) in [
             (
