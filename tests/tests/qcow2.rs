@@ -288,8 +288,23 @@ fn assert_no_corruption(image: &Path) {
 /// acknowledged before the load is there when the image is attached again.
 #[test]
 fn kill_9_under_fio_load_leaves_leaks_at_most() {
-    let instance = Instance::new("qcow2-kill");
-    let dir = TempDir::new("qcow2-kill");
+    kill_9_under_fio_load("qcow2-kill", &[], &[]);
+}
+
+/// The same with `--qcow2-compress` and fio's buffers half compressible:
+/// its 4 KiB writes fill whole clusters, most of them stored compressed.
+#[test]
+fn kill_9_under_compressed_writes_leaves_leaks_at_most() {
+    kill_9_under_fio_load(
+        "qcow2-kill-compressed",
+        &["--qcow2-compress"],
+        &["--buffer_compress_percentage=50", "--refill_buffers"],
+    );
+}
+
+fn kill_9_under_fio_load(label: &str, attach_args: &[&str], fio_args: &[&str]) {
+    let instance = Instance::new(label);
+    let dir = TempDir::new(label);
     let image = dir.join("crash.qcow2");
     sh(
         "qemu-img",
@@ -306,7 +321,10 @@ fn kill_9_under_fio_load_leaves_leaks_at_most() {
     );
     let backend = format!("qcow2:{}", image.display());
     for round in 0..3u64 {
-        let device = instance.attach(&["--block-size", "4096", &backend]);
+        let mut args = vec!["--block-size", "4096"];
+        args.extend_from_slice(attach_args);
+        args.push(&backend);
+        let device = instance.attach(&args);
         write_at(
             &device.path,
             round * 8 * MIB as u64,
@@ -329,6 +347,7 @@ fn kill_9_under_fio_load_leaves_leaks_at_most() {
                 // Flushes, so that metadata is being written at the kill.
                 "--fsync=16",
             ])
+            .args(fio_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -354,6 +373,13 @@ fn kill_9_under_fio_load_leaves_leaks_at_most() {
             .args(["check", "-q", "-r", "leaks", image.to_str().unwrap()])
             .status();
         assert_clean(&image);
+    }
+    if attach_args.contains(&"--qcow2-compress") {
+        let map = qemu_map(&image);
+        assert!(
+            map.iter().any(|e| e.2),
+            "nothing stored compressed: {map:?}"
+        );
     }
     let device = instance.attach(&["--block-size", "4096", "--read-only", &backend]);
     for round in 0..3u64 {
