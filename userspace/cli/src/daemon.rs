@@ -214,6 +214,9 @@ fn attach(
         rbd_id: None,
         rbd_conf: None,
         rbd_keyring: None,
+        qcow2_l2_cache: None,
+        qcow2_refcount_cache: None,
+        qcow2_compress: false,
     };
     dir.write(&record)
         .map_err(|e| format!("writing state: {e}"))
@@ -393,6 +396,9 @@ fn record_serving(record: &mut DeviceState, served: &AttachedDevice, args: &Atta
     record.rbd_id = args.rbd_id.clone();
     record.rbd_conf = absolute(&args.rbd_conf);
     record.rbd_keyring = absolute(&args.rbd_keyring);
+    record.qcow2_l2_cache = args.qcow2_l2_cache;
+    record.qcow2_refcount_cache = args.qcow2_refcount_cache;
+    record.qcow2_compress = args.qcow2_compress;
 }
 
 /// The stock path's worker threads: `--threads`, or one per CPU.
@@ -836,6 +842,9 @@ mod tests {
             rbd_id: None,
             rbd_conf: None,
             rbd_keyring: None,
+            qcow2_l2_cache: None,
+            qcow2_refcount_cache: None,
+            qcow2_compress: false,
         };
         dir.write(&record).expect("state");
         (Served::Device(AttachedDevice::from(stock)), dir, record)

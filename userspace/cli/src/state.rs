@@ -80,6 +80,14 @@ pub struct DeviceState {
     pub rbd_conf: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rbd_keyring: Option<PathBuf>,
+    /// A qcow2 backend's `--qcow2-l2-cache` and `--qcow2-refcount-cache`
+    /// (bytes), when given, and `--qcow2-compress`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qcow2_l2_cache: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qcow2_refcount_cache: Option<usize>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub qcow2_compress: bool,
 }
 
 /// The files of one device's directory.
@@ -225,6 +233,17 @@ impl DeviceState {
                 args.extend([option.to_owned(), path.to_string_lossy().into_owned()]);
             }
         }
+        for (option, bytes) in [
+            ("--qcow2-l2-cache", self.qcow2_l2_cache),
+            ("--qcow2-refcount-cache", self.qcow2_refcount_cache),
+        ] {
+            if let Some(bytes) = bytes {
+                args.extend([option.to_owned(), bytes.to_string()]);
+            }
+        }
+        if self.qcow2_compress {
+            args.push("--qcow2-compress".to_owned());
+        }
         args
     }
 }
@@ -342,6 +361,9 @@ mod tests {
             rbd_id: None,
             rbd_conf: None,
             rbd_keyring: None,
+            qcow2_l2_cache: None,
+            qcow2_refcount_cache: None,
+            qcow2_compress: false,
         }
     }
 
@@ -385,6 +407,26 @@ mod tests {
         );
         let json = serde_json::to_string(&nbd).unwrap();
         assert_eq!(serde_json::from_str::<DeviceState>(&json).unwrap(), nbd);
+        // A qcow2 successor keeps its caches' sizes and compression.
+        let qcow2 = DeviceState {
+            backend: "qcow2:/var/lib/images/disk.qcow2".into(),
+            qcow2_l2_cache: Some(1 << 20),
+            qcow2_refcount_cache: Some(65536),
+            qcow2_compress: true,
+            ..record()
+        };
+        assert_eq!(
+            qcow2.serving_args(),
+            [
+                "--qcow2-l2-cache",
+                "1048576",
+                "--qcow2-refcount-cache",
+                "65536",
+                "--qcow2-compress"
+            ]
+        );
+        let json = serde_json::to_string(&qcow2).unwrap();
+        assert_eq!(serde_json::from_str::<DeviceState>(&json).unwrap(), qcow2);
         // What is written is read back, and a record without the fields
         // (an older daemon's) still reads.
         let json = serde_json::to_string(&stock).unwrap();
