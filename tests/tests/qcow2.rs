@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use fuse_blk_qcow2::testutil::{compressed_in, parse_map, MapExtent};
 use fuse_blk_tests::{fio_verify, random_bytes, read_at, sh, write_at, Instance, TempDir};
 
 const MIB: usize = 1 << 20;
@@ -395,47 +396,11 @@ fn kill_9_under_fio_load(label: &str, attach_args: &[&str], fio_args: &[&str]) {
 
 /// `qemu-img map --output=json`: (start, length, compressed) of each
 /// extent.
-fn qemu_map(image: &Path) -> Vec<(u64, u64, bool)> {
-    let map = sh(
+fn qemu_map(image: &Path) -> Vec<MapExtent> {
+    parse_map(&sh(
         "qemu-img",
         &["map", "--output=json", image.to_str().unwrap()],
-    );
-    let number = |line: &str, key: &str| -> u64 {
-        let at = line.find(key).unwrap_or_else(|| panic!("{key} in {line}")) + key.len();
-        line[at..]
-            .trim_start()
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    map.lines()
-        .filter(|line| line.contains("\"start\""))
-        .map(|line| {
-            assert!(line.contains("\"compressed\""), "qemu-img map: {line}");
-            (
-                number(line, "\"start\":"),
-                number(line, "\"length\":"),
-                line.contains("\"compressed\": true"),
-            )
-        })
-        .collect()
-}
-
-/// Whether qemu calls every byte of the range compressed, or none of it.
-fn qemu_compressed(map: &[(u64, u64, bool)], start: u64, len: u64) -> Option<bool> {
-    let mut seen = None;
-    for &(at, length, compressed) in map {
-        if at < start + len && start < at + length {
-            match seen {
-                None => seen = Some(compressed),
-                Some(c) if c != compressed => return None,
-                Some(_) => {}
-            }
-        }
-    }
-    seen
+    ))
 }
 
 /// `qemu-img compare` of the image against a raw file holding `model`.
@@ -532,12 +497,12 @@ fn compressed_writes_on_the_stock_path() {
     assert_same(&image, &model);
     let map = qemu_map(&image);
     assert_eq!(
-        qemu_compressed(&map, 0, 16 * MIB as u64),
+        compressed_in(&map, 0, 16 * MIB as u64),
         Some(true),
         "{map:?}"
     );
     assert_eq!(
-        qemu_compressed(&map, 16 * MIB as u64, 16 * MIB as u64),
+        compressed_in(&map, 16 * MIB as u64, 16 * MIB as u64),
         Some(false),
         "{map:?}"
     );
@@ -584,9 +549,9 @@ fn compressed_writes_on_the_stock_path() {
     assert_clean(&image);
     assert_same(&image, &model);
     let map = qemu_map(&image);
-    assert_eq!(qemu_compressed(&map, 65536, 65536), Some(false), "{map:?}");
+    assert_eq!(compressed_in(&map, 65536, 65536), Some(false), "{map:?}");
     assert_eq!(
-        qemu_compressed(&map, 4 * MIB as u64, 2 * MIB as u64),
+        compressed_in(&map, 4 * MIB as u64, 2 * MIB as u64),
         Some(true),
         "{map:?}"
     );

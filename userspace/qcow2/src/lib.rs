@@ -57,6 +57,8 @@ mod rebuild;
 mod refcount;
 #[cfg(test)]
 mod tests;
+#[cfg(any(test, feature = "testutil"))]
+pub mod testutil;
 
 pub use image::Image;
 

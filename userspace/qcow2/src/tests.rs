@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::compressed::CompressedExtent;
 use crate::image::Cluster;
+use crate::testutil::{compressed_in, parse_map, MapExtent};
 use crate::{Image, Options, Qcow2Device};
 use fuse_blk_backends::testutil::{pattern, Harness};
 
@@ -734,48 +735,11 @@ fn compressed_clusters() {
 
 /// `qemu-img map --output=json`: (start, length, compressed) of each
 /// extent it lists.
-fn qemu_map(path: &Path) -> Vec<(u64, u64, bool)> {
-    let map = qemu(
+fn qemu_map(path: &Path) -> Vec<MapExtent> {
+    parse_map(&qemu(
         "qemu-img",
         &["map", "--output=json", path.to_str().unwrap()],
-    );
-    let number = |line: &str, key: &str| -> u64 {
-        let at = line.find(key).unwrap_or_else(|| panic!("{key} in {line}")) + key.len();
-        line[at..]
-            .trim_start()
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    map.lines()
-        .filter(|line| line.contains("\"start\""))
-        .map(|line| {
-            assert!(line.contains("\"compressed\""), "qemu-img map: {line}");
-            (
-                number(line, "\"start\":"),
-                number(line, "\"length\":"),
-                line.contains("\"compressed\": true"),
-            )
-        })
-        .collect()
-}
-
-/// Whether qemu calls every byte of `start..start + len` compressed, or
-/// none of them.
-fn qemu_compressed(map: &[(u64, u64, bool)], start: u64, len: u64) -> Option<bool> {
-    let mut seen = None;
-    for &(at, length, compressed) in map {
-        if at < start + len && start < at + length {
-            match seen {
-                None => seen = Some(compressed),
-                Some(c) if c != compressed => return None,
-                Some(_) => {}
-            }
-        }
-    }
-    seen
+    ))
 }
 
 /// A device with compressed writes, and a model of zeros.
@@ -833,12 +797,12 @@ fn compressed_writes_qemu_reads_them() {
         assert_same(&path, &model);
         let map = qemu_map(&path);
         assert_eq!(
-            qemu_compressed(&map, 0, quarter),
+            compressed_in(&map, 0, quarter),
             Some(true),
             "{name}: {map:?}"
         );
         assert_eq!(
-            qemu_compressed(&map, quarter, quarter),
+            compressed_in(&map, quarter, quarter),
             Some(false),
             "{name}: {map:?}"
         );
@@ -888,7 +852,7 @@ fn compressed_writes_qemu_reads_them() {
             ("normal, rewritten in place", quarter, 1, false),
         ] {
             assert_eq!(
-                qemu_compressed(&map, start, clusters * cluster),
+                compressed_in(&map, start, clusters * cluster),
                 Some(compressed),
                 "{name}: {what} at {start:#x}: {map:?}"
             );
@@ -918,12 +882,12 @@ fn compressed_write_of_a_short_last_cluster() {
         assert_same(&path, &model);
         let map = qemu_map(&path);
         assert_eq!(
-            qemu_compressed(&map, MIB, 12288),
+            compressed_in(&map, MIB, 12288),
             Some(true),
             "{options}: {map:?}"
         );
         assert_eq!(
-            qemu_compressed(&map, MIB - 65536, 32768),
+            compressed_in(&map, MIB - 65536, 32768),
             Some(false),
             "{options}: {map:?}"
         );
