@@ -143,14 +143,13 @@ sleeps_for_reads() {   # attach-arguments...: sleeps during 2000 reads
     detach poll
 }
 sleeping=$(sleeps_for_reads --ring-poll-us 0)
-# The default window (500 us) spans the gap between two of dd's reads on a
-# kernel of normal speed. On the debug kernel (VM_SLOW) that gap is several
-# times longer, and the window is widened to see the polling at work.
-if [ "${VM_SLOW:-1}" -gt 1 ]; then
-    polling=$(sleeps_for_reads --ring-poll-us 20000)
-else
-    polling=$(sleeps_for_reads)
-fi
+# A window of 20 ms: it spans the gap between two of dd's reads however
+# slow the guest runs. The default (500 us) spans it on an idle host, but
+# not on the debug kernel nor while the host is busy (a kernel build at
+# nice 19 beside the guest: 1938 sleeps for 2000 reads). What the default
+# window is worth is the benchmarks' to say; this checks that polling
+# keeps a queue's thread awake.
+polling=$(sleeps_for_reads --ring-poll-us 20000)
 echo "queue threads slept $sleeping times without polling, $polling polling, for 2000 reads"
 [ "$sleeping" -ge 1000 ] || fail "only $sleeping sleeps for 2000 reads without polling"
 [ $((polling * 2)) -lt "$sleeping" ] || fail "polling slept $polling times (without: $sleeping)"
