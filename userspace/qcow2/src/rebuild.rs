@@ -21,7 +21,7 @@ use crate::compressed::CompressedExtent;
 use crate::header::{incompatible, Header, INCOMPATIBLE_FEATURES, REFCOUNT_TABLE_FIELDS};
 use crate::image::{COMPRESSED, OFFSET_MASK};
 use crate::read_exact_at;
-use crate::refcount::set_refcount;
+use crate::refcount::{max_refcount, set_refcount};
 
 fn inconsistent(what: String) -> io::Error {
     io::Error::new(
@@ -148,10 +148,7 @@ pub fn rebuild(file: &File, header: &Header, file_len: u64) -> io::Result<()> {
         counter.add_snapshots(header.snapshots_offset, header.nb_snapshots)?;
     }
     let counts = counter.counts;
-    let max_refcount = match header.refcount_order {
-        6 => u64::MAX,
-        order => (1 << (1 << order)) - 1,
-    };
+    let max_refcount = max_refcount(header.refcount_order);
     if let Some((cluster, count)) = counts.iter().find(|(_, &count)| count > max_refcount) {
         return Err(inconsistent(format!(
             "cluster {cluster} has {count} references, more than its refcount can hold"

@@ -182,18 +182,13 @@ impl Refcounts {
         }
     }
 
-    /// The largest refcount the width holds.
-    fn max_refcount(&self) -> u64 {
-        u64::MAX >> (64 - (1u32 << self.refcount_order))
-    }
-
     /// Adds up to `wanted` references to the allocated cluster at `host`,
     /// fewer where the refcount width ends; returns how many it added. As
     /// for [`allocate`](Self::allocate), they must be written back before
     /// metadata uses them.
     pub fn add_references(&mut self, file: &File, host: u64, wanted: u64) -> io::Result<u64> {
         let count = self.get(file, host)?;
-        let added = wanted.min(self.max_refcount() - count);
+        let added = wanted.min(max_refcount(self.refcount_order) - count);
         if added > 0 {
             self.set(file, host, count + added)?;
         }
@@ -351,6 +346,11 @@ impl Refcounts {
         }
         Ok(!keys.is_empty())
     }
+}
+
+/// The largest refcount entries of `1 << order` bits hold.
+pub fn max_refcount(order: u32) -> u64 {
+    u64::MAX >> (64 - (1u32 << order))
 }
 
 /// Refcount number `index` of a block with `1 << order`-bit entries:
